@@ -1,0 +1,20 @@
+//! tiproxy-core: the sans-IO heart of tiproxy-rs.
+//!
+//! Bytes and time go in, bytes, actions and events come out. Nothing in this
+//! crate opens a socket, reads a clock or draws OS randomness: the driver
+//! (`tiproxy-runtime` on tokio, or the turmoil simulation) passes `now` and
+//! a seeded RNG in and carries out the [`session::Action`]s it is handed.
+
+pub mod command;
+pub mod compress;
+pub mod error;
+pub mod flags;
+pub mod handshake;
+pub mod packet;
+pub mod proxy_protocol;
+pub mod response;
+pub mod tracker;
+pub mod wire;
+
+pub use command::Command;
+pub use flags::{CapabilityFlags, StatusFlags};
