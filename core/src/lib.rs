@@ -18,3 +18,5 @@ pub mod wire;
 
 pub use command::Command;
 pub use flags::{CapabilityFlags, StatusFlags};
+pub mod migration;
+pub mod session;

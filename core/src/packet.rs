@@ -126,7 +126,8 @@ impl PacketDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Expects the next packet to carry sequence id `seq`.
+    /// Expects the next packet to carry sequence id `seq` (checked once;
+    /// packets continuing a payload are always checked).
     pub fn expect_seq(&mut self, seq: u8) {
         self.next_seq = Some(seq);
     }
@@ -169,7 +170,7 @@ impl PacketDecoder {
             } else {
                 self.payload.extend_from_slice(&body);
             }
-            self.next_seq = Some(h.seq.wrapping_add(1));
+            self.next_seq = h.continues().then(|| h.seq.wrapping_add(1));
             if !h.continues() {
                 let seq = self.first_seq.take().unwrap_or(h.seq);
                 return Ok(Some(Payload {

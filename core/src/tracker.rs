@@ -307,7 +307,6 @@ impl CommandTracker {
             State::Rows | State::FetchRows | State::FieldList => {
                 first == ERR_HEADER || is_row_terminator(first, len, self.deprecate_eof)
             }
-            State::Statistics => false,
             _ => true,
         }
     }

@@ -1,0 +1,1008 @@
+//! Session tests: a scripted client and scripted backends drive one
+//! session in virtual time, in one thread.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::*;
+use crate::compress::CompressedFraming;
+use crate::handshake::{AuthMoreData, AuthSwitchRequest};
+use crate::packet::{PacketDecoder, Payload};
+use crate::response::{EofPacket, PrepareOk};
+use crate::wire::put_lenenc_bytes;
+
+const CLIENT_CAPS: CapabilityFlags = CapabilityFlags::LONG_PASSWORD
+    .union(CapabilityFlags::PROTOCOL_41)
+    .union(CapabilityFlags::SECURE_CONNECTION)
+    .union(CapabilityFlags::PLUGIN_AUTH)
+    .union(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA)
+    .union(CapabilityFlags::CONNECT_WITH_DB)
+    .union(CapabilityFlags::CONNECT_ATTRS)
+    .union(CapabilityFlags::TRANSACTIONS)
+    .union(CapabilityFlags::MULTI_RESULTS)
+    .union(CapabilityFlags::MULTI_STATEMENTS)
+    .union(CapabilityFlags::LOCAL_FILES);
+
+const TIDB_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(0x051B_A6AF).union(CapabilityFlags::SSL);
+
+/// One session with a scripted client and backends.
+struct Harness {
+    s: Session,
+    now: Instant,
+    client: PacketDecoder,
+    client_framing: Option<CompressedFraming>,
+    backend: PacketDecoder,
+    new_backend: PacketDecoder,
+    actions: Vec<Action>,
+    events: Vec<Event>,
+}
+
+impl Harness {
+    fn new(cfg: SessionConfig) -> Self {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        let s = Session::new(cfg, now, &mut rng);
+        let mut h = Self {
+            s,
+            now,
+            client: PacketDecoder::default(),
+            client_framing: None,
+            backend: PacketDecoder::default(),
+            new_backend: PacketDecoder::default(),
+            actions: Vec::new(),
+            events: Vec::new(),
+        };
+        h.pump();
+        h
+    }
+
+    /// Drains every output of the session.
+    fn pump(&mut self) {
+        while let Some(a) = self.s.poll_action() {
+            if let Action::SwapBackends { .. } = a {
+                // The new backend's decoder becomes the backend's.
+                self.backend = std::mem::take(&mut self.new_backend);
+            }
+            self.actions.push(a);
+        }
+        while let Some(e) = self.s.poll_event() {
+            self.events.push(e);
+        }
+        for leg in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+            let bytes = self.s.transmit(leg).to_vec();
+            self.s.advance_transmit(leg, bytes.len());
+            match leg {
+                Leg::Client => match self.client_framing.as_mut() {
+                    Some(f) => {
+                        let mut plain = BytesMut::new();
+                        f.decode(&bytes, &mut plain).unwrap();
+                        self.client.extend(&plain);
+                    }
+                    None => self.client.extend(&bytes),
+                },
+                Leg::Backend => self.backend.extend(&bytes),
+                Leg::NewBackend => self.new_backend.extend(&bytes),
+            }
+        }
+    }
+
+    fn send(&mut self, leg: Leg, seq: u8, payload: &[u8]) {
+        let mut b = BytesMut::new();
+        write_packet(&mut b, seq, payload);
+        self.s.handle_data(self.now, leg, &b);
+        self.pump();
+    }
+
+    fn recv(&mut self, leg: Leg) -> Vec<Payload> {
+        let d = match leg {
+            Leg::Client => &mut self.client,
+            Leg::Backend => &mut self.backend,
+            Leg::NewBackend => &mut self.new_backend,
+        };
+        let mut v = Vec::new();
+        while let Some(p) = d.next_payload().unwrap() {
+            v.push(p);
+        }
+        v
+    }
+
+    fn recv_one(&mut self, leg: Leg) -> Payload {
+        let mut v = self.recv(leg);
+        assert_eq!(v.len(), 1, "expected one packet on {leg:?}, got {v:?}");
+        v.remove(0)
+    }
+
+    fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn greeting(&mut self) -> InitialHandshake {
+        let p = self.recv_one(Leg::Client);
+        assert_eq!(p.seq, 0);
+        InitialHandshake::parse(&p.data).unwrap()
+    }
+
+    /// Client handshake response with `caps`.
+    fn client_response(&mut self, seq: u8, caps: CapabilityFlags) {
+        let resp = HandshakeResponse {
+            capabilities: caps,
+            max_packet_size: 1 << 24,
+            charset: 45,
+            filler: [0; 23],
+            username: Bytes::from_static(b"app"),
+            auth_response: Bytes::from(vec![9u8; 20]),
+            database: Some(Bytes::from_static(b"shop")),
+            auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
+            attributes: vec![(Bytes::from_static(b"_client_name"), Bytes::from_static(b"test"))],
+            zstd_level: None,
+        };
+        let mut b = BytesMut::new();
+        resp.write(&mut b);
+        self.send(Leg::Client, seq, &b);
+    }
+
+    fn backend_greeting(&mut self, leg: Leg, caps: CapabilityFlags) {
+        let g = InitialHandshake {
+            server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
+            connection_id: 1000,
+            auth_data: Bytes::from_static(b"BACKENDSALT123456789"),
+            capabilities: caps,
+            charset: 46,
+            status: StatusFlags::AUTOCOMMIT,
+            reserved: [0; 10],
+            auth_plugin: Bytes::from_static(b"mysql_native_password"),
+        };
+        let mut b = BytesMut::new();
+        g.write(&mut b);
+        self.send(leg, 0, &b);
+    }
+
+    /// Runs the whole handshake; returns the session established.
+    fn established(cfg: SessionConfig, client_caps: CapabilityFlags) -> Self {
+        let mut h = Self::new(cfg);
+        h.greeting();
+        h.client_response(1, client_caps);
+        assert_eq!(h.take_actions(), vec![Action::ConnectBackend]);
+        h.s.handle_connected(h.now, Leg::Backend);
+        h.pump();
+        h.backend_greeting(Leg::Backend, TIDB_CAPS);
+        let resp = h.recv_one(Leg::Backend);
+        assert_eq!(resp.seq, 1);
+        h.send(Leg::Backend, 2, &switch_request());
+        let sw = h.recv_one(Leg::Client);
+        assert_eq!(sw.seq, 2);
+        h.send(Leg::Client, 3, &[5u8; 20]);
+        let relayed = h.recv_one(Leg::Backend);
+        assert_eq!((relayed.seq, &relayed.data[..]), (3, &[5u8; 20][..]));
+        h.send(Leg::Backend, 4, &ok(StatusFlags::AUTOCOMMIT));
+        let okp = h.recv_one(Leg::Client);
+        assert_eq!(okp.seq, 4);
+        assert!(h.s.is_established());
+        h.take_events();
+        h
+    }
+
+    /// A query and a simple OK answer.
+    fn query_ok(&mut self, sql: &str, status: StatusFlags) {
+        let mut q = vec![0x03];
+        q.extend_from_slice(sql.as_bytes());
+        self.send(Leg::Client, 0, &q);
+        let got = self.recv_one(Leg::Backend);
+        assert_eq!((got.seq, &got.data[..]), (0, &q[..]));
+        self.send(Leg::Backend, 1, &ok(status));
+        let answer = self.recv_one(Leg::Client);
+        assert_eq!(answer.seq, 1);
+        assert_eq!(OkPacket::status_of(&answer.data).unwrap(), status);
+    }
+}
+
+fn ok(status: StatusFlags) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    OkPacket {
+        status,
+        ..OkPacket::default()
+    }
+    .write(&mut b, CapabilityFlags::PROTOCOL_41);
+    b.to_vec()
+}
+
+fn err(code: u16, msg: &str) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    ErrPacket {
+        code,
+        sql_state: *b"HY000",
+        message: Bytes::copy_from_slice(msg.as_bytes()),
+    }
+    .write(&mut b);
+    b.to_vec()
+}
+
+fn eof(status: StatusFlags) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    EofPacket { warnings: 0, status }.write(&mut b);
+    b.to_vec()
+}
+
+fn switch_request() -> Vec<u8> {
+    let mut b = BytesMut::new();
+    AuthSwitchRequest {
+        plugin: Bytes::from_static(b"mysql_native_password"),
+        data: Bytes::from_static(b"BACKENDSALT123456789"),
+    }
+    .write(&mut b);
+    b.to_vec()
+}
+
+fn states_result(states: &[u8], token: &[u8]) -> Vec<Vec<u8>> {
+    let mut row = BytesMut::new();
+    put_lenenc_bytes(&mut row, states);
+    put_lenenc_bytes(&mut row, token);
+    vec![
+        vec![2],
+        b"\x03def\x00\x00\x00\x0eSession_states\x00".to_vec(),
+        b"\x03def\x00\x00\x00\x0dSession_token\x00".to_vec(),
+        eof(StatusFlags::AUTOCOMMIT),
+        row.to_vec(),
+        eof(StatusFlags::AUTOCOMMIT),
+    ]
+}
+
+fn cfg() -> SessionConfig {
+    SessionConfig::default()
+}
+
+fn closed_reason(events: &[Event]) -> Option<&SessionError> {
+    events.iter().find_map(|e| match e {
+        Event::Closed { reason } => Some(reason),
+        _ => None,
+    })
+}
+
+// --------------------------------------------------------------------
+// Frontend and backend handshakes
+// --------------------------------------------------------------------
+
+#[test]
+fn greeting_carries_configured_version_and_seeded_salt() {
+    let mut h = Harness::new(SessionConfig {
+        server_version: Bytes::from_static(b"8.0.11-TiDB-v7.5.1"),
+        connection_id: 77,
+        ..cfg()
+    });
+    let g = h.greeting();
+    assert_eq!(&g.server_version[..], b"8.0.11-TiDB-v7.5.1");
+    assert_eq!(g.connection_id, 77);
+    assert_eq!(g.auth_data.len(), 20);
+    assert!(g.auth_data.iter().all(|&b| b != 0 && b != b'$' && b.is_ascii_graphic()));
+    assert!(!g.capabilities.contains(CapabilityFlags::SSL), "no TLS configured");
+    // The same seed gives the same salt.
+    let mut h2 = Harness::new(cfg());
+    assert_eq!(h2.greeting().auth_data, g.auth_data);
+}
+
+#[test]
+fn auth_is_relayed_opaquely_with_a_forced_switch() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    assert_eq!(h.take_actions(), vec![Action::ConnectBackend]);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.pump();
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    let p = h.recv_one(Leg::Backend);
+    let ClientHello::Response(resp) = ClientHello::parse(&p.data).unwrap() else {
+        panic!("expected a handshake response")
+    };
+    assert_eq!(&resp.username[..], b"app");
+    assert_eq!(resp.database.as_deref(), Some(&b"shop"[..]));
+    assert_eq!(resp.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()));
+    assert!(resp.auth_response.is_empty(), "the proxy never forwards auth data made for its own salt");
+    assert_eq!(resp.attributes.len(), 1);
+    assert!(!resp.capabilities.contains(CapabilityFlags::SSL));
+    // Backend switch -> client; client reply -> backend; OK -> client.
+    h.send(Leg::Backend, 2, &switch_request());
+    assert_eq!(&h.recv_one(Leg::Client).data[..], &switch_request()[..]);
+    h.send(Leg::Client, 3, b"scrambled-for-backend");
+    assert_eq!(&h.recv_one(Leg::Backend).data[..], b"scrambled-for-backend");
+    h.send(Leg::Backend, 4, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 4);
+    assert!(h.s.is_established());
+    assert!(h.take_events().contains(&Event::Authenticated { user: Bytes::from_static(b"app") }));
+    assert_eq!(h.s.database(), Some(&b"shop"[..]));
+}
+
+#[test]
+fn caching_sha2_full_auth_round_trips() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    h.recv(Leg::Backend);
+    let mut sw = BytesMut::new();
+    AuthSwitchRequest {
+        plugin: Bytes::from_static(b"caching_sha2_password"),
+        data: Bytes::from_static(b"01234567890123456789"),
+    }
+    .write(&mut sw);
+    h.send(Leg::Backend, 2, &sw);
+    h.send(Leg::Client, 3, &[1u8; 32]);
+    assert_eq!(h.recv(Leg::Backend).len(), 1);
+    let mut more = BytesMut::new();
+    AuthMoreData {
+        data: Bytes::from_static(&[AuthMoreData::PERFORM_FULL_AUTH]),
+    }
+    .write(&mut more);
+    h.send(Leg::Backend, 4, &more);
+    let c = h.recv(Leg::Client);
+    assert_eq!((c[1].seq, &c[1].data[..]), (4, &more[..]));
+    h.send(Leg::Client, 5, b"secret\0");
+    assert_eq!(&h.recv_one(Leg::Backend).data[..], b"secret\0");
+    h.send(Leg::Backend, 6, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 6);
+    assert!(h.s.is_established());
+}
+
+#[test]
+fn wrong_password_error_passes_through_unchanged() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    h.send(Leg::Backend, 2, &switch_request());
+    h.send(Leg::Client, 3, &[5u8; 20]);
+    let denied = err(1045, "Access denied for user 'app'@'127.0.0.1' (using password: YES)");
+    h.send(Leg::Backend, 4, &denied);
+    let c = h.recv(Leg::Client);
+    assert_eq!(&c.last().unwrap().data[..], &denied[..]);
+    assert!(h.s.is_closed());
+    assert!(matches!(closed_reason(&h.events), Some(SessionError::AuthFailed { code: 1045, .. })));
+    assert!(h.actions.contains(&Action::Close));
+}
+
+#[test]
+fn client_tls_then_backend_sequences_are_rewritten() {
+    let mut h = Harness::new(SessionConfig {
+        server_tls: true,
+        capabilities: CapabilityFlags::PROXY_SUPPORTED,
+        ..cfg()
+    });
+    let g = h.greeting();
+    assert!(g.capabilities.contains(CapabilityFlags::SSL));
+    let mut ssl = BytesMut::new();
+    SslRequest {
+        capabilities: CLIENT_CAPS | CapabilityFlags::SSL,
+        max_packet_size: 1 << 24,
+        charset: 45,
+    }
+    .write(&mut ssl);
+    let mut wire = BytesMut::new();
+    write_packet(&mut wire, 1, &ssl);
+    wire.extend_from_slice(b"\x16\x03\x01TLS-CLIENT-HELLO");
+    h.s.handle_data(h.now, Leg::Client, &wire);
+    h.pump();
+    assert_eq!(
+        h.take_actions(),
+        vec![Action::StartTls {
+            leg: Leg::Client,
+            early_data: Bytes::from_static(b"\x16\x03\x01TLS-CLIENT-HELLO"),
+        }]
+    );
+    h.s.handle_tls_established(h.now, Leg::Client);
+    h.client_response(2, CLIENT_CAPS | CapabilityFlags::SSL);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.pump();
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    // Backend TLS is off by default: the response goes at seq 1.
+    assert_eq!(h.recv_one(Leg::Backend).seq, 1);
+    h.send(Leg::Backend, 2, &switch_request());
+    assert_eq!(h.recv_one(Leg::Client).seq, 3);
+    h.send(Leg::Client, 4, &[5u8; 20]);
+    assert_eq!(h.recv_one(Leg::Backend).seq, 3);
+}
+
+#[test]
+fn backend_tls_required_but_missing_is_a_clear_error() {
+    let mut h = Harness::new(SessionConfig {
+        backend_tls: BackendTls::Required,
+        ..cfg()
+    });
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS - CapabilityFlags::SSL);
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 3159);
+    assert!(e.message_text().contains("require-backend-tls"), "{}", e.message_text());
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn backend_tls_required_upgrades_after_ssl_request() {
+    let mut h = Harness::new(SessionConfig {
+        backend_tls: BackendTls::Required,
+        ..cfg()
+    });
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    let ssl = h.recv_one(Leg::Backend);
+    assert_eq!((ssl.seq, ssl.data.len()), (1, SslRequest::LEN));
+    assert!(h.take_actions().iter().any(|a| matches!(a, Action::StartTls { leg: Leg::Backend, .. })));
+    h.s.handle_tls_established(h.now, Leg::Backend);
+    h.pump();
+    let resp = h.recv_one(Leg::Backend);
+    assert_eq!(resp.seq, 2);
+    let ClientHello::Response(r) = ClientHello::parse(&resp.data).unwrap() else {
+        panic!()
+    };
+    assert!(r.capabilities.contains(CapabilityFlags::SSL));
+}
+
+#[test]
+fn pre_41_client_gets_1251() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    // 3.23-style response: 2-byte caps without PROTOCOL_41.
+    h.send(Leg::Client, 1, b"\x85\x00\x00\x00\x00root\x00");
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 2);
+    let e = ErrPacket::parse(&p.data).unwrap();
+    assert_eq!(e.code, 1251);
+    assert!(e.message_text().contains("CLIENT_PROTOCOL_41"));
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn oversize_handshake_gets_1153_without_buffering() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    // Only a header announcing 1 MiB: refused at once.
+    h.s.handle_data(h.now, Leg::Client, &[0x00, 0x00, 0x10, 0x01]);
+    h.pump();
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 1153);
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn garbage_from_client_is_a_handshake_error() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.send(Leg::Client, 1, b"\xff\xff\xff");
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 1043);
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn out_of_order_client_packet_is_1156() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(5, CLIENT_CAPS);
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 1156);
+}
+
+#[test]
+fn silent_client_times_out() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    let t = h.s.poll_timeout().expect("handshake timer armed");
+    assert_eq!(t, h.now + Duration::from_secs(15));
+    h.s.handle_timeout(t);
+    h.pump();
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 1043);
+    assert!(h.s.is_closed());
+    assert_eq!(h.s.poll_timeout(), None);
+}
+
+#[test]
+fn no_backend_is_a_clear_error() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connect_failed(h.now, Leg::Backend, "connection refused (127.0.0.1:4000)");
+    h.pump();
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 2);
+    let e = ErrPacket::parse(&p.data).unwrap();
+    assert_eq!(e.code, 1429);
+    assert!(e.message_text().contains("127.0.0.1:4000"));
+}
+
+#[test]
+fn proxy_header_goes_first_to_every_backend() {
+    let header = ProxyHeader::Proxy {
+        source: "10.1.1.1:5555".parse().unwrap(),
+        destination: "10.1.1.2:6000".parse().unwrap(),
+    };
+    let mut h = Harness::new(SessionConfig {
+        proxy_header: Some(header),
+        ..cfg()
+    });
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    let out = h.s.transmit(Leg::Backend).to_vec();
+    let (parsed, n) = ProxyHeader::parse(&out).unwrap().unwrap();
+    assert_eq!((parsed, n), (header, out.len()));
+}
+
+#[test]
+fn incompatible_backend_is_refused() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS | CapabilityFlags::DEPRECATE_EOF);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS - CapabilityFlags::DEPRECATE_EOF);
+    let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
+    assert_eq!(e.code, 1235);
+    assert!(e.message_text().contains("DEPRECATE_EOF"));
+}
+
+// --------------------------------------------------------------------
+// Command phase
+// --------------------------------------------------------------------
+
+fn result_set_wire(rows: usize, seq0: u8) -> BytesMut {
+    let mut b = BytesMut::new();
+    let mut seq = seq0;
+    seq = write_packet(&mut b, seq, &[1]);
+    seq = write_packet(&mut b, seq, b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00");
+    seq = write_packet(&mut b, seq, &eof(StatusFlags::AUTOCOMMIT));
+    for i in 0..rows {
+        let v = format!("row-{i}");
+        let mut r = vec![v.len() as u8];
+        r.extend_from_slice(v.as_bytes());
+        seq = write_packet(&mut b, seq, &r);
+    }
+    write_packet(&mut b, seq, &eof(StatusFlags::AUTOCOMMIT));
+    b
+}
+
+#[test]
+fn result_set_streams_through_unchanged() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select a from t");
+    h.recv(Leg::Backend);
+    let wire = result_set_wire(50, 1);
+    h.s.handle_data(h.now, Leg::Backend, &wire);
+    let out = h.s.transmit(Leg::Client).to_vec();
+    assert_eq!(out, wire.to_vec(), "forwarded byte for byte");
+    h.pump();
+    assert!(h.s.tracker().is_idle());
+    assert!(h.events.iter().any(|e| matches!(e, Event::CommandDone { command: Command::Query, ok: true, .. })));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_chunking_gives_the_same_bytes_and_events(cuts in proptest::collection::vec(1usize..40, 1..30), rows in 0usize..20) {
+        let mut h = Harness::established(cfg(), CLIENT_CAPS);
+        h.send(Leg::Client, 0, b"\x03select a from t");
+        h.recv(Leg::Backend);
+        let wire = result_set_wire(rows, 1);
+        let mut pos = 0;
+        let mut i = 0;
+        let mut out = Vec::new();
+        while pos < wire.len() {
+            let n = cuts[i % cuts.len()].min(wire.len() - pos);
+            h.s.handle_data(h.now, Leg::Backend, &wire[pos..pos + n]);
+            out.extend_from_slice(h.s.transmit(Leg::Client));
+            let len = h.s.transmit(Leg::Client).len();
+            h.s.advance_transmit(Leg::Client, len);
+            pos += n;
+            i += 1;
+        }
+        prop_assert_eq!(out, wire.to_vec());
+        prop_assert!(h.s.tracker().is_idle());
+        let mut done = 0;
+        while let Some(e) = h.s.poll_event() {
+            if matches!(e, Event::CommandDone { .. }) { done += 1; }
+        }
+        prop_assert_eq!(done, 1);
+        // The next command works.
+        h.query_ok("commit", StatusFlags::AUTOCOMMIT);
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), stage in 0u8..4) {
+        let mut h = Harness::new(cfg());
+        match stage {
+            0 => h.s.handle_data(h.now, Leg::Client, &bytes),
+            1 => {
+                h.client_response(1, CLIENT_CAPS);
+                h.s.handle_connected(h.now, Leg::Backend);
+                h.s.handle_data(h.now, Leg::Backend, &bytes);
+            }
+            _ => {
+                let mut h2 = Harness::established(cfg(), CLIENT_CAPS);
+                if stage == 3 {
+                    h2.send(Leg::Client, 0, b"\x03select 1");
+                    h2.s.handle_data(h2.now, Leg::Backend, &bytes);
+                } else {
+                    h2.s.handle_data(h2.now, Leg::Client, &bytes);
+                }
+                h2.pump();
+            }
+        }
+        h.pump();
+    }
+}
+
+#[test]
+fn client_commands_wait_while_a_response_is_in_flight() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select 1");
+    assert_eq!(h.recv(Leg::Backend).len(), 1);
+    // A pipelined second command is held until the first response ends.
+    h.send(Leg::Client, 0, b"\x03select 2");
+    assert!(h.recv(Leg::Backend).is_empty());
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv(Leg::Client).len(), 1);
+    let second = h.recv_one(Leg::Backend);
+    assert_eq!(&second.data[..], b"\x03select 2");
+}
+
+#[test]
+fn unsupported_replication_command_is_refused_not_forwarded() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x12\x04\x00\x00\x00\x00\x00\x01\x00\x00\x00");
+    assert!(h.recv(Leg::Backend).is_empty());
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 1);
+    assert_eq!(ErrPacket::parse(&p.data).unwrap().code, 1235);
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn change_user_is_rewritten_to_force_a_switch() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    let mut cu = BytesMut::new();
+    ChangeUser {
+        username: Bytes::from_static(b"other"),
+        auth_response: Bytes::from(vec![3u8; 20]),
+        database: Bytes::from_static(b"db2"),
+        charset: Some(45),
+        auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
+        attributes: None,
+    }
+    .write(&mut cu, CLIENT_CAPS);
+    h.send(Leg::Client, 0, &cu);
+    let sent = ChangeUser::parse(&h.recv_one(Leg::Backend).data, CLIENT_CAPS).unwrap();
+    assert!(sent.auth_response.is_empty());
+    assert_eq!(sent.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()));
+    h.send(Leg::Backend, 1, &switch_request());
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    h.send(Leg::Client, 2, &[4u8; 20]);
+    assert_eq!(h.recv_one(Leg::Backend).seq, 2);
+    h.send(Leg::Backend, 3, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 3);
+    assert_eq!(h.s.user(), b"other");
+    assert_eq!(h.s.database(), Some(&b"db2"[..]));
+}
+
+#[test]
+fn quit_closes_the_session() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, &[0x01]);
+    assert!(h.s.is_closed());
+    assert_eq!(closed_reason(&h.events), Some(&SessionError::ClientQuit));
+}
+
+#[test]
+fn compressed_client_leg() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS | CapabilityFlags::COMPRESS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    let ClientHello::Response(r) = ClientHello::parse(&h.recv_one(Leg::Backend).data).unwrap() else {
+        panic!()
+    };
+    assert!(!r.capabilities.contains(CapabilityFlags::COMPRESS), "backend leg is not compressed by default");
+    h.send(Leg::Backend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 2);
+    h.client_framing = Some(CompressedFraming::new(Algorithm::Zlib));
+    // The client compresses its command.
+    let sql = format!("\x03select '{}'", "x".repeat(200));
+    let mut plain = BytesMut::new();
+    write_packet(&mut plain, 0, sql.as_bytes());
+    let mut enc = CompressedFraming::new(Algorithm::Zlib);
+    let mut wire = BytesMut::new();
+    enc.encode(&plain, &mut wire);
+    h.s.handle_data(h.now, Leg::Client, &wire);
+    h.pump();
+    assert_eq!(&h.recv_one(Leg::Backend).data[..], sql.as_bytes());
+    // The backend answers plain; the client receives compressed frames,
+    // continuing the compressed sequence (1).
+    h.client_framing.as_mut().unwrap().decode(&[], &mut BytesMut::new()).unwrap();
+    let big = result_set_wire(100, 1);
+    h.client_framing = Some({
+        let mut f = CompressedFraming::new(Algorithm::Zlib);
+        f.decode(&wire, &mut BytesMut::new()).unwrap();
+        f
+    });
+    h.s.handle_data(h.now, Leg::Backend, &big);
+    let compressed_len = h.s.transmit(Leg::Client).len();
+    assert!(compressed_len < big.len() / 2, "{compressed_len} vs {}", big.len());
+    h.pump();
+    assert_eq!(h.recv(Leg::Client).len(), 104);
+}
+
+// --------------------------------------------------------------------
+// Migration
+// --------------------------------------------------------------------
+
+const STATES: &[u8] = br#"{"current-db":"shop","user-var-values":{"a":"it's"},"prepared-stmts":{"1":{"StmtText":"select ?"}}}"#;
+const TOKEN: &[u8] = br#"{"username":"app","sign-time":"2026-11-21T10:00:00Z","expire-time":"2026-11-21T10:01:00Z","signature":"c2ln"}"#;
+
+/// Runs the export part of a move; returns the SHOW SESSION_STATES packet.
+fn export(h: &mut Harness) {
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!((q.seq, &q.data[..]), (0, &b"\x03SHOW SESSION_STATES"[..]));
+    for (i, p) in states_result(STATES, TOKEN).iter().enumerate() {
+        h.send(Leg::Backend, (i + 1) as u8, p);
+    }
+    assert!(h.recv(Leg::Client).is_empty(), "the client never sees the exported states");
+}
+
+fn new_backend_handshake(h: &mut Harness) {
+    assert!(
+        h.take_actions().contains(&Action::ConnectNewBackend { target: "tidb-2:4000".into() }),
+        "connect the new backend"
+    );
+    h.s.handle_connected(h.now, Leg::NewBackend);
+    h.pump();
+    h.backend_greeting(Leg::NewBackend, TIDB_CAPS);
+    let p = h.recv_one(Leg::NewBackend);
+    assert_eq!(p.seq, 1);
+    let ClientHello::Response(r) = ClientHello::parse(&p.data).unwrap() else {
+        panic!()
+    };
+    assert_eq!(r.auth_plugin.as_deref(), Some(plugin::TIDB_SESSION_TOKEN.as_bytes()));
+    assert_eq!(&r.auth_response[..], TOKEN);
+    assert_eq!(&r.username[..], b"app");
+    assert!(r.capabilities.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA));
+}
+
+fn full_move(h: &mut Harness) {
+    export(h);
+    new_backend_handshake(h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    let set = h.recv_one(Leg::NewBackend);
+    assert_eq!(set.seq, 0);
+    let expected = crate::migration::set_session_states_query(STATES, false);
+    assert_eq!(&set.data[..], &expected[..]);
+    h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
+}
+
+#[test]
+fn idle_session_moves_at_once() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    assert!(h.s.may_migrate());
+    assert!(h.s.handle_redirect(h.now, "tidb-2:4000"));
+    h.pump();
+    full_move(&mut h);
+    let actions = h.take_actions();
+    let farewell = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::SwapBackends { farewell } => Some(farewell.clone()),
+            _ => None,
+        })
+        .expect("swap");
+    assert_eq!(&farewell[..], b"\x01\x00\x00\x00\x01", "COM_QUIT to the old backend");
+    assert!(h.take_events().contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+    assert!(h.recv(Leg::Client).is_empty());
+    // The next query runs on the new backend (now Leg::Backend).
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+    assert!(h.s.may_migrate());
+}
+
+#[test]
+fn session_in_transaction_moves_after_commit() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.query_ok("begin", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    assert!(!h.s.may_migrate());
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    assert!(h.recv(Leg::Backend).is_empty(), "nothing happens inside a transaction");
+    h.query_ok("insert into t values (1)", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    assert!(h.recv(Leg::Backend).is_empty());
+    // COMMIT: its OK reaches the client first, then the move begins.
+    h.send(Leg::Client, 0, b"\x03commit");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    assert!(h.take_events().contains(&Event::SafePoint));
+    full_move(&mut h);
+    assert!(h.events.contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+}
+
+#[test]
+fn command_sent_during_a_move_runs_on_the_new_backend() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    // The client sends a query while the old backend is exporting.
+    h.send(Leg::Client, 0, b"\x03select @@x");
+    export(&mut h);
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::NewBackend);
+    h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    // The held query goes to the (new) backend with seq 0.
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!((q.seq, &q.data[..]), (0, &b"\x03select @@x"[..]));
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+}
+
+#[test]
+fn refused_export_keeps_the_session_on_the_old_backend() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &err(8146, "cannot migrate the current session: session has temporary tables"));
+    assert!(h.take_events().iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed { reason: MigrationFailure::StatesRefused { code: 8146, .. }, .. }
+    )));
+    // The held query now goes to the old backend.
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03select 1");
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    assert!(!h.s.is_closed());
+}
+
+#[test]
+fn failed_new_backend_connect_keeps_the_session() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    h.take_actions();
+    h.s.handle_connect_failed(h.now, Leg::NewBackend, "connection refused");
+    h.pump();
+    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::Connect(_), .. })));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn rejected_token_closes_the_new_leg_and_keeps_the_session() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &err(1045, "Access denied for user 'app'"));
+    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
+    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::Handshake(_), .. })));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+    // A later move can succeed.
+    assert!(h.s.handle_redirect(h.now, "tidb-2:4000"));
+    h.pump();
+    full_move(&mut h);
+    assert!(h.take_events().contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+}
+
+#[test]
+fn rejected_set_session_states_keeps_the_session() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::NewBackend);
+    h.send(Leg::NewBackend, 1, &err(1105, "unknown prepared statement"));
+    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed { reason: MigrationFailure::SetStatesRefused { code: 1105, .. }, .. }
+    )));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn old_backend_lost_during_export_closes_the_client_cleanly() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    // The held query gets a clear error, then the session closes.
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 1);
+    let e = ErrPacket::parse(&p.data).unwrap();
+    assert_eq!(e.code, 1158);
+    assert!(h.s.is_closed());
+}
+
+#[test]
+fn old_backend_lost_after_export_still_completes_the_move() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    h.s.handle_closed(h.now, Leg::Backend, "TiDB shut down");
+    h.pump();
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::NewBackend);
+    h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert!(h.actions.contains(&Action::SwapBackends { farewell: Bytes::new() }));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn stuck_move_times_out_and_stays() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    new_backend_handshake(&mut h);
+    let t = h.s.poll_timeout().expect("migration timer");
+    h.s.handle_timeout(t);
+    h.pump();
+    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
+    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::TimedOut, .. })));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn open_cursor_and_long_data_block_moves() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x16select a from t where b = ?");
+    h.recv(Leg::Backend);
+    let mut p = BytesMut::new();
+    PrepareOk {
+        statement_id: 1,
+        columns: 0,
+        params: 0,
+        warnings: 0,
+    }
+    .write(&mut p);
+    h.send(Leg::Backend, 1, &p);
+    h.recv(Leg::Client);
+    h.send(Leg::Client, 0, b"\x18\x01\x00\x00\x00\x00\x00data");
+    assert!(!h.s.may_migrate());
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    assert!(h.recv(Leg::Backend).iter().all(|p| p.data[0] == 0x18), "no SHOW SESSION_STATES yet");
+    // Executing consumes the long data; the move starts after the response.
+    h.send(Leg::Client, 0, b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00");
+    h.recv(Leg::Backend);
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv(Leg::Client);
+    export(&mut h);
+}
+
+#[test]
+fn graceful_close_waits_for_the_transaction() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.query_ok("begin", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    h.s.handle_close_at_safe_point(h.now);
+    h.pump();
+    assert!(!h.s.is_closed());
+    h.query_ok("commit", StatusFlags::AUTOCOMMIT);
+    assert!(h.s.is_closed());
+    assert!(h.events.contains(&Event::SafePoint));
+}
