@@ -761,6 +761,21 @@ impl Session {
                 // Fast path: the header and prefix are contiguous in the input.
                 let (pkt, rest) = data.split_at(want);
                 disposition = self.on_packet(now, leg, header, &pkt[HEADER_LEN..]);
+                if let Disposition::Forward(to) = disposition
+                    && data.len() >= HEADER_LEN + header.len
+                {
+                    // The whole packet is here: one copy, sequence id patched.
+                    let whole = HEADER_LEN + header.len;
+                    let l = &mut self.legs[to.idx()];
+                    let seq = l.seq;
+                    l.seq = seq.wrapping_add(1);
+                    let w = l.writer();
+                    let at = w.len();
+                    w.extend_from_slice(&data[..whole]);
+                    w[at + 3] = seq;
+                    data = &data[whole..];
+                    continue;
+                }
                 self.emit(leg, header, pkt, disposition, need);
                 data = rest;
             } else {
