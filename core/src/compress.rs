@@ -92,6 +92,11 @@ impl CompressedFraming {
         self.seq = 0;
     }
 
+    /// Sets the next compressed sequence id (to follow a peer's sequence).
+    pub fn set_seq(&mut self, seq: u8) {
+        self.seq = seq;
+    }
+
     /// The next compressed sequence id.
     pub fn seq(&self) -> u8 {
         self.seq
