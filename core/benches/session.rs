@@ -6,6 +6,8 @@
 //! streamed to the client; throughput is payload bytes per second.
 //! `memcpy_baseline` copies the same bytes once, the floor any relay pays.
 
+#![allow(clippy::disallowed_methods)] // tests and benches play the driver: they own the clock
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -76,7 +78,11 @@ fn establish(deprecate_eof: bool) -> (Session, Instant) {
     .write(&mut g);
     s.handle_data(now, Leg::Backend, &packet(0, &g));
     let mut ok = BytesMut::new();
-    OkPacket { status: StatusFlags::AUTOCOMMIT, ..Default::default() }.write(&mut ok, CapabilityFlags::PROTOCOL_41);
+    OkPacket {
+        status: StatusFlags::AUTOCOMMIT,
+        ..Default::default()
+    }
+    .write(&mut ok, CapabilityFlags::PROTOCOL_41);
     s.handle_data(now, Leg::Backend, &packet(2, &ok));
     drain(&mut s);
     assert!(s.is_established());
@@ -87,11 +93,21 @@ fn result_set(rows: usize, row_len: usize) -> (BytesMut, usize) {
     let mut b = BytesMut::new();
     let mut seq = 1;
     let mut eof = BytesMut::new();
-    EofPacket { warnings: 0, status: StatusFlags::AUTOCOMMIT }.write(&mut eof);
+    EofPacket {
+        warnings: 0,
+        status: StatusFlags::AUTOCOMMIT,
+    }
+    .write(&mut eof);
     seq = write_packet(&mut b, seq, &[1]);
-    seq = write_packet(&mut b, seq, b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00");
+    seq = write_packet(
+        &mut b,
+        seq,
+        b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00",
+    );
     seq = write_packet(&mut b, seq, &eof);
-    let row: Vec<u8> = std::iter::once((row_len - 1) as u8).chain(std::iter::repeat_n(b'x', row_len - 1)).collect();
+    let row: Vec<u8> = std::iter::once((row_len - 1) as u8)
+        .chain(std::iter::repeat_n(b'x', row_len - 1))
+        .collect();
     let mut payload = 0;
     for _ in 0..rows {
         seq = write_packet(&mut b, seq, &row);

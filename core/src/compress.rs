@@ -145,7 +145,12 @@ impl CompressedFraming {
         Ok(())
     }
 
-    fn inflate(&mut self, body: &[u8], ulen: usize, out: &mut BytesMut) -> Result<(), CompressError> {
+    fn inflate(
+        &mut self,
+        body: &[u8],
+        ulen: usize,
+        out: &mut BytesMut,
+    ) -> Result<(), CompressError> {
         match self.algorithm {
             Algorithm::Zlib => {
                 self.scratch.clear();
@@ -166,12 +171,18 @@ impl CompressedFraming {
             Algorithm::Zstd(_) => {
                 if self.zstd_in.is_none() {
                     self.zstd_in = Some(
-                        zstd::bulk::Decompressor::new().map_err(|e| CompressError::Corrupt(e.to_string()))?,
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| CompressError::Corrupt(e.to_string()))?,
                     );
                 }
                 // The decompressor was set just above.
-                let d = self.zstd_in.as_mut().expect("zstd decompressor initialised");
-                let plain = d.decompress(body, ulen).map_err(|e| CompressError::Corrupt(e.to_string()))?;
+                let d = self
+                    .zstd_in
+                    .as_mut()
+                    .expect("zstd decompressor initialised");
+                let plain = d
+                    .decompress(body, ulen)
+                    .map_err(|e| CompressError::Corrupt(e.to_string()))?;
                 if plain.len() != ulen {
                     return Err(CompressError::Corrupt(format!(
                         "zstd frame announced {ulen} bytes, produced {}",
@@ -216,7 +227,8 @@ impl CompressedFraming {
                 self.scratch.reserve(chunk.len() + 64);
                 self.zlib_out.reset();
                 let ok = matches!(
-                    self.zlib_out.compress_vec(chunk, &mut self.scratch, FlushCompress::Finish),
+                    self.zlib_out
+                        .compress_vec(chunk, &mut self.scratch, FlushCompress::Finish),
                     Ok(Status::StreamEnd)
                 );
                 ok && self.scratch.len() < chunk.len()
@@ -288,7 +300,11 @@ mod tests {
         let mut enc = CompressedFraming::new(Algorithm::Zlib);
         let mut wire = BytesMut::new();
         enc.encode(&[b'a'; 1000], &mut wire);
-        assert!(wire.len() < 100, "1000 repeated bytes compress: {}", wire.len());
+        assert!(
+            wire.len() < 100,
+            "1000 repeated bytes compress: {}",
+            wire.len()
+        );
         assert_eq!(&wire[4..7], &[0xe8, 0x03, 0x00]);
     }
 
@@ -301,7 +317,10 @@ mod tests {
         dec.seq = 5;
         assert!(matches!(
             dec.decode(&wire, &mut BytesMut::new()),
-            Err(CompressError::OutOfOrder { expected: 5, got: 0 })
+            Err(CompressError::OutOfOrder {
+                expected: 5,
+                got: 0
+            })
         ));
         let mut bad = wire.clone();
         let n = bad.len();

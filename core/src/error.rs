@@ -94,7 +94,9 @@ impl ProxyError {
     /// The SQL state.
     pub fn sql_state(&self) -> [u8; 5] {
         match self {
-            Self::ClientTooOld | Self::HandshakeTooLarge { .. } | Self::Incompatible(_) => *b"08004",
+            Self::ClientTooOld | Self::HandshakeTooLarge { .. } | Self::Incompatible(_) => {
+                *b"08004"
+            }
             Self::BadHandshake(_) | Self::HandshakeTimeout(_) => *b"08S01",
             Self::OutOfOrder(_) | Self::BackendLost(_) => *b"08S01",
             Self::NoBackend(_) => *b"08S01",
@@ -108,14 +110,28 @@ impl ProxyError {
     fn hint(&self) -> &'static str {
         match self {
             Self::ClientTooOld => "upgrade the client to a MySQL 4.1+ compatible driver",
-            Self::HandshakeTooLarge { .. } => "check the client's connection attributes and user name length",
-            Self::BadHandshake(_) | Self::OutOfOrder(_) => "check that the client speaks the MySQL protocol to this port",
-            Self::TlsNotConfigured => "configure security.server-tls on tiproxy or connect without TLS",
-            Self::NoBackend(_) => "check that the TiDB servers are up and reachable from tiproxy (GET /api/debug/health)",
+            Self::HandshakeTooLarge { .. } => {
+                "check the client's connection attributes and user name length"
+            }
+            Self::BadHandshake(_) | Self::OutOfOrder(_) => {
+                "check that the client speaks the MySQL protocol to this port"
+            }
+            Self::TlsNotConfigured => {
+                "configure security.server-tls on tiproxy or connect without TLS"
+            }
+            Self::NoBackend(_) => {
+                "check that the TiDB servers are up and reachable from tiproxy (GET /api/debug/health)"
+            }
             Self::Incompatible(_) => "check the client and TiDB versions",
-            Self::BackendTlsRequired(_) => "enable TLS on TiDB or unset security.require-backend-tls",
-            Self::BackendLost(_) => "the statement may or may not have been applied; check the TiDB server log",
-            Self::BackendProtocol(_) => "check the TiDB server log; this is a bug in TiDB or tiproxy",
+            Self::BackendTlsRequired(_) => {
+                "enable TLS on TiDB or unset security.require-backend-tls"
+            }
+            Self::BackendLost(_) => {
+                "the statement may or may not have been applied; check the TiDB server log"
+            }
+            Self::BackendProtocol(_) => {
+                "check the TiDB server log; this is a bug in TiDB or tiproxy"
+            }
             Self::UnsupportedCommand(_) => "connect to TiDB directly for replication commands",
             Self::TooManyConnections(_) => "raise proxy.max-connections or close idle connections",
             Self::HandshakeTimeout(_) => "check the network between the client and tiproxy",
@@ -190,7 +206,11 @@ mod tests {
         let msg = e.message_text();
         assert!(msg.contains("CLIENT_PROTOCOL_41"), "{msg}");
         assert!(msg.contains("upgrade"), "{msg}");
-        let e = ProxyError::HandshakeTooLarge { len: 70000, limit: 65536 }.to_err_packet();
+        let e = ProxyError::HandshakeTooLarge {
+            len: 70000,
+            limit: 65536,
+        }
+        .to_err_packet();
         assert_eq!(e.code, 1153);
         assert!(!e.message_text().to_lowercase().contains("unknown error"));
     }

@@ -79,7 +79,8 @@ impl InitialHandshake {
         h.charset = r.u8("character set")?;
         h.status = StatusFlags::from_bits_retain(r.u16("status flags")?);
         let cap_hi = r.u16("capability flags")?;
-        h.capabilities = CapabilityFlags::from_bits_retain(u32::from(cap_lo) | u32::from(cap_hi) << 16);
+        h.capabilities =
+            CapabilityFlags::from_bits_retain(u32::from(cap_lo) | u32::from(cap_hi) << 16);
         let auth_len = r.u8("auth plugin data length")?;
         h.reserved.copy_from_slice(r.take(10, "reserved")?);
         if h.capabilities.contains(CapabilityFlags::SECURE_CONNECTION) {
@@ -120,7 +121,10 @@ impl InitialHandshake {
             out.put_u8(0);
         }
         out.put_slice(&self.reserved);
-        if self.capabilities.contains(CapabilityFlags::SECURE_CONNECTION) {
+        if self
+            .capabilities
+            .contains(CapabilityFlags::SECURE_CONNECTION)
+        {
             out.put_slice(p2);
             out.put_bytes(0, 13usize.saturating_sub(p2.len()).max(1));
         }
@@ -201,7 +205,9 @@ pub fn client_capabilities(payload: &[u8]) -> Result<CapabilityFlags, WireError>
         return Ok(caps);
     }
     let hi = r.u16("capability flags")?;
-    Ok(CapabilityFlags::from_bits_retain(u32::from(lo) | u32::from(hi) << 16))
+    Ok(CapabilityFlags::from_bits_retain(
+        u32::from(lo) | u32::from(hi) << 16,
+    ))
 }
 
 impl ClientHello {
@@ -221,14 +227,15 @@ impl ClientHello {
             }));
         }
         let username = Bytes::copy_from_slice(r.nul_bytes("user name")?);
-        let auth_response = if capabilities.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA) {
-            r.lenenc_bytes("auth response")?
-        } else if capabilities.contains(CapabilityFlags::SECURE_CONNECTION) {
-            let n = r.u8("auth response length")?;
-            r.take(usize::from(n), "auth response")?
-        } else {
-            r.nul_bytes("auth response")?
-        };
+        let auth_response =
+            if capabilities.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA) {
+                r.lenenc_bytes("auth response")?
+            } else if capabilities.contains(CapabilityFlags::SECURE_CONNECTION) {
+                let n = r.u8("auth response length")?;
+                r.take(usize::from(n), "auth response")?
+            } else {
+                r.nul_bytes("auth response")?
+            };
         let auth_response = Bytes::copy_from_slice(auth_response);
         let database = if capabilities.contains(CapabilityFlags::CONNECT_WITH_DB) && !r.is_empty() {
             Some(Bytes::copy_from_slice(r.nul_or_rest()))
@@ -250,7 +257,9 @@ impl ClientHello {
                 attributes.push((Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)));
             }
         }
-        let zstd_level = if capabilities.contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM) && !r.is_empty() {
+        let zstd_level = if capabilities.contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM)
+            && !r.is_empty()
+        {
             Some(r.u8("zstd compression level")?)
         } else {
             None
@@ -426,7 +435,11 @@ impl ChangeUser {
         };
         let auth_response = Bytes::copy_from_slice(auth_response);
         let database = Bytes::copy_from_slice(r.nul_or_rest());
-        let charset = if r.remaining() >= 2 { Some(r.u16("character set")?) } else { None };
+        let charset = if r.remaining() >= 2 {
+            Some(r.u16("character set")?)
+        } else {
+            None
+        };
         let auth_plugin = if caps.contains(CapabilityFlags::PLUGIN_AUTH) && !r.is_empty() {
             Some(Bytes::copy_from_slice(r.nul_or_rest()))
         } else {
@@ -507,12 +520,18 @@ mod tests {
             auth_response: Bytes::from(vec![7u8; 20]),
             database: Some(Bytes::from_static(b"test")),
             auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
-            attributes: vec![(Bytes::from_static(b"_client_name"), Bytes::from_static(b"x"))],
+            attributes: vec![(
+                Bytes::from_static(b"_client_name"),
+                Bytes::from_static(b"x"),
+            )],
             zstd_level: Some(3),
         };
         let mut out = BytesMut::new();
         resp.write(&mut out);
-        assert_eq!(ClientHello::parse(&out).unwrap(), ClientHello::Response(resp));
+        assert_eq!(
+            ClientHello::parse(&out).unwrap(),
+            ClientHello::Response(resp)
+        );
     }
 
     #[test]
@@ -537,7 +556,9 @@ mod tests {
         let mut out = BytesMut::new();
         sw.write(&mut out);
         assert_eq!(AuthSwitchRequest::parse(&out).unwrap(), sw);
-        let md = AuthMoreData { data: Bytes::from_static(&[AuthMoreData::FAST_AUTH_SUCCESS]) };
+        let md = AuthMoreData {
+            data: Bytes::from_static(&[AuthMoreData::FAST_AUTH_SUCCESS]),
+        };
         let mut out = BytesMut::new();
         md.write(&mut out);
         assert_eq!(AuthMoreData::parse(&out).unwrap(), md);

@@ -8,7 +8,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::packet::MAX_PAYLOAD;
-use crate::response::{ERR_HEADER, ErrPacket, OK_HEADER, is_eof, is_row_terminator, parse_column_count};
+use crate::response::{
+    ERR_HEADER, ErrPacket, OK_HEADER, is_eof, is_row_terminator, parse_column_count,
+};
 use crate::wire::Reader;
 
 /// The statement that asks TiDB for the session's state and a token.
@@ -32,7 +34,9 @@ pub enum MigrationFailure {
     #[error("unexpected SHOW SESSION_STATES result: {0}")]
     BadStates(String),
     /// No session token: TiDB has no `security.session-token-signing-cert`.
-    #[error("TiDB returned no session token; set security.session-token-signing-cert and -key on every TiDB")]
+    #[error(
+        "TiDB returned no session token; set security.session-token-signing-cert and -key on every TiDB"
+    )]
     NoToken,
     /// The new backend could not be reached.
     #[error("could not connect to the new backend: {0}")]
@@ -123,7 +127,8 @@ impl StatesReader {
     }
 
     fn feed_whole(&mut self, payload: &[u8]) -> StatesProgress {
-        let bad = |what: &str| StatesProgress::Failed(MigrationFailure::BadStates(what.to_string()));
+        let bad =
+            |what: &str| StatesProgress::Failed(MigrationFailure::BadStates(what.to_string()));
         let first = payload.first().copied().unwrap_or(0);
         if first == ERR_HEADER && !matches!(self.state, ReadState::Columns(_)) {
             return match ErrPacket::parse(payload) {
@@ -169,7 +174,9 @@ impl StatesReader {
             ReadState::Rows => {
                 if is_row_terminator(first, payload.len(), self.deprecate_eof) {
                     return match self.row.take() {
-                        Some(row) if row.token.is_empty() => StatesProgress::Failed(MigrationFailure::NoToken),
+                        Some(row) if row.token.is_empty() => {
+                            StatesProgress::Failed(MigrationFailure::NoToken)
+                        }
                         Some(row) => StatesProgress::Done(row),
                         None => bad("no rows"),
                     };
@@ -228,9 +235,17 @@ mod tests {
     use crate::wire::put_lenenc_bytes;
 
     fn result(deprecate_eof: bool, states: &[u8], token: Option<&[u8]>) -> Vec<Vec<u8>> {
-        let mut pkts = vec![vec![2u8], b"\x03def\x00\x00\x00\x0eSession_states\x00".to_vec(), b"\x03def\x00\x00\x00\x0dSession_token\x00".to_vec()];
+        let mut pkts = vec![
+            vec![2u8],
+            b"\x03def\x00\x00\x00\x0eSession_states\x00".to_vec(),
+            b"\x03def\x00\x00\x00\x0dSession_token\x00".to_vec(),
+        ];
         let mut eof = BytesMut::new();
-        EofPacket { warnings: 0, status: StatusFlags::AUTOCOMMIT }.write(&mut eof);
+        EofPacket {
+            warnings: 0,
+            status: StatusFlags::AUTOCOMMIT,
+        }
+        .write(&mut eof);
         if !deprecate_eof {
             pkts.push(eof.to_vec());
         }
@@ -243,8 +258,12 @@ mod tests {
         pkts.push(row.to_vec());
         if deprecate_eof {
             let mut ok = BytesMut::new();
-            OkPacket { header: 0xfe, status: StatusFlags::AUTOCOMMIT, ..Default::default() }
-                .write(&mut ok, CapabilityFlags::PROTOCOL_41);
+            OkPacket {
+                header: 0xfe,
+                status: StatusFlags::AUTOCOMMIT,
+                ..Default::default()
+            }
+            .write(&mut ok, CapabilityFlags::PROTOCOL_41);
             pkts.push(ok.to_vec());
         } else {
             pkts.push(eof.to_vec());
@@ -256,7 +275,11 @@ mod tests {
     fn reads_states_and_token() {
         for deprecate in [false, true] {
             let mut r = StatesReader::new(deprecate);
-            let pkts = result(deprecate, br#"{"current-db":"test"}"#, Some(br#"{"username":"root"}"#));
+            let pkts = result(
+                deprecate,
+                br#"{"current-db":"test"}"#,
+                Some(br#"{"username":"root"}"#),
+            );
             let mut last = StatesProgress::More;
             for p in &pkts {
                 last = r.feed(p);
@@ -282,15 +305,25 @@ mod tests {
 
         let mut r = StatesReader::new(false);
         let mut e = BytesMut::new();
-        ErrPacket { code: 8146, sql_state: *b"HY000", message: "cannot migrate the current session: session has temporary tables".into() }
-            .write(&mut e);
-        assert!(matches!(r.feed(&e), StatesProgress::Failed(MigrationFailure::StatesRefused { code: 8146, .. })));
+        ErrPacket {
+            code: 8146,
+            sql_state: *b"HY000",
+            message: "cannot migrate the current session: session has temporary tables".into(),
+        }
+        .write(&mut e);
+        assert!(matches!(
+            r.feed(&e),
+            StatesProgress::Failed(MigrationFailure::StatesRefused { code: 8146, .. })
+        ));
     }
 
     #[test]
     fn escaping_keeps_json_intact() {
         let q = set_session_states_query(br#"{"a":"it's \"x\" \\n"}"#, false);
-        assert_eq!(&q[1..], br#"SET SESSION_STATES '{"a":"it\'s \\"x\\" \\\\n"}'"#);
+        assert_eq!(
+            &q[1..],
+            br#"SET SESSION_STATES '{"a":"it\'s \\"x\\" \\\\n"}'"#
+        );
         let q = set_session_states_query(br#"{"a":"it's \n"}"#, true);
         assert_eq!(&q[1..], br#"SET SESSION_STATES '{"a":"it''s \n"}'"#);
     }

@@ -151,7 +151,10 @@ impl PacketDecoder {
             if let Some(expected) = self.next_seq
                 && expected != h.seq
             {
-                return Err(FramingError::OutOfOrder { expected, got: h.seq });
+                return Err(FramingError::OutOfOrder {
+                    expected,
+                    got: h.seq,
+                });
             }
             let total = self.payload.len() + h.len;
             if let Some(limit) = self.limit
@@ -190,7 +193,10 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = PacketHeader { len: 0x12_3456, seq: 7 };
+        let h = PacketHeader {
+            len: 0x12_3456,
+            seq: 7,
+        };
         assert_eq!(PacketHeader::parse(&h.to_bytes()), Some(h));
         assert_eq!(PacketHeader::parse(&[1, 2, 3]), None);
     }
@@ -233,12 +239,18 @@ mod tests {
         d.extend(&out);
         assert_eq!(
             d.next_payload(),
-            Err(FramingError::OutOfOrder { expected: 4, got: 5 })
+            Err(FramingError::OutOfOrder {
+                expected: 4,
+                got: 5
+            })
         );
         // The limit applies as soon as the header announces the length.
         let mut d = PacketDecoder::with_limit(2);
         d.extend(&out[..4]);
-        assert_eq!(d.next_payload(), Err(FramingError::TooLarge { len: 3, limit: 2 }));
+        assert_eq!(
+            d.next_payload(),
+            Err(FramingError::TooLarge { len: 3, limit: 2 })
+        );
     }
 
     proptest! {

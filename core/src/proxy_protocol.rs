@@ -82,7 +82,10 @@ impl ProxyHeader {
                 let dst = Ipv4Addr::new(a[4], a[5], a[6], a[7]);
                 Self::Proxy {
                     source: SocketAddr::new(IpAddr::V4(src), u16::from_be_bytes([a[8], a[9]])),
-                    destination: SocketAddr::new(IpAddr::V4(dst), u16::from_be_bytes([a[10], a[11]])),
+                    destination: SocketAddr::new(
+                        IpAddr::V4(dst),
+                        u16::from_be_bytes([a[10], a[11]]),
+                    ),
                 }
             }
             2 => {
@@ -94,8 +97,14 @@ impl ProxyHeader {
                 s.copy_from_slice(&a[..16]);
                 d.copy_from_slice(&a[16..32]);
                 Self::Proxy {
-                    source: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(s)), u16::from_be_bytes([a[32], a[33]])),
-                    destination: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(d)), u16::from_be_bytes([a[34], a[35]])),
+                    source: SocketAddr::new(
+                        IpAddr::V6(Ipv6Addr::from(s)),
+                        u16::from_be_bytes([a[32], a[33]]),
+                    ),
+                    destination: SocketAddr::new(
+                        IpAddr::V6(Ipv6Addr::from(d)),
+                        u16::from_be_bytes([a[34], a[35]]),
+                    ),
                 }
             }
             // AF_UNSPEC or AF_UNIX: no usable address; treat as local.
@@ -114,7 +123,10 @@ impl ProxyHeader {
                 out.put_u8(0x00);
                 out.put_u16(0);
             }
-            Self::Proxy { source, destination } => {
+            Self::Proxy {
+                source,
+                destination,
+            } => {
                 out.put_u8(0x21);
                 match (source.ip(), destination.ip()) {
                     (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -177,7 +189,10 @@ mod tests {
 
     #[test]
     fn mysql_greeting_is_not_a_proxy_header() {
-        assert_eq!(ProxyHeader::parse(&[0x4a, 0, 0, 0, 10]), Err(ProxyHeaderError::NoSignature));
+        assert_eq!(
+            ProxyHeader::parse(&[0x4a, 0, 0, 0, 10]),
+            Err(ProxyHeaderError::NoSignature)
+        );
     }
 
     proptest! {

@@ -29,7 +29,12 @@ pub fn is_eof(first: u8, len: usize) -> bool {
 /// exactly `MAX_PAYLOAD` bytes).
 #[inline]
 pub fn is_row_terminator(first: u8, len: usize, deprecate_eof: bool) -> bool {
-    first == EOF_HEADER && if deprecate_eof { len < MAX_PAYLOAD } else { len < 9 }
+    first == EOF_HEADER
+        && if deprecate_eof {
+            len < MAX_PAYLOAD
+        } else {
+            len < 9
+        }
 }
 
 /// An OK packet (or a DEPRECATE_EOF terminator, which has the same body).
@@ -63,7 +68,10 @@ impl OkPacket {
         let affected_rows = r.lenenc_int("affected rows")?;
         let last_insert_id = r.lenenc_int("last insert id")?;
         let (status, warnings) = if caps.contains(CapabilityFlags::PROTOCOL_41) {
-            (StatusFlags::from_bits_retain(r.u16("status flags")?), r.u16("warnings")?)
+            (
+                StatusFlags::from_bits_retain(r.u16("status flags")?),
+                r.u16("warnings")?,
+            )
         } else if caps.contains(CapabilityFlags::TRANSACTIONS) {
             (StatusFlags::from_bits_retain(r.u16("status flags")?), 0)
         } else {
@@ -315,7 +323,10 @@ mod tests {
         let mut out = BytesMut::new();
         e.write(&mut out);
         assert_eq!(EofPacket::parse(&out).unwrap(), e);
-        assert_eq!(terminator_status(&out).unwrap(), StatusFlags::MORE_RESULTS_EXISTS);
+        assert_eq!(
+            terminator_status(&out).unwrap(),
+            StatusFlags::MORE_RESULTS_EXISTS
+        );
         assert!(is_eof(out[0], out.len()));
         assert!(!is_eof(0xfe, 9));
         assert!(is_row_terminator(0xfe, 100, true));

@@ -31,8 +31,12 @@ use crate::command::Command;
 use crate::compress::{Algorithm, CompressedFraming};
 use crate::error::{ProxyError, SessionError};
 use crate::flags::{CapabilityFlags, StatusFlags};
-use crate::handshake::{ChangeUser, ClientHello, HandshakeResponse, InitialHandshake, SslRequest, plugin};
-use crate::migration::{ExportedSession, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader};
+use crate::handshake::{
+    ChangeUser, ClientHello, HandshakeResponse, InitialHandshake, SslRequest, plugin,
+};
+use crate::migration::{
+    ExportedSession, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader,
+};
 use crate::packet::{HEADER_LEN, MAX_PAYLOAD, PacketHeader, write_packet};
 use crate::proxy_protocol::ProxyHeader;
 use crate::response::{ERR_HEADER, ErrPacket, OK_HEADER, OkPacket};
@@ -222,19 +226,38 @@ enum Phase {
 enum Migration {
     None,
     /// Requested; waiting for a safe point.
-    Pending { target: String },
+    Pending {
+        target: String,
+    },
     /// SHOW SESSION_STATES sent to the old backend.
-    Export { target: String, reader: StatesReader },
+    Export {
+        target: String,
+        reader: StatesReader,
+    },
     /// Waiting for the driver to connect the new backend.
-    Connecting { target: String, session: ExportedSession },
+    Connecting {
+        target: String,
+        session: ExportedSession,
+    },
     /// Expecting the new backend's greeting.
-    Greeting { target: String, session: ExportedSession },
+    Greeting {
+        target: String,
+        session: ExportedSession,
+    },
     /// Waiting for TLS on the new backend.
-    Tls { target: String, session: ExportedSession },
+    Tls {
+        target: String,
+        session: ExportedSession,
+    },
     /// Token sent; expecting OK.
-    Auth { target: String, session: ExportedSession },
+    Auth {
+        target: String,
+        session: ExportedSession,
+    },
     /// SET SESSION_STATES sent; expecting OK.
-    Import { target: String },
+    Import {
+        target: String,
+    },
 }
 
 impl Migration {
@@ -298,7 +321,11 @@ struct LegState {
 
 impl LegState {
     fn writer(&mut self) -> &mut BytesMut {
-        if self.framing.is_some() { &mut self.staging } else { &mut self.out }
+        if self.framing.is_some() {
+            &mut self.staging
+        } else {
+            &mut self.out
+        }
     }
 }
 
@@ -532,7 +559,11 @@ impl Session {
             }
             let mut plain = BytesMut::new();
             // The framing was checked just above.
-            let res = self.legs[leg.idx()].framing.as_mut().expect("framing on").decode(data, &mut plain);
+            let res = self.legs[leg.idx()]
+                .framing
+                .as_mut()
+                .expect("framing on")
+                .decode(data, &mut plain);
             match res {
                 Ok(()) => self.process(now, leg, &plain),
                 Err(e) => self.protocol_error(leg, e.to_string()),
@@ -552,9 +583,12 @@ impl Session {
             self.legs[leg.idx()].out.extend_from_slice(&b);
         }
         match (leg, &self.migration) {
-            (Leg::Backend, _) if self.phase == Phase::ConnectingBackend => self.phase = Phase::BackendGreeting,
+            (Leg::Backend, _) if self.phase == Phase::ConnectingBackend => {
+                self.phase = Phase::BackendGreeting
+            }
             (Leg::NewBackend, Migration::Connecting { .. }) => {
-                let Migration::Connecting { target, session } = std::mem::replace(&mut self.migration, Migration::None)
+                let Migration::Connecting { target, session } =
+                    std::mem::replace(&mut self.migration, Migration::None)
                 else {
                     unreachable!("matched above")
                 };
@@ -588,7 +622,9 @@ impl Session {
                 self.drain_held(now);
             }
             Leg::Backend if self.phase == Phase::BackendTls => self.send_handshake_response(),
-            Leg::NewBackend if matches!(self.migration, Migration::Tls { .. }) => self.send_token_response(),
+            Leg::NewBackend if matches!(self.migration, Migration::Tls { .. }) => {
+                self.send_token_response()
+            }
             _ => {}
         }
         self.flush();
@@ -618,7 +654,9 @@ impl Session {
         {
             self.handshake_deadline = None;
             if self.phase != Phase::Command && self.phase != Phase::Closed {
-                self.refuse(ProxyError::HandshakeTimeout(self.cfg.handshake_timeout.as_millis() as u64));
+                self.refuse(ProxyError::HandshakeTimeout(
+                    self.cfg.handshake_timeout.as_millis() as u64,
+                ));
             }
         }
         if let Some(d) = self.migration_deadline
@@ -630,7 +668,9 @@ impl Session {
                 // may still come and could not be told apart from the next
                 // response, so the session cannot continue there.
                 self.migration = Migration::None;
-                self.close_client_with(ProxyError::BackendLost("TiDB did not answer SHOW SESSION_STATES".into()));
+                self.close_client_with(ProxyError::BackendLost(
+                    "TiDB did not answer SHOW SESSION_STATES".into(),
+                ));
             } else if self.migration.active() {
                 self.fail_migration(now, MigrationFailure::TimedOut);
             }
@@ -644,7 +684,9 @@ impl Session {
         if self.migration.active() || self.phase == Phase::Closed {
             return false;
         }
-        self.migration = Migration::Pending { target: target.into() };
+        self.migration = Migration::Pending {
+            target: target.into(),
+        };
         self.at_boundary(now);
         self.flush();
         true
@@ -717,7 +759,10 @@ impl Session {
             if self.tls_request.is_some() {
                 break;
             }
-            if leg == Leg::Client && self.legs[i].rx.stash.is_empty() && !self.client_packet_allowed() {
+            if leg == Leg::Client
+                && self.legs[i].rx.stash.is_empty()
+                && !self.client_packet_allowed()
+            {
                 self.held.extend_from_slice(data);
                 return;
             }
@@ -811,7 +856,14 @@ impl Session {
 
     /// Writes a forwarded packet's header and prefix and sets up the pass
     /// through of its remainder.
-    fn emit(&mut self, from: Leg, header: PacketHeader, pkt: &[u8], disposition: Disposition, need: usize) {
+    fn emit(
+        &mut self,
+        from: Leg,
+        header: PacketHeader,
+        pkt: &[u8],
+        disposition: Disposition,
+        need: usize,
+    ) {
         let rest = header.len - need;
         match disposition {
             Disposition::Forward(to) => {
@@ -819,7 +871,13 @@ impl Session {
                 self.legs[to.idx()].seq = seq.wrapping_add(1);
                 let w = self.legs[to.idx()].writer();
                 w.reserve(pkt.len());
-                w.put_slice(&PacketHeader { len: header.len, seq }.to_bytes());
+                w.put_slice(
+                    &PacketHeader {
+                        len: header.len,
+                        seq,
+                    }
+                    .to_bytes(),
+                );
                 w.put_slice(&pkt[HEADER_LEN..]);
                 let rx = &mut self.legs[from.idx()].rx;
                 rx.pass = rest;
@@ -861,14 +919,23 @@ impl Session {
             };
         }
         // Client, command phase.
-        if self.tracker.is_idle() && first == Some(Command::ChangeUser.to_byte()) && header.len < MAX_PAYLOAD {
+        if self.tracker.is_idle()
+            && first == Some(Command::ChangeUser.to_byte())
+            && header.len < MAX_PAYLOAD
+        {
             return whole;
         }
         self.tracker.client_prefix_needed(header.len)
     }
 
     /// Handles one packet (`prefix` holds the bytes asked for).
-    fn on_packet(&mut self, now: Instant, leg: Leg, header: PacketHeader, prefix: &[u8]) -> Disposition {
+    fn on_packet(
+        &mut self,
+        now: Instant,
+        leg: Leg,
+        header: PacketHeader,
+        prefix: &[u8],
+    ) -> Disposition {
         match leg {
             Leg::Client => self.on_client_packet(now, header, prefix),
             Leg::Backend => self.on_backend_packet(now, header, prefix),
@@ -893,7 +960,12 @@ impl Session {
     // Client packets
     // ----------------------------------------------------------------
 
-    fn on_client_packet(&mut self, now: Instant, header: PacketHeader, payload: &[u8]) -> Disposition {
+    fn on_client_packet(
+        &mut self,
+        now: Instant,
+        header: PacketHeader,
+        payload: &[u8],
+    ) -> Disposition {
         if self.phase == Phase::Command && self.tracker.is_idle() {
             // A new command: both legs restart their sequences.
             self.legs[0].seq = 0;
@@ -904,10 +976,12 @@ impl Session {
         }
         let expected = self.legs[0].seq;
         if !self.check_seq(Leg::Client, header) {
-            self.refuse(ProxyError::OutOfOrder(crate::packet::FramingError::OutOfOrder {
-                expected,
-                got: header.seq,
-            }));
+            self.refuse(ProxyError::OutOfOrder(
+                crate::packet::FramingError::OutOfOrder {
+                    expected,
+                    got: header.seq,
+                },
+            ));
             return Disposition::Consumed;
         }
         match self.phase {
@@ -941,7 +1015,8 @@ impl Session {
             Ok(ClientHello::Response(resp)) => {
                 if !resp.capabilities.contains(CapabilityFlags::PLUGIN_AUTH) {
                     return self.refuse(ProxyError::Incompatible(
-                        "the client does not support pluggable authentication (CLIENT_PLUGIN_AUTH)".into(),
+                        "the client does not support pluggable authentication (CLIENT_PLUGIN_AUTH)"
+                            .into(),
                     ));
                 }
                 self.client_caps = resp.capabilities & self.cfg.capabilities;
@@ -954,7 +1029,12 @@ impl Session {
         }
     }
 
-    fn on_client_command(&mut self, now: Instant, header: PacketHeader, payload: &[u8]) -> Disposition {
+    fn on_client_command(
+        &mut self,
+        now: Instant,
+        header: PacketHeader,
+        payload: &[u8],
+    ) -> Disposition {
         let starting = self.tracker.is_idle();
         match self.tracker.on_client_packet(header.len, payload) {
             ClientPacket::Forward => Disposition::Forward(Leg::Backend),
@@ -981,7 +1061,8 @@ impl Session {
                         self.pending_user = Some((cu.username.clone(), cu.database.clone()));
                         cu.auth_response = Bytes::new();
                         if self.client_caps.contains(CapabilityFlags::PLUGIN_AUTH) {
-                            cu.auth_plugin = Some(Bytes::from_static(plugin::FORCE_SWITCH.as_bytes()));
+                            cu.auth_plugin =
+                                Some(Bytes::from_static(plugin::FORCE_SWITCH.as_bytes()));
                         }
                         let mut b = BytesMut::new();
                         cu.write(&mut b, self.backend_caps);
@@ -1001,7 +1082,12 @@ impl Session {
     // Backend packets
     // ----------------------------------------------------------------
 
-    fn on_backend_packet(&mut self, now: Instant, header: PacketHeader, payload: &[u8]) -> Disposition {
+    fn on_backend_packet(
+        &mut self,
+        now: Instant,
+        header: PacketHeader,
+        payload: &[u8],
+    ) -> Disposition {
         if !self.check_seq(Leg::Backend, header) {
             self.backend_protocol_error(format!("packet sequence id {} out of order", header.seq));
             return Disposition::Consumed;
@@ -1032,13 +1118,19 @@ impl Session {
         if payload.first() == Some(&ERR_HEADER) {
             // The backend refused the connection (too many connections,
             // host blocked): relay its error.
-            let msg = ErrPacket::parse(payload).map(|e| e.message_text()).unwrap_or_default();
-            self.refuse(ProxyError::NoBackend(format!("backend refused the connection: {msg}")));
+            let msg = ErrPacket::parse(payload)
+                .map(|e| e.message_text())
+                .unwrap_or_default();
+            self.refuse(ProxyError::NoBackend(format!(
+                "backend refused the connection: {msg}"
+            )));
             return;
         }
         let greeting = match InitialHandshake::parse(payload) {
             Ok(g) => g,
-            Err(e) => return self.refuse(ProxyError::BackendProtocol(format!("bad greeting: {e}"))),
+            Err(e) => {
+                return self.refuse(ProxyError::BackendProtocol(format!("bad greeting: {e}")));
+            }
         };
         let missing = (self.client_caps & CapabilityFlags::SHAPE) - greeting.capabilities;
         if !missing.is_empty() {
@@ -1056,14 +1148,19 @@ impl Session {
         }
         if self.client_caps.contains(CapabilityFlags::COMPRESS) {
             self.legs[0].compression = Some(Algorithm::Zlib);
-        } else if self.client_caps.contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM) {
+        } else if self
+            .client_caps
+            .contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM)
+        {
             let level = self.hello.as_ref().and_then(|h| h.zstd_level).unwrap_or(3);
             self.legs[0].compression = Some(Algorithm::Zstd(level));
         }
         self.backend_caps = caps;
         let use_tls = match self.cfg.backend_tls {
             BackendTls::Off => false,
-            BackendTls::MatchClient => self.legs[0].tls && greeting.capabilities.contains(CapabilityFlags::SSL),
+            BackendTls::MatchClient => {
+                self.legs[0].tls && greeting.capabilities.contains(CapabilityFlags::SSL)
+            }
             BackendTls::Required => {
                 if !greeting.capabilities.contains(CapabilityFlags::SSL) {
                     return self.refuse(ProxyError::BackendTlsRequired(
@@ -1083,7 +1180,10 @@ impl Session {
     }
 
     fn send_ssl_request(&mut self, leg: Leg) {
-        let hello = self.hello.as_ref().expect("handshake response stored before backend connect");
+        let hello = self
+            .hello
+            .as_ref()
+            .expect("handshake response stored before backend connect");
         let req = SslRequest {
             capabilities: self.backend_caps | CapabilityFlags::SSL,
             max_packet_size: hello.max_packet_size,
@@ -1097,7 +1197,10 @@ impl Session {
     /// The handshake response relayed to the first backend.
     fn send_handshake_response(&mut self) {
         // Stored when the client's response arrived, before any backend.
-        let hello = self.hello.as_ref().expect("handshake response stored before backend connect");
+        let hello = self
+            .hello
+            .as_ref()
+            .expect("handshake response stored before backend connect");
         let mut caps = self.backend_caps;
         if self.legs[1].tls {
             caps |= CapabilityFlags::SSL;
@@ -1124,10 +1227,15 @@ impl Session {
         match payload.first().copied() {
             Some(OK_HEADER) => {
                 let status = OkPacket::status_of(payload).unwrap_or(StatusFlags::AUTOCOMMIT);
-                self.tracker = CommandTracker::new(self.client_caps.contains(CapabilityFlags::DEPRECATE_EOF), status);
+                self.tracker = CommandTracker::new(
+                    self.client_caps.contains(CapabilityFlags::DEPRECATE_EOF),
+                    status,
+                );
                 self.phase = Phase::Command;
                 self.handshake_deadline = None;
-                self.events.push_back(Event::Authenticated { user: self.user.clone() });
+                self.events.push_back(Event::Authenticated {
+                    user: self.user.clone(),
+                });
                 // The OK itself goes out uncompressed; compression starts after.
                 self.forward_now(Leg::Client, payload);
                 self.switch_on_compression(Leg::Client);
@@ -1151,7 +1259,12 @@ impl Session {
         }
     }
 
-    fn on_backend_response(&mut self, now: Instant, header: PacketHeader, prefix: &[u8]) -> Disposition {
+    fn on_backend_response(
+        &mut self,
+        now: Instant,
+        header: PacketHeader,
+        prefix: &[u8],
+    ) -> Disposition {
         match self.tracker.on_backend_packet(header.len, prefix) {
             Err(e) => {
                 self.backend_protocol_error(e.to_string());
@@ -1183,7 +1296,8 @@ impl Session {
     /// Called whenever an exchange ends: starts a pending move or closes a
     /// session waiting for its safe point.
     fn at_boundary(&mut self, now: Instant) {
-        if self.phase != Phase::Command || !self.tracker.at_safe_point() || self.migration.active() {
+        if self.phase != Phase::Command || !self.tracker.at_safe_point() || self.migration.active()
+        {
             return;
         }
         if self.close_at_safe_point {
@@ -1199,7 +1313,9 @@ impl Session {
     }
 
     fn start_migration(&mut self, now: Instant, target: String) {
-        self.events.push_back(Event::MigrationStarted { target: target.clone() });
+        self.events.push_back(Event::MigrationStarted {
+            target: target.clone(),
+        });
         let deprecate_eof = self.backend_caps.contains(CapabilityFlags::DEPRECATE_EOF);
         self.migration = Migration::Export {
             target,
@@ -1222,10 +1338,14 @@ impl Session {
             StatesProgress::More => {}
             StatesProgress::Failed(reason) => self.fail_migration(now, reason),
             StatesProgress::Done(session) => {
-                let Migration::Export { target, .. } = std::mem::replace(&mut self.migration, Migration::None) else {
+                let Migration::Export { target, .. } =
+                    std::mem::replace(&mut self.migration, Migration::None)
+                else {
                     unreachable!("matched above")
                 };
-                self.actions.push_back(Action::ConnectNewBackend { target: target.clone() });
+                self.actions.push_back(Action::ConnectNewBackend {
+                    target: target.clone(),
+                });
                 self.migration = Migration::Connecting { target, session };
             }
         }
@@ -1233,7 +1353,10 @@ impl Session {
 
     fn on_new_backend_packet(&mut self, now: Instant, header: PacketHeader, payload: &[u8]) {
         if !self.check_seq(Leg::NewBackend, header) {
-            return self.fail_migration(now, MigrationFailure::Handshake("packet out of order".into()));
+            return self.fail_migration(
+                now,
+                MigrationFailure::Handshake("packet out of order".into()),
+            );
         }
         let migration = std::mem::replace(&mut self.migration, Migration::None);
         match migration {
@@ -1242,7 +1365,10 @@ impl Session {
                     Ok(g) => g,
                     Err(e) => {
                         self.migration = Migration::Greeting { target, session };
-                        return self.fail_migration(now, MigrationFailure::Handshake(format!("bad greeting: {e}")));
+                        return self.fail_migration(
+                            now,
+                            MigrationFailure::Handshake(format!("bad greeting: {e}")),
+                        );
                     }
                 };
                 let missing = (self.client_caps & CapabilityFlags::SHAPE) - greeting.capabilities;
@@ -1264,10 +1390,14 @@ impl Session {
                     self.migration = Migration::Greeting { target, session };
                     return self.fail_migration(
                         now,
-                        MigrationFailure::Handshake("new backend has no TLS but require-backend-tls is set".into()),
+                        MigrationFailure::Handshake(
+                            "new backend has no TLS but require-backend-tls is set".into(),
+                        ),
                     );
                 }
-                if self.legs[1].compression.is_some() && greeting.capabilities.contains(CapabilityFlags::COMPRESS) {
+                if self.legs[1].compression.is_some()
+                    && greeting.capabilities.contains(CapabilityFlags::COMPRESS)
+                {
                     self.legs[2].compression = Some(Algorithm::Zlib);
                 }
                 if use_tls {
@@ -1284,8 +1414,12 @@ impl Session {
                     self.switch_on_compression(Leg::NewBackend);
                     self.legs[2].seq = 0;
                     self.legs[2].reset_out_seq = true;
-                    let no_backslash = self.tracker.status().contains(StatusFlags::NO_BACKSLASH_ESCAPES);
-                    let q = crate::migration::set_session_states_query(&session.states, no_backslash);
+                    let no_backslash = self
+                        .tracker
+                        .status()
+                        .contains(StatusFlags::NO_BACKSLASH_ESCAPES);
+                    let q =
+                        crate::migration::set_session_states_query(&session.states, no_backslash);
                     self.send(Leg::NewBackend, &q);
                     self.migration = Migration::Import { target };
                 }
@@ -1306,7 +1440,12 @@ impl Session {
                 }
                 _ => {
                     self.migration = Migration::Import { target };
-                    self.fail_migration(now, MigrationFailure::Handshake("unexpected reply to SET SESSION_STATES".into()));
+                    self.fail_migration(
+                        now,
+                        MigrationFailure::Handshake(
+                            "unexpected reply to SET SESSION_STATES".into(),
+                        ),
+                    );
                 }
             },
             other => {
@@ -1318,12 +1457,19 @@ impl Session {
 
     /// The handshake response carrying the session token.
     fn send_token_response(&mut self) {
-        let Migration::Tls { target, session } = std::mem::replace(&mut self.migration, Migration::None) else {
+        let Migration::Tls { target, session } =
+            std::mem::replace(&mut self.migration, Migration::None)
+        else {
             return;
         };
         // Stored at the first handshake; a move needs an established session.
-        let hello = self.hello.as_ref().expect("established session has a handshake response");
-        let mut caps = (self.backend_caps | CapabilityFlags::PLUGIN_AUTH | CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA)
+        let hello = self
+            .hello
+            .as_ref()
+            .expect("established session has a handshake response");
+        let mut caps = (self.backend_caps
+            | CapabilityFlags::PLUGIN_AUTH
+            | CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA)
             - CapabilityFlags::CONNECT_WITH_DB;
         if self.legs[2].compression.is_none() {
             caps -= CapabilityFlags::COMPRESS;
@@ -1433,12 +1579,16 @@ impl Session {
         let _ = now;
         match self.phase {
             Phase::ConnectingBackend | Phase::BackendGreeting | Phase::BackendTls | Phase::Auth => {
-                self.refuse(ProxyError::NoBackend(format!("backend closed the connection during the handshake: {reason}")))
+                self.refuse(ProxyError::NoBackend(format!(
+                    "backend closed the connection during the handshake: {reason}"
+                )))
             }
             Phase::Command if !self.tracker.is_idle() && !self.response_started => {
                 self.close_client_with(ProxyError::BackendLost(reason.to_string()))
             }
-            Phase::Command if !self.held.is_empty() => self.close_client_with(ProxyError::BackendLost(reason.to_string())),
+            Phase::Command if !self.held.is_empty() => {
+                self.close_client_with(ProxyError::BackendLost(reason.to_string()))
+            }
             _ => self.close(SessionError::BackendLost(reason.to_string())),
         }
     }
@@ -1489,7 +1639,9 @@ impl Session {
 
     fn send_error(&mut self, leg: Leg, err: &ProxyError) {
         let mut b = BytesMut::with_capacity(128);
-        if self.client_caps.contains(CapabilityFlags::PROTOCOL_41) || self.phase != Phase::ClientHello {
+        if self.client_caps.contains(CapabilityFlags::PROTOCOL_41)
+            || self.phase != Phase::ClientHello
+        {
             err.write(&mut b);
         } else {
             // Pre-4.1 clients read no SQL state.
@@ -1597,7 +1749,9 @@ fn describe_failure(payload: &[u8]) -> String {
             Ok(e) => format!("{} {}", e.code, e.message_text()),
             Err(e) => e.to_string(),
         },
-        Some(0xfe) => "the backend asked for another auth method (does it support tidb_session_token?)".into(),
+        Some(0xfe) => {
+            "the backend asked for another auth method (does it support tidb_session_token?)".into()
+        }
         _ => "unexpected packet".into(),
     }
 }

@@ -9,8 +9,8 @@ use crate::command::Command;
 use crate::flags::StatusFlags;
 use crate::packet::MAX_PAYLOAD;
 use crate::response::{
-    ERR_HEADER, LOCAL_INFILE_HEADER, OK_HEADER, PrepareOk, is_eof, is_row_terminator, parse_column_count,
-    terminator_status,
+    ERR_HEADER, LOCAL_INFILE_HEADER, OK_HEADER, PrepareOk, is_eof, is_row_terminator,
+    parse_column_count, terminator_status,
 };
 use crate::wire::{Reader, WireError};
 
@@ -188,13 +188,20 @@ impl CommandTracker {
     /// backend: no exchange in progress, no transaction, no open cursor,
     /// no pending long data.
     pub fn at_safe_point(&self) -> bool {
-        self.is_idle() && !self.in_transaction() && self.cursors.is_empty() && self.long_data.is_empty()
+        self.is_idle()
+            && !self.in_transaction()
+            && self.cursors.is_empty()
+            && self.long_data.is_empty()
     }
 
     /// Whether the client may send a packet now (a new command, upload
     /// data, an auth reply, or the rest of a large command).
     pub fn accepts_client_packet(&self) -> bool {
-        self.client_continues || matches!(self.state, State::Idle | State::InfileUpload | State::ChangeUserAuth)
+        self.client_continues
+            || matches!(
+                self.state,
+                State::Idle | State::InfileUpload | State::ChangeUserAuth
+            )
     }
 
     /// How many payload bytes of a client packet of `len` bytes the tracker
@@ -243,7 +250,10 @@ impl CommandTracker {
                 self.client_continues = false;
                 return ClientPacket::Quit;
             }
-            Command::BinlogDump | Command::BinlogDumpGtid | Command::RegisterSlave | Command::TableDump => {
+            Command::BinlogDump
+            | Command::BinlogDumpGtid
+            | Command::RegisterSlave
+            | Command::TableDump => {
                 self.client_continues = false;
                 return ClientPacket::Unsupported(cmd);
             }
@@ -303,7 +313,9 @@ impl CommandTracker {
             return false;
         }
         match self.state {
-            State::Columns { .. } | State::PrepareParams { .. } | State::PrepareColumns { .. } => false,
+            State::Columns { .. } | State::PrepareParams { .. } | State::PrepareColumns { .. } => {
+                false
+            }
             State::Rows | State::FetchRows | State::FieldList => {
                 first == ERR_HEADER || is_row_terminator(first, len, self.deprecate_eof)
             }
@@ -314,7 +326,11 @@ impl CommandTracker {
     /// Feeds a backend packet: its length and the payload bytes asked for
     /// (the whole payload when [`Self::backend_needs_whole`] said so,
     /// otherwise at least the first byte).
-    pub fn on_backend_packet(&mut self, len: usize, payload: &[u8]) -> Result<BackendPacket, TrackError> {
+    pub fn on_backend_packet(
+        &mut self,
+        len: usize,
+        payload: &[u8],
+    ) -> Result<BackendPacket, TrackError> {
         let continues = len == MAX_PAYLOAD;
         if std::mem::replace(&mut self.backend_continues, continues) {
             return Ok(BackendPacket::Progress);
@@ -354,10 +370,14 @@ impl CommandTracker {
                     return Ok(self.finish(false));
                 }
                 if !is_eof(first, len) {
-                    return Err(TrackError::Unexpected("expecting EOF after column definitions"));
+                    return Err(TrackError::Unexpected(
+                        "expecting EOF after column definitions",
+                    ));
                 }
                 let status = terminator_status(payload)?;
-                if status.contains(StatusFlags::CURSOR_EXISTS) && self.command == Some(Command::StmtExecute) {
+                if status.contains(StatusFlags::CURSOR_EXISTS)
+                    && self.command == Some(Command::StmtExecute)
+                {
                     // A cursor was opened: rows come through COM_STMT_FETCH.
                     self.cursors.insert(self.statement);
                     return Ok(self.result_end(status));
@@ -371,7 +391,9 @@ impl CommandTracker {
                 }
                 if is_row_terminator(first, len, self.deprecate_eof) {
                     let status = terminator_status(payload)?;
-                    if status.contains(StatusFlags::CURSOR_EXISTS) && self.command == Some(Command::StmtExecute) {
+                    if status.contains(StatusFlags::CURSOR_EXISTS)
+                        && self.command == Some(Command::StmtExecute)
+                    {
                         self.cursors.insert(self.statement);
                     }
                     return Ok(self.result_end(status));
@@ -384,7 +406,9 @@ impl CommandTracker {
                 }
                 if is_row_terminator(first, len, self.deprecate_eof) {
                     let status = terminator_status(payload)?;
-                    if status.contains(StatusFlags::LAST_ROW_SENT) || !status.contains(StatusFlags::CURSOR_EXISTS) {
+                    if status.contains(StatusFlags::LAST_ROW_SENT)
+                        || !status.contains(StatusFlags::CURSOR_EXISTS)
+                    {
                         self.cursors.remove(&self.statement);
                     }
                     self.status = status - StatusFlags::MORE_RESULTS_EXISTS;
@@ -403,7 +427,10 @@ impl CommandTracker {
             }
             State::PrepareParams { left, columns } => {
                 self.state = if left > 1 {
-                    State::PrepareParams { left: left - 1, columns }
+                    State::PrepareParams {
+                        left: left - 1,
+                        columns,
+                    }
                 } else if self.deprecate_eof {
                     self.prepare_columns(columns)
                 } else {
@@ -413,7 +440,9 @@ impl CommandTracker {
             }
             State::PrepareParamsEof { columns } => {
                 if !is_eof(first, len) {
-                    return Err(TrackError::Unexpected("expecting EOF after parameter definitions"));
+                    return Err(TrackError::Unexpected(
+                        "expecting EOF after parameter definitions",
+                    ));
                 }
                 self.state = self.prepare_columns(columns);
                 Ok(self.progress_or_done())
@@ -430,7 +459,9 @@ impl CommandTracker {
             }
             State::PrepareColumnsEof => {
                 if !is_eof(first, len) {
-                    return Err(TrackError::Unexpected("expecting EOF after column definitions"));
+                    return Err(TrackError::Unexpected(
+                        "expecting EOF after column definitions",
+                    ));
                 }
                 self.state = State::Idle;
                 Ok(self.progress_or_done())
@@ -467,14 +498,19 @@ impl CommandTracker {
                 }
                 ERR_HEADER => Ok(self.finish(false)),
                 0xfe | 0x01 => Ok(BackendPacket::AwaitClient),
-                _ => Err(TrackError::Unexpected("expecting an auth packet after COM_CHANGE_USER")),
+                _ => Err(TrackError::Unexpected(
+                    "expecting an auth packet after COM_CHANGE_USER",
+                )),
             },
         }
     }
 
     fn after_prepare_params(&self, params: u16, columns: u16) -> State {
         if params > 0 {
-            State::PrepareParams { left: params, columns }
+            State::PrepareParams {
+                left: params,
+                columns,
+            }
         } else {
             self.prepare_columns(columns)
         }

@@ -230,7 +230,10 @@ mod tests {
     fn reserved_lenenc_prefix_is_an_error() {
         assert_eq!(
             Reader::new(&[0xff]).lenenc_int("x"),
-            Err(WireError::BadLenEnc { prefix: 0xff, field: "x" })
+            Err(WireError::BadLenEnc {
+                prefix: 0xff,
+                field: "x"
+            })
         );
         assert_eq!(
             Reader::new(&[0xfd, 1]).lenenc_int("x"),

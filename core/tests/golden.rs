@@ -10,6 +10,8 @@
 //! response ends, the next command would be held or misrouted and the
 //! replay would fail.
 
+#![allow(clippy::disallowed_methods)] // tests and benches play the driver: they own the clock
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,7 +45,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 fn load(name: &str) -> Vec<Record> {
@@ -166,7 +171,9 @@ fn replay(name: &str, chunk: usize) -> Replay {
     // The client's handshake response.
     let resp_rec = &records[1];
     assert_eq!(resp_rec.dir, Dir::ToServer);
-    let ClientHello::Response(client_resp) = ClientHello::parse(&resp_rec.bytes[4..]).expect("response parses") else {
+    let ClientHello::Response(client_resp) =
+        ClientHello::parse(&resp_rec.bytes[4..]).expect("response parses")
+    else {
         panic!("{name}: expected a handshake response")
     };
     r.feed(Leg::Client, &resp_rec.bytes, chunk);
@@ -176,7 +183,10 @@ fn replay(name: &str, chunk: usize) -> Replay {
     let sent = r.take(Leg::Backend);
     let mut d = PacketDecoder::default();
     d.extend(&sent);
-    let p = d.next_payload().unwrap().expect("proxy sent a handshake response");
+    let p = d
+        .next_payload()
+        .unwrap()
+        .expect("proxy sent a handshake response");
     assert_eq!(p.seq, 1);
     let ClientHello::Response(proxy_resp) = ClientHello::parse(&p.data).unwrap() else {
         panic!("{name}: proxy sent an SSL request")
@@ -184,7 +194,10 @@ fn replay(name: &str, chunk: usize) -> Replay {
     assert_eq!(proxy_resp.username, client_resp.username);
     assert_eq!(proxy_resp.database, client_resp.database);
     assert_eq!(proxy_resp.attributes, client_resp.attributes);
-    assert_eq!(proxy_resp.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()));
+    assert_eq!(
+        proxy_resp.auth_plugin.as_deref(),
+        Some(plugin::FORCE_SWITCH.as_bytes())
+    );
     let shape = CapabilityFlags::SHAPE;
     assert_eq!(
         proxy_resp.capabilities & shape,
@@ -200,33 +213,62 @@ fn replay(name: &str, chunk: usize) -> Replay {
         assert!(!r.closed, "{ctx}: session closed early");
         match rec.dir {
             Dir::ToServer => {
-                let plain = if rec.compressed { inflate(&rec.bytes) } else { rec.bytes.clone() };
+                let plain = if rec.compressed {
+                    inflate(&rec.bytes)
+                } else {
+                    rec.bytes.clone()
+                };
                 if rec.compressed {
                     // Our decoder of the proxy's frames follows the shared
                     // compressed sequence the client just used.
-                    r.client_framing.as_mut().expect("set above").set_seq(rec.bytes[3].wrapping_add(1));
+                    r.client_framing
+                        .as_mut()
+                        .expect("set above")
+                        .set_seq(rec.bytes[3].wrapping_add(1));
                 }
                 r.feed(Leg::Client, &rec.bytes, chunk);
                 let got = r.take(Leg::Backend);
                 let cmd = plain.get(4).copied().map(Command::from_byte);
                 match cmd {
                     Some(Command::Quit) if plain.len() == 5 => {
-                        assert!(got.is_empty(), "{ctx}: COM_QUIT ends the session at the proxy");
+                        assert!(
+                            got.is_empty(),
+                            "{ctx}: COM_QUIT ends the session at the proxy"
+                        );
                         r.take(Leg::Client);
                         assert!(r.closed, "{ctx}: session closes on COM_QUIT");
                     }
-                    Some(Command::ChangeUser) if r.s.tracker().command() == Some(Command::ChangeUser) => {
-                        let cu = ChangeUser::parse(&got[4..], r.s.client_capabilities()).expect("rewritten");
-                        assert_eq!(cu.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()), "{ctx}");
+                    Some(Command::ChangeUser)
+                        if r.s.tracker().command() == Some(Command::ChangeUser) =>
+                    {
+                        let cu = ChangeUser::parse(&got[4..], r.s.client_capabilities())
+                            .expect("rewritten");
+                        assert_eq!(
+                            cu.auth_plugin.as_deref(),
+                            Some(plugin::FORCE_SWITCH.as_bytes()),
+                            "{ctx}"
+                        );
                     }
-                    _ => assert_eq!(hexs(&got), hexs(&plain), "{ctx}: backend must receive the client's bytes"),
+                    _ => assert_eq!(
+                        hexs(&got),
+                        hexs(&plain),
+                        "{ctx}: backend must receive the client's bytes"
+                    ),
                 }
             }
             Dir::ToClient => {
-                let plain = if rec.compressed { inflate(&rec.bytes) } else { rec.bytes.clone() };
+                let plain = if rec.compressed {
+                    inflate(&rec.bytes)
+                } else {
+                    rec.bytes.clone()
+                };
                 r.feed(Leg::Backend, &plain, chunk);
                 let got = r.take(Leg::Client);
-                assert_eq!(hexs(&got), hexs(&plain), "{ctx}: client must receive the server's bytes");
+                assert_eq!(
+                    hexs(&got),
+                    hexs(&plain),
+                    "{ctx}: client must receive the server's bytes"
+                );
             }
         }
     }
@@ -235,7 +277,11 @@ fn replay(name: &str, chunk: usize) -> Replay {
 
 fn hexs(b: &[u8]) -> String {
     if b.len() > 256 {
-        return format!("{} bytes, crc {:08x}", b.len(), b.iter().fold(0u32, |a, &x| a.rotate_left(5) ^ u32::from(x)));
+        return format!(
+            "{} bytes, crc {:08x}",
+            b.len(),
+            b.iter().fold(0u32, |a, &x| a.rotate_left(5) ^ u32::from(x))
+        );
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -257,7 +303,10 @@ fn every_fixture_replays_byte_for_byte() {
     for name in &names {
         let r = replay(name, usize::MAX);
         if name == "wrong_password.txt" {
-            assert!(r.closed || r.s.is_closed(), "a failed login closes the session");
+            assert!(
+                r.closed || r.s.is_closed(),
+                "a failed login closes the session"
+            );
         } else {
             assert!(r.s.is_established() || r.s.is_closed(), "{name}");
         }
@@ -285,9 +334,16 @@ fn recorded_packets_parse_and_round_trip() {
         if let ClientHello::Response(r) = ClientHello::parse(resp).unwrap() {
             let mut again = BytesMut::new();
             r.write(&mut again);
-            assert_eq!(hexs(&again), hexs(resp), "{name}: handshake response round trip");
+            assert_eq!(
+                hexs(&again),
+                hexs(resp),
+                "{name}: handshake response round trip"
+            );
         }
-        for rec in records.iter().filter(|r| r.dir == Dir::ToClient && !r.compressed) {
+        for rec in records
+            .iter()
+            .filter(|r| r.dir == Dir::ToClient && !r.compressed)
+        {
             let p = &rec.bytes[4..];
             match p.first() {
                 Some(0xff) => {
@@ -317,7 +373,11 @@ fn recorded_packets_parse_and_round_trip() {
 #[test]
 fn wrong_password_error_reaches_the_client() {
     let records = load("wrong_password.txt");
-    let err = records.iter().rev().find(|r| r.dir == Dir::ToClient).unwrap();
+    let err = records
+        .iter()
+        .rev()
+        .find(|r| r.dir == Dir::ToClient)
+        .unwrap();
     let e = ErrPacket::parse(&err.bytes[4..]).unwrap();
     assert_eq!(e.code, 1045);
 }

@@ -1,6 +1,8 @@
 //! Session tests: a scripted client and scripted backends drive one
 //! session in virtual time, in one thread.
 
+#![allow(clippy::disallowed_methods)] // tests and benches play the driver: they own the clock
+
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -27,7 +29,8 @@ const CLIENT_CAPS: CapabilityFlags = CapabilityFlags::LONG_PASSWORD
     .union(CapabilityFlags::MULTI_STATEMENTS)
     .union(CapabilityFlags::LOCAL_FILES);
 
-const TIDB_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(0x051B_A6AF).union(CapabilityFlags::SSL);
+const TIDB_CAPS: CapabilityFlags =
+    CapabilityFlags::from_bits_truncate(0x051B_A6AF).union(CapabilityFlags::SSL);
 
 /// One session with a scripted client and backends.
 struct Harness {
@@ -141,7 +144,10 @@ impl Harness {
             auth_response: Bytes::from(vec![9u8; 20]),
             database: Some(Bytes::from_static(b"shop")),
             auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
-            attributes: vec![(Bytes::from_static(b"_client_name"), Bytes::from_static(b"test"))],
+            attributes: vec![(
+                Bytes::from_static(b"_client_name"),
+                Bytes::from_static(b"test"),
+            )],
             zstd_level: None,
         };
         let mut b = BytesMut::new();
@@ -227,7 +233,11 @@ fn err(code: u16, msg: &str) -> Vec<u8> {
 
 fn eof(status: StatusFlags) -> Vec<u8> {
     let mut b = BytesMut::new();
-    EofPacket { warnings: 0, status }.write(&mut b);
+    EofPacket {
+        warnings: 0,
+        status,
+    }
+    .write(&mut b);
     b.to_vec()
 }
 
@@ -281,8 +291,15 @@ fn greeting_carries_configured_version_and_seeded_salt() {
     assert_eq!(&g.server_version[..], b"8.0.11-TiDB-v7.5.1");
     assert_eq!(g.connection_id, 77);
     assert_eq!(g.auth_data.len(), 20);
-    assert!(g.auth_data.iter().all(|&b| b != 0 && b != b'$' && b.is_ascii_graphic()));
-    assert!(!g.capabilities.contains(CapabilityFlags::SSL), "no TLS configured");
+    assert!(
+        g.auth_data
+            .iter()
+            .all(|&b| b != 0 && b != b'$' && b.is_ascii_graphic())
+    );
+    assert!(
+        !g.capabilities.contains(CapabilityFlags::SSL),
+        "no TLS configured"
+    );
     // The same seed gives the same salt.
     let mut h2 = Harness::new(cfg());
     assert_eq!(h2.greeting().auth_data, g.auth_data);
@@ -303,8 +320,14 @@ fn auth_is_relayed_opaquely_with_a_forced_switch() {
     };
     assert_eq!(&resp.username[..], b"app");
     assert_eq!(resp.database.as_deref(), Some(&b"shop"[..]));
-    assert_eq!(resp.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()));
-    assert!(resp.auth_response.is_empty(), "the proxy never forwards auth data made for its own salt");
+    assert_eq!(
+        resp.auth_plugin.as_deref(),
+        Some(plugin::FORCE_SWITCH.as_bytes())
+    );
+    assert!(
+        resp.auth_response.is_empty(),
+        "the proxy never forwards auth data made for its own salt"
+    );
     assert_eq!(resp.attributes.len(), 1);
     assert!(!resp.capabilities.contains(CapabilityFlags::SSL));
     // Backend switch -> client; client reply -> backend; OK -> client.
@@ -315,7 +338,9 @@ fn auth_is_relayed_opaquely_with_a_forced_switch() {
     h.send(Leg::Backend, 4, &ok(StatusFlags::AUTOCOMMIT));
     assert_eq!(h.recv_one(Leg::Client).seq, 4);
     assert!(h.s.is_established());
-    assert!(h.take_events().contains(&Event::Authenticated { user: Bytes::from_static(b"app") }));
+    assert!(h.take_events().contains(&Event::Authenticated {
+        user: Bytes::from_static(b"app")
+    }));
     assert_eq!(h.s.database(), Some(&b"shop"[..]));
 }
 
@@ -360,12 +385,18 @@ fn wrong_password_error_passes_through_unchanged() {
     h.backend_greeting(Leg::Backend, TIDB_CAPS);
     h.send(Leg::Backend, 2, &switch_request());
     h.send(Leg::Client, 3, &[5u8; 20]);
-    let denied = err(1045, "Access denied for user 'app'@'127.0.0.1' (using password: YES)");
+    let denied = err(
+        1045,
+        "Access denied for user 'app'@'127.0.0.1' (using password: YES)",
+    );
     h.send(Leg::Backend, 4, &denied);
     let c = h.recv(Leg::Client);
     assert_eq!(&c.last().unwrap().data[..], &denied[..]);
     assert!(h.s.is_closed());
-    assert!(matches!(closed_reason(&h.events), Some(SessionError::AuthFailed { code: 1045, .. })));
+    assert!(matches!(
+        closed_reason(&h.events),
+        Some(SessionError::AuthFailed { code: 1045, .. })
+    ));
     assert!(h.actions.contains(&Action::Close));
 }
 
@@ -422,7 +453,11 @@ fn backend_tls_required_but_missing_is_a_clear_error() {
     h.backend_greeting(Leg::Backend, TIDB_CAPS - CapabilityFlags::SSL);
     let e = ErrPacket::parse(&h.recv_one(Leg::Client).data).unwrap();
     assert_eq!(e.code, 3159);
-    assert!(e.message_text().contains("require-backend-tls"), "{}", e.message_text());
+    assert!(
+        e.message_text().contains("require-backend-tls"),
+        "{}",
+        e.message_text()
+    );
     assert!(h.s.is_closed());
 }
 
@@ -438,7 +473,13 @@ fn backend_tls_required_upgrades_after_ssl_request() {
     h.backend_greeting(Leg::Backend, TIDB_CAPS);
     let ssl = h.recv_one(Leg::Backend);
     assert_eq!((ssl.seq, ssl.data.len()), (1, SslRequest::LEN));
-    assert!(h.take_actions().iter().any(|a| matches!(a, Action::StartTls { leg: Leg::Backend, .. })));
+    assert!(h.take_actions().iter().any(|a| matches!(
+        a,
+        Action::StartTls {
+            leg: Leg::Backend,
+            ..
+        }
+    )));
     h.s.handle_tls_established(h.now, Leg::Backend);
     h.pump();
     let resp = h.recv_one(Leg::Backend);
@@ -560,7 +601,11 @@ fn result_set_wire(rows: usize, seq0: u8) -> BytesMut {
     let mut b = BytesMut::new();
     let mut seq = seq0;
     seq = write_packet(&mut b, seq, &[1]);
-    seq = write_packet(&mut b, seq, b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00");
+    seq = write_packet(
+        &mut b,
+        seq,
+        b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00",
+    );
     seq = write_packet(&mut b, seq, &eof(StatusFlags::AUTOCOMMIT));
     for i in 0..rows {
         let v = format!("row-{i}");
@@ -583,7 +628,14 @@ fn result_set_streams_through_unchanged() {
     assert_eq!(out, wire.to_vec(), "forwarded byte for byte");
     h.pump();
     assert!(h.s.tracker().is_idle());
-    assert!(h.events.iter().any(|e| matches!(e, Event::CommandDone { command: Command::Query, ok: true, .. })));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::CommandDone {
+            command: Command::Query,
+            ok: true,
+            ..
+        }
+    )));
 }
 
 proptest! {
@@ -659,7 +711,11 @@ fn client_commands_wait_while_a_response_is_in_flight() {
 #[test]
 fn unsupported_replication_command_is_refused_not_forwarded() {
     let mut h = Harness::established(cfg(), CLIENT_CAPS);
-    h.send(Leg::Client, 0, b"\x12\x04\x00\x00\x00\x00\x00\x01\x00\x00\x00");
+    h.send(
+        Leg::Client,
+        0,
+        b"\x12\x04\x00\x00\x00\x00\x00\x01\x00\x00\x00",
+    );
     assert!(h.recv(Leg::Backend).is_empty());
     let p = h.recv_one(Leg::Client);
     assert_eq!(p.seq, 1);
@@ -683,7 +739,10 @@ fn change_user_is_rewritten_to_force_a_switch() {
     h.send(Leg::Client, 0, &cu);
     let sent = ChangeUser::parse(&h.recv_one(Leg::Backend).data, CLIENT_CAPS).unwrap();
     assert!(sent.auth_response.is_empty());
-    assert_eq!(sent.auth_plugin.as_deref(), Some(plugin::FORCE_SWITCH.as_bytes()));
+    assert_eq!(
+        sent.auth_plugin.as_deref(),
+        Some(plugin::FORCE_SWITCH.as_bytes())
+    );
     h.send(Leg::Backend, 1, &switch_request());
     assert_eq!(h.recv_one(Leg::Client).seq, 1);
     h.send(Leg::Client, 2, &[4u8; 20]);
@@ -709,10 +768,14 @@ fn compressed_client_leg() {
     h.client_response(1, CLIENT_CAPS | CapabilityFlags::COMPRESS);
     h.s.handle_connected(h.now, Leg::Backend);
     h.backend_greeting(Leg::Backend, TIDB_CAPS);
-    let ClientHello::Response(r) = ClientHello::parse(&h.recv_one(Leg::Backend).data).unwrap() else {
+    let ClientHello::Response(r) = ClientHello::parse(&h.recv_one(Leg::Backend).data).unwrap()
+    else {
         panic!()
     };
-    assert!(!r.capabilities.contains(CapabilityFlags::COMPRESS), "backend leg is not compressed by default");
+    assert!(
+        !r.capabilities.contains(CapabilityFlags::COMPRESS),
+        "backend leg is not compressed by default"
+    );
     h.send(Leg::Backend, 2, &ok(StatusFlags::AUTOCOMMIT));
     assert_eq!(h.recv_one(Leg::Client).seq, 2);
     h.client_framing = Some(CompressedFraming::new(Algorithm::Zlib));
@@ -728,7 +791,11 @@ fn compressed_client_leg() {
     assert_eq!(&h.recv_one(Leg::Backend).data[..], sql.as_bytes());
     // The backend answers plain; the client receives compressed frames,
     // continuing the compressed sequence (1).
-    h.client_framing.as_mut().unwrap().decode(&[], &mut BytesMut::new()).unwrap();
+    h.client_framing
+        .as_mut()
+        .unwrap()
+        .decode(&[], &mut BytesMut::new())
+        .unwrap();
     let big = result_set_wire(100, 1);
     h.client_framing = Some({
         let mut f = CompressedFraming::new(Algorithm::Zlib);
@@ -737,7 +804,11 @@ fn compressed_client_leg() {
     });
     h.s.handle_data(h.now, Leg::Backend, &big);
     let compressed_len = h.s.transmit(Leg::Client).len();
-    assert!(compressed_len < big.len() / 2, "{compressed_len} vs {}", big.len());
+    assert!(
+        compressed_len < big.len() / 2,
+        "{compressed_len} vs {}",
+        big.len()
+    );
     h.pump();
     assert_eq!(h.recv(Leg::Client).len(), 104);
 }
@@ -756,12 +827,17 @@ fn export(h: &mut Harness) {
     for (i, p) in states_result(STATES, TOKEN).iter().enumerate() {
         h.send(Leg::Backend, (i + 1) as u8, p);
     }
-    assert!(h.recv(Leg::Client).is_empty(), "the client never sees the exported states");
+    assert!(
+        h.recv(Leg::Client).is_empty(),
+        "the client never sees the exported states"
+    );
 }
 
 fn new_backend_handshake(h: &mut Harness) {
     assert!(
-        h.take_actions().contains(&Action::ConnectNewBackend { target: "tidb-2:4000".into() }),
+        h.take_actions().contains(&Action::ConnectNewBackend {
+            target: "tidb-2:4000".into()
+        }),
         "connect the new backend"
     );
     h.s.handle_connected(h.now, Leg::NewBackend);
@@ -772,10 +848,16 @@ fn new_backend_handshake(h: &mut Harness) {
     let ClientHello::Response(r) = ClientHello::parse(&p.data).unwrap() else {
         panic!()
     };
-    assert_eq!(r.auth_plugin.as_deref(), Some(plugin::TIDB_SESSION_TOKEN.as_bytes()));
+    assert_eq!(
+        r.auth_plugin.as_deref(),
+        Some(plugin::TIDB_SESSION_TOKEN.as_bytes())
+    );
     assert_eq!(&r.auth_response[..], TOKEN);
     assert_eq!(&r.username[..], b"app");
-    assert!(r.capabilities.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA));
+    assert!(
+        r.capabilities
+            .contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA)
+    );
 }
 
 fn full_move(h: &mut Harness) {
@@ -804,8 +886,14 @@ fn idle_session_moves_at_once() {
             _ => None,
         })
         .expect("swap");
-    assert_eq!(&farewell[..], b"\x01\x00\x00\x00\x01", "COM_QUIT to the old backend");
-    assert!(h.take_events().contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+    assert_eq!(
+        &farewell[..],
+        b"\x01\x00\x00\x00\x01",
+        "COM_QUIT to the old backend"
+    );
+    assert!(h.take_events().contains(&Event::Migrated {
+        target: "tidb-2:4000".into()
+    }));
     assert!(h.recv(Leg::Client).is_empty());
     // The next query runs on the new backend (now Leg::Backend).
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
@@ -819,8 +907,14 @@ fn session_in_transaction_moves_after_commit() {
     assert!(!h.s.may_migrate());
     h.s.handle_redirect(h.now, "tidb-2:4000");
     h.pump();
-    assert!(h.recv(Leg::Backend).is_empty(), "nothing happens inside a transaction");
-    h.query_ok("insert into t values (1)", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    assert!(
+        h.recv(Leg::Backend).is_empty(),
+        "nothing happens inside a transaction"
+    );
+    h.query_ok(
+        "insert into t values (1)",
+        StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS,
+    );
     assert!(h.recv(Leg::Backend).is_empty());
     // COMMIT: its OK reaches the client first, then the move begins.
     h.send(Leg::Client, 0, b"\x03commit");
@@ -829,7 +923,9 @@ fn session_in_transaction_moves_after_commit() {
     assert_eq!(h.recv_one(Leg::Client).seq, 1);
     assert!(h.take_events().contains(&Event::SafePoint));
     full_move(&mut h);
-    assert!(h.events.contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+    assert!(h.events.contains(&Event::Migrated {
+        target: "tidb-2:4000".into()
+    }));
 }
 
 #[test]
@@ -858,10 +954,20 @@ fn refused_export_keeps_the_session_on_the_old_backend() {
     h.pump();
     h.send(Leg::Client, 0, b"\x03select 1");
     h.recv_one(Leg::Backend);
-    h.send(Leg::Backend, 1, &err(8146, "cannot migrate the current session: session has temporary tables"));
+    h.send(
+        Leg::Backend,
+        1,
+        &err(
+            8146,
+            "cannot migrate the current session: session has temporary tables",
+        ),
+    );
     assert!(h.take_events().iter().any(|e| matches!(
         e,
-        Event::MigrationFailed { reason: MigrationFailure::StatesRefused { code: 8146, .. }, .. }
+        Event::MigrationFailed {
+            reason: MigrationFailure::StatesRefused { code: 8146, .. },
+            ..
+        }
     )));
     // The held query now goes to the old backend.
     let q = h.recv_one(Leg::Backend);
@@ -880,7 +986,13 @@ fn failed_new_backend_connect_keeps_the_session() {
     h.take_actions();
     h.s.handle_connect_failed(h.now, Leg::NewBackend, "connection refused");
     h.pump();
-    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::Connect(_), .. })));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed {
+            reason: MigrationFailure::Connect(_),
+            ..
+        }
+    )));
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
 }
 
@@ -891,15 +1003,30 @@ fn rejected_token_closes_the_new_leg_and_keeps_the_session() {
     h.pump();
     export(&mut h);
     new_backend_handshake(&mut h);
-    h.send(Leg::NewBackend, 2, &err(1045, "Access denied for user 'app'"));
-    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
-    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::Handshake(_), .. })));
+    h.send(
+        Leg::NewBackend,
+        2,
+        &err(1045, "Access denied for user 'app'"),
+    );
+    assert!(
+        h.take_actions()
+            .contains(&Action::CloseLeg(Leg::NewBackend))
+    );
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed {
+            reason: MigrationFailure::Handshake(_),
+            ..
+        }
+    )));
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
     // A later move can succeed.
     assert!(h.s.handle_redirect(h.now, "tidb-2:4000"));
     h.pump();
     full_move(&mut h);
-    assert!(h.take_events().contains(&Event::Migrated { target: "tidb-2:4000".into() }));
+    assert!(h.take_events().contains(&Event::Migrated {
+        target: "tidb-2:4000".into()
+    }));
 }
 
 #[test]
@@ -912,10 +1039,16 @@ fn rejected_set_session_states_keeps_the_session() {
     h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
     h.recv_one(Leg::NewBackend);
     h.send(Leg::NewBackend, 1, &err(1105, "unknown prepared statement"));
-    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
+    assert!(
+        h.take_actions()
+            .contains(&Action::CloseLeg(Leg::NewBackend))
+    );
     assert!(h.events.iter().any(|e| matches!(
         e,
-        Event::MigrationFailed { reason: MigrationFailure::SetStatesRefused { code: 1105, .. }, .. }
+        Event::MigrationFailed {
+            reason: MigrationFailure::SetStatesRefused { code: 1105, .. },
+            ..
+        }
     )));
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
 }
@@ -948,7 +1081,9 @@ fn old_backend_lost_after_export_still_completes_the_move() {
     h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
     h.recv_one(Leg::NewBackend);
     h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
-    assert!(h.actions.contains(&Action::SwapBackends { farewell: Bytes::new() }));
+    assert!(h.actions.contains(&Action::SwapBackends {
+        farewell: Bytes::new()
+    }));
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
 }
 
@@ -962,8 +1097,17 @@ fn stuck_move_times_out_and_stays() {
     let t = h.s.poll_timeout().expect("migration timer");
     h.s.handle_timeout(t);
     h.pump();
-    assert!(h.take_actions().contains(&Action::CloseLeg(Leg::NewBackend)));
-    assert!(h.events.iter().any(|e| matches!(e, Event::MigrationFailed { reason: MigrationFailure::TimedOut, .. })));
+    assert!(
+        h.take_actions()
+            .contains(&Action::CloseLeg(Leg::NewBackend))
+    );
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed {
+            reason: MigrationFailure::TimedOut,
+            ..
+        }
+    )));
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
 }
 
@@ -986,7 +1130,10 @@ fn open_cursor_and_long_data_block_moves() {
     assert!(!h.s.may_migrate());
     h.s.handle_redirect(h.now, "tidb-2:4000");
     h.pump();
-    assert!(h.recv(Leg::Backend).iter().all(|p| p.data[0] == 0x18), "no SHOW SESSION_STATES yet");
+    assert!(
+        h.recv(Leg::Backend).iter().all(|p| p.data[0] == 0x18),
+        "no SHOW SESSION_STATES yet"
+    );
     // Executing consumes the long data; the move starts after the response.
     h.send(Leg::Client, 0, b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00");
     h.recv(Leg::Backend);

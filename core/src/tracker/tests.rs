@@ -22,7 +22,11 @@ fn ok_terminator(status: StatusFlags) -> Vec<u8> {
 
 fn eof(status: StatusFlags) -> Vec<u8> {
     let mut b = BytesMut::new();
-    EofPacket { warnings: 0, status }.write(&mut b);
+    EofPacket {
+        warnings: 0,
+        status,
+    }
+    .write(&mut b);
     b.to_vec()
 }
 
@@ -39,7 +43,8 @@ fn err() -> Vec<u8> {
 
 fn column_def() -> Vec<u8> {
     // A plausible column definition: catalog "def", then other fields.
-    b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00".to_vec()
+    b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00"
+        .to_vec()
 }
 
 fn row(text: &str) -> Vec<u8> {
@@ -76,7 +81,10 @@ const MORE: BackendPacket = BackendPacket::Progress;
 #[test]
 fn query_ok_and_err() {
     let mut t = tracker(false);
-    assert_eq!(command(&mut t, b"\x03insert into t values (1)"), ClientPacket::Forward);
+    assert_eq!(
+        command(&mut t, b"\x03insert into t values (1)"),
+        ClientPacket::Forward
+    );
     assert!(!t.accepts_client_packet());
     assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE);
     assert!(t.is_idle() && t.at_safe_point());
@@ -176,14 +184,20 @@ fn prepare_execute_fetch_close() {
             assert_eq!(r, MORE);
             assert_eq!(feed(&mut t, &eof(StatusFlags::AUTOCOMMIT)), MORE);
         }
-        assert_eq!(feed(&mut t, &column_def()), if deprecate { DONE } else { MORE });
+        assert_eq!(
+            feed(&mut t, &column_def()),
+            if deprecate { DONE } else { MORE }
+        );
         if !deprecate {
             assert_eq!(feed(&mut t, &eof(StatusFlags::AUTOCOMMIT)), DONE);
         }
         assert!(t.prepared().contains(&7));
 
         // Long data makes the session unsafe to move until executed.
-        assert_eq!(command(&mut t, b"\x18\x07\x00\x00\x00\x00\x00abc"), ClientPacket::ForwardNoResponse);
+        assert_eq!(
+            command(&mut t, b"\x18\x07\x00\x00\x00\x00\x00abc"),
+            ClientPacket::ForwardNoResponse
+        );
         assert!(t.long_data().contains(&7) && !t.at_safe_point());
 
         // Execute with a cursor: the result ends after the column definitions.
@@ -205,11 +219,18 @@ fn prepare_execute_fetch_close() {
         command(&mut t, b"\x1c\x07\x00\x00\x00\x02\x00\x00\x00");
         feed(&mut t, &[0x00, 0x00, 0x01]);
         let end = StatusFlags::AUTOCOMMIT | StatusFlags::LAST_ROW_SENT;
-        let term = if deprecate { ok_terminator(end) } else { eof(end) };
+        let term = if deprecate {
+            ok_terminator(end)
+        } else {
+            eof(end)
+        };
         assert_eq!(feed(&mut t, &term), DONE);
         assert!(t.cursors().is_empty() && t.at_safe_point());
 
-        assert_eq!(command(&mut t, b"\x19\x07\x00\x00\x00"), ClientPacket::ForwardNoResponse);
+        assert_eq!(
+            command(&mut t, b"\x19\x07\x00\x00\x00"),
+            ClientPacket::ForwardNoResponse
+        );
         assert!(t.prepared().is_empty() && t.is_idle());
     }
 }
@@ -264,7 +285,13 @@ fn commands_without_response_and_quit() {
 #[test]
 fn simple_commands() {
     // INIT_DB, PING, RESET_CONNECTION, STMT_RESET, PROCESS_KILL: OK or ERR.
-    for cmd in [&b"\x02test"[..], b"\x0e", b"\x1f", b"\x1a\x01\x00\x00\x00", b"\x0c\x01\x00\x00\x00"] {
+    for cmd in [
+        &b"\x02test"[..],
+        b"\x0e",
+        b"\x1f",
+        b"\x1a\x01\x00\x00\x00",
+        b"\x0c\x01\x00\x00\x00",
+    ] {
         let mut t = tracker(false);
         command(&mut t, cmd);
         assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE, "{cmd:?}");
@@ -316,7 +343,13 @@ fn reset_connection_and_change_user_forget_statements() {
     command(&mut t, b"\x16select 1");
     feed(&mut t, &p);
     assert_eq!(command(&mut t, b"\x11root\x00"), ClientPacket::ChangeUser);
-    assert_eq!(feed(&mut t, b"\xfemysql_native_password\x00abcdefghij0123456789\x00"), BackendPacket::AwaitClient);
+    assert_eq!(
+        feed(
+            &mut t,
+            b"\xfemysql_native_password\x00abcdefghij0123456789\x00"
+        ),
+        BackendPacket::AwaitClient
+    );
     assert!(t.accepts_client_packet());
     assert_eq!(command(&mut t, &[7; 20]), ClientPacket::Forward);
     assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE);
@@ -349,5 +382,8 @@ fn unexpected_backend_packets_are_errors() {
     ));
     let mut t = tracker(false);
     command(&mut t, b"\x03select 1");
-    assert!(matches!(t.on_backend_packet(1, &[0xfc]), Err(TrackError::Malformed(_))));
+    assert!(matches!(
+        t.on_backend_packet(1, &[0xfc]),
+        Err(TrackError::Malformed(_))
+    ));
 }

@@ -1,0 +1,107 @@
+//! Hostile bytes from either peer: every parser returns a typed error or a
+//! value, never panics. The case count comes from `PROPTEST_CASES` (CI runs
+//! a larger bounded budget than the default test run).
+
+#![allow(clippy::disallowed_methods)] // tests and benches play the driver: they own the clock
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tiproxy_core::CapabilityFlags;
+use tiproxy_core::compress::{Algorithm, CompressedFraming};
+use tiproxy_core::handshake::{
+    AuthMoreData, AuthSwitchRequest, ChangeUser, ClientHello, InitialHandshake, client_capabilities,
+};
+use tiproxy_core::migration::StatesReader;
+use tiproxy_core::packet::{PacketDecoder, write_packet};
+use tiproxy_core::proxy_protocol::ProxyHeader;
+use tiproxy_core::response::{EofPacket, ErrPacket, OkPacket, PrepareOk, parse_column_count};
+use tiproxy_core::session::{Leg, Session, SessionConfig};
+use tiproxy_core::tracker::CommandTracker;
+
+fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..512)
+}
+
+proptest! {
+    #[test]
+    fn packet_parsers(b in bytes(), caps in any::<u32>()) {
+        let caps = CapabilityFlags::from_bits_retain(caps);
+        let _ = InitialHandshake::parse(&b);
+        let _ = ClientHello::parse(&b);
+        let _ = client_capabilities(&b);
+        let _ = AuthSwitchRequest::parse(&b);
+        let _ = AuthMoreData::parse(&b);
+        let _ = ChangeUser::parse(&b, caps);
+        let _ = OkPacket::parse(&b, caps);
+        let _ = ErrPacket::parse(&b);
+        let _ = EofPacket::parse(&b);
+        let _ = PrepareOk::parse(&b);
+        let _ = parse_column_count(&b);
+        let _ = ProxyHeader::parse(&b);
+    }
+
+    #[test]
+    fn framing_and_compression(b in bytes(), limit in 0usize..1000) {
+        let mut d = PacketDecoder::with_limit(limit);
+        d.extend(&b);
+        while let Ok(Some(_)) = d.next_payload() {}
+        for alg in [Algorithm::Zlib, Algorithm::Zstd(1)] {
+            let mut f = CompressedFraming::new(alg);
+            f.set_seq(b.get(3).copied().unwrap_or(0));
+            let _ = f.decode(&b, &mut BytesMut::new());
+        }
+    }
+
+    #[test]
+    fn tracker_and_states_reader(packets in proptest::collection::vec(bytes(), 0..12), deprecate in any::<bool>()) {
+        let mut t = CommandTracker::new(deprecate, Default::default());
+        let mut r = StatesReader::new(deprecate);
+        for p in &packets {
+            let _ = r.feed(p);
+            if t.accepts_client_packet() {
+                let n = t.client_prefix_needed(p.len()).min(p.len());
+                let _ = t.on_client_packet(p.len(), &p[..n]);
+            } else {
+                let _ = t.on_backend_packet(p.len(), p);
+            }
+        }
+    }
+
+    /// Whole sessions fed hostile packets on every leg at every stage.
+    #[test]
+    fn sessions(packets in proptest::collection::vec((0u8..3, bytes()), 1..16), seed in any::<u64>()) {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), now, &mut StdRng::seed_from_u64(seed));
+        for (i, (leg, p)) in packets.iter().enumerate() {
+            let leg = [Leg::Client, Leg::Backend, Leg::NewBackend][*leg as usize];
+            if i == 1 {
+                s.handle_connected(now, Leg::Backend);
+            }
+            if i == 3 {
+                let _ = s.handle_redirect(now, "other:4000");
+                s.handle_connected(now, Leg::NewBackend);
+            }
+            // Half the time frame the bytes as packets so they get deeper.
+            if seed % 2 == 0 {
+                let mut w = BytesMut::new();
+                write_packet(&mut w, (i % 4) as u8, p);
+                s.handle_data(now, leg, &w);
+            } else {
+                s.handle_data(now, leg, p);
+            }
+            while s.poll_action().is_some() {}
+            while s.poll_event().is_some() {}
+            for l in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+                let n = s.transmit(l).len();
+                s.advance_transmit(l, n);
+            }
+        }
+        if let Some(t) = s.poll_timeout() {
+            s.handle_timeout(t);
+        }
+    }
+}

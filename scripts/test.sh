@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Installs what the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo test --workspace --all-targets
+cargo test --workspace --doc
