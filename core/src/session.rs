@@ -165,6 +165,16 @@ pub enum Event {
         /// User name.
         user: Bytes,
     },
+    /// A backend greeted the proxy: what it is and what it supports. The
+    /// driver uses it to greet later clients like its backends would.
+    BackendGreeting {
+        /// Server version string.
+        server_version: Bytes,
+        /// Capabilities.
+        capabilities: CapabilityFlags,
+        /// Default collation.
+        charset: u8,
+    },
     /// A command finished.
     CommandDone {
         /// The command.
@@ -1132,6 +1142,11 @@ impl Session {
                 return self.refuse(ProxyError::BackendProtocol(format!("bad greeting: {e}")));
             }
         };
+        self.events.push_back(Event::BackendGreeting {
+            server_version: greeting.server_version.clone(),
+            capabilities: greeting.capabilities,
+            charset: greeting.charset,
+        });
         let missing = (self.client_caps & CapabilityFlags::SHAPE) - greeting.capabilities;
         if !missing.is_empty() {
             return self.refuse(ProxyError::Incompatible(format!(

@@ -1,1 +1,26 @@
+//! tiproxy-runtime: drives [`tiproxy_core`] sessions over real (or
+//! simulated) sockets, and ships the `tiproxy` and `tiproxyctl` binaries.
+//!
+//! The runtime is generic over the network ([`net::Network`]) so the
+//! simulation runs this same code over turmoil. Time comes from tokio's
+//! clock, which turmoil drives in simulation.
 
+pub mod api;
+pub mod config;
+pub mod conn;
+pub mod logging;
+pub mod metrics;
+pub mod net;
+pub mod proxy;
+pub mod router;
+pub mod tls;
+
+pub use proxy::{Proxy, StartError, start, start_on};
+
+/// `<version> (git <hash>)` of this build.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TIPROXY_GIT_HASH"),
+    ")"
+);

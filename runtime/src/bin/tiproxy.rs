@@ -1,0 +1,75 @@
+//! `tiproxy`: the proxy server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tiproxy_runtime::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "tiproxy", version = tiproxy_runtime::VERSION, about = "MySQL-protocol proxy for TiDB that keeps connections alive across TiDB restarts")]
+struct Args {
+    /// Configuration file (TiProxy's proxy.toml format).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (config, warnings) = match &args.config {
+        Some(p) => match Config::load(p) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("tiproxy: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => (Config::default(), Vec::new()),
+    };
+    if let Err(e) = tiproxy_runtime::logging::init(&config.log) {
+        eprintln!("tiproxy: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tiproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let proxy = match tiproxy_runtime::start(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                eprintln!("tiproxy: cannot start: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        wait_for_signal().await;
+        proxy.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully"),
+    }
+}

@@ -1,0 +1,592 @@
+//! The configuration file: TiProxy's format and defaults (so an existing
+//! `proxy.toml` works unchanged), plus `proxy.backend-addrs` for running
+//! without PD. Every key is defined once, here, with its default.
+//!
+//! Unknown keys produce warnings; a bad value stops start-up with an error
+//! that names the file and the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    /// The file the value came from.
+    pub file: String,
+    /// The key (dotted path), or "-" when the file itself is unreadable.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct Config {
+    /// SQL listener, backends, connection handling.
+    pub proxy: ProxyConfig,
+    /// HTTP API listener.
+    pub api: ApiConfig,
+    /// TLS on every leg.
+    pub security: SecurityConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Balancing (read for compatibility; the policy in this build is
+    /// least-connections, see the README).
+    pub balance: BalanceConfig,
+    /// Labels of this proxy instance (e.g. `zone`).
+    pub labels: BTreeMap<String, String>,
+    /// Working directory for generated files (auto-certs).
+    pub workdir: String,
+    /// TiProxy's traffic replay switch (accepted, not implemented).
+    pub enable_traffic_replay: bool,
+    /// TiProxy's virtual IP failover (accepted, not implemented).
+    pub ha: toml::Table,
+    /// TiProxy's metering section (accepted, not implemented).
+    pub metering: toml::Table,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct ProxyConfig {
+    /// SQL listen address(es), comma separated.
+    pub addr: String,
+    /// Address advertised to PD and clients.
+    pub advertise_addr: String,
+    /// PD endpoints, comma separated; empty for static backends. When unset
+    /// and `backend-addrs` is given, static backends are used; when both
+    /// are unset, TiProxy's default `127.0.0.1:2379`.
+    pub pd_addrs: Option<String>,
+    /// Static backend list (`host:port`), used when `pd-addrs` is empty.
+    pub backend_addrs: Vec<String>,
+    /// TiProxy's port range (accepted, not implemented).
+    pub port_range: Vec<u16>,
+    /// Maximum client connections; 0 means unlimited.
+    pub max_connections: u64,
+    /// TiProxy's memory-based rejection threshold (accepted, not implemented).
+    pub high_memory_usage_reject_threshold: f64,
+    /// Largest amount of bytes buffered towards a slow peer before the
+    /// proxy stops reading the other side; 0 means 32 KiB. 1 KiB to 16 MiB.
+    pub conn_buffer_size: i64,
+    /// Keepalive on client connections.
+    pub frontend_keepalive: Keepalive,
+    /// Keepalive on connections to healthy backends.
+    pub backend_healthy_keepalive: Keepalive,
+    /// Keepalive on connections to unhealthy backends.
+    pub backend_unhealthy_keepalive: Keepalive,
+    /// `"v2"`: accept a PROXY v2 header from a load balancer and write one
+    /// to backends; `""`: off.
+    pub proxy_protocol: String,
+    /// Seconds to report unhealthy before shutting down.
+    pub graceful_wait_before_shutdown: u64,
+    /// Seconds to wait for sessions to reach a transaction boundary on shutdown.
+    pub graceful_close_conn_timeout: u64,
+    /// TiProxy's public endpoints (accepted, not implemented).
+    pub public_endpoints: Vec<String>,
+    /// TiProxy's multi-cluster list (accepted, not implemented).
+    pub backend_clusters: Vec<toml::Table>,
+    /// TiProxy's failover list (accepted, not implemented).
+    pub fail_backend_list: Vec<String>,
+    /// TiProxy's failover timeout (accepted, not implemented).
+    pub failover_timeout: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:6000".into(),
+            advertise_addr: String::new(),
+            pd_addrs: None,
+            backend_addrs: Vec::new(),
+            port_range: Vec::new(),
+            max_connections: 0,
+            high_memory_usage_reject_threshold: 0.9,
+            conn_buffer_size: 0,
+            frontend_keepalive: Keepalive::default(),
+            backend_healthy_keepalive: Keepalive {
+                enabled: true,
+                idle: 60,
+                cnt: 5,
+                intvl: 3,
+                timeout: 15,
+            },
+            backend_unhealthy_keepalive: Keepalive {
+                enabled: true,
+                idle: 10,
+                cnt: 5,
+                intvl: 1,
+                timeout: 5,
+            },
+            proxy_protocol: String::new(),
+            graceful_wait_before_shutdown: 0,
+            graceful_close_conn_timeout: 15,
+            public_endpoints: Vec::new(),
+            backend_clusters: Vec::new(),
+            fail_backend_list: Vec::new(),
+            failover_timeout: 60,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// PD endpoints in effect (empty: static backends).
+    pub fn effective_pd_addrs(&self) -> Vec<String> {
+        let raw = match &self.pd_addrs {
+            Some(s) => s.as_str(),
+            None if !self.backend_addrs.is_empty() => "",
+            None => "127.0.0.1:2379",
+        };
+        split_list(raw)
+    }
+
+    /// Buffer limit in bytes.
+    pub fn buffer_limit(&self) -> usize {
+        if self.conn_buffer_size == 0 {
+            32 * 1024
+        } else {
+            self.conn_buffer_size as usize
+        }
+    }
+}
+
+/// TCP keepalive settings (seconds).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct Keepalive {
+    /// Whether keepalive is on.
+    pub enabled: bool,
+    /// Idle time before the first probe; 0 = system default.
+    pub idle: u64,
+    /// Probes before giving up; 0 = system default.
+    pub cnt: u32,
+    /// Interval between probes; 0 = system default.
+    pub intvl: u64,
+    /// TCP user timeout; 0 = system default.
+    pub timeout: u64,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            idle: 0,
+            cnt: 0,
+            intvl: 0,
+            timeout: 0,
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct ApiConfig {
+    /// HTTP listen address.
+    pub addr: String,
+    /// `"v2"` to accept PROXY headers on the API port.
+    pub proxy_protocol: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:3080".into(),
+            proxy_protocol: String::new(),
+        }
+    }
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct SecurityConfig {
+    /// TLS for clients on the SQL port.
+    pub server_tls: TlsConfig,
+    /// TLS for the HTTP API (not implemented in this build).
+    pub server_http_tls: TlsConfig,
+    /// TLS towards PD and TiDB status ports.
+    pub cluster_tls: TlsConfig,
+    /// TLS towards TiDB SQL ports.
+    pub sql_tls: TlsConfig,
+    /// Refuse backends without TLS.
+    pub require_backend_tls: bool,
+    /// TiProxy's encryption key (accepted, not implemented).
+    pub encryption_key_path: String,
+}
+
+/// One TLS object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
+    /// CA bundle (PEM): on servers, client certificates are required and
+    /// verified; on clients, the peer is verified against it.
+    pub ca: String,
+    /// Lowest TLS version: "1.2" or "1.3".
+    pub min_tls_version: String,
+    /// Allowed client certificate common names (not implemented).
+    pub cert_allowed_cn: Vec<String>,
+    /// Generate a self-signed certificate at start.
+    pub auto_certs: bool,
+    /// Key size for auto-certs (auto-certs use ECDSA P-256 here; accepted).
+    pub rsa_key_size: u32,
+    /// Lifetime of auto-certs (accepted).
+    pub autocert_expire_duration: String,
+    /// Client side: skip verifying the peer's certificate.
+    pub skip_ca: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: String::new(),
+            key: String::new(),
+            ca: String::new(),
+            min_tls_version: "1.2".into(),
+            cert_allowed_cn: Vec::new(),
+            auto_certs: false,
+            rsa_key_size: 0,
+            autocert_expire_duration: String::new(),
+            skip_ca: false,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Server side: whether TLS is offered.
+    pub fn server_enabled(&self) -> bool {
+        self.auto_certs || !self.cert.is_empty()
+    }
+
+    /// Client side: whether TLS is configured at all.
+    pub fn client_enabled(&self) -> bool {
+        self.skip_ca || !self.ca.is_empty() || !self.cert.is_empty()
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct LogConfig {
+    /// `debug`, `info`, `warn`, `error`.
+    pub level: String,
+    /// `tidb`, `json` or `console`.
+    pub encoder: String,
+    /// TiProxy's simple mode (accepted).
+    pub simple: bool,
+    /// Log file.
+    pub log_file: LogFile,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            encoder: "tidb".into(),
+            simple: false,
+            log_file: LogFile::default(),
+        }
+    }
+}
+
+/// `[log.log-file]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct LogFile {
+    /// File to log to; empty logs to stderr.
+    pub filename: String,
+    /// Rotate at this size in MB (rotation is not implemented in this build).
+    pub max_size: u64,
+    /// Days to keep rotated files.
+    pub max_days: u64,
+    /// Rotated files to keep.
+    pub max_backups: u64,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            filename: String::new(),
+            max_size: 300,
+            max_days: 3,
+            max_backups: 3,
+        }
+    }
+}
+
+/// `[balance]`, read so TiProxy files load; this build balances by
+/// connection count only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct BalanceConfig {
+    /// Label used to match backends to this proxy.
+    pub label_name: String,
+    /// Routing rule.
+    pub routing_rule: String,
+    /// `resource`, `location` or `connection`.
+    pub policy: String,
+    /// `prefer-idle` or `random`.
+    pub routing_policy: String,
+    /// Per-factor settings (`status`, `health`, `memory`, `cpu`,
+    /// `location`, `conn-count`).
+    #[serde(flatten)]
+    pub factors: BTreeMap<String, toml::Value>,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            label_name: String::new(),
+            routing_rule: String::new(),
+            policy: "resource".into(),
+            routing_policy: "prefer-idle".into(),
+            factors: BTreeMap::new(),
+        }
+    }
+}
+
+/// Splits a comma-separated list, trimming blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl Config {
+    /// Parses and validates a configuration. Returns the warnings (unknown
+    /// keys, accepted-but-unimplemented keys) beside it.
+    pub fn from_toml(text: &str, file: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let file_name = file.display().to_string();
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            file: file_name.clone(),
+            key: "-".into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let cfg: Config = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+            .map_err(|e| ConfigError {
+                file: file_name.clone(),
+                key: "-".into(),
+                message: e.to_string().trim().replace('\n', " "),
+            })?;
+        let mut warnings: Vec<String> = unknown
+            .into_iter()
+            .map(|k| format!("{file_name}: unknown key {k} is ignored"))
+            .collect();
+        cfg.validate(&file_name, &mut warnings)?;
+        Ok((cfg, warnings))
+    }
+
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            key: "-".into(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    fn validate(&self, file: &str, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let addrs = split_list(&self.proxy.addr);
+        if addrs.is_empty() {
+            return Err(err(
+                "proxy.addr",
+                "must name at least one host:port to listen on".into(),
+            ));
+        }
+        for a in &addrs {
+            check_host_port(a).map_err(|m| err("proxy.addr", m))?;
+        }
+        check_host_port(&self.api.addr).map_err(|m| err("api.addr", m))?;
+        for a in &self.proxy.backend_addrs {
+            check_host_port(a).map_err(|m| err("proxy.backend-addrs", m))?;
+        }
+        for a in self.proxy.effective_pd_addrs() {
+            let hp = a
+                .trim_start_matches("http://")
+                .trim_start_matches("https://");
+            check_host_port(hp).map_err(|m| err("proxy.pd-addrs", m))?;
+        }
+        for (key, v) in [
+            ("proxy.proxy-protocol", &self.proxy.proxy_protocol),
+            ("api.proxy-protocol", &self.api.proxy_protocol),
+        ] {
+            if !v.is_empty() && v != "v2" {
+                return Err(err(
+                    key,
+                    format!("\"{v}\" is not supported; use \"v2\" or \"\""),
+                ));
+            }
+        }
+        let b = self.proxy.conn_buffer_size;
+        if b != 0 && !(1024..=16 * 1024 * 1024).contains(&b) {
+            return Err(err(
+                "proxy.conn-buffer-size",
+                format!("{b} is out of range; use 0 (32 KiB) or 1024 to 16777216"),
+            ));
+        }
+        if !["debug", "info", "warn", "error", "fatal", "trace"]
+            .contains(&self.log.level.to_lowercase().as_str())
+        {
+            return Err(err(
+                "log.level",
+                format!(
+                    "\"{}\" is not one of debug, info, warn, error",
+                    self.log.level
+                ),
+            ));
+        }
+        if !["tidb", "json", "console"].contains(&self.log.encoder.as_str()) {
+            return Err(err(
+                "log.encoder",
+                format!("\"{}\" is not one of tidb, json, console", self.log.encoder),
+            ));
+        }
+        for (key, t) in [
+            ("security.server-tls", &self.security.server_tls),
+            ("security.server-http-tls", &self.security.server_http_tls),
+            ("security.cluster-tls", &self.security.cluster_tls),
+            ("security.sql-tls", &self.security.sql_tls),
+        ] {
+            if t.cert.is_empty() != t.key.is_empty() {
+                return Err(err(key, "cert and key must be given together".into()));
+            }
+            if !["1.2", "1.3", "1.0", "1.1", ""].contains(&t.min_tls_version.as_str()) {
+                return Err(err(
+                    &format!("{key}.min-tls-version"),
+                    format!("\"{}\" is not one of 1.2, 1.3", t.min_tls_version),
+                ));
+            }
+            for (f, path) in [("cert", &t.cert), ("key", &t.key), ("ca", &t.ca)] {
+                if !path.is_empty() && !Path::new(path).exists() {
+                    return Err(err(
+                        &format!("{key}.{f}"),
+                        format!("file {path} does not exist"),
+                    ));
+                }
+            }
+        }
+        if self.security.server_http_tls.server_enabled() {
+            warnings.push(format!(
+                "{file}: security.server-http-tls is not implemented; the API serves plain HTTP"
+            ));
+        }
+        if !self.proxy.port_range.is_empty() {
+            warnings.push(format!(
+                "{file}: proxy.port-range is not implemented and is ignored"
+            ));
+        }
+        if !self.proxy.backend_clusters.is_empty() {
+            warnings.push(format!(
+                "{file}: proxy.backend-clusters is not implemented and is ignored"
+            ));
+        }
+        if !self.ha.is_empty() {
+            warnings.push(format!("{file}: [ha] is not implemented and is ignored"));
+        }
+        Ok(())
+    }
+
+    /// The working directory (for auto-certs).
+    pub fn workdir(&self) -> PathBuf {
+        if self.workdir.is_empty() {
+            std::env::temp_dir().join("tiproxy-work")
+        } else {
+            PathBuf::from(&self.workdir)
+        }
+    }
+}
+
+/// Checks `host:port` syntax (a resolvable name is checked at use).
+fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("\"{s}\" is not host:port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        Config::from_toml(text, Path::new("proxy.toml"))
+    }
+
+    #[test]
+    fn defaults_match_tiproxy() {
+        let (c, w) = parse("").unwrap();
+        assert!(w.is_empty());
+        assert_eq!(c.proxy.addr, "0.0.0.0:6000");
+        assert_eq!(c.api.addr, "0.0.0.0:3080");
+        assert_eq!(c.proxy.graceful_close_conn_timeout, 15);
+        assert_eq!(
+            c.proxy.effective_pd_addrs(),
+            vec!["127.0.0.1:2379".to_string()]
+        );
+        assert_eq!(c.proxy.buffer_limit(), 32 * 1024);
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.security.server_tls.min_tls_version, "1.2");
+    }
+
+    #[test]
+    fn backend_addrs_without_pd_mean_static() {
+        let (c, _) = parse("[proxy]\nbackend-addrs = [\"127.0.0.1:4000\"]\n").unwrap();
+        assert!(c.proxy.effective_pd_addrs().is_empty());
+        let (c, _) = parse("[proxy]\npd-addrs = \"\"\n").unwrap();
+        assert!(c.proxy.effective_pd_addrs().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_warn() {
+        let (_, w) = parse("foo = 1\n[proxy]\nadr = \"x\"\n").unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[1].contains("proxy.adr"), "{w:?}");
+    }
+
+    #[test]
+    fn bad_values_name_file_and_key() {
+        let e = parse("[proxy]\nmax-connections = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("proxy.toml"), "{e}");
+        assert!(e.to_string().contains("max-connections"), "{e}");
+        let e = parse("[proxy]\nproxy-protocol = \"v1\"\n").unwrap_err();
+        assert_eq!(e.key, "proxy.proxy-protocol");
+        let e = parse("[proxy]\nconn-buffer-size = 10\n").unwrap_err();
+        assert_eq!(e.key, "proxy.conn-buffer-size");
+        let e = parse("[proxy]\nbackend-addrs = [\"nohost\"]\n").unwrap_err();
+        assert_eq!(e.key, "proxy.backend-addrs");
+        let e = parse(
+            "[security.server-tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "security.server-tls.cert");
+        let e = parse("[log]\nlevel = \"loud\"\n").unwrap_err();
+        assert_eq!(e.key, "log.level");
+    }
+
+    #[test]
+    fn shipped_config_loads_without_warnings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/proxy.toml");
+        let (_, w) = Config::load(&path).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+    }
+}

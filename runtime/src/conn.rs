@@ -1,0 +1,757 @@
+//! One client connection: a task that drives a core [`Session`].
+//!
+//! The driver is mechanical: it moves bytes between sockets and the
+//! session, carries out the session's actions (dial, TLS upgrade, swap,
+//! close), arms the one timer the session asks for, and reports events to
+//! metrics, logs and the router. It reads into a per-thread scratch buffer,
+//! so an idle connection owns no read buffer at all.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tiproxy_core::error::{ProxyError, SessionError};
+use tiproxy_core::proxy_protocol::ProxyHeader;
+use tiproxy_core::session::{Action, Event, Leg, Session, SessionConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, info, warn};
+
+use crate::metrics::metrics;
+use crate::net::{Network, Prefixed};
+use crate::router::{BackendProfile, Lease, Router};
+use crate::tls;
+
+/// An operator's or the router's request to a connection.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Move to this backend at the next safe point.
+    Redirect(String),
+    /// Close at the next safe point (graceful shutdown).
+    CloseAtSafePoint,
+    /// Close now.
+    Close(&'static str),
+}
+
+/// What every connection shares.
+pub struct Shared<N: Network> {
+    /// The network.
+    pub net: N,
+    /// Backends.
+    pub router: Arc<Router>,
+    /// TLS towards clients.
+    pub server_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS towards backends.
+    pub backend_tls: Option<tokio_rustls::TlsConnector>,
+    /// `security.require-backend-tls`.
+    pub require_backend_tls: bool,
+    /// Accept and write PROXY v2 headers.
+    pub proxy_protocol: bool,
+    /// Bytes buffered towards a slow peer before reading pauses.
+    pub buffer_limit: usize,
+    /// Dial timeout.
+    pub dial_timeout: Duration,
+    /// Time allowed for the client handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl<N: Network> std::fmt::Debug for Shared<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("server_tls", &self.server_tls.is_some())
+            .field("backend_tls", &self.backend_tls.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    /// Reads land here and go straight into the session: connections own
+    /// no read buffers.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
+}
+
+/// A socket, possibly upgraded to TLS.
+enum Io<S> {
+    Plain(S),
+    ServerTls(Box<tokio_rustls::server::TlsStream<Prefixed<S>>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<S>>),
+    /// Moved into a TLS handshake in progress.
+    Upgrading,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Upgrading => Poll::Pending,
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Upgrading => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Plain(_) => Poll::Ready(Ok(())),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Upgrading => Poll::Pending,
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Io::Plain(s) => s.shutdown().await,
+            Io::ServerTls(s) => s.shutdown().await,
+            Io::ClientTls(s) => s.shutdown().await,
+            Io::Upgrading => Ok(()),
+        };
+    }
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The one asynchronous operation a connection may have in flight.
+enum Op<S> {
+    Connect {
+        leg: Leg,
+        fut: BoxFut<Result<(S, Lease), String>>,
+    },
+    AcceptTls(BoxFut<io::Result<tokio_rustls::server::TlsStream<Prefixed<S>>>>),
+    ConnectTls {
+        leg: Leg,
+        fut: BoxFut<io::Result<tokio_rustls::client::TlsStream<S>>>,
+    },
+}
+
+struct Driver<N: Network> {
+    shared: Arc<Shared<N>>,
+    session: Session,
+    client: Io<N::Stream>,
+    backend: Option<Io<N::Stream>>,
+    new_backend: Option<Io<N::Stream>>,
+    lease: Option<Lease>,
+    new_lease: Option<Lease>,
+    op: Option<Op<N::Stream>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    ctl: mpsc::UnboundedReceiver<Control>,
+    conn_id: u32,
+    peer: SocketAddr,
+    closing: bool,
+}
+
+/// Serves one accepted client connection to its end.
+pub async fn serve<N: Network>(
+    shared: Arc<Shared<N>>,
+    stream: N::Stream,
+    peer: SocketAddr,
+    conn_id: u32,
+    ctl: mpsc::UnboundedReceiver<Control>,
+) {
+    let local = shared.net.local_addr(&stream);
+    let (stream, early, source) = if shared.proxy_protocol {
+        match read_proxy_header(stream, shared.handshake_timeout).await {
+            Ok((s, header, rest)) => {
+                let src = match header {
+                    ProxyHeader::Proxy { source, .. } => source,
+                    ProxyHeader::Local => peer,
+                };
+                (s, rest, src)
+            }
+            Err(e) => {
+                info!(conn_id, %peer, "closing connection: bad PROXY protocol header: {e}");
+                metrics()
+                    .disconnection
+                    .with_label_values(&["client handshake fail"])
+                    .inc();
+                return;
+            }
+        }
+    } else {
+        (stream, Bytes::new(), peer)
+    };
+    let profile = shared.router.profile();
+    let cfg = session_config(&shared, conn_id, &profile, source, local);
+    let now = Instant::now().into_std();
+    let session = Session::new(cfg, now, &mut rand::rng());
+    let mut d = Driver {
+        shared,
+        session,
+        client: Io::Plain(stream),
+        backend: None,
+        new_backend: None,
+        lease: None,
+        new_lease: None,
+        op: None,
+        timer: None,
+        ctl,
+        conn_id,
+        peer: source,
+        closing: false,
+    };
+    if !early.is_empty() {
+        d.session.handle_data(now, Leg::Client, &early);
+    }
+    d.run().await;
+}
+
+fn session_config<N: Network>(
+    shared: &Shared<N>,
+    conn_id: u32,
+    profile: &BackendProfile,
+    source: SocketAddr,
+    local: Option<SocketAddr>,
+) -> SessionConfig {
+    use tiproxy_core::CapabilityFlags as C;
+    // Greet clients with what the backends support; compression and TLS are
+    // terminated by the proxy, so they depend on the proxy alone.
+    let mut caps = (profile.capabilities | C::PER_LEG | C::LONG_PASSWORD) & C::PROXY_SUPPORTED;
+    if shared.server_tls.is_none() {
+        caps -= C::SSL;
+    }
+    let backend_tls = if shared.require_backend_tls {
+        tiproxy_core::session::BackendTls::Required
+    } else if shared.backend_tls.is_some() {
+        tiproxy_core::session::BackendTls::MatchClient
+    } else {
+        tiproxy_core::session::BackendTls::Off
+    };
+    SessionConfig {
+        connection_id: conn_id,
+        server_version: profile.server_version.clone(),
+        capabilities: caps,
+        charset: profile.charset,
+        server_tls: shared.server_tls.is_some(),
+        backend_tls,
+        proxy_header: match (shared.proxy_protocol, local) {
+            (true, Some(destination)) => Some(ProxyHeader::Proxy {
+                source,
+                destination,
+            }),
+            _ => None,
+        },
+        handshake_timeout: shared.handshake_timeout,
+        ..SessionConfig::default()
+    }
+}
+
+/// Reads a PROXY v2 header that must open the stream.
+async fn read_proxy_header<S: AsyncRead + Unpin>(
+    mut s: S,
+    limit: Duration,
+) -> Result<(S, ProxyHeader, Bytes), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(64);
+    let deadline = Instant::now() + limit;
+    loop {
+        match ProxyHeader::parse(&buf).map_err(|e| e.to_string())? {
+            Some((h, n)) => return Ok((s, h, Bytes::copy_from_slice(&buf[n..]))),
+            None => {
+                let mut chunk = [0u8; 256];
+                let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                    .await
+                    .map_err(|_| "no PROXY header before the handshake timeout".to_string())?
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("connection closed before the PROXY header ended".into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// What woke the driver.
+enum Wake {
+    Progress,
+}
+
+impl<N: Network> Driver<N> {
+    async fn run(mut self) {
+        loop {
+            self.apply_outputs();
+            if self.closing {
+                break;
+            }
+            let Wake::Progress = poll_fn(|cx| self.poll_io(cx)).await;
+        }
+        self.finish().await;
+    }
+
+    /// Carries out actions and reports events.
+    fn apply_outputs(&mut self) {
+        while let Some(a) = self.session.poll_action() {
+            match a {
+                Action::ConnectBackend => self.start_connect(Leg::Backend, None),
+                Action::ConnectNewBackend { target } => {
+                    self.start_connect(Leg::NewBackend, Some(target))
+                }
+                Action::StartTls { leg, early_data } => self.start_tls(leg, early_data),
+                Action::CloseLeg(Leg::NewBackend) => {
+                    self.new_backend = None;
+                    self.new_lease = None;
+                    if matches!(
+                        self.op,
+                        Some(Op::Connect {
+                            leg: Leg::NewBackend,
+                            ..
+                        }) | Some(Op::ConnectTls {
+                            leg: Leg::NewBackend,
+                            ..
+                        })
+                    ) {
+                        self.op = None;
+                    }
+                }
+                Action::CloseLeg(_) => {}
+                Action::SwapBackends { farewell } => {
+                    let old = std::mem::replace(&mut self.backend, self.new_backend.take());
+                    self.lease = self.new_lease.take();
+                    if let Some(mut old) = old {
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                if !farewell.is_empty() {
+                                    let _ = write_all(&mut old, &farewell).await;
+                                }
+                                old.shutdown().await;
+                            })
+                            .await;
+                        });
+                    }
+                }
+                Action::Close => self.closing = true,
+            }
+        }
+        while let Some(e) = self.session.poll_event() {
+            self.on_event(e);
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        let conn_id = self.conn_id;
+        match e {
+            Event::CommandDone {
+                command, elapsed, ..
+            } => metrics().query(command, elapsed.as_secs_f64()),
+            Event::BackendGreeting {
+                server_version,
+                capabilities,
+                charset,
+            } => {
+                if !self.shared.router.has_profile() {
+                    self.shared.router.set_profile(BackendProfile {
+                        server_version,
+                        capabilities,
+                        charset,
+                    });
+                }
+            }
+            Event::Authenticated { user } => {
+                debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
+            }
+            Event::SafePoint | Event::MigrationStarted { .. } => {}
+            Event::Migrated { target } => {
+                let from = self
+                    .lease
+                    .as_ref()
+                    .map(|l| l.backend().addr.clone())
+                    .unwrap_or_default();
+                metrics()
+                    .migrate
+                    .with_label_values(&[&from, &target, "", "succeed"])
+                    .inc();
+                debug!(conn_id, to = %target, "session moved");
+            }
+            Event::MigrationFailed { target, reason } => {
+                let from = self
+                    .lease
+                    .as_ref()
+                    .map(|l| l.backend().addr.clone())
+                    .unwrap_or_default();
+                metrics()
+                    .migrate
+                    .with_label_values(&[&from, &target, "", "fail"])
+                    .inc();
+                info!(conn_id, to = %target, "session move failed, staying: {reason}");
+            }
+            Event::Closed { reason } => {
+                let backend = self
+                    .lease
+                    .as_ref()
+                    .map(|l| l.backend().addr.as_str())
+                    .unwrap_or("-");
+                let kind = match &reason {
+                    SessionError::ClientQuit => "success",
+                    SessionError::ClientClosed => "client network break",
+                    SessionError::ClientProtocol(_) => "malformed packet",
+                    SessionError::Refused(ProxyError::NoBackend(_)) => "get backend fail",
+                    SessionError::Refused(ProxyError::HandshakeTimeout(_)) => {
+                        "client handshake fail"
+                    }
+                    SessionError::Refused(_) => "proxy error",
+                    SessionError::AuthFailed { .. } => "auth fail",
+                    SessionError::BackendLost(_) => "backend network break",
+                    SessionError::BackendProtocol(_) => "backend handshake fail",
+                    SessionError::Closed(_) => "proxy shutdown",
+                };
+                metrics().disconnection.with_label_values(&[kind]).inc();
+                match &reason {
+                    SessionError::ClientQuit
+                    | SessionError::ClientClosed
+                    | SessionError::Closed(_) => {
+                        debug!(conn_id, peer = %self.peer, backend, "connection closed: {reason}")
+                    }
+                    SessionError::AuthFailed { .. } => {
+                        debug!(conn_id, peer = %self.peer, backend, "{reason}")
+                    }
+                    SessionError::Refused(ProxyError::NoBackend(_))
+                    | SessionError::BackendLost(_) => {
+                        warn!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
+                    }
+                    _ => info!(conn_id, peer = %self.peer, backend, "connection failed: {reason}"),
+                }
+            }
+        }
+    }
+
+    fn start_connect(&mut self, leg: Leg, target: Option<String>) {
+        let shared = self.shared.clone();
+        let fut = async move {
+            let mut tried: Vec<String> = Vec::new();
+            let mut last_err = String::from("no backend is configured or healthy");
+            loop {
+                let backend = match &target {
+                    Some(t) => {
+                        if !tried.is_empty() {
+                            return Err(last_err);
+                        }
+                        match shared.router.backends().into_iter().find(|b| &b.addr == t) {
+                            Some(b) => b,
+                            None => return Err(format!("backend {t} is not in the backend list")),
+                        }
+                    }
+                    None => match shared.router.pick(&tried) {
+                        Some(b) => b,
+                        None => return Err(last_err),
+                    },
+                };
+                tried.push(backend.addr.clone());
+                match tokio::time::timeout(shared.dial_timeout, shared.net.connect(&backend.addr))
+                    .await
+                {
+                    Ok(Ok(s)) => {
+                        shared.router.mark_ok(&backend.addr);
+                        return Ok((s, Lease::new(backend)));
+                    }
+                    Ok(Err(e)) => {
+                        last_err = format!("cannot connect to {}: {e}", backend.addr);
+                        shared.router.mark_failed(&backend.addr);
+                    }
+                    Err(_) => {
+                        last_err = format!(
+                            "cannot connect to {}: timed out after {:?}",
+                            backend.addr, shared.dial_timeout
+                        );
+                        shared.router.mark_failed(&backend.addr);
+                    }
+                }
+                warn!("{last_err}");
+            }
+        };
+        self.op = Some(Op::Connect {
+            leg,
+            fut: Box::pin(fut),
+        });
+    }
+
+    fn start_tls(&mut self, leg: Leg, early: Bytes) {
+        let now = Instant::now().into_std();
+        match leg {
+            Leg::Client => {
+                let Some(acceptor) = self.shared.server_tls.clone() else {
+                    self.session
+                        .handle_close("TLS requested without server TLS");
+                    return;
+                };
+                let Io::Plain(s) = std::mem::replace(&mut self.client, Io::Upgrading) else {
+                    self.session.handle_close("TLS requested twice");
+                    return;
+                };
+                self.op = Some(Op::AcceptTls(Box::pin(
+                    acceptor.accept(Prefixed::new(early, s)),
+                )));
+            }
+            Leg::Backend | Leg::NewBackend => {
+                let slot = if leg == Leg::Backend {
+                    &mut self.backend
+                } else {
+                    &mut self.new_backend
+                };
+                let (Some(connector), Some(Io::Plain(s))) =
+                    (self.shared.backend_tls.clone(), slot.take())
+                else {
+                    let reason = "security.sql-tls is not configured";
+                    if leg == Leg::Backend {
+                        self.session.handle_connect_failed(now, leg, reason);
+                    } else {
+                        self.session.handle_closed(now, leg, reason);
+                    }
+                    return;
+                };
+                *slot = Some(Io::Upgrading);
+                let lease = if leg == Leg::Backend {
+                    &self.lease
+                } else {
+                    &self.new_lease
+                };
+                let name = tls::server_name(
+                    lease
+                        .as_ref()
+                        .map(|l| l.backend().addr.as_str())
+                        .unwrap_or("tidb"),
+                );
+                self.op = Some(Op::ConnectTls {
+                    leg,
+                    fut: Box::pin(connector.connect(name, s)),
+                });
+            }
+        }
+    }
+
+    fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(op) = self.op.as_mut() else {
+            return Poll::Pending;
+        };
+        let now = Instant::now().into_std();
+        match op {
+            Op::Connect { leg, fut } => {
+                let leg = *leg;
+                let res = ready!(fut.as_mut().poll(cx));
+                self.op = None;
+                match res {
+                    Ok((s, lease)) => {
+                        if leg == Leg::Backend {
+                            self.backend = Some(Io::Plain(s));
+                            self.lease = Some(lease);
+                        } else {
+                            self.new_backend = Some(Io::Plain(s));
+                            self.new_lease = Some(lease);
+                        }
+                        self.session.handle_connected(now, leg);
+                    }
+                    Err(e) => self.session.handle_connect_failed(now, leg, &e),
+                }
+            }
+            Op::AcceptTls(fut) => {
+                let res = ready!(fut.as_mut().poll(cx));
+                self.op = None;
+                match res {
+                    Ok(s) => {
+                        self.client = Io::ServerTls(Box::new(s));
+                        self.session.handle_tls_established(now, Leg::Client);
+                    }
+                    Err(e) => {
+                        debug!(conn_id = self.conn_id, peer = %self.peer, "client TLS handshake failed: {e}");
+                        self.session.handle_closed(now, Leg::Client, &e.to_string());
+                    }
+                }
+            }
+            Op::ConnectTls { leg, fut } => {
+                let leg = *leg;
+                let res = ready!(fut.as_mut().poll(cx));
+                self.op = None;
+                match res {
+                    Ok(s) => {
+                        let io = Some(Io::ClientTls(Box::new(s)));
+                        if leg == Leg::Backend {
+                            self.backend = io
+                        } else {
+                            self.new_backend = io
+                        }
+                        self.session.handle_tls_established(now, leg);
+                    }
+                    Err(e) => {
+                        let reason = format!("TLS handshake with the backend failed: {e}");
+                        if leg == Leg::Backend {
+                            self.backend = None;
+                            self.session.handle_closed(now, leg, &reason);
+                        } else {
+                            self.new_backend = None;
+                            self.session.handle_closed(now, leg, &reason);
+                        }
+                    }
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Polls every source once; ready when the session got input.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        // Writes first: they free buffer space that lets reads resume.
+        for leg in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+            if let Err(e) = self.poll_write_leg(cx, leg) {
+                let now = Instant::now().into_std();
+                self.session.handle_closed(now, leg, &e.to_string());
+                return Poll::Ready(Wake::Progress);
+            }
+        }
+        if self.poll_op(cx).is_ready() {
+            return Poll::Ready(Wake::Progress);
+        }
+        if let Poll::Ready(Some(msg)) = self.ctl.poll_recv(cx) {
+            let now = Instant::now().into_std();
+            match msg {
+                Control::Redirect(target) => {
+                    self.session.handle_redirect(now, target);
+                }
+                Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
+                Control::Close(why) => self.session.handle_close(why),
+            }
+            return Poll::Ready(Wake::Progress);
+        }
+        // Timer.
+        match self.session.poll_timeout() {
+            Some(t) => {
+                let at = Instant::from_std(t);
+                match self.timer.as_mut() {
+                    Some(s) if s.deadline() == at => {}
+                    Some(s) => s.as_mut().reset(at),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+                if let Some(s) = self.timer.as_mut()
+                    && s.as_mut().poll(cx).is_ready()
+                {
+                    self.timer = None;
+                    self.session.handle_timeout(Instant::now().into_std());
+                    return Poll::Ready(Wake::Progress);
+                }
+            }
+            None => self.timer = None,
+        }
+        // Reads, unless the other side is backed up.
+        let limit = self.shared.buffer_limit;
+        for leg in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+            let dest_full = match leg {
+                Leg::Client => self.session.transmit(Leg::Backend).len() >= limit,
+                _ => self.session.transmit(Leg::Client).len() >= limit,
+            };
+            if dest_full {
+                continue;
+            }
+            if self.poll_read_leg(cx, leg).is_ready() {
+                return Poll::Ready(Wake::Progress);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn poll_write_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> io::Result<()> {
+        let io = match leg {
+            Leg::Client => &mut self.client,
+            Leg::Backend => match self.backend.as_mut() {
+                Some(io) => io,
+                None => return Ok(()),
+            },
+            Leg::NewBackend => match self.new_backend.as_mut() {
+                Some(io) => io,
+                None => return Ok(()),
+            },
+        };
+        let session = &mut self.session;
+        loop {
+            let buf = session.transmit(leg);
+            if buf.is_empty() {
+                break;
+            }
+            match io.poll_write(cx, buf) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed"));
+                }
+                Poll::Ready(Ok(n)) => session.advance_transmit(leg, n),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
+        }
+        match io.poll_flush(cx) {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> Poll<()> {
+        let Some(io) = (match leg {
+            Leg::Client => Some(&mut self.client),
+            Leg::Backend => self.backend.as_mut(),
+            Leg::NewBackend => self.new_backend.as_mut(),
+        }) else {
+            return Poll::Pending;
+        };
+        let session = &mut self.session;
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
+            match io.poll_read(cx, &mut rb) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    let now = Instant::now().into_std();
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        session.handle_closed(now, leg, "connection closed by peer");
+                    } else {
+                        session.handle_data(now, leg, &scratch[..n]);
+                    }
+                    Poll::Ready(())
+                }
+                Poll::Ready(Err(e)) => {
+                    session.handle_closed(Instant::now().into_std(), leg, &e.to_string());
+                    Poll::Ready(())
+                }
+            }
+        })
+    }
+
+    /// Flushes what the client is owed, then closes every socket.
+    async fn finish(mut self) {
+        let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            if !pending.is_empty() {
+                let _ = write_all(&mut self.client, &pending).await;
+            }
+            self.client.shutdown().await;
+        })
+        .await;
+        if let Some(mut b) = self.backend.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), b.shutdown()).await;
+        }
+    }
+}
+
+async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    mut data: &[u8],
+) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = poll_fn(|cx| io.poll_write(cx, data)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    poll_fn(|cx| io.poll_flush(cx)).await
+}

@@ -1,0 +1,399 @@
+//! Starting and stopping the proxy: listeners, the accept loop with
+//! `max-connections`, backend probes, the HTTP API, graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tiproxy_core::error::ProxyError;
+use tiproxy_core::handshake::InitialHandshake;
+use tiproxy_core::packet::{PacketDecoder, write_packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, split_list};
+use crate::conn::{self, Control, Shared};
+use crate::metrics::metrics;
+use crate::net::{Network, TokioNet};
+use crate::router::{BackendProfile, Router};
+use crate::tls;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A TLS file or setting is unusable.
+    #[error("security.{0}")]
+    Tls(#[from] tls::TlsError),
+    /// A listener could not be bound.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the accept loops, the API and shutdown.
+#[derive(Debug)]
+pub struct State<N: Network> {
+    pub(crate) shared: Arc<Shared<N>>,
+    conns: Mutex<HashMap<u32, mpsc::UnboundedSender<Control>>>,
+    count: AtomicU64,
+    next_id: AtomicU32,
+    draining: AtomicBool,
+    stop_accepting: Notify,
+    stopped: Notify,
+    max_connections: u64,
+    /// The configuration in effect.
+    pub config: Config,
+}
+
+impl<N: Network> State<N> {
+    /// Why the proxy should not get traffic, if it should not.
+    pub fn unhealthy_reason(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("tiproxy is shutting down".into());
+        }
+        if self.shared.router.backends().is_empty() {
+            return Some(
+                "no backend is configured (set proxy.backend-addrs, or proxy.pd-addrs)".into(),
+            );
+        }
+        if !self.shared.router.has_healthy() {
+            return Some("no backend is reachable".into());
+        }
+        None
+    }
+
+    /// Open client connections.
+    pub fn connections(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Asks every session to move to `target` at its next safe point.
+    pub fn redirect_all(&self, target: &str) -> usize {
+        let conns = self.conns.lock().expect("conn table");
+        for tx in conns.values() {
+            let _ = tx.send(Control::Redirect(target.to_string()));
+        }
+        conns.len()
+    }
+
+    fn broadcast(&self, c: Control) {
+        for tx in self.conns.lock().expect("conn table").values() {
+            let _ = tx.send(c.clone());
+        }
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy<N: Network = TokioNet> {
+    state: Arc<State<N>>,
+    sql_addrs: Vec<SocketAddr>,
+    api_addr: SocketAddr,
+    tasks: JoinSet<()>,
+}
+
+/// Starts the proxy on the real network. Listeners are bound when this
+/// returns.
+pub async fn start(config: Config) -> Result<Proxy, StartError> {
+    start_on(TokioNet, config).await
+}
+
+/// Starts the proxy on `net`.
+pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, StartError> {
+    let workdir = config.workdir();
+    let server_tls = tls::server_config(&config.security.server_tls, "server-tls", &workdir)?;
+    let backend_tls = tls::client_config(&config.security.sql_tls, "sql-tls")?;
+    if config.security.require_backend_tls && backend_tls.is_none() {
+        warn!(
+            "security.require-backend-tls is set without security.sql-tls: backends are not verified (skip-ca)"
+        );
+    }
+    let backend_tls = match (backend_tls, config.security.require_backend_tls) {
+        (Some(c), _) => Some(c),
+        (None, true) => tls::client_config(
+            &crate::config::TlsConfig {
+                skip_ca: true,
+                ..Default::default()
+            },
+            "sql-tls",
+        )?,
+        (None, false) => None,
+    };
+    let pd = config.proxy.effective_pd_addrs();
+    let statics = &config.proxy.backend_addrs;
+    if !pd.is_empty() {
+        if statics.is_empty() {
+            warn!(
+                pd_addrs = ?pd,
+                "PD discovery is not implemented in this build: no backends. Set proxy.backend-addrs and pd-addrs = \"\""
+            );
+        } else {
+            warn!("PD discovery is not implemented in this build: using proxy.backend-addrs");
+        }
+    }
+    let router = Arc::new(Router::new(statics));
+    let shared = Arc::new(Shared {
+        net: net.clone(),
+        router: router.clone(),
+        server_tls: server_tls.map(tokio_rustls::TlsAcceptor::from),
+        backend_tls: backend_tls.map(tokio_rustls::TlsConnector::from),
+        require_backend_tls: config.security.require_backend_tls,
+        proxy_protocol: config.proxy.proxy_protocol == "v2",
+        buffer_limit: config.proxy.buffer_limit(),
+        dial_timeout: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(15),
+    });
+    let mut listeners = Vec::new();
+    for addr in split_list(&config.proxy.addr) {
+        let l = net.bind(&addr).await.map_err(|source| StartError::Listen {
+            key: "proxy.addr",
+            addr: addr.clone(),
+            source,
+        })?;
+        listeners.push(l);
+    }
+    let api_listener = net
+        .bind(&config.api.addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            key: "api.addr",
+            addr: config.api.addr.clone(),
+            source,
+        })?;
+    let sql_addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| net.listener_addr(l).ok())
+        .collect();
+    let api_addr = net
+        .listener_addr(&api_listener)
+        .map_err(|source| StartError::Listen {
+            key: "api.addr",
+            addr: config.api.addr.clone(),
+            source,
+        })?;
+    let state = Arc::new(State {
+        shared,
+        conns: Mutex::new(HashMap::new()),
+        count: AtomicU64::new(0),
+        next_id: AtomicU32::new(1),
+        draining: AtomicBool::new(false),
+        stop_accepting: Notify::new(),
+        stopped: Notify::new(),
+        max_connections: config.proxy.max_connections,
+        config,
+    });
+    let mut tasks = JoinSet::new();
+    for l in listeners {
+        tasks.spawn(accept_loop(state.clone(), l));
+    }
+    tasks.spawn(crate::api::serve(state.clone(), api_listener));
+    tasks.spawn(probe_loop(state.clone()));
+    info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
+    Ok(Proxy {
+        state,
+        sql_addrs,
+        api_addr,
+        tasks,
+    })
+}
+
+impl<N: Network> Proxy<N> {
+    /// The first SQL listener's address.
+    pub fn sql_addr(&self) -> SocketAddr {
+        self.sql_addrs[0]
+    }
+
+    /// The API listener's address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// Shared state (connections, health, router).
+    pub fn state(&self) -> &Arc<State<N>> {
+        &self.state
+    }
+
+    /// Graceful shutdown: report unhealthy, wait
+    /// `graceful-wait-before-shutdown`, stop accepting, close each session at
+    /// its next safe point within `graceful-close-conn-timeout`, then close
+    /// the rest.
+    pub async fn shutdown(mut self) {
+        let st = self.state.clone();
+        st.draining.store(true, Ordering::Relaxed);
+        let wait = Duration::from_secs(st.config.proxy.graceful_wait_before_shutdown);
+        if !wait.is_zero() {
+            info!(
+                "shutting down: reporting unhealthy for {wait:?} (graceful-wait-before-shutdown)"
+            );
+            tokio::time::sleep(wait).await;
+        }
+        st.stop_accepting.notify_waiters();
+        let open = st.connections();
+        if open > 0 {
+            info!(
+                connections = open,
+                "closing sessions at their next transaction boundary"
+            );
+        }
+        st.broadcast(Control::CloseAtSafePoint);
+        let timeout = Duration::from_secs(st.config.proxy.graceful_close_conn_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while st.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if st.connections() > 0 {
+            warn!(
+                connections = st.connections(),
+                "closing sessions still busy after graceful-close-conn-timeout"
+            );
+            st.broadcast(Control::Close("graceful-close-conn-timeout elapsed"));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while st.connections() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        st.stopped.notify_waiters();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        info!("tiproxy stopped");
+    }
+}
+
+async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
+    let net = st.shared.net.clone();
+    loop {
+        let accepted = tokio::select! {
+            r = net.accept(&listener) => r,
+            _ = st.stop_accepting.notified() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if st.draining.load(Ordering::Relaxed) {
+            tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
+            continue;
+        }
+        if st.max_connections > 0 && st.count.load(Ordering::Relaxed) >= st.max_connections {
+            metrics().reject_max_connections.inc();
+            debug!(%peer, "refusing connection: max-connections reached");
+            tokio::spawn(refuse(
+                stream,
+                ProxyError::TooManyConnections(st.max_connections),
+            ));
+            continue;
+        }
+        let id = loop {
+            let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                break id;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        st.conns.lock().expect("conn table").insert(id, tx);
+        st.count.fetch_add(1, Ordering::Relaxed);
+        metrics().connections.inc();
+        metrics().create_connection.inc();
+        let st2 = st.clone();
+        tokio::spawn(async move {
+            conn::serve(st2.shared.clone(), stream, peer, id, rx).await;
+            st2.conns.lock().expect("conn table").remove(&id);
+            st2.count.fetch_sub(1, Ordering::Relaxed);
+            metrics().connections.dec();
+        });
+    }
+}
+
+/// Sends a MySQL error as the first packet and closes.
+async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
+    let mut payload = BytesMut::new();
+    err.write(&mut payload);
+    let mut pkt = BytesMut::new();
+    write_packet(&mut pkt, 0, &payload);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = s.write_all(&pkt).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+}
+
+/// Probes every backend's SQL port (handshake greeting) every few seconds:
+/// a backend that does not greet gets no new connections.
+async fn probe_loop<N: Network>(st: Arc<State<N>>) {
+    let interval = Duration::from_secs(3);
+    loop {
+        for b in st.shared.router.backends() {
+            let ok = probe(&st, &b.addr).await;
+            match ok {
+                Ok(profile) => {
+                    st.shared.router.mark_ok(&b.addr);
+                    st.shared.router.set_profile(profile);
+                }
+                Err(e) => {
+                    if b.is_healthy() {
+                        warn!(backend = %b.addr, "backend probe failed: {e}");
+                    }
+                    st.shared.router.mark_failed(&b.addr);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = st.stopped.notified() => return,
+        }
+    }
+}
+
+async fn probe<N: Network>(st: &State<N>, addr: &str) -> Result<BackendProfile, String> {
+    let timeout = Duration::from_secs(2);
+    let work = async {
+        let mut s = st
+            .shared
+            .net
+            .connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut d = PacketDecoder::with_limit(64 * 1024);
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before greeting".to_string());
+            }
+            d.extend(&buf[..n]);
+            if let Some(p) = d.next_payload().map_err(|e| e.to_string())? {
+                if p.data.first() == Some(&0xff) {
+                    let e = tiproxy_core::response::ErrPacket::parse(&p.data)
+                        .map_err(|e| e.to_string())?;
+                    return Err(format!("backend refused: {} {}", e.code, e.message_text()));
+                }
+                let g = InitialHandshake::parse(&p.data).map_err(|e| e.to_string())?;
+                let _ = s.shutdown().await;
+                return Ok(BackendProfile {
+                    server_version: g.server_version,
+                    capabilities: g.capabilities,
+                    charset: g.charset,
+                });
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| "no greeting within 2s".to_string())?
+}
