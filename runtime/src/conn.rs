@@ -434,7 +434,12 @@ impl<N: Network> Driver<N> {
         let shared = self.shared.clone();
         let fut = async move {
             let mut tried: Vec<String> = Vec::new();
-            let mut last_err = String::from("no backend is configured or healthy");
+            let mut last_err = match shared.router.backends().len() {
+                0 => String::from("no backend is configured"),
+                n => format!(
+                    "none of the {n} backends is reachable now (they failed recent connects or probes)"
+                ),
+            };
             loop {
                 let backend = match &target {
                     Some(t) => {

@@ -369,6 +369,13 @@ async fn probe<N: Network>(st: &State<N>, addr: &str) -> Result<BackendProfile, 
             .connect(addr)
             .await
             .map_err(|e| e.to_string())?;
+        if st.shared.proxy_protocol {
+            // Backends that expect PROXY headers expect them on every
+            // connection; a probe is the proxy's own (LOCAL).
+            let mut h = BytesMut::new();
+            tiproxy_core::proxy_protocol::ProxyHeader::Local.write(&mut h);
+            s.write_all(&h).await.map_err(|e| e.to_string())?;
+        }
         let mut d = PacketDecoder::with_limit(64 * 1024);
         let mut buf = [0u8; 1024];
         loop {

@@ -1,4 +1,179 @@
 //! tiproxy-tests: end-to-end scenarios with real processes.
 //!
-//! Not built yet. What is missing (issues 3 to 5): the proxy binary, TiDB
-//! doubles and real etcd driven by scenarios.
+//! [`ProxyProcess`] runs the real `tiproxy` binary (built on first use)
+//! with a generated configuration on free loopback ports, and kills it when
+//! dropped. The scenarios live in `tests/`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Builds the binaries once and returns the path of `name`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "-q", "-p", "tiproxy-runtime", "--bins"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the tiproxy binaries failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join("target"));
+    target.join("debug").join(name)
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running `tiproxy` process.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Child,
+    /// SQL address.
+    pub sql: SocketAddr,
+    /// API address.
+    pub api: SocketAddr,
+    /// Everything it logged (stderr), collected in the background.
+    pub log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts `tiproxy` with `[proxy] addr` and `[api] addr` on free ports,
+    /// `backend-addrs`, and `extra` appended to the `[proxy]` section (more
+    /// sections may follow in `extra`). Waits until the SQL port accepts.
+    pub fn start(backends: &[SocketAddr], extra: &str) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let cfg = format!(
+            "[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\nbackend-addrs = [{}]\n{extra}\n[api]\naddr = \"{api}\"\n",
+            list.join(", ")
+        );
+        // `extra` may open other sections; the [api] table then comes last
+        // and still parses because TOML tables can appear in any order.
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, cfg).expect("write config");
+        let mut child = Command::new(binary("tiproxy"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tiproxy");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(sql).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "tiproxy exited with {status}:\n{}",
+                    log.lock().expect("log")
+                );
+            }
+            assert!(Instant::now() < deadline, "tiproxy did not listen on {sql}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ProxyProcess {
+            child,
+            sql,
+            api,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Sends a signal (e.g. "TERM").
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit; `None` on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// GET on the API: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.api, path)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect api");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
