@@ -58,7 +58,7 @@ fn establish(deprecate_eof: bool) -> (Session, Instant) {
         auth_response: Bytes::new(),
         database: None,
         auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
-        attributes: vec![],
+        attributes: Default::default(),
         zstd_level: None,
     }
     .write(&mut resp);

@@ -6,7 +6,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::flags::{CapabilityFlags, StatusFlags};
-use crate::wire::{Reader, WireError, put_lenenc_bytes, put_lenenc_int, put_nul_bytes};
+use crate::wire::{Reader, WireError, put_lenenc_bytes, put_nul_bytes};
 
 /// Auth plugin names the proxy knows by name.
 pub mod plugin {
@@ -155,9 +155,36 @@ pub struct HandshakeResponse {
     /// Auth plugin the client used, if `PLUGIN_AUTH`.
     pub auth_plugin: Option<Bytes>,
     /// Connection attributes, if `CONNECT_ATTRS`.
-    pub attributes: Vec<(Bytes, Bytes)>,
+    pub attributes: ConnectAttributes,
     /// zstd compression level, if `ZSTD_COMPRESSION_ALGORITHM`.
     pub zstd_level: Option<u8>,
+}
+
+/// Connection attributes as sent: a block of length-encoded name/value
+/// pairs (without the block's own length). Kept raw: the proxy forwards them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectAttributes(pub Bytes);
+
+impl ConnectAttributes {
+    /// Encodes name/value pairs.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+        let mut b = BytesMut::new();
+        for (k, v) in pairs {
+            put_lenenc_bytes(&mut b, k);
+            put_lenenc_bytes(&mut b, v);
+        }
+        Self(b.freeze())
+    }
+
+    /// The name/value pairs (the block was validated when parsed).
+    pub fn pairs(&self) -> Vec<(&[u8], &[u8])> {
+        let mut r = Reader::new(&self.0);
+        let mut v = Vec::new();
+        while let (Ok(k), Ok(val)) = (r.lenenc_bytes("name"), r.lenenc_bytes("value")) {
+            v.push((k, val));
+        }
+        v
+    }
 }
 
 /// The SSL request: the first 32 bytes of a handshake response with
@@ -213,7 +240,10 @@ pub fn client_capabilities(payload: &[u8]) -> Result<CapabilityFlags, WireError>
 impl ClientHello {
     /// Parses a 4.1 client reply: an SSL request or a handshake response.
     pub fn parse(payload: &[u8]) -> Result<Self, WireError> {
-        let mut r = Reader::new(payload);
+        // One copy of the payload; every field is a view into it, so a kept
+        // handshake response costs one allocation.
+        let owned = Bytes::copy_from_slice(payload);
+        let mut r = Reader::new(&owned);
         let capabilities = CapabilityFlags::from_bits_retain(r.u32("capability flags")?);
         let max_packet_size = r.u32("max packet size")?;
         let charset = r.u8("character set")?;
@@ -226,7 +256,7 @@ impl ClientHello {
                 charset,
             }));
         }
-        let username = Bytes::copy_from_slice(r.nul_bytes("user name")?);
+        let username = owned.slice_ref(r.nul_bytes("user name")?);
         let auth_response =
             if capabilities.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA) {
                 r.lenenc_bytes("auth response")?
@@ -236,26 +266,27 @@ impl ClientHello {
             } else {
                 r.nul_bytes("auth response")?
             };
-        let auth_response = Bytes::copy_from_slice(auth_response);
+        let auth_response = owned.slice_ref(auth_response);
         let database = if capabilities.contains(CapabilityFlags::CONNECT_WITH_DB) && !r.is_empty() {
-            Some(Bytes::copy_from_slice(r.nul_or_rest()))
+            Some(owned.slice_ref(r.nul_or_rest()))
         } else {
             None
         };
         let auth_plugin = if capabilities.contains(CapabilityFlags::PLUGIN_AUTH) && !r.is_empty() {
-            Some(Bytes::copy_from_slice(r.nul_or_rest()))
+            Some(owned.slice_ref(r.nul_or_rest()))
         } else {
             None
         };
-        let mut attributes = Vec::new();
+        let mut attributes = ConnectAttributes::default();
         if capabilities.contains(CapabilityFlags::CONNECT_ATTRS) && !r.is_empty() {
             let attrs = r.lenenc_bytes("connection attributes")?;
+            // Validate once; kept raw, as they are forwarded raw.
             let mut a = Reader::new(attrs);
             while !a.is_empty() {
-                let k = a.lenenc_bytes("attribute name")?;
-                let v = a.lenenc_bytes("attribute value")?;
-                attributes.push((Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)));
+                a.lenenc_bytes("attribute name")?;
+                a.lenenc_bytes("attribute value")?;
             }
+            attributes = ConnectAttributes(owned.slice_ref(attrs));
         }
         let zstd_level = if capabilities.contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM)
             && !r.is_empty()
@@ -305,21 +336,7 @@ impl HandshakeResponse {
             put_nul_bytes(out, self.auth_plugin.as_deref().unwrap_or_default());
         }
         if caps.contains(CapabilityFlags::CONNECT_ATTRS) {
-            let len: usize = self
-                .attributes
-                .iter()
-                .map(|(k, v)| {
-                    crate::wire::lenenc_int_len(k.len() as u64)
-                        + k.len()
-                        + crate::wire::lenenc_int_len(v.len() as u64)
-                        + v.len()
-                })
-                .sum();
-            put_lenenc_int(out, len as u64);
-            for (k, v) in &self.attributes {
-                put_lenenc_bytes(out, k);
-                put_lenenc_bytes(out, v);
-            }
+            put_lenenc_bytes(out, &self.attributes.0);
         }
         if caps.contains(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM) {
             out.put_u8(self.zstd_level.unwrap_or(3));
@@ -520,10 +537,7 @@ mod tests {
             auth_response: Bytes::from(vec![7u8; 20]),
             database: Some(Bytes::from_static(b"test")),
             auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
-            attributes: vec![(
-                Bytes::from_static(b"_client_name"),
-                Bytes::from_static(b"x"),
-            )],
+            attributes: ConnectAttributes::from_pairs([(&b"_client_name"[..], &b"x"[..])]),
             zstd_level: Some(3),
         };
         let mut out = BytesMut::new();

@@ -317,7 +317,7 @@ struct LegState {
     /// Plain bytes waiting to be compressed (compressed legs only).
     staging: BytesMut,
     /// Compressed framing, once switched on.
-    framing: Option<CompressedFraming>,
+    framing: Option<Box<CompressedFraming>>,
     /// Compression negotiated, to switch on after authentication.
     compression: Option<Algorithm>,
     /// Restart the compressed sequence before encoding `staging`.
@@ -1734,7 +1734,7 @@ impl Session {
         if let Some(alg) = l.compression
             && l.framing.is_none()
         {
-            l.framing = Some(CompressedFraming::new(alg));
+            l.framing = Some(Box::new(CompressedFraming::new(alg)));
         }
     }
 

@@ -20,7 +20,6 @@ use tiproxy_core::error::{ProxyError, SessionError};
 use tiproxy_core::proxy_protocol::ProxyHeader;
 use tiproxy_core::session::{Action, Event, Leg, Session, SessionConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
@@ -28,6 +27,35 @@ use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
+
+/// A connection's mailbox: requests from the router, the API and shutdown.
+/// Cheaper than a channel (an idle connection holds one of these).
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    waker: atomic_waker::AtomicWaker,
+    queue: std::sync::Mutex<Vec<Control>>,
+}
+
+impl Mailbox {
+    /// Queues a request and wakes the connection.
+    pub fn send(&self, c: Control) {
+        self.queue.lock().expect("mailbox lock").push(c);
+        self.waker.wake();
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>) -> Option<Control> {
+        self.waker.register(cx.waker());
+        let mut q = self.queue.lock().expect("mailbox lock");
+        if q.is_empty() {
+            if q.capacity() > 0 {
+                *q = Vec::new();
+            }
+            None
+        } else {
+            Some(q.remove(0))
+        }
+    }
+}
 
 /// An operator's or the router's request to a connection.
 #[derive(Debug, Clone)]
@@ -150,7 +178,7 @@ struct Driver<N: Network> {
     new_lease: Option<Lease>,
     op: Option<Op<N::Stream>>,
     timer: Option<Pin<Box<Sleep>>>,
-    ctl: mpsc::UnboundedReceiver<Control>,
+    ctl: Arc<Mailbox>,
     conn_id: u32,
     peer: SocketAddr,
     closing: bool,
@@ -162,11 +190,13 @@ pub async fn serve<N: Network>(
     stream: N::Stream,
     peer: SocketAddr,
     conn_id: u32,
-    ctl: mpsc::UnboundedReceiver<Control>,
+    ctl: Arc<Mailbox>,
 ) {
     let local = shared.net.local_addr(&stream);
     let (stream, early, source) = if shared.proxy_protocol {
-        match read_proxy_header(stream, shared.handshake_timeout).await {
+        // Boxed: the header reader's buffers must not enlarge every
+        // connection's task for the life of the connection.
+        match Box::pin(read_proxy_header(stream, shared.handshake_timeout)).await {
             Ok((s, header, rest)) => {
                 let src = match header {
                     ProxyHeader::Proxy { source, .. } => source,
@@ -190,7 +220,7 @@ pub async fn serve<N: Network>(
     let cfg = session_config(&shared, conn_id, &profile, source, local);
     let now = Instant::now().into_std();
     let session = Session::new(cfg, now, &mut rand::rng());
-    let mut d = Driver {
+    let mut d = Box::new(Driver {
         shared,
         session,
         client: Io::Plain(stream),
@@ -204,10 +234,12 @@ pub async fn serve<N: Network>(
         conn_id,
         peer: source,
         closing: false,
-    };
+    });
     if !early.is_empty() {
         d.session.handle_data(now, Leg::Client, &early);
     }
+    // The driver lives on the heap, once: the task's future stays a few
+    // pointers wide however large the session state is.
     d.run().await;
 }
 
@@ -283,7 +315,7 @@ enum Wake {
 }
 
 impl<N: Network> Driver<N> {
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         loop {
             self.apply_outputs();
             if self.closing {
@@ -291,7 +323,7 @@ impl<N: Network> Driver<N> {
             }
             let Wake::Progress = poll_fn(|cx| self.poll_io(cx)).await;
         }
-        self.finish().await;
+        Box::pin(self.finish()).await;
     }
 
     /// Carries out actions and reports events.
@@ -620,7 +652,7 @@ impl<N: Network> Driver<N> {
         if self.poll_op(cx).is_ready() {
             return Poll::Ready(Wake::Progress);
         }
-        if let Poll::Ready(Some(msg)) = self.ctl.poll_recv(cx) {
+        if let Some(msg) = self.ctl.poll_take(cx) {
             let now = Instant::now().into_std();
             match msg {
                 Control::Redirect(target) => {
@@ -732,7 +764,7 @@ impl<N: Network> Driver<N> {
     }
 
     /// Flushes what the client is owed, then closes every socket.
-    async fn finish(mut self) {
+    async fn finish(mut self: Box<Self>) {
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             if !pending.is_empty() {
@@ -759,4 +791,42 @@ async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(
         data = &data[n..];
     }
     poll_fn(|cx| io.poll_flush(cx)).await
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::net::TokioNet;
+
+    #[tokio::test]
+    async fn future_sizes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let shared = Arc::new(Shared {
+            net: TokioNet::default(),
+            router: Arc::new(Router::default()),
+            server_tls: None,
+            backend_tls: None,
+            require_backend_tls: false,
+            proxy_protocol: false,
+            buffer_limit: 1,
+            dial_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+        });
+        let f = serve(
+            shared,
+            s,
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            Arc::new(Mailbox::default()),
+        );
+        eprintln!(
+            "serve future {} Driver {} Session {}",
+            std::mem::size_of_val(&f),
+            std::mem::size_of::<Driver<TokioNet>>(),
+            std::mem::size_of::<Session>()
+        );
+    }
 }

@@ -5,6 +5,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -34,11 +36,70 @@ pub trait Network: Clone + Send + Sync + 'static {
     fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Self::Stream>> + Send;
     /// The local address of a connection.
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr>;
+
+    /// Runs an accepted connection's task. By default on the current runtime.
+    fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
+    where
+        F: FnOnce(Self::Stream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(serve(stream));
+    }
 }
 
 /// The real network, through tokio.
+///
+/// With [`TokioNet::with_workers`], connections are spread over
+/// single-threaded runtimes, one per thread: a connection's client and
+/// backend sockets are then driven by one thread, with no cross-thread
+/// wake-ups or work stealing on the hot path (as HAProxy runs).
 #[derive(Debug, Clone, Default)]
-pub struct TokioNet;
+pub struct TokioNet {
+    workers: Option<Arc<Workers>>,
+}
+
+#[derive(Debug)]
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+}
+
+impl TokioNet {
+    /// Serves connections on `n` worker threads (at least one).
+    pub fn with_workers(n: usize) -> io::Result<Self> {
+        let mut handles = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("tiproxy-worker-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    // Drive this runtime's connections for the life of the process.
+                    rt.block_on(std::future::pending::<()>());
+                })?;
+            let handle = rx
+                .recv()
+                .map_err(|_| io::Error::other("worker thread died"))??;
+            handles.push(handle);
+        }
+        Ok(Self {
+            workers: Some(Arc::new(Workers {
+                handles,
+                next: AtomicUsize::new(0),
+            })),
+        })
+    }
+}
 
 impl Network for TokioNet {
     type Stream = tokio::net::TcpStream;
@@ -67,6 +128,30 @@ impl Network for TokioNet {
 
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr> {
         s.local_addr().ok()
+    }
+
+    fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
+    where
+        F: FnOnce(Self::Stream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(w) = &self.workers else {
+            tokio::spawn(serve(stream));
+            return;
+        };
+        let i = w.next.fetch_add(1, Ordering::Relaxed) % w.handles.len();
+        // Move the socket to the worker's reactor.
+        match stream.into_std() {
+            Ok(std) => {
+                w.handles[i].spawn(async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(s) => serve(s).await,
+                        Err(e) => tracing::warn!("cannot register an accepted connection: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("cannot hand an accepted connection to a worker: {e}"),
+        }
     }
 }
 

@@ -12,12 +12,12 @@ use tiproxy_core::error::ProxyError;
 use tiproxy_core::handshake::InitialHandshake;
 use tiproxy_core::packet::{PacketDecoder, write_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, split_list};
-use crate::conn::{self, Control, Shared};
+use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
 use crate::router::{BackendProfile, Router};
@@ -45,7 +45,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct State<N: Network> {
     pub(crate) shared: Arc<Shared<N>>,
-    conns: Mutex<HashMap<u32, mpsc::UnboundedSender<Control>>>,
+    conns: Mutex<HashMap<u32, Arc<Mailbox>>>,
     count: AtomicU64,
     next_id: AtomicU32,
     draining: AtomicBool,
@@ -82,14 +82,14 @@ impl<N: Network> State<N> {
     pub fn redirect_all(&self, target: &str) -> usize {
         let conns = self.conns.lock().expect("conn table");
         for tx in conns.values() {
-            let _ = tx.send(Control::Redirect(target.to_string()));
+            tx.send(Control::Redirect(target.to_string()));
         }
         conns.len()
     }
 
     fn broadcast(&self, c: Control) {
         for tx in self.conns.lock().expect("conn table").values() {
-            let _ = tx.send(c.clone());
+            tx.send(c.clone());
         }
     }
 }
@@ -106,7 +106,7 @@ pub struct Proxy<N: Network = TokioNet> {
 /// Starts the proxy on the real network. Listeners are bound when this
 /// returns.
 pub async fn start(config: Config) -> Result<Proxy, StartError> {
-    start_on(TokioNet, config).await
+    start_on(TokioNet::default(), config).await
 }
 
 /// Starts the proxy on `net`.
@@ -305,13 +305,14 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
                 break id;
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let tx = Arc::new(Mailbox::default());
+        let rx = tx.clone();
         st.conns.lock().expect("conn table").insert(id, tx);
         st.count.fetch_add(1, Ordering::Relaxed);
         metrics().connections.inc();
         metrics().create_connection.inc();
         let st2 = st.clone();
-        tokio::spawn(async move {
+        net.spawn_connection(stream, move |stream| async move {
             conn::serve(st2.shared.clone(), stream, peer, id, rx).await;
             st2.conns.lock().expect("conn table").remove(&id);
             st2.count.fetch_sub(1, Ordering::Relaxed);

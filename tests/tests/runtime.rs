@@ -408,7 +408,7 @@ async fn proxy_protocol_v2_is_accepted_and_forwarded() {
         auth_response: bytes::Bytes::new(),
         database: None,
         auth_plugin: Some(bytes::Bytes::from_static(b"mysql_native_password")),
-        attributes: vec![],
+        attributes: Default::default(),
         zstd_level: None,
     }
     .write(&mut resp);
@@ -432,11 +432,10 @@ async fn proxy_protocol_v2_is_accepted_and_forwarded() {
         let mut buf = vec![0u8; 64];
         let mut got = Vec::new();
         let header = loop {
-            match tiproxy_core::proxy_protocol::ProxyHeader::parse(&got)
+            if let Some((h, _)) = tiproxy_core::proxy_protocol::ProxyHeader::parse(&got)
                 .expect("a valid PROXY header first")
             {
-                Some((h, _)) => break Some(h),
-                None => {}
+                break Some(h);
             }
             match b.read(&mut buf) {
                 Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),

@@ -144,10 +144,10 @@ impl Harness {
             auth_response: Bytes::from(vec![9u8; 20]),
             database: Some(Bytes::from_static(b"shop")),
             auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
-            attributes: vec![(
-                Bytes::from_static(b"_client_name"),
-                Bytes::from_static(b"test"),
-            )],
+            attributes: crate::handshake::ConnectAttributes::from_pairs([(
+                &b"_client_name"[..],
+                &b"test"[..],
+            )]),
             zstd_level: None,
         };
         let mut b = BytesMut::new();
@@ -328,7 +328,10 @@ fn auth_is_relayed_opaquely_with_a_forced_switch() {
         resp.auth_response.is_empty(),
         "the proxy never forwards auth data made for its own salt"
     );
-    assert_eq!(resp.attributes.len(), 1);
+    assert_eq!(
+        resp.attributes.pairs(),
+        vec![(&b"_client_name"[..], &b"test"[..])]
+    );
     assert!(!resp.capabilities.contains(CapabilityFlags::SSL));
     // Backend switch -> client; client reply -> backend; OK -> client.
     h.send(Leg::Backend, 2, &switch_request());
@@ -1152,4 +1155,18 @@ fn graceful_close_waits_for_the_transaction() {
     h.query_ok("commit", StatusFlags::AUTOCOMMIT);
     assert!(h.s.is_closed());
     assert!(h.events.contains(&Event::SafePoint));
+}
+
+/// Every idle connection holds one session: keep it small (the runtime's
+/// idle-memory budget is 4 KiB per connection, sockets and task included).
+#[test]
+fn session_state_stays_small() {
+    let session = std::mem::size_of::<Session>();
+    let event = std::mem::size_of::<Event>();
+    eprintln!(
+        "Session {session} B, Event {event} B, Action {} B",
+        std::mem::size_of::<Action>()
+    );
+    assert!(session <= 1400, "Session grew to {session} bytes");
+    assert!(event <= 96, "Event grew to {event} bytes");
 }

@@ -44,7 +44,17 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let proxy = match tiproxy_runtime::start(config).await {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let net = match tiproxy_runtime::net::TokioNet::with_workers(workers) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("tiproxy: cannot start worker threads: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let proxy = match tiproxy_runtime::start_on(net, config).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("cannot start: {e}");
