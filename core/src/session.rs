@@ -137,8 +137,9 @@ pub enum Action {
         target: String,
     },
     /// Upgrade a leg to TLS (server side on the client leg, client side on
-    /// backend legs) using `early_data` as the first bytes of the TLS
-    /// stream, then call [`Session::handle_tls_established`].
+    /// backend legs): first write what [`Session::transmit`] holds for the
+    /// leg (the SSL request), then run the TLS handshake using `early_data`
+    /// as the first bytes read, then call [`Session::handle_tls_established`].
     StartTls {
         /// The leg to upgrade.
         leg: Leg,

@@ -563,9 +563,17 @@ impl<N: Network> Driver<N> {
                         .map(|l| l.backend().addr.as_str())
                         .unwrap_or("tidb"),
                 );
+                // The SSL request is still queued: it must reach the backend
+                // before the TLS ClientHello.
+                let pending = Bytes::copy_from_slice(self.session.transmit(leg));
+                self.session.advance_transmit(leg, pending.len());
                 self.op = Some(Op::ConnectTls {
                     leg,
-                    fut: Box::pin(connector.connect(name, s)),
+                    fut: Box::pin(async move {
+                        let mut s = s;
+                        s.write_all(&pending).await?;
+                        connector.connect(name, s).await
+                    }),
                 });
             }
         }
