@@ -109,40 +109,78 @@ impl CompressedFraming {
 
     /// Decodes every complete frame in `input` (plus any held partial frame)
     /// and appends the plain bytes to `out`.
-    pub fn decode(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(), CompressError> {
-        let mut data: &[u8] = input;
-        let held;
-        if !self.partial.is_empty() {
-            self.partial.extend_from_slice(input);
-            held = std::mem::take(&mut self.partial);
-            data = &held[..];
+    pub fn decode(&mut self, mut input: &[u8], out: &mut BytesMut) -> Result<(), CompressError> {
+        while !input.is_empty() {
+            let (used, _) = self.decode_one(input, out)?;
+            input = &input[used..];
         }
-        let mut pos = 0;
-        while data.len() - pos >= FRAME_HEADER_LEN {
-            let h = &data[pos..pos + FRAME_HEADER_LEN];
-            let clen = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
-            let seq = h[3];
-            let ulen = usize::from(h[4]) | usize::from(h[5]) << 8 | usize::from(h[6]) << 16;
-            if data.len() - pos - FRAME_HEADER_LEN < clen {
-                break;
-            }
-            if seq != self.seq {
-                return Err(CompressError::OutOfOrder {
-                    expected: self.seq,
-                    got: seq,
-                });
-            }
-            self.seq = self.seq.wrapping_add(1);
-            let body = &data[pos + FRAME_HEADER_LEN..pos + FRAME_HEADER_LEN + clen];
-            if ulen == 0 {
-                out.extend_from_slice(body);
-            } else {
-                self.inflate(body, ulen, out)?;
-            }
-            pos += FRAME_HEADER_LEN + clen;
-        }
-        self.partial.extend_from_slice(&data[pos..]);
         Ok(())
+    }
+
+    /// Decodes at most one frame. Returns how many bytes of `input` it used
+    /// (an incomplete frame is held, and all of `input` counts as used) and
+    /// whether a frame was completed. Callers that must act between frames
+    /// (a new command restarts the compressed sequence) decode one at a time.
+    pub fn decode_one(
+        &mut self,
+        input: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(usize, bool), CompressError> {
+        if self.partial.is_empty() {
+            if let Some(len) = frame_len(input)
+                && input.len() >= len
+            {
+                self.decode_frame(&input[..len], out)?;
+                return Ok((len, true));
+            }
+            self.partial.extend_from_slice(input);
+            return Ok((input.len(), false));
+        }
+        // Complete the held frame from `input`.
+        let mut used = 0;
+        if self.partial.len() < FRAME_HEADER_LEN {
+            let n = (FRAME_HEADER_LEN - self.partial.len()).min(input.len());
+            self.partial.extend_from_slice(&input[..n]);
+            used = n;
+        }
+        let Some(len) = frame_len(&self.partial) else {
+            return Ok((used, false));
+        };
+        let n = (len - self.partial.len()).min(input.len() - used);
+        self.partial.extend_from_slice(&input[used..used + n]);
+        used += n;
+        if self.partial.len() < len {
+            return Ok((used, false));
+        }
+        let frame = std::mem::take(&mut self.partial);
+        self.decode_frame(&frame, out)?;
+        Ok((used, true))
+    }
+
+    /// Decodes one whole frame.
+    fn decode_frame(&mut self, frame: &[u8], out: &mut BytesMut) -> Result<(), CompressError> {
+        let seq = frame[3];
+        let ulen = usize::from(frame[4]) | usize::from(frame[5]) << 8 | usize::from(frame[6]) << 16;
+        // A frame numbered 0 restarts the sequence: a client that sends its
+        // next command before the proxy saw the previous exchange end (a
+        // pipelined command) numbers it from 0 again.
+        if seq == 0 && self.seq != 0 {
+            self.seq = 0;
+        }
+        if seq != self.seq {
+            return Err(CompressError::OutOfOrder {
+                expected: self.seq,
+                got: seq,
+            });
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let body = &frame[FRAME_HEADER_LEN..];
+        if ulen == 0 {
+            out.extend_from_slice(body);
+            Ok(())
+        } else {
+            self.inflate(body, ulen, out)
+        }
     }
 
     fn inflate(
@@ -254,6 +292,17 @@ impl CompressedFraming {
     }
 }
 
+/// Total length of the frame that starts `buf`, once its header is there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return None;
+    }
+    Some(
+        FRAME_HEADER_LEN
+            + (usize::from(buf[0]) | usize::from(buf[1]) << 8 | usize::from(buf[2]) << 16),
+    )
+}
+
 fn put_u24(out: &mut BytesMut, v: usize) {
     out.put_uint_le(v as u64, 3);
 }
@@ -313,15 +362,24 @@ mod tests {
         let mut enc = CompressedFraming::new(Algorithm::Zlib);
         let mut wire = BytesMut::new();
         enc.encode(&[b'a'; 1000], &mut wire);
+        let mut enc3 = CompressedFraming::new(Algorithm::Zlib);
+        enc3.set_seq(3);
+        let mut wire3 = BytesMut::new();
+        enc3.encode(&[b'a'; 1000], &mut wire3);
         let mut dec = CompressedFraming::new(Algorithm::Zlib);
         dec.seq = 5;
         assert!(matches!(
-            dec.decode(&wire, &mut BytesMut::new()),
+            dec.decode(&wire3, &mut BytesMut::new()),
             Err(CompressError::OutOfOrder {
                 expected: 5,
-                got: 0
+                got: 3
             })
         ));
+        // A frame numbered 0 restarts the sequence (a pipelined command).
+        let mut dec = CompressedFraming::new(Algorithm::Zlib);
+        dec.seq = 5;
+        dec.decode(&wire, &mut BytesMut::new()).unwrap();
+        assert_eq!(dec.seq(), 1);
         let mut bad = wire.clone();
         let n = bad.len();
         bad[n - 3] ^= 0xff;

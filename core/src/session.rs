@@ -331,6 +331,21 @@ struct LegState {
 }
 
 impl LegState {
+    /// The sequence id for the next packet written to this leg. On a
+    /// compressed leg the first packet of each frame takes the frame's
+    /// compressed sequence id, as servers do (they resynchronise the two
+    /// counters whenever they flush) and as clients expect.
+    fn next_seq(&mut self) -> u8 {
+        if let Some(f) = &self.framing
+            && self.staging.is_empty()
+        {
+            self.seq = if self.reset_out_seq { 0 } else { f.seq() };
+        }
+        let seq = self.seq;
+        self.seq = seq.wrapping_add(1);
+        seq
+    }
+
     fn writer(&mut self) -> &mut BytesMut {
         if self.framing.is_some() {
             &mut self.staging
@@ -560,24 +575,32 @@ impl Session {
             return;
         }
         if self.legs[leg.idx()].framing.is_some() {
-            if leg == Leg::Client && self.client_starts_command() {
-                // A new command restarts the compressed sequence.
-                if let Some(f) = self.legs[0].framing.as_mut()
-                    && f.buffered() == 0
-                {
+            // One frame at a time: a client may send several commands in one
+            // write (COM_STMT_SEND_LONG_DATA then COM_STMT_EXECUTE), and each
+            // new command restarts the compressed sequence at 0.
+            let mut input = data;
+            let mut plain = BytesMut::new();
+            while !input.is_empty() && self.phase != Phase::Closed {
+                let starts = leg == Leg::Client && self.client_starts_command();
+                let Some(f) = self.legs[leg.idx()].framing.as_mut() else {
+                    break;
+                };
+                if starts && f.buffered() == 0 {
                     f.reset_seq();
                 }
-            }
-            let mut plain = BytesMut::new();
-            // The framing was checked just above.
-            let res = self.legs[leg.idx()]
-                .framing
-                .as_mut()
-                .expect("framing on")
-                .decode(data, &mut plain);
-            match res {
-                Ok(()) => self.process(now, leg, &plain),
-                Err(e) => self.protocol_error(leg, e.to_string()),
+                match f.decode_one(input, &mut plain) {
+                    Ok((used, _)) => {
+                        input = &input[used..];
+                        if !plain.is_empty() {
+                            self.process(now, leg, &plain);
+                            plain.clear();
+                        }
+                    }
+                    Err(e) => {
+                        self.protocol_error(leg, e.to_string());
+                        break;
+                    }
+                }
             }
         } else {
             self.process(now, leg, data);
@@ -823,8 +846,7 @@ impl Session {
                     // The whole packet is here: one copy, sequence id patched.
                     let whole = HEADER_LEN + header.len;
                     let l = &mut self.legs[to.idx()];
-                    let seq = l.seq;
-                    l.seq = seq.wrapping_add(1);
+                    let seq = l.next_seq();
                     let w = l.writer();
                     let at = w.len();
                     w.extend_from_slice(&data[..whole]);
@@ -878,8 +900,7 @@ impl Session {
         let rest = header.len - need;
         match disposition {
             Disposition::Forward(to) => {
-                let seq = self.legs[to.idx()].seq;
-                self.legs[to.idx()].seq = seq.wrapping_add(1);
+                let seq = self.legs[to.idx()].next_seq();
                 let w = self.legs[to.idx()].writer();
                 w.reserve(pkt.len());
                 w.put_slice(
@@ -1643,7 +1664,7 @@ impl Session {
     /// Writes a whole packet payload to `leg` with the leg's next sequence id.
     fn send(&mut self, leg: Leg, payload: &[u8]) {
         let l = &mut self.legs[leg.idx()];
-        let seq = l.seq;
+        let seq = l.next_seq();
         l.seq = write_packet(l.writer(), seq, payload);
     }
 

@@ -816,6 +816,41 @@ fn compressed_client_leg() {
     assert_eq!(h.recv(Leg::Client).len(), 104);
 }
 
+#[test]
+fn compressed_commands_without_response_in_one_write() {
+    // mysql_async writes COM_STMT_SEND_LONG_DATA and COM_STMT_EXECUTE back to
+    // back; each command's compressed frames start at sequence 0.
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS | CapabilityFlags::COMPRESS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    h.recv(Leg::Backend);
+    h.send(Leg::Backend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv(Leg::Client);
+    let mut wire = BytesMut::new();
+    for cmd in [
+        &b"\x18\x01\x00\x00\x00\x00\x00long data"[..],
+        b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00",
+    ] {
+        let mut plain = BytesMut::new();
+        write_packet(&mut plain, 0, cmd);
+        let mut enc = CompressedFraming::new(Algorithm::Zlib);
+        enc.encode(&plain, &mut wire);
+    }
+    h.s.handle_data(h.now, Leg::Client, &wire);
+    h.pump();
+    assert!(!h.s.is_closed(), "{:?}", h.events);
+    let got = h.recv(Leg::Backend);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].data[0], 0x17);
+    // The answer continues the execute's compressed sequence (1).
+    let mut answer = BytesMut::new();
+    write_packet(&mut answer, 1, &ok(StatusFlags::AUTOCOMMIT));
+    h.s.handle_data(h.now, Leg::Backend, &answer);
+    assert_eq!(&h.s.transmit(Leg::Client)[3..4], &[1]);
+}
+
 // --------------------------------------------------------------------
 // Migration
 // --------------------------------------------------------------------
