@@ -332,12 +332,17 @@ struct LegState {
 
 impl LegState {
     /// The sequence id for the next packet written to this leg. On a
-    /// compressed leg the first packet of each frame takes the frame's
-    /// compressed sequence id, as servers do (they resynchronise the two
-    /// counters whenever they flush) and as clients expect.
-    fn next_seq(&mut self) -> u8 {
+    /// compressed leg, a packet that opens a frame and ends in it takes the
+    /// frame's compressed sequence id, as servers do (they resynchronise the
+    /// two counters whenever they flush) and as clients expect after a
+    /// result set with MORE_RESULTS_EXISTS; a packet that continues into
+    /// later frames keeps the running count, which clients check when its
+    /// last byte arrives. `whole`: the packet is written now, all of it, and
+    /// fits in one frame.
+    fn next_seq(&mut self, whole: bool) -> u8 {
         if let Some(f) = &self.framing
             && self.staging.is_empty()
+            && whole
         {
             self.seq = if self.reset_out_seq { 0 } else { f.seq() };
         }
@@ -846,7 +851,7 @@ impl Session {
                     // The whole packet is here: one copy, sequence id patched.
                     let whole = HEADER_LEN + header.len;
                     let l = &mut self.legs[to.idx()];
-                    let seq = l.next_seq();
+                    let seq = l.next_seq(whole <= MAX_PAYLOAD);
                     let w = l.writer();
                     let at = w.len();
                     w.extend_from_slice(&data[..whole]);
@@ -900,7 +905,7 @@ impl Session {
         let rest = header.len - need;
         match disposition {
             Disposition::Forward(to) => {
-                let seq = self.legs[to.idx()].next_seq();
+                let seq = self.legs[to.idx()].next_seq(rest == 0 && pkt.len() <= MAX_PAYLOAD);
                 let w = self.legs[to.idx()].writer();
                 w.reserve(pkt.len());
                 w.put_slice(
@@ -1664,7 +1669,7 @@ impl Session {
     /// Writes a whole packet payload to `leg` with the leg's next sequence id.
     fn send(&mut self, leg: Leg, payload: &[u8]) {
         let l = &mut self.legs[leg.idx()];
-        let seq = l.next_seq();
+        let seq = l.next_seq(payload.len() + HEADER_LEN <= MAX_PAYLOAD);
         l.seq = write_packet(l.writer(), seq, payload);
     }
 
