@@ -33,6 +33,9 @@ use crate::tls;
 #[derive(Debug, Default)]
 pub struct Mailbox {
     waker: atomic_waker::AtomicWaker,
+    /// Set when `queue` may be non-empty: the hot path checks this flag, not
+    /// the lock.
+    pending: std::sync::atomic::AtomicBool,
     queue: std::sync::Mutex<Vec<Control>>,
 }
 
@@ -40,20 +43,29 @@ impl Mailbox {
     /// Queues a request and wakes the connection.
     pub fn send(&self, c: Control) {
         self.queue.lock().expect("mailbox lock").push(c);
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
         self.waker.wake();
     }
 
     fn poll_take(&self, cx: &mut Context<'_>) -> Option<Control> {
+        use std::sync::atomic::Ordering;
         self.waker.register(cx.waker());
-        let mut q = self.queue.lock().expect("mailbox lock");
-        if q.is_empty() {
-            if q.capacity() > 0 {
-                *q = Vec::new();
-            }
-            None
-        } else {
-            Some(q.remove(0))
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
         }
+        let mut q = self.queue.lock().expect("mailbox lock");
+        if q.len() <= 1 {
+            self.pending.store(false, Ordering::Release);
+        }
+        if q.is_empty() {
+            return None;
+        }
+        let c = q.remove(0);
+        if q.is_empty() {
+            *q = Vec::new();
+        }
+        Some(c)
     }
 }
 
