@@ -1456,10 +1456,11 @@ impl Session {
                     self.switch_on_compression(Leg::NewBackend);
                     self.legs[2].seq = 0;
                     self.legs[2].reset_out_seq = true;
-                    let no_backslash = self
-                        .tracker
-                        .status()
-                        .contains(StatusFlags::NO_BACKSLASH_ESCAPES);
+                    // The literal is parsed by the new session, under its own
+                    // sql_mode (the global default), which its OK reports.
+                    let no_backslash = OkPacket::status_of(payload)
+                        .map(|s| s.contains(StatusFlags::NO_BACKSLASH_ESCAPES))
+                        .unwrap_or(false);
                     let q =
                         crate::migration::set_session_states_query(&session.states, no_backslash);
                     self.send(Leg::NewBackend, &q);

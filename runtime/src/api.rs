@@ -65,11 +65,24 @@ fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
                 ),
             }
         }
+        (&Method::POST, "/debug/redirect") => {
+            let q = req.uri().query().unwrap_or("");
+            let param = |k: &str| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            };
+            match st.redirect(param("from").as_deref(), param("to").as_deref()) {
+                Ok(n) => json(StatusCode::OK, serde_json::json!({ "redirected": n })),
+                Err(e) => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": e })),
+            }
+        }
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(metrics().render())))
             .expect("static response parts"),
-        (_, "/debug/health" | "/metrics") => json(
+        (_, "/debug/health" | "/metrics" | "/debug/redirect") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({ "error": format!("{} is not allowed on {}", req.method(), req.uri().path()) }),
         ),

@@ -62,8 +62,10 @@ pub struct ProxyConfig {
     /// and `backend-addrs` is given, static backends are used; when both
     /// are unset, TiProxy's default `127.0.0.1:2379`.
     pub pd_addrs: Option<String>,
-    /// Static backend list (`host:port`), used when `pd-addrs` is empty.
-    pub backend_addrs: Vec<String>,
+    /// Static backend list, used when `pd-addrs` is empty: `"host:port"`,
+    /// or `{ addr = "host:port", status-addr = "host:10080" }` to also
+    /// watch the TiDB status port (500 means draining: sessions move away).
+    pub backend_addrs: Vec<BackendEntry>,
     /// TiProxy's port range (accepted, not implemented).
     pub port_range: Vec<u16>,
     /// Maximum client connections; 0 means unlimited.
@@ -151,6 +153,49 @@ impl ProxyConfig {
         } else {
             self.conn_buffer_size as usize
         }
+    }
+}
+
+/// One static backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BackendEntry {
+    /// `"host:port"` of the SQL port.
+    Addr(String),
+    /// SQL port and, optionally, the TiDB status port.
+    Full {
+        /// `host:port` of the SQL port.
+        addr: String,
+        /// `host:port` of the status port (`GET /status`).
+        #[serde(
+            default,
+            rename = "status-addr",
+            skip_serializing_if = "Option::is_none"
+        )]
+        status_addr: Option<String>,
+    },
+}
+
+impl BackendEntry {
+    /// The SQL address.
+    pub fn addr(&self) -> &str {
+        match self {
+            BackendEntry::Addr(a) | BackendEntry::Full { addr: a, .. } => a,
+        }
+    }
+
+    /// The status address, if given.
+    pub fn status_addr(&self) -> Option<&str> {
+        match self {
+            BackendEntry::Addr(_) => None,
+            BackendEntry::Full { status_addr, .. } => status_addr.as_deref(),
+        }
+    }
+}
+
+impl From<&str> for BackendEntry {
+    fn from(s: &str) -> Self {
+        BackendEntry::Addr(s.to_string())
     }
 }
 
@@ -414,8 +459,11 @@ impl Config {
             check_host_port(a).map_err(|m| err("proxy.addr", m))?;
         }
         check_host_port(&self.api.addr).map_err(|m| err("api.addr", m))?;
-        for a in &self.proxy.backend_addrs {
-            check_host_port(a).map_err(|m| err("proxy.backend-addrs", m))?;
+        for b in &self.proxy.backend_addrs {
+            check_host_port(b.addr()).map_err(|m| err("proxy.backend-addrs", m))?;
+            if let Some(s) = b.status_addr() {
+                check_host_port(s).map_err(|m| err("proxy.backend-addrs.status-addr", m))?;
+            }
         }
         for a in self.proxy.effective_pd_addrs() {
             let hp = a
@@ -554,6 +602,19 @@ mod tests {
         assert!(c.proxy.effective_pd_addrs().is_empty());
         let (c, _) = parse("[proxy]\npd-addrs = \"\"\n").unwrap();
         assert!(c.proxy.effective_pd_addrs().is_empty());
+    }
+
+    #[test]
+    fn backends_with_status_ports() {
+        let (c, _) = parse(
+            "[proxy]\nbackend-addrs = [\"a:4000\", { addr = \"b:4000\", status-addr = \"b:10080\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.backend_addrs[0].addr(), "a:4000");
+        assert_eq!(c.proxy.backend_addrs[1].status_addr(), Some("b:10080"));
+        let e = parse("[proxy]\nbackend-addrs = [{ addr = \"b:4000\", status-addr = \"x\" }]\n")
+            .unwrap_err();
+        assert_eq!(e.key, "proxy.backend-addrs.status-addr");
     }
 
     #[test]

@@ -32,6 +32,12 @@ use crate::tls;
 /// Cheaper than a channel (an idle connection holds one of these).
 #[derive(Debug, Default)]
 pub struct Mailbox {
+    /// The backend the session is on (set by the connection).
+    backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
+    /// A move was requested and has not resolved yet.
+    moving: std::sync::atomic::AtomicBool,
+    /// After a failed move: no new request before this instant.
+    retry_at: std::sync::Mutex<Option<Instant>>,
     waker: atomic_waker::AtomicWaker,
     /// Set when `queue` may be non-empty: the hot path checks this flag, not
     /// the lock.
@@ -39,7 +45,37 @@ pub struct Mailbox {
     queue: std::sync::Mutex<Vec<Control>>,
 }
 
+/// How long a session whose move failed is left alone.
+pub const FAILED_MOVE_COOLDOWN: Duration = Duration::from_secs(3);
+
 impl Mailbox {
+    /// The backend the session is on.
+    pub fn backend(&self) -> Option<Arc<crate::router::Backend>> {
+        self.backend.lock().expect("mailbox lock").clone()
+    }
+
+    fn set_backend(&self, b: Option<Arc<crate::router::Backend>>) {
+        *self.backend.lock().expect("mailbox lock") = b;
+    }
+
+    /// Whether a move may be requested now.
+    pub fn can_move(&self, now: Instant) -> bool {
+        !self.moving.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .retry_at
+                .lock()
+                .expect("mailbox lock")
+                .is_none_or(|t| now >= t)
+    }
+
+    /// Asks the session to move to `target` at its next safe point.
+    pub fn request_move(&self, target: &Arc<crate::router::Backend>) {
+        self.moving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        target.incoming_add(1);
+        self.send(Control::Redirect(target.addr.clone()));
+    }
+
     /// Queues a request and wakes the connection.
     pub fn send(&self, c: Control) {
         self.queue.lock().expect("mailbox lock").push(c);
@@ -194,6 +230,8 @@ struct Driver<N: Network> {
     conn_id: u32,
     peer: SocketAddr,
     closing: bool,
+    /// Where a requested move goes, until it resolves.
+    moving_to: Option<Arc<crate::router::Backend>>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -246,6 +284,7 @@ pub async fn serve<N: Network>(
         conn_id,
         peer: source,
         closing: false,
+        moving_to: None,
     });
     if !early.is_empty() {
         d.session.handle_data(now, Leg::Client, &early);
@@ -367,6 +406,8 @@ impl<N: Network> Driver<N> {
                 Action::SwapBackends { farewell } => {
                     let old = std::mem::replace(&mut self.backend, self.new_backend.take());
                     self.lease = self.new_lease.take();
+                    self.ctl
+                        .set_backend(self.lease.as_ref().map(|l| l.backend().clone()));
                     if let Some(mut old) = old {
                         tokio::spawn(async move {
                             let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -423,6 +464,7 @@ impl<N: Network> Driver<N> {
                 debug!(conn_id, to = %target, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
+                self.move_resolved(true);
                 let from = self
                     .lease
                     .as_ref()
@@ -471,6 +513,20 @@ impl<N: Network> Driver<N> {
                     _ => info!(conn_id, peer = %self.peer, backend, "connection failed: {reason}"),
                 }
             }
+        }
+    }
+
+    /// A requested move ended (moved, failed, or the session closed).
+    fn move_resolved(&mut self, failed: bool) {
+        if let Some(t) = self.moving_to.take() {
+            t.incoming_add(-1);
+        }
+        self.ctl
+            .moving
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if failed {
+            *self.ctl.retry_at.lock().expect("mailbox lock") =
+                Some(Instant::now() + FAILED_MOVE_COOLDOWN);
         }
     }
 
@@ -605,6 +661,7 @@ impl<N: Network> Driver<N> {
                     Ok((s, lease)) => {
                         if leg == Leg::Backend {
                             self.backend = Some(Io::Plain(s));
+                            self.ctl.set_backend(Some(lease.backend().clone()));
                             self.lease = Some(lease);
                         } else {
                             self.new_backend = Some(Io::Plain(s));
@@ -676,7 +733,13 @@ impl<N: Network> Driver<N> {
             let now = Instant::now().into_std();
             match msg {
                 Control::Redirect(target) => {
-                    self.session.handle_redirect(now, target);
+                    if let Some(t) = self.moving_to.take() {
+                        t.incoming_add(-1);
+                    }
+                    self.moving_to = self.shared.router.find(&target);
+                    if !self.session.handle_redirect(now, target) {
+                        self.move_resolved(false);
+                    }
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
                 Control::Close(why) => self.session.handle_close(why),
@@ -785,6 +848,8 @@ impl<N: Network> Driver<N> {
 
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
+        self.move_resolved(false);
+        self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             if !pending.is_empty() {

@@ -78,13 +78,49 @@ impl<N: Network> State<N> {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Asks every session to move to `target` at its next safe point.
-    pub fn redirect_all(&self, target: &str) -> usize {
-        let conns = self.conns.lock().expect("conn table");
-        for tx in conns.values() {
-            tx.send(Control::Redirect(target.to_string()));
+    /// Asks sessions on `from` (all sessions when `None`) to move to `to`
+    /// (or the least-loaded other backend) at their next safe point.
+    /// Returns how many were asked.
+    pub fn redirect(&self, from: Option<&str>, to: Option<&str>) -> Result<usize, String> {
+        let router = &self.shared.router;
+        let fixed = match to {
+            Some(t) => Some(
+                router
+                    .find(t)
+                    .ok_or_else(|| format!("unknown backend {t}"))?,
+            ),
+            None => None,
+        };
+        if let Some(f) = from
+            && router.find(f).is_none()
+        {
+            return Err(format!("unknown backend {f}"));
         }
-        conns.len()
+        let mailboxes: Vec<Arc<Mailbox>> = self
+            .conns
+            .lock()
+            .expect("conn table")
+            .values()
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for m in mailboxes {
+            let Some(b) = m.backend() else { continue };
+            if from.is_some_and(|f| f != b.addr) {
+                continue;
+            }
+            let target = match &fixed {
+                Some(t) if t.addr != b.addr => t.clone(),
+                Some(_) => continue,
+                None => match router.pick(std::slice::from_ref(&b.addr)) {
+                    Some(t) => t,
+                    None => continue,
+                },
+            };
+            m.request_move(&target);
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn broadcast(&self, c: Control) {
@@ -199,6 +235,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     }
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
     tasks.spawn(probe_loop(state.clone()));
+    tasks.spawn(balance_loop(state.clone()));
     info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
     Ok(Proxy {
         state,
@@ -334,14 +371,34 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     .await;
 }
 
-/// Probes every backend's SQL port (handshake greeting) every few seconds:
-/// a backend that does not greet gets no new connections.
+/// Health checks. Every second: the TiDB status port of backends that have
+/// one (`GET /status`; 500 means draining). Every third second: the SQL
+/// port's greeting. A backend that fails gets no new connections; a
+/// draining one also has its sessions moved away by [`balance_loop`].
 async fn probe_loop<N: Network>(st: Arc<State<N>>) {
-    let interval = Duration::from_secs(3);
+    let interval = Duration::from_secs(1);
+    let mut tick: u64 = 0;
     loop {
         for b in st.shared.router.backends() {
-            let ok = probe(&st, &b.addr).await;
-            match ok {
+            if let Some(status) = &b.status_addr {
+                match http_status(&st.shared.net, status, "/status").await {
+                    Ok(200) => {
+                        if b.set_draining(false) {
+                            info!(backend = %b.addr, "backend is serving again (status 200)");
+                        }
+                    }
+                    Ok(code) => {
+                        if b.set_draining(true) {
+                            info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
+                        }
+                    }
+                    Err(e) => debug!(backend = %b.addr, "status port unreachable: {e}"),
+                }
+            }
+            if tick % 3 != 0 {
+                continue;
+            }
+            match probe(&st, &b.addr).await {
                 Ok(profile) => {
                     st.shared.router.mark_ok(&b.addr);
                     st.shared.router.set_profile(profile);
@@ -354,11 +411,93 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                 }
             }
         }
+        tick += 1;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = st.stopped.notified() => return,
         }
     }
+}
+
+/// Sessions moved off draining or removed backends per second.
+pub const EVACUATION_RATE: usize = 5000;
+
+/// Moves sessions off backends that are draining or were removed, at most
+/// [`EVACUATION_RATE`] requests per second, each to the backend with the
+/// least load (sessions plus sessions on their way). A session moves at its
+/// next safe point; one whose move failed is left alone for a few seconds.
+async fn balance_loop<N: Network>(st: Arc<State<N>>) {
+    let tick = Duration::from_millis(100);
+    let per_tick = (EVACUATION_RATE / 10).max(1);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = st.stopped.notified() => return,
+        }
+        let router = &st.shared.router;
+        if !router
+            .backends()
+            .iter()
+            .any(|b| b.should_evacuate() && b.connections() > 0)
+        {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let mailboxes: Vec<Arc<Mailbox>> = st
+            .conns
+            .lock()
+            .expect("conn table")
+            .values()
+            .cloned()
+            .collect();
+        let mut budget = per_tick;
+        for m in mailboxes {
+            if budget == 0 {
+                break;
+            }
+            let Some(b) = m.backend() else { continue };
+            if !b.should_evacuate() || !m.can_move(now) {
+                continue;
+            }
+            let Some(target) = router.pick(std::slice::from_ref(&b.addr)) else {
+                break;
+            };
+            m.request_move(&target);
+            budget -= 1;
+        }
+    }
+}
+
+/// GET `path` on `addr` over plain HTTP/1.0; the status code.
+async fn http_status<N: Network>(net: &N, addr: &str, path: &str) -> Result<u16, String> {
+    let work = async {
+        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = Vec::with_capacity(256);
+        let mut buf = [0u8; 256];
+        while !head.windows(2).any(|w| w == b"\r\n") {
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let line = String::from_utf8_lossy(&head);
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP response: {:?}",
+                    line.lines().next().unwrap_or("")
+                )
+            })
+    };
+    tokio::time::timeout(Duration::from_secs(1), work)
+        .await
+        .map_err(|_| "no answer within 1s".to_string())?
 }
 
 async fn probe<N: Network>(st: &State<N>, addr: &str) -> Result<BackendProfile, String> {

@@ -14,6 +14,7 @@ use rand::Rng;
 use tiproxy_core::CapabilityFlags;
 use tokio::time::Instant;
 
+use crate::config::BackendEntry;
 use crate::metrics::metrics;
 
 /// One backend.
@@ -21,7 +22,13 @@ use crate::metrics::metrics;
 pub struct Backend {
     /// `host:port` of its SQL port.
     pub addr: String,
+    /// `host:port` of its status port, when known.
+    pub status_addr: Option<String>,
     conns: AtomicI64,
+    /// Sessions asked to move here that have not arrived yet.
+    incoming: AtomicI64,
+    /// Its status port said it is shutting down (HTTP 500).
+    draining: AtomicBool,
     healthy: AtomicBool,
     /// When a failed backend may be tried again.
     retry_at: Mutex<Option<Instant>>,
@@ -30,11 +37,14 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, status_addr: Option<String>) -> Self {
         metrics().backend_status.with_label_values(&[&addr]).set(1);
         Self {
             addr,
+            status_addr,
             conns: AtomicI64::new(0),
+            incoming: AtomicI64::new(0),
+            draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             retry_at: Mutex::new(None),
             removed: AtomicBool::new(false),
@@ -48,7 +58,34 @@ impl Backend {
 
     /// Whether the backend takes new connections.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.removed.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed)
+            && !self.removed.load(Ordering::Relaxed)
+            && !self.is_draining()
+    }
+
+    /// Whether its sessions should move elsewhere (draining or removed).
+    pub fn should_evacuate(&self) -> bool {
+        self.is_draining() || self.removed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the status port reported it is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Records the status port's answer; true when this changed the state.
+    pub fn set_draining(&self, d: bool) -> bool {
+        self.draining.swap(d, Ordering::Relaxed) != d
+    }
+
+    /// A session was asked to move here.
+    pub fn incoming_add(&self, n: i64) {
+        self.incoming.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Load used to choose targets: sessions here plus sessions on the way.
+    pub fn load(&self) -> i64 {
+        self.connections() + self.incoming.load(Ordering::Relaxed).max(0)
     }
 }
 
@@ -117,33 +154,49 @@ pub struct Router {
 pub const FAILED_BACKEND_PAUSE: Duration = Duration::from_secs(3);
 
 impl Router {
-    /// A router over `addrs`.
-    pub fn new(addrs: &[String]) -> Self {
+    /// A router over `entries`.
+    pub fn new(entries: &[BackendEntry]) -> Self {
         let r = Self::default();
-        r.set_backends(addrs);
+        r.set_backends(entries);
         r
     }
 
-    /// Replaces the set, keeping the state of backends that stay.
-    pub fn set_backends(&self, addrs: &[String]) {
+    /// Replaces the set, keeping the state of backends that stay. Removed
+    /// backends stay listed (flagged) while sessions remain on them, so
+    /// their sessions can be moved away.
+    pub fn set_backends(&self, entries: &[BackendEntry]) {
         let mut list = self.backends.write().expect("router lock");
+        let mut next = Vec::with_capacity(entries.len());
+        for e in entries {
+            match list.iter().find(|b| b.addr == e.addr()) {
+                Some(b) => {
+                    b.removed.store(false, Ordering::Relaxed);
+                    next.push(b.clone())
+                }
+                None => next.push(Arc::new(Backend::new(
+                    e.addr().to_string(),
+                    e.status_addr().map(String::from),
+                ))),
+            }
+        }
         for b in list.iter() {
-            if !addrs.contains(&b.addr) {
+            if !next.iter().any(|n| n.addr == b.addr) {
                 b.removed.store(true, Ordering::Relaxed);
                 metrics()
                     .backend_status
                     .with_label_values(&[&b.addr])
                     .set(0);
-            }
-        }
-        let mut next = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            match list.iter().find(|b| &b.addr == a) {
-                Some(b) => next.push(b.clone()),
-                None => next.push(Arc::new(Backend::new(a.clone()))),
+                if b.connections() > 0 {
+                    next.push(b.clone());
+                }
             }
         }
         *list = next;
+    }
+
+    /// The backend with this SQL address.
+    pub fn find(&self, addr: &str) -> Option<Arc<Backend>> {
+        self.backends().into_iter().find(|b| b.addr == addr)
     }
 
     /// Every backend.
@@ -178,7 +231,7 @@ impl Router {
             .iter()
             .filter(|b| !exclude.contains(&b.addr) && self.usable(b, now))
         {
-            let c = b.connections();
+            let c = b.load();
             if c < min {
                 min = c;
                 best.clear();
@@ -257,8 +310,21 @@ mod tests {
     async fn removed_backends_take_no_connections() {
         let r = Router::new(&["a:1".into(), "b:1".into()]);
         let a = r.backends()[0].clone();
+        let _lease = Lease::new(a.clone());
         r.set_backends(&["b:1".into()]);
-        assert!(!a.is_healthy());
+        assert!(!a.is_healthy() && a.should_evacuate());
         assert_eq!(r.pick(&[]).unwrap().addr, "b:1");
+        // Still listed while a session is on it, so it can be evacuated.
+        assert_eq!(r.backends().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn draining_backends_take_no_connections_and_targets_count_incoming() {
+        let r = Router::new(&["a:1".into(), "b:1".into(), "c:1".into()]);
+        let a = r.find("a:1").unwrap();
+        a.set_draining(true);
+        r.find("b:1").unwrap().incoming_add(5);
+        assert_eq!(r.pick(&[]).unwrap().addr, "c:1");
+        assert_eq!(r.pick(&["c:1".into()]).unwrap().addr, "b:1");
     }
 }

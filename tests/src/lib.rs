@@ -64,10 +64,26 @@ impl ProxyProcess {
     /// `backend-addrs`, and `extra` appended to the `[proxy]` section (more
     /// sections may follow in `extra`). Waits until the SQL port accepts.
     pub fn start(backends: &[SocketAddr], extra: &str) -> ProxyProcess {
+        let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+        Self::start_with_backends(&list, extra)
+    }
+
+    /// Like [`ProxyProcess::start`], with backends given as TOML values
+    /// (`host:port` strings are quoted; `{ ... }` tables are used as is).
+    pub fn start_with_backends(backends: &[String], extra: &str) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let list: Vec<String> = backends
+            .iter()
+            .map(|b| {
+                if b.starts_with('{') {
+                    b.clone()
+                } else {
+                    format!("\"{b}\"")
+                }
+            })
+            .collect();
         let cfg = format!(
             "[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\nbackend-addrs = [{}]\n{extra}\n[api]\naddr = \"{api}\"\n",
             list.join(", ")

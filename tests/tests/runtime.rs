@@ -460,3 +460,56 @@ async fn proxy_protocol_v2_is_accepted_and_forwarded() {
     plain.write_all(b"\x05\x00\x00\x01hello").expect("write");
     assert!(closes_within(&mut plain, Duration::from_secs(20)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_to_a_server_without_session_states_keeps_sessions_whole() {
+    // MariaDB has no SHOW SESSION_STATES: every move fails at its first
+    // step, and the session must stay where it was, fully usable.
+    let db = mariadb();
+    let a = db.addr();
+    // The same server under a second name: two backends for the router.
+    let other = format!("localhost:{}", db.port());
+    let p = ProxyProcess::start_with_backends(&[a.to_string(), other], "");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    c.query_drop("SET @kept = 41").await.expect("set");
+    let (status, body) = post(p.api, "/api/debug/redirect");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"redirected\":1"), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let v: Option<i64> = c
+        .query_first("SELECT @kept + 1")
+        .await
+        .expect("session still works");
+    assert_eq!(v, Some(42));
+    let (_, metrics) = p.get("/api/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tiproxy_balance_migrate_total")
+                && l.contains("migrate_res=\"fail\"")),
+        "{metrics}"
+    );
+    let (status, body) = post(p.api, "/api/debug/redirect?to=nowhere:1");
+    assert_eq!(status, 404, "{body}");
+}
+
+/// A minimal HTTP/1.0 POST without a body.
+fn post(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect api");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
