@@ -395,7 +395,7 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                     Err(e) => debug!(backend = %b.addr, "status port unreachable: {e}"),
                 }
             }
-            if tick % 3 != 0 {
+            if !tick.is_multiple_of(3) {
                 continue;
             }
             match probe(&st, &b.addr).await {
