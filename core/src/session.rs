@@ -240,6 +240,13 @@ enum Migration {
     Pending {
         target: String,
     },
+    /// The client sent BEGIN inside a transaction while a move was pending:
+    /// its implicit commit was sent as a COMMIT of the proxy's own; the
+    /// BEGIN (`begin_len` bytes at the front of `held`) runs after the move.
+    HiddenCommit {
+        target: String,
+        begin_len: usize,
+    },
     /// SHOW SESSION_STATES sent to the old backend.
     Export {
         target: String,
@@ -276,6 +283,7 @@ impl Migration {
         match self {
             Migration::None => None,
             Migration::Pending { target }
+            | Migration::HiddenCommit { target, .. }
             | Migration::Export { target, .. }
             | Migration::Connecting { target, .. }
             | Migration::Greeting { target, .. }
@@ -702,7 +710,10 @@ impl Session {
             && now >= d
         {
             self.migration_deadline = None;
-            if matches!(self.migration, Migration::Export { .. }) {
+            if matches!(
+                self.migration,
+                Migration::Export { .. } | Migration::HiddenCommit { .. }
+            ) {
                 // The old backend is not answering its own session: its reply
                 // may still come and could not be told apart from the next
                 // response, so the session cannot continue there.
@@ -946,7 +957,10 @@ impl Session {
             return whole;
         }
         if leg == Leg::Backend {
-            if matches!(self.migration, Migration::Export { .. }) {
+            if matches!(
+                self.migration,
+                Migration::Export { .. } | Migration::HiddenCommit { .. }
+            ) {
                 return whole;
             }
             return match first {
@@ -956,6 +970,12 @@ impl Session {
             };
         }
         // Client, command phase.
+        if self.begin_trick_applies()
+            && first == Some(Command::Query.to_byte())
+            && header.len <= BEGIN_PREFIX
+        {
+            return whole;
+        }
         if self.tracker.is_idle()
             && first == Some(Command::ChangeUser.to_byte())
             && header.len < MAX_PAYLOAD
@@ -1073,6 +1093,29 @@ impl Session {
         payload: &[u8],
     ) -> Disposition {
         let starting = self.tracker.is_idle();
+        if self.begin_trick_applies() && payload.len() == header.len && is_begin(payload) {
+            // TiProxy's trick: BEGIN would commit the open transaction
+            // anyway, so commit it now, move, and run BEGIN on the new
+            // backend; a session that chains transactions with BEGIN would
+            // otherwise never reach a safe point.
+            let Migration::Pending { target } =
+                std::mem::replace(&mut self.migration, Migration::None)
+            else {
+                unreachable!("begin_trick_applies checked the stage")
+            };
+            let mut begin = BytesMut::with_capacity(HEADER_LEN + payload.len());
+            write_packet(&mut begin, 0, payload);
+            let begin_len = begin.len();
+            let mut held = begin;
+            held.extend_from_slice(&self.held);
+            self.held = held;
+            self.migration = Migration::HiddenCommit { target, begin_len };
+            self.migration_deadline = Some(now + self.cfg.migration_timeout);
+            self.legs[1].seq = 0;
+            self.legs[1].reset_out_seq = true;
+            self.send(Leg::Backend, b"\x03COMMIT");
+            return Disposition::Consumed;
+        }
         match self.tracker.on_client_packet(header.len, payload) {
             ClientPacket::Forward => Disposition::Forward(Leg::Backend),
             ClientPacket::ForwardNoResponse => {
@@ -1138,6 +1181,10 @@ impl Session {
             Phase::Command => {
                 if matches!(self.migration, Migration::Export { .. }) {
                     self.on_exported_packet(now, payload);
+                    return Disposition::Consumed;
+                }
+                if matches!(self.migration, Migration::HiddenCommit { .. }) {
+                    self.on_hidden_commit_reply(now, payload);
                     return Disposition::Consumed;
                 }
                 if self.migration.active() && self.tracker.is_idle() {
@@ -1351,6 +1398,53 @@ impl Session {
             let target = target.clone();
             self.events.push_back(Event::SafePoint);
             self.start_migration(now, target);
+        }
+    }
+
+    /// Whether a BEGIN from the client now would get TiProxy's treatment:
+    /// a move is pending and only the open transaction stands in its way.
+    fn begin_trick_applies(&self) -> bool {
+        matches!(self.migration, Migration::Pending { .. })
+            && self.tracker.is_idle()
+            && self.tracker.in_transaction()
+            && self.tracker.cursors().is_empty()
+            && self.tracker.long_data().is_empty()
+            && !self.close_at_safe_point
+    }
+
+    /// The old backend answered the proxy's COMMIT.
+    fn on_hidden_commit_reply(&mut self, now: Instant, payload: &[u8]) {
+        let Migration::HiddenCommit { target, begin_len } =
+            std::mem::replace(&mut self.migration, Migration::None)
+        else {
+            return;
+        };
+        self.migration_deadline = None;
+        match payload.first().copied() {
+            Some(OK_HEADER) => {
+                if let Ok(status) = OkPacket::status_of(payload) {
+                    self.tracker.set_status(status);
+                }
+                self.migration = Migration::Pending { target };
+                self.at_boundary(now);
+            }
+            _ => {
+                // The commit failed: that is the client's BEGIN's answer (its
+                // implicit commit failed), and the BEGIN does not run.
+                let _ = self.held.split_to(begin_len.min(self.held.len()));
+                self.legs[0].seq = 1;
+                if payload.first() == Some(&ERR_HEADER) {
+                    self.send(Leg::Client, payload);
+                } else {
+                    self.send_error(
+                        Leg::Client,
+                        &ProxyError::BackendProtocol("unexpected reply to COMMIT".into()),
+                    );
+                }
+                self.migration = Migration::Pending { target };
+                self.at_boundary(now);
+                self.drain_held(now);
+            }
         }
     }
 
@@ -1609,7 +1703,7 @@ impl Session {
                 self.legs[1].out.clear();
                 return;
             }
-            Migration::Export { .. } => {
+            Migration::Export { .. } | Migration::HiddenCommit { .. } => {
                 self.migration = Migration::None;
                 self.migration_deadline = None;
                 self.events.push_back(Event::MigrationFailed {
@@ -1783,6 +1877,33 @@ impl Session {
             }
         }
     }
+}
+
+/// Longest COM_QUERY inspected for the BEGIN trick.
+const BEGIN_PREFIX: usize = 64;
+
+/// Whether a COM_QUERY payload is `BEGIN` or `START TRANSACTION` (any case,
+/// surrounding blanks and a trailing `;` allowed). Variants such as
+/// `START TRANSACTION READ ONLY` or `WITH CONSISTENT SNAPSHOT` are left
+/// alone: moving them would change what they mean.
+fn is_begin(payload: &[u8]) -> bool {
+    let Some(sql) = payload.get(1..) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(sql);
+    let norm: Vec<String> = text
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    matches!(
+        norm.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["BEGIN"] | ["BEGIN", "WORK"] | ["START", "TRANSACTION"]
+    )
 }
 
 /// Describes a non-OK reply during the token handshake.

@@ -159,6 +159,11 @@ impl CommandTracker {
         self.status
     }
 
+    /// Overrides the status after an exchange the proxy ran itself.
+    pub fn set_status(&mut self, status: StatusFlags) {
+        self.status = status;
+    }
+
     /// Whether a transaction is open.
     pub fn in_transaction(&self) -> bool {
         self.status.contains(StatusFlags::IN_TRANS)

@@ -1205,3 +1205,91 @@ fn session_state_stays_small() {
     assert!(session <= 1400, "Session grew to {session} bytes");
     assert!(event <= 96, "Event grew to {event} bytes");
 }
+
+#[test]
+fn begin_inside_a_transaction_commits_moves_then_begins_on_the_new_backend() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.query_ok("begin", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    assert!(h.recv(Leg::Backend).is_empty());
+    // The client chains its next transaction with BEGIN.
+    h.send(Leg::Client, 0, b"\x03 begin ;");
+    let c = h.recv_one(Leg::Backend);
+    assert_eq!(
+        (c.seq, &c.data[..]),
+        (0, &b"\x03COMMIT"[..]),
+        "the implicit commit runs first"
+    );
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert!(
+        h.recv(Leg::Client).is_empty(),
+        "the client sees only its BEGIN's answer"
+    );
+    full_move(&mut h);
+    // The BEGIN runs on the new backend.
+    let b = h.recv_one(Leg::Backend);
+    assert_eq!((b.seq, &b.data[..]), (0, &b"\x03 begin ;"[..]));
+    h.send(
+        Leg::Backend,
+        1,
+        &ok(StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS),
+    );
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    assert!(h.s.in_transaction());
+    assert!(h.events.contains(&Event::Migrated {
+        target: "tidb-2:4000".into()
+    }));
+}
+
+#[test]
+fn failed_implicit_commit_is_the_begins_answer() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.query_ok("begin", StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    h.send(Leg::Client, 0, b"\x03START TRANSACTION");
+    assert_eq!(&h.recv_one(Leg::Backend).data[..], b"\x03COMMIT");
+    let conflict = err(9007, "Write conflict, txnStartTS=1, conflictStartTS=2");
+    h.send(Leg::Backend, 1, &conflict);
+    let answer = h.recv_one(Leg::Client);
+    assert_eq!(
+        (answer.seq, &answer.data[..]),
+        (1, &conflict[..]),
+        "the commit's error reaches the client"
+    );
+    // The BEGIN was not run anywhere; the move still waits for a status
+    // that shows no transaction, which the next answer brings.
+    assert!(h.recv(Leg::Backend).is_empty());
+    assert_eq!(h.s.migration_target(), Some("tidb-2:4000"));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+    export(&mut h);
+}
+
+#[test]
+fn begin_variants_are_recognised_narrowly() {
+    assert!(super::is_begin(b"\x03BEGIN"));
+    assert!(super::is_begin(b"\x03  start   transaction ; "));
+    assert!(super::is_begin(b"\x03begin work"));
+    assert!(!super::is_begin(b"\x03START TRANSACTION READ ONLY"));
+    assert!(!super::is_begin(b"\x03BEGIN; SELECT 1"));
+    assert!(!super::is_begin(b"\x03SELECT 'BEGIN'"));
+}
+
+#[test]
+fn set_session_states_follows_the_new_sessions_sql_mode() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    export(&mut h);
+    new_backend_handshake(&mut h);
+    h.send(
+        Leg::NewBackend,
+        2,
+        &ok(StatusFlags::AUTOCOMMIT | StatusFlags::NO_BACKSLASH_ESCAPES),
+    );
+    let set = h.recv_one(Leg::NewBackend);
+    let expected = crate::migration::set_session_states_query(STATES, true);
+    assert_eq!(&set.data[..], &expected[..]);
+    assert!(String::from_utf8_lossy(&set.data).contains("it''s"));
+}
