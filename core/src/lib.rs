@@ -5,6 +5,7 @@
 //! (`tiproxy-runtime` on tokio, or the turmoil simulation) passes `now` and
 //! a seeded RNG in and carries out the [`session::Action`]s it is handed.
 
+pub mod balance;
 pub mod command;
 pub mod compress;
 pub mod error;

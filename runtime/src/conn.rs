@@ -465,6 +465,20 @@ impl<N: Network> Driver<N> {
             }
             Event::MigrationFailed { target, reason } => {
                 self.move_resolved(true);
+                if let tiproxy_core::migration::MigrationFailure::StatesRefused { code, message } =
+                    &reason
+                    && *code != 8146
+                    && let Some(lease) = &self.lease
+                    && lease.backend().set_no_migration()
+                {
+                    // 8146 is TiDB refusing this session now (a transaction,
+                    // temporary tables); anything else means the server
+                    // cannot export sessions at all.
+                    warn!(
+                        backend = %lease.backend().addr,
+                        "backend cannot export sessions (SHOW SESSION_STATES: {code} {message}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
+                    );
+                }
                 let from = self
                     .lease
                     .as_ref()

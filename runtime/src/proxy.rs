@@ -419,27 +419,62 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-/// Sessions moved off draining or removed backends per second.
-pub const EVACUATION_RATE: usize = 5000;
+/// Move requests per second for evacuating draining or removed backends
+/// (TiProxy's `[balance.status] migrations-per-second`).
+pub const EVACUATION_RATE: u32 = 5000;
 
-/// Moves sessions off backends that are draining or were removed, at most
-/// [`EVACUATION_RATE`] requests per second, each to the backend with the
-/// least load (sessions plus sessions on their way). A session moves at its
-/// next safe point; one whose move failed is left alone for a few seconds.
+/// Move requests per second for balancing healthy backends (TiProxy's
+/// `[balance.conn-count] migrations-per-second`).
+pub const REBALANCE_RATE: u32 = 100;
+
+/// Reads `[balance.<factor>] <key>` as a number.
+fn balance_knob(cfg: &Config, factor: &str, key: &str) -> Option<f64> {
+    cfg.balance
+        .factors
+        .get(factor)?
+        .get(key)?
+        .as_float()
+        .or_else(|| {
+            cfg.balance
+                .factors
+                .get(factor)?
+                .get(key)?
+                .as_integer()
+                .map(|i| i as f64)
+        })
+}
+
+/// Every 100 ms: snapshot the backends, plan the tick's moves with
+/// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
+/// then even out the rest with hysteresis), and ask the chosen sessions to
+/// move. A session moves at its next safe point; one whose move failed is
+/// left alone for a few seconds.
 async fn balance_loop<N: Network>(st: Arc<State<N>>) {
+    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
     let tick = Duration::from_millis(100);
-    let per_tick = (EVACUATION_RATE / 10).max(1);
+    let per_tick = |rate: f64| ((rate / 10.0).ceil() as u32).max(1);
+    let evacuation = balance_knob(&st.config, "status", "migrations-per-second")
+        .filter(|r| *r > 0.0)
+        .unwrap_or(f64::from(EVACUATION_RATE));
+    let rebalance = balance_knob(&st.config, "conn-count", "migrations-per-second")
+        .filter(|r| *r > 0.0)
+        .unwrap_or(f64::from(REBALANCE_RATE));
+    let threshold = balance_knob(&st.config, "conn-count", "count-ratio-threshold")
+        .filter(|t| *t > 1.0)
+        .unwrap_or(1.2);
+    let cfg = BalanceConfig {
+        budget: per_tick(evacuation).max(per_tick(rebalance)),
+        rebalance_budget: per_tick(rebalance),
+        count_ratio_threshold: threshold,
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = st.stopped.notified() => return,
         }
         let router = &st.shared.router;
-        if !router
-            .backends()
-            .iter()
-            .any(|b| b.should_evacuate() && b.connections() > 0)
-        {
+        let backends = router.backends();
+        if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
             continue;
         }
         let now = tokio::time::Instant::now();
@@ -450,20 +485,36 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             .values()
             .cloned()
             .collect();
-        let mut budget = per_tick;
+        // Movable sessions per backend.
+        let mut on: Vec<Vec<Arc<Mailbox>>> = vec![Vec::new(); backends.len()];
         for m in mailboxes {
-            if budget == 0 {
-                break;
-            }
             let Some(b) = m.backend() else { continue };
-            if !b.should_evacuate() || !m.can_move(now) {
-                continue;
+            if let Some(i) = backends.iter().position(|x| Arc::ptr_eq(x, &b))
+                && m.can_move(now)
+            {
+                on[i].push(m);
             }
-            let Some(target) = router.pick(std::slice::from_ref(&b.addr)) else {
-                break;
-            };
-            m.request_move(&target);
-            budget -= 1;
+        }
+        let snapshot: Vec<BackendLoad> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BackendLoad {
+                sessions: b.connections().max(0) as u32,
+                incoming: b.incoming().max(0) as u32,
+                movable: if b.supports_migration() {
+                    on[i].len() as u32
+                } else {
+                    0
+                },
+                accepts: router.accepts(b),
+                evacuate: b.should_evacuate(),
+            })
+            .collect();
+        for m in plan(&snapshot, &cfg) {
+            let n = (m.count as usize).min(on[m.from].len());
+            for mb in on[m.from].drain(..n) {
+                mb.request_move(&backends[m.to]);
+            }
         }
     }
 }

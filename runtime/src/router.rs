@@ -29,6 +29,9 @@ pub struct Backend {
     incoming: AtomicI64,
     /// Its status port said it is shutting down (HTTP 500).
     draining: AtomicBool,
+    /// SHOW SESSION_STATES failed as on a server that is not TiDB (or has
+    /// no session token cert): its sessions cannot move.
+    no_migration: AtomicBool,
     healthy: AtomicBool,
     /// When a failed backend may be tried again.
     retry_at: Mutex<Option<Instant>>,
@@ -45,6 +48,7 @@ impl Backend {
             conns: AtomicI64::new(0),
             incoming: AtomicI64::new(0),
             draining: AtomicBool::new(false),
+            no_migration: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             retry_at: Mutex::new(None),
             removed: AtomicBool::new(false),
@@ -81,6 +85,21 @@ impl Backend {
     /// A session was asked to move here.
     pub fn incoming_add(&self, n: i64) {
         self.incoming.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether sessions on it can be moved.
+    pub fn supports_migration(&self) -> bool {
+        !self.no_migration.load(Ordering::Relaxed)
+    }
+
+    /// Records that sessions on it cannot be moved; true the first time.
+    pub fn set_no_migration(&self) -> bool {
+        !self.no_migration.swap(true, Ordering::Relaxed)
+    }
+
+    /// Sessions on their way here.
+    pub fn incoming(&self) -> i64 {
+        self.incoming.load(Ordering::Relaxed)
     }
 
     /// Load used to choose targets: sessions here plus sessions on the way.
@@ -208,6 +227,12 @@ impl Router {
     pub fn has_healthy(&self) -> bool {
         let now = Instant::now();
         self.backends().iter().any(|b| self.usable(b, now))
+    }
+
+    /// Whether `b` takes sessions now (healthy, not draining, not paused
+    /// after a failure).
+    pub fn accepts(&self, b: &Backend) -> bool {
+        self.usable(b, Instant::now())
     }
 
     fn usable(&self, b: &Backend, now: Instant) -> bool {
