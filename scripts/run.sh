@@ -11,11 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--config" ]]; then
+    scripts/install-deps.sh protobuf-compiler
     cargo build --release -q -p tiproxy-runtime
     exec target/release/tiproxy "$@"
 fi
 
-scripts/install-deps.sh mariadb-server mariadb-client
+scripts/install-deps.sh protobuf-compiler mariadb-server mariadb-client
 cargo build --release -q -p tiproxy-runtime
 
 demo=$(mktemp -d /tmp/tiproxy-demo.XXXXXX)

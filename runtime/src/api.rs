@@ -54,14 +54,21 @@ fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
     match (req.method(), path) {
         (&Method::GET, "/debug/health") => {
             let checksum = config_checksum(st);
+            let d = st.discovery.lock().expect("status lock").clone();
+            let pd = match (d.pd, &d.pd_error) {
+                (false, _) => serde_json::Value::Null,
+                (true, None) if d.pd_seen => "ok".into(),
+                (true, None) => "connecting".into(),
+                (true, Some(e)) => format!("unreachable: {e}").into(),
+            };
             match st.unhealthy_reason() {
                 None => json(
                     StatusCode::OK,
-                    serde_json::json!({ "config_checksum": checksum }),
+                    serde_json::json!({ "config_checksum": checksum, "pd": pd }),
                 ),
                 Some(r) => json(
                     StatusCode::BAD_GATEWAY,
-                    serde_json::json!({ "config_checksum": checksum, "unhealthy_reason": r }),
+                    serde_json::json!({ "config_checksum": checksum, "pd": pd, "unhealthy_reason": r }),
                 ),
             }
         }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod conn;
+pub mod discovery;
 pub mod logging;
 pub mod metrics;
 pub mod net;

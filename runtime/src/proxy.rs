@@ -52,6 +52,8 @@ pub struct State<N: Network> {
     stop_accepting: Notify,
     stopped: Notify,
     max_connections: u64,
+    /// PD discovery status.
+    pub discovery: crate::discovery::StatusCell,
     /// The configuration in effect.
     pub config: Config,
 }
@@ -63,9 +65,12 @@ impl<N: Network> State<N> {
             return Some("tiproxy is shutting down".into());
         }
         if self.shared.router.backends().is_empty() {
-            return Some(
-                "no backend is configured (set proxy.backend-addrs, or proxy.pd-addrs)".into(),
-            );
+            let d = self.discovery.lock().expect("status lock");
+            return Some(match (&d.pd_error, d.pd) {
+                (Some(e), true) => format!("no backend: PD is unreachable ({e})"),
+                (None, true) => "no TiDB is registered in PD".into(),
+                _ => "no backend is configured (set proxy.backend-addrs, or proxy.pd-addrs)".into(),
+            });
         }
         if !self.shared.router.has_healthy() {
             return Some("no backend is reachable".into());
@@ -168,17 +173,15 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     };
     let pd = config.proxy.effective_pd_addrs();
     let statics = &config.proxy.backend_addrs;
-    if !pd.is_empty() {
-        if statics.is_empty() {
-            warn!(
-                pd_addrs = ?pd,
-                "PD discovery is not implemented in this build: no backends. Set proxy.backend-addrs and pd-addrs = \"\""
-            );
-        } else {
-            warn!("PD discovery is not implemented in this build: using proxy.backend-addrs");
-        }
+    if !pd.is_empty() && !statics.is_empty() {
+        info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
+    let discovery_status: crate::discovery::StatusCell =
+        Arc::new(Mutex::new(crate::discovery::DiscoveryStatus {
+            pd: !pd.is_empty(),
+            ..Default::default()
+        }));
     let shared = Arc::new(Shared {
         net: net.clone(),
         router: router.clone(),
@@ -227,6 +230,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         stop_accepting: Notify::new(),
         stopped: Notify::new(),
         max_connections: config.proxy.max_connections,
+        discovery: discovery_status.clone(),
         config,
     });
     let mut tasks = JoinSet::new();
@@ -236,6 +240,20 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
     tasks.spawn(probe_loop(state.clone()));
     tasks.spawn(balance_loop(state.clone()));
+    if !pd.is_empty() {
+        tasks.spawn(crate::discovery::watch_pd(
+            pd.clone(),
+            state.config.clone(),
+            router.clone(),
+            discovery_status,
+        ));
+        let advertise = if state.config.proxy.advertise_addr.is_empty() {
+            sql_addrs[0].to_string()
+        } else {
+            state.config.proxy.advertise_addr.clone()
+        };
+        tasks.spawn(crate::discovery::register(pd, advertise, api_addr.port()));
+    }
     info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
     Ok(Proxy {
         state,

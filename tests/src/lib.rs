@@ -84,8 +84,13 @@ impl ProxyProcess {
                 }
             })
             .collect();
+        let pd = if extra.contains("pd-addrs") {
+            ""
+        } else {
+            "pd-addrs = \"\"\n"
+        };
         let cfg = format!(
-            "[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\nbackend-addrs = [{}]\n{extra}\n[api]\naddr = \"{api}\"\n",
+            "[proxy]\naddr = \"{sql}\"\n{pd}backend-addrs = [{}]\n{extra}\n[api]\naddr = \"{api}\"\n",
             list.join(", ")
         );
         // `extra` may open other sections; the [api] table then comes last
@@ -192,4 +197,101 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, body.to_string())
+}
+
+/// A private etcd (Debian `etcd-server`, installed if missing) on free
+/// loopback ports with a temp data dir; killed on drop. `stop` and
+/// `restart` keep the data dir, for outage tests.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Client port.
+    pub port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Etcd {
+        install(&["etcd-server"], "etcd");
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            port: free_port(),
+            peer_port: free_port(),
+        };
+        e.restart();
+        e
+    }
+
+    /// The client endpoint (`127.0.0.1:port`).
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--name", "default"])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Installs Debian packages if `probe` is not on the PATH.
+pub fn install(packages: &[&str], probe: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {probe}"))
+        .output()
+        .map(|o| o.status.success());
+    if found.unwrap_or(false) {
+        return;
+    }
+    let status = Command::new(workspace().join("scripts/install-deps.sh"))
+        .args(packages)
+        .status()
+        .expect("run install-deps.sh");
+    assert!(status.success(), "installing {packages:?} failed");
 }
