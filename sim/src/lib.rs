@@ -1,5 +1,7 @@
-//! tiproxy-sim: the turmoil simulation of the whole proxy.
+//! tiproxy-sim: the proxy's world in miniature.
 //!
-//! Not built yet. What is missing (issues 4 and 6): the TiDB double, the PD
-//! double, seed-derived swarm scenarios and the invariant checks. Nothing in
-//! this crate is exercised by CI until then.
+//! Built so far: [`tidb`], the TiDB double (runs on real TCP and on any
+//! [`tiproxy_runtime::net::Network`]). Still missing: the PD double,
+//! seed-derived turmoil scenarios and invariant checks.
+
+pub mod tidb;

@@ -26,7 +26,7 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace())
-            .args(["build", "-q", "-p", "tiproxy-runtime", "--bins"])
+            .args(["build", "-q", "-p", "tiproxy-runtime", "-p", "tiproxy-sim", "--bins"])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the tiproxy binaries failed");
@@ -294,4 +294,109 @@ pub fn install(packages: &[&str], probe: &str) {
         .status()
         .expect("run install-deps.sh");
     assert!(status.success(), "installing {packages:?} failed");
+}
+
+/// One instance of a [`TidbDouble`] cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TidbInstance {
+    /// Index in the cluster.
+    pub index: usize,
+    /// SQL address.
+    pub sql: SocketAddr,
+    /// Status address.
+    pub status: SocketAddr,
+    /// serving, draining, closing, stopped, killed.
+    pub state: String,
+    /// Open connections.
+    pub connections: u64,
+}
+
+/// A `tidb-double` process: a TiDB cluster double whose instances share one
+/// store, driven through its control API. Killed on drop.
+#[derive(Debug)]
+pub struct TidbDouble {
+    child: Child,
+    /// Control API address.
+    pub control: SocketAddr,
+}
+
+impl TidbDouble {
+    /// Starts `instances` instances with `graceful_wait` seconds of
+    /// graceful-wait-before-shutdown; `extra` are more command-line flags.
+    pub fn start(instances: usize, graceful_wait: u64, extra: &[&str]) -> TidbDouble {
+        let mut child = Command::new(binary("tidb-double"))
+            .args(["--instances", &instances.to_string(), "--graceful-wait", &graceful_wait.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tidb-double");
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("tidb-double prints its addresses");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
+        let control = v["control"].as_str().expect("control").parse().expect("addr");
+        TidbDouble { child, control }
+    }
+
+    /// Every instance.
+    pub fn instances(&self) -> Vec<TidbInstance> {
+        let (status, body) = http_get(self.control, "/instances");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let list = v.as_array().or_else(|| v["instances"].as_array()).expect("instance list").clone();
+        list.iter()
+            .map(|i| TidbInstance {
+                index: i["index"].as_u64().expect("index") as usize,
+                sql: i["sql"].as_str().expect("sql").parse().expect("addr"),
+                status: i["status"].as_str().expect("status").parse().expect("addr"),
+                state: i["state"].as_str().unwrap_or("").to_string(),
+                connections: i["connections"].as_u64().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Starts one more instance; returns it.
+    pub fn add(&self) -> TidbInstance {
+        let (status, body) = http_request(self.control, "POST", "/instances");
+        assert!((200..300).contains(&status), "{status} {body}");
+        self.instances().pop().expect("an instance")
+    }
+
+    /// Begins instance `i`'s graceful shutdown.
+    pub fn shutdown(&self, i: usize) {
+        let (status, body) = http_request(self.control, "POST", &format!("/instances/{i}/shutdown"));
+        assert!((200..300).contains(&status), "{status} {body}");
+    }
+
+    /// Kills instance `i` (every connection dropped at once).
+    pub fn kill(&self, i: usize) {
+        let (status, body) = http_request(self.control, "POST", &format!("/instances/{i}/kill"));
+        assert!((200..300).contains(&status), "{status} {body}");
+    }
+
+    /// The backend-addrs TOML entry of instance `i` (SQL and status ports).
+    pub fn backend_entry(i: &TidbInstance) -> String {
+        format!("{{ addr = \"{}\", status-addr = \"{}\" }}", i.sql, i.status)
+    }
+}
+
+impl Drop for TidbDouble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 request without a body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
 }

@@ -154,7 +154,10 @@ impl Value {
     pub fn column_type(&self) -> (u8, u16) {
         match self {
             Value::Null => (column_type::NULL, column_flag::BINARY),
-            Value::Int(_) => (column_type::LONGLONG, column_flag::NUM | column_flag::BINARY),
+            Value::Int(_) => (
+                column_type::LONGLONG,
+                column_flag::NUM | column_flag::BINARY,
+            ),
             Value::UInt(_) => (
                 column_type::LONGLONG,
                 column_flag::NUM | column_flag::BINARY | column_flag::UNSIGNED,

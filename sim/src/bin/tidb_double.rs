@@ -1,0 +1,307 @@
+//! `tidb-double`: a TiDB cluster double in one process, for tests and the
+//! playground. N instances share one store; a small HTTP control API starts,
+//! shuts down, kills and restarts instances.
+//!
+//! Once listening it prints one JSON line on stdout:
+//! `{"control":"127.0.0.1:P","instances":[{"index":0,"sql":"...","status":"...","state":"serving","connections":0}, ...]}`.
+//! Logs go to stderr (`RUST_LOG` sets the level). SIGTERM or SIGINT kills
+//! every instance and exits 0.
+//!
+//! Control API (`--control-addr`):
+//! - `GET /instances`: the list above.
+//! - `GET /instances/<i>`: one instance.
+//! - `POST /instances`: start one more; optional JSON body
+//!   `{"sql":"host:port","status":"host:port"}`.
+//! - `POST /instances/<i>/shutdown`: TiDB's graceful shutdown, in the
+//!   background (202; watch `state` go draining, closing, stopped).
+//! - `POST /instances/<i>/kill`: drop every connection at once (200 when done).
+//! - `POST /instances/<i>/restart`: start a stopped or killed instance again
+//!   on the same addresses.
+
+use std::convert::Infallible;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tiproxy_runtime::net::TokioNet;
+use tiproxy_sim::tidb::{
+    Cluster, ClusterOptions, DEFAULT_SERVER_VERSION, LocalCluster, TidbOptions,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidb-double",
+    version,
+    about = "A TiDB cluster double: N instances sharing one store"
+)]
+struct Args {
+    /// Instances to start.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Address the instances listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// SQL port of instance 0; instance i gets base + i. 0 picks free ports.
+    #[arg(long, default_value_t = 0)]
+    sql_port_base: u16,
+    /// Status port of instance 0; instance i gets base + i. 0 picks free ports.
+    #[arg(long, default_value_t = 0)]
+    status_port_base: u16,
+    /// graceful-wait-before-shutdown, seconds.
+    #[arg(long, default_value_t = 0)]
+    graceful_wait: u64,
+    /// Seconds a graceful shutdown waits for open transactions.
+    #[arg(long, default_value_t = 15)]
+    graceful_close_timeout: u64,
+    /// Control API address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control_addr: String,
+    /// Server version the instances announce.
+    #[arg(long, default_value = DEFAULT_SERVER_VERSION)]
+    server_version: String,
+    /// Session token lifetime, seconds.
+    #[arg(long, default_value_t = 60)]
+    token_lifetime: u64,
+    /// caching_sha2_password always asks for full authentication (as TiDB).
+    #[arg(long)]
+    no_sha2_fast_path: bool,
+    /// No session-token signing cert: no migration support (as old TiDB).
+    #[arg(long)]
+    no_session_token: bool,
+    /// RNG seed for salts and the signing key.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn port_of(base: u16, i: usize) -> u16 {
+    if base == 0 {
+        0
+    } else {
+        base.saturating_add(i as u16)
+    }
+}
+
+struct Control {
+    fleet: LocalCluster<TokioNet>,
+    args: Args,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidb-double: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidb-double: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cluster = Cluster::new(ClusterOptions {
+        seed: args.seed,
+        token_lifetime: Duration::from_secs(args.token_lifetime),
+        ..ClusterOptions::default()
+    });
+    let opts = TidbOptions {
+        server_version: args.server_version.clone(),
+        graceful_wait: Duration::from_secs(args.graceful_wait),
+        graceful_close_timeout: Duration::from_secs(args.graceful_close_timeout),
+        caching_sha2_fast_path: !args.no_sha2_fast_path,
+        session_token_signing: !args.no_session_token,
+        ..TidbOptions::default()
+    };
+    let fleet = LocalCluster::new(TokioNet::default(), cluster, opts);
+    for i in 0..args.instances {
+        let sql = format!("{}:{}", args.host, port_of(args.sql_port_base, i));
+        let status = format!("{}:{}", args.host, port_of(args.status_port_base, i));
+        fleet
+            .start_instance(&sql, &status)
+            .await
+            .map_err(|e| format!("cannot start instance {i} on {sql} / {status}: {e}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind(&args.control_addr)
+        .await
+        .map_err(|e| format!("cannot bind the control address {}: {e}", args.control_addr))?;
+    let control_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let ctl = Arc::new(Control { fleet, args });
+    let line = serde_json::json!({
+        "control": control_addr.to_string(),
+        "instances": ctl.fleet.instances(),
+    });
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+    tracing::info!(control = %control_addr, "tidb-double ready");
+
+    let accept_ctl = Arc::clone(&ctl);
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let ctl = Arc::clone(&accept_ctl);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let ctl = Arc::clone(&ctl);
+                    async move { Ok::<_, Infallible>(route(&ctl, req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+
+    wait_for_signal().await;
+    tracing::info!("signal received: killing every instance");
+    accept.abort();
+    ctl.fleet.kill_all().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    reply(status, serde_json::json!({ "error": msg.to_string() }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NewInstance {
+    sql: Option<String>,
+    status: Option<String>,
+}
+
+async fn route(ctl: &Control, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (method, parts.as_slice()) {
+        (Method::GET, ["instances"]) => {
+            reply(StatusCode::OK, serde_json::json!(ctl.fleet.instances()))
+        }
+        (Method::POST, ["instances"]) => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            let want: NewInstance = if body.iter().all(u8::is_ascii_whitespace) {
+                NewInstance::default()
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(w) => w,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")),
+                }
+            };
+            let i = ctl.fleet.instances().len();
+            let sql = want.sql.unwrap_or_else(|| {
+                format!("{}:{}", ctl.args.host, port_of(ctl.args.sql_port_base, i))
+            });
+            let status = want.status.unwrap_or_else(|| {
+                format!(
+                    "{}:{}",
+                    ctl.args.host,
+                    port_of(ctl.args.status_port_base, i)
+                )
+            });
+            match ctl.fleet.start_instance(&sql, &status).await {
+                Ok(info) => reply(StatusCode::OK, serde_json::json!(info)),
+                Err(e) => error(
+                    StatusCode::CONFLICT,
+                    format!("cannot start on {sql} / {status}: {e}"),
+                ),
+            }
+        }
+        (m, ["instances", idx, rest @ ..]) => {
+            let Some(i) = idx
+                .parse::<usize>()
+                .ok()
+                .filter(|i| ctl.fleet.instance(*i).is_some())
+            else {
+                return error(StatusCode::NOT_FOUND, format!("no instance {idx}"));
+            };
+            // Checked just above.
+            let Some(h) = ctl.fleet.instance(i) else {
+                return error(StatusCode::NOT_FOUND, format!("no instance {idx}"));
+            };
+            let current = |ctl: &Control| serde_json::json!(ctl.fleet.instances().get(i).cloned());
+            match (m, rest) {
+                (Method::GET, []) => reply(StatusCode::OK, current(ctl)),
+                (Method::POST, ["shutdown"]) => {
+                    h.start_graceful_shutdown();
+                    reply(StatusCode::ACCEPTED, current(ctl))
+                }
+                (Method::POST, ["kill"]) => {
+                    h.kill();
+                    h.stopped().await;
+                    reply(StatusCode::OK, current(ctl))
+                }
+                (Method::POST, ["restart"]) => match ctl.fleet.restart(i).await {
+                    Ok(info) => reply(StatusCode::OK, serde_json::json!(info)),
+                    Err(e) => error(StatusCode::CONFLICT, e),
+                },
+                _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),
+    }
+}

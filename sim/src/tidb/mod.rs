@@ -1,0 +1,94 @@
+//! The TiDB double: a TiDB-compatible server model, small enough to reason
+//! about, faithful where the proxy looks.
+//!
+//! - [`Cluster`]: what a TiDB cluster's instances share: a transactional
+//!   store (snapshot reads, first-committer-wins commits), the accounts
+//!   (`root` with no password, `app` / `app-Pa55word` with
+//!   mysql_native_password, `sha2user` / `sha2-Pa55word` with
+//!   caching_sha2_password), global variables and the session-token key.
+//! - [`TidbServer::start`]: one instance on any
+//!   [`Network`](tiproxy_runtime::net::Network) with TiDB's
+//!   greeting (version `8.0.11-TiDB-v8.5.0`, capabilities `0x051BA6AF`,
+//!   collation 46, a 20-byte salt, `mysql_native_password`), TiDB's auth
+//!   flow (auth switch with the connection's salt whenever the client names
+//!   another plugin, e.g. the proxy's `auth_unknown_plugin`; caching_sha2
+//!   fast and full paths; `tidb_session_token`), a status port and TiDB's
+//!   graceful shutdown.
+//! - [`LocalCluster`]: a cluster and its instances in one process (what the
+//!   `tidb-double` binary serves).
+//! - [`client::RawClient`]: a minimal MySQL client over any stream, for
+//!   tests and simulated clients.
+//!
+//! # The SQL subset
+//!
+//! Everything else is refused with 1105 `unsupported in the TiDB double:
+//! ...` (or 1064 for text that is not SQL).
+//!
+//! - `SELECT expr [[AS] alias], ...` without a table: literals, `?`,
+//!   `@user_var`, `@@[session.|global.]var`, `DATABASE()`, `SCHEMA()`,
+//!   `CONNECTION_ID()`, `LAST_INSERT_ID()`, `VERSION()`, `TIDB_VERSION()`,
+//!   `USER()`, `CURRENT_USER()`, `ROW_COUNT()`, `FOUND_ROWS()`, `NOW()`,
+//!   `CONCAT`, `COALESCE`/`IFNULL`, `IF`, `UPPER`, `LOWER`, `LENGTH`,
+//!   `CHAR_LENGTH`, `SLEEP(s)`; operators `+ - * / DIV % = <=> <> != < <= > >=
+//!   AND OR NOT IS [NOT] NULL [NOT] BETWEEN [NOT] IN [NOT] LIKE`; `LIMIT`.
+//!   This covers what clients send on connect (`select @@version_comment
+//!   limit 1`, mysql_async's `SELECT @@max_allowed_packet,@@wait_timeout`).
+//! - `SELECT * | expr, ... FROM [db.]t [WHERE expr] [ORDER BY expr [ASC|DESC], ...]
+//!   [LIMIT n [OFFSET m] | LIMIT m, n] [FOR UPDATE]`; aggregates `COUNT(*)`,
+//!   `COUNT(e)`, `SUM`, `MIN`, `MAX`, `AVG` over the whole table (no GROUP
+//!   BY, no joins). Primary-key conditions (`id = k`, `BETWEEN`, `>=`, `<`,
+//!   ...) narrow the scan.
+//! - `INSERT INTO t [(cols)] VALUES (...), (...)` (auto-increment, last
+//!   insert id, 1062 on a duplicate key), `UPDATE t SET c = expr, ... [WHERE]
+//!   [LIMIT]`, `DELETE FROM t [WHERE] [LIMIT]`.
+//! - `CREATE DATABASE [IF NOT EXISTS]`, `DROP DATABASE [IF EXISTS]`, `USE db`,
+//!   `CREATE TABLE [IF NOT EXISTS] t (id INT|BIGINT PRIMARY KEY
+//!   [AUTO_INCREMENT], c INT|BIGINT|TINYINT|SMALLINT|DOUBLE|VARCHAR(n)|CHAR(n)|TEXT
+//!   [NOT NULL] [DEFAULT lit], ... [, PRIMARY KEY (id)])` (an integer primary
+//!   key is required, secondary indexes are refused), `DROP TABLE [IF EXISTS]`.
+//! - `BEGIN` / `START TRANSACTION [...]` / `COMMIT` / `ROLLBACK`,
+//!   `SET [SESSION|GLOBAL] var = v`, `SET @@var = v`, `SET @u = v`,
+//!   `SET NAMES cs [COLLATE c]`, `SET autocommit = 0|1`, `SET TRANSACTION ...`
+//!   (accepted, no effect). Autocommit statements commit at once (retried on
+//!   write conflicts); with autocommit off the first table access opens a
+//!   transaction. IN_TRANS is set in every OK/EOF while one is open.
+//!   A conflicting COMMIT fails with 9007.
+//! - `SHOW PROCESSLIST`, `SHOW DATABASES`, `SHOW [FULL] TABLES`, `SHOW
+//!   [GLOBAL|SESSION] VARIABLES [LIKE 'p']`, `SHOW WARNINGS` (empty),
+//!   `SHOW SESSION_STATES`, `SET SESSION_STATES '<json>'`.
+//! - `PREPARE s FROM '...' | @var`, `EXECUTE s [USING @a, ...]`,
+//!   `DEALLOCATE PREPARE s`, and the binary protocol (COM_STMT_PREPARE,
+//!   EXECUTE with typed and NULL parameters, binary rows, CLOSE, RESET,
+//!   SEND_LONG_DATA; no cursors).
+//! - Commands: COM_QUERY (multi-statements when negotiated), COM_INIT_DB,
+//!   COM_PING, COM_QUIT, COM_FIELD_LIST, COM_STATISTICS, COM_SET_OPTION,
+//!   COM_RESET_CONNECTION, COM_CHANGE_USER, with or without DEPRECATE_EOF.
+
+mod auth;
+pub mod client;
+mod cluster;
+mod conn;
+mod error;
+mod fleet;
+mod server;
+mod session;
+pub mod sql;
+mod states;
+mod status;
+mod store;
+mod sysvar;
+mod time;
+mod token;
+pub mod value;
+
+pub use auth::{User, native_scramble, sha2_scramble};
+pub use cluster::{Clock, Cluster, ClusterOptions};
+pub use conn::SERVER_CAPABILITIES;
+pub use error::SqlError;
+pub use fleet::{InstanceInfo, LocalCluster};
+pub use server::{
+    DEFAULT_SERVER_VERSION, Phase, ProcessEntry, TidbHandle, TidbOptions, TidbServer,
+};
+pub use store::Store;
+pub use token::TokenError;
+pub use value::Value;

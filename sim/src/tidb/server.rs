@@ -1,0 +1,371 @@
+//! One TiDB instance: its SQL listener, status port, connections and
+//! shutdown, over any [`Network`] (real TCP now, turmoil in simulation).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tiproxy_runtime::net::Network;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::auth::plugin;
+use super::cluster::Cluster;
+
+/// TiDB's release in the default server version.
+pub const DEFAULT_SERVER_VERSION: &str = "8.0.11-TiDB-v8.5.0";
+
+/// How one instance behaves.
+#[derive(Debug, Clone)]
+pub struct TidbOptions {
+    /// Server version in the greeting, `VERSION()` and `/status`.
+    pub server_version: String,
+    /// `git_hash` in `/status`.
+    pub git_hash: String,
+    /// `graceful-wait-before-shutdown`: how long `/status` reports 500
+    /// while everything keeps working, before shutdown starts.
+    pub graceful_wait: Duration,
+    /// How long shutdown waits for open transactions to end before it
+    /// closes the remaining connections (TiDB: 15 s).
+    pub graceful_close_timeout: Duration,
+    /// The plugin named in the greeting (`default_authentication_plugin`).
+    pub default_auth_plugin: &'static str,
+    /// caching_sha2_password answers a correct scramble with fast-auth
+    /// success (`0x01 0x03`), as MySQL does with a warm cache. Off, it
+    /// always asks for full authentication (`0x01 0x04`), as TiDB does;
+    /// the double then accepts the cleartext password even on plain TCP.
+    pub caching_sha2_fast_path: bool,
+    /// Whether a session-token signing certificate is configured: without
+    /// one `/config` shows an empty `session-token-signing-cert` and
+    /// `SHOW SESSION_STATES` fails with 8146, as older TiDB does.
+    pub session_token_signing: bool,
+}
+
+impl Default for TidbOptions {
+    fn default() -> Self {
+        Self {
+            server_version: DEFAULT_SERVER_VERSION.to_string(),
+            git_hash: "0000000000000000000000000000000000000000".to_string(),
+            graceful_wait: Duration::ZERO,
+            graceful_close_timeout: Duration::from_secs(15),
+            default_auth_plugin: plugin::NATIVE_PASSWORD,
+            caching_sha2_fast_path: true,
+            session_token_signing: true,
+        }
+    }
+}
+
+/// Where an instance is in its life. Only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Serving.
+    Serving,
+    /// Graceful shutdown began: `/status` is 500, everything else works.
+    Draining,
+    /// Not accepting; idle connections are closed, others after their
+    /// transaction ends.
+    Closing,
+    /// Shut down.
+    Stopped,
+    /// Killed: every socket dropped at once.
+    Killed,
+}
+
+/// A row of SHOW PROCESSLIST.
+#[derive(Debug, Clone)]
+pub struct ProcessEntry {
+    /// Connection id.
+    pub id: u64,
+    /// User.
+    pub user: String,
+    /// Client `ip:port`.
+    pub host: String,
+    /// Current database.
+    pub db: String,
+    /// `Sleep`, `Query`, ...
+    pub command: &'static str,
+    /// When the current command (or idle period) began.
+    pub since: Instant,
+    /// The running statement.
+    pub info: Option<String>,
+    /// Whether a transaction is open.
+    pub in_txn: bool,
+}
+
+/// State shared by an instance's tasks.
+#[derive(Debug)]
+pub struct Instance {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) opts: TidbOptions,
+    pub(crate) sql_addr: SocketAddr,
+    pub(crate) status_addr: SocketAddr,
+    phase: watch::Sender<Phase>,
+    processes: Mutex<BTreeMap<u64, ProcessEntry>>,
+    /// Open SQL connections, handshaking ones included.
+    live: AtomicUsize,
+    conn_closed: Notify,
+}
+
+impl Instance {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Moves to `next` if it is later than the current phase.
+    pub(crate) fn advance(&self, next: Phase) {
+        self.phase.send_if_modified(|p| {
+            if next > *p {
+                *p = next;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Authenticated sessions (what `/status` counts).
+    pub fn processes(&self) -> Vec<ProcessEntry> {
+        self.lock_processes().values().cloned().collect()
+    }
+
+    /// Number of authenticated sessions.
+    pub fn connection_count(&self) -> usize {
+        self.lock_processes().len()
+    }
+
+    fn lock_processes(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProcessEntry>> {
+        self.processes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn register(&self, e: ProcessEntry) {
+        self.lock_processes().insert(e.id, e);
+    }
+
+    pub(crate) fn update(&self, id: u64, f: impl FnOnce(&mut ProcessEntry)) {
+        if let Some(e) = self.lock_processes().get_mut(&id) {
+            f(e);
+        }
+    }
+}
+
+/// Counts a connection task from accept to exit.
+#[derive(Debug)]
+pub(crate) struct ConnGuard {
+    inst: Arc<Instance>,
+    id: u64,
+}
+
+impl ConnGuard {
+    fn new(inst: &Arc<Instance>, id: u64) -> Self {
+        inst.live.fetch_add(1, Ordering::SeqCst);
+        Self {
+            inst: Arc::clone(inst),
+            id,
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.inst.lock_processes().remove(&self.id);
+        self.inst.live.fetch_sub(1, Ordering::SeqCst);
+        self.inst.conn_closed.notify_waiters();
+    }
+}
+
+/// Resolves once the phase is at least `p`.
+pub(crate) async fn reached(rx: &mut watch::Receiver<Phase>, p: Phase) {
+    // Err: the instance is gone, which ends everything too.
+    let _ = rx.wait_for(|x| *x >= p).await.map(|_| ());
+}
+
+/// Starts TiDB instances.
+#[derive(Debug)]
+pub struct TidbServer;
+
+impl TidbServer {
+    /// Binds `sql_addr` and `status_addr` (port 0 picks a free one) and
+    /// serves until shut down or killed.
+    pub async fn start<N: Network>(
+        net: N,
+        cluster: Arc<Cluster>,
+        sql_addr: &str,
+        status_addr: &str,
+        opts: TidbOptions,
+    ) -> io::Result<TidbHandle> {
+        let sql_listener = net.bind(sql_addr).await?;
+        let status_listener = net.bind(status_addr).await?;
+        let (tx, _) = watch::channel(Phase::Serving);
+        let inst = Arc::new(Instance {
+            cluster,
+            opts,
+            sql_addr: net.listener_addr(&sql_listener)?,
+            status_addr: net.listener_addr(&status_listener)?,
+            phase: tx,
+            processes: Mutex::new(BTreeMap::new()),
+            live: AtomicUsize::new(0),
+            conn_closed: Notify::new(),
+        });
+        let accept = tokio::spawn(accept_loop(net.clone(), sql_listener, Arc::clone(&inst)));
+        let status = tokio::spawn(super::status::serve(
+            net,
+            status_listener,
+            Arc::clone(&inst),
+        ));
+        tracing::info!(sql = %inst.sql_addr, status = %inst.status_addr, "TiDB double instance started");
+        Ok(TidbHandle {
+            inst,
+            tasks: Arc::new(Mutex::new(vec![accept, status])),
+        })
+    }
+}
+
+async fn accept_loop<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
+    let mut phase = inst.subscribe();
+    loop {
+        tokio::select! {
+            r = net.accept(&listener) => match r {
+                Ok((stream, peer)) => {
+                    let guard = ConnGuard::new(&inst, inst.cluster.next_conn_id());
+                    let inst = Arc::clone(&inst);
+                    net.spawn_connection(stream, move |s| super::conn::serve(s, peer, inst, guard));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = reached(&mut phase, Phase::Closing) => break,
+        }
+    }
+    tracing::info!(sql = %inst.sql_addr, "stopped accepting connections");
+}
+
+/// Controls a running instance. Clones control the same instance.
+#[derive(Debug, Clone)]
+pub struct TidbHandle {
+    inst: Arc<Instance>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl TidbHandle {
+    /// The bound SQL address.
+    pub fn sql_addr(&self) -> SocketAddr {
+        self.inst.sql_addr
+    }
+
+    /// The bound status address.
+    pub fn status_addr(&self) -> SocketAddr {
+        self.inst.status_addr
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.inst.phase()
+    }
+
+    /// Authenticated sessions.
+    pub fn connection_count(&self) -> usize {
+        self.inst.connection_count()
+    }
+
+    /// The cluster the instance belongs to.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.inst.cluster
+    }
+
+    /// TiDB's graceful shutdown: `/status` answers 500 at once; after
+    /// `graceful_wait` the listener closes and idle connections are closed,
+    /// those in a transaction when it ends; after `graceful_close_timeout`
+    /// the rest are closed. Returns when everything is closed. Calling it
+    /// again (or after `kill`) just waits for the end.
+    pub async fn graceful_shutdown(&self) {
+        if self.begin_shutdown() {
+            self.shutdown_sequence().await;
+        }
+        self.stopped().await;
+    }
+
+    /// [`TidbHandle::graceful_shutdown`] in the background: `/status`
+    /// answers 500 when this returns.
+    pub fn start_graceful_shutdown(&self) {
+        if self.begin_shutdown() {
+            let h = self.clone();
+            tokio::spawn(async move { h.shutdown_sequence().await });
+        }
+    }
+
+    /// Moves a serving instance to draining; false if it was not serving.
+    fn begin_shutdown(&self) -> bool {
+        let mut began = false;
+        self.inst.phase.send_if_modified(|p| {
+            if *p == Phase::Serving {
+                *p = Phase::Draining;
+                began = true;
+            }
+            began
+        });
+        if began {
+            tracing::info!(sql = %self.inst.sql_addr, "graceful shutdown: reporting unhealthy");
+        }
+        began
+    }
+
+    async fn shutdown_sequence(&self) {
+        tokio::time::sleep(self.inst.opts.graceful_wait).await;
+        self.inst.advance(Phase::Closing);
+        let drained =
+            tokio::time::timeout(self.inst.opts.graceful_close_timeout, self.no_connections())
+                .await;
+        if drained.is_err() {
+            tracing::info!(
+                left = self.inst.live.load(Ordering::SeqCst),
+                "graceful shutdown timed out; closing the remaining connections"
+            );
+        }
+        self.inst.advance(Phase::Stopped);
+    }
+
+    /// Drops every connection and listener at once.
+    pub fn kill(&self) {
+        self.inst.advance(Phase::Killed);
+        tracing::info!(sql = %self.inst.sql_addr, "killed");
+    }
+
+    /// Waits until the instance is stopped or killed and all its tasks and
+    /// connections are gone.
+    pub async fn stopped(&self) {
+        let mut rx = self.inst.subscribe();
+        reached(&mut rx, Phase::Stopped).await;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.no_connections().await;
+    }
+
+    async fn no_connections(&self) {
+        loop {
+            let notified = self.inst.conn_closed.notified();
+            if self.inst.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The status port: `GET /status` (TiProxy's health check; 500 from the
+//! start of graceful shutdown) and `GET /config` (TiProxy reads
+//! `security.session-token-signing-cert` to know the instance can take
+//! migrated sessions).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tiproxy_runtime::net::Network;
+
+use super::server::{Instance, Phase, reached};
+
+pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
+    let mut phase = inst.subscribe();
+    loop {
+        tokio::select! {
+            r = net.accept(&listener) => {
+                let Ok((stream, _)) = r else { continue };
+                let inst = Arc::clone(&inst);
+                tokio::spawn(async move {
+                    let mut stop = inst.subscribe();
+                    let svc_inst = Arc::clone(&inst);
+                    let svc = service_fn(move |req| {
+                        let inst = Arc::clone(&svc_inst);
+                        async move { Ok::<_, Infallible>(route(&inst, &req)) }
+                    });
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = reached(&mut stop, Phase::Stopped) => {}
+                    }
+                });
+            }
+            _ = reached(&mut phase, Phase::Stopped) => break,
+        }
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn route(inst: &Instance, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return json(StatusCode::METHOD_NOT_ALLOWED, String::new());
+    }
+    match req.uri().path() {
+        "/status" => {
+            // TiDB answers 500 with no body once shutdown began.
+            if inst.phase() >= Phase::Draining {
+                return json(StatusCode::INTERNAL_SERVER_ERROR, String::new());
+            }
+            let body = serde_json::json!({
+                "connections": inst.connection_count(),
+                "version": inst.opts.server_version,
+                "git_hash": inst.opts.git_hash,
+            });
+            json(StatusCode::OK, body.to_string())
+        }
+        "/config" => {
+            let (cert, key) = if inst.opts.session_token_signing {
+                (
+                    inst.cluster.signing_cert_path(),
+                    "/tidb-double/session-token-signing.key",
+                )
+            } else {
+                ("", "")
+            };
+            let body = serde_json::json!({
+                "host": inst.sql_addr.ip().to_string(),
+                "advertise-address": inst.sql_addr.ip().to_string(),
+                "port": inst.sql_addr.port(),
+                "store": "tikv",
+                "graceful-wait-before-shutdown": inst.opts.graceful_wait.as_secs(),
+                "status": {
+                    "status-host": inst.status_addr.ip().to_string(),
+                    "status-port": inst.status_addr.port(),
+                    "report-status": true,
+                },
+                "security": {
+                    "session-token-signing-cert": cert,
+                    "session-token-signing-key": key,
+                },
+            });
+            json(StatusCode::OK, body.to_string())
+        }
+        _ => json(StatusCode::NOT_FOUND, String::new()),
+    }
+}
