@@ -232,6 +232,8 @@ struct Driver<N: Network> {
     closing: bool,
     /// Where a requested move goes, until it resolves.
     moving_to: Option<Arc<crate::router::Backend>>,
+    /// The backend a session just left (for metrics).
+    moved_from: Option<String>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -285,6 +287,7 @@ pub async fn serve<N: Network>(
         peer: source,
         closing: false,
         moving_to: None,
+        moved_from: None,
     });
     if !early.is_empty() {
         d.session.handle_data(now, Leg::Client, &early);
@@ -405,6 +408,7 @@ impl<N: Network> Driver<N> {
                 Action::CloseLeg(_) => {}
                 Action::SwapBackends { farewell } => {
                     let old = std::mem::replace(&mut self.backend, self.new_backend.take());
+                    self.moved_from = self.lease.as_ref().map(|l| l.backend().addr.clone());
                     self.lease = self.new_lease.take();
                     self.ctl
                         .set_backend(self.lease.as_ref().map(|l| l.backend().clone()));
@@ -452,11 +456,8 @@ impl<N: Network> Driver<N> {
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
-                let from = self
-                    .lease
-                    .as_ref()
-                    .map(|l| l.backend().addr.clone())
-                    .unwrap_or_default();
+                self.move_resolved(false);
+                let from = self.moved_from.take().unwrap_or_default();
                 metrics()
                     .migrate
                     .with_label_values(&[&from, &target, "", "succeed"])

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub backend_status: IntGaugeVec,
     /// Moves by outcome.
     pub migrate: IntCounterVec,
+    /// Moves under way, by target.
+    pub pending_migrate: IntGaugeVec,
 }
 
 impl Metrics {
@@ -155,7 +157,17 @@ impl Metrics {
         )
         .expect("valid");
         reg(Box::new(migrate.clone()));
+        let pending_migrate = IntGaugeVec::new(
+            Opts::new(
+                "tiproxy_balance_pending_migrate",
+                "Session moves under way, by target.",
+            ),
+            &["to"],
+        )
+        .expect("valid");
+        reg(Box::new(pending_migrate.clone()));
         Self {
+            pending_migrate,
             reject_max_connections: reject.with_label_values(&["max_connections"]),
             registry,
             connections,

@@ -389,12 +389,12 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     .await;
 }
 
-/// Health checks. Every second: the TiDB status port of backends that have
-/// one (`GET /status`; 500 means draining). Every third second: the SQL
-/// port's greeting. A backend that fails gets no new connections; a
+/// Health checks. Every half second: the TiDB status port of backends that
+/// have one (`GET /status`; 500 means draining). Every third second: the
+/// SQL port's greeting. A backend that fails gets no new connections; a
 /// draining one also has its sessions moved away by [`balance_loop`].
 async fn probe_loop<N: Network>(st: Arc<State<N>>) {
-    let interval = Duration::from_secs(1);
+    let interval = Duration::from_millis(500);
     let mut tick: u64 = 0;
     loop {
         for b in st.shared.router.backends() {
@@ -413,7 +413,7 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                     Err(e) => debug!(backend = %b.addr, "status port unreachable: {e}"),
                 }
             }
-            if !tick.is_multiple_of(3) {
+            if !tick.is_multiple_of(6) {
                 continue;
             }
             match probe(&st, &b.addr).await {
@@ -440,6 +440,9 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
 /// Move requests per second for evacuating draining or removed backends
 /// (TiProxy's `[balance.status] migrations-per-second`).
 pub const EVACUATION_RATE: u32 = 5000;
+
+/// Most moves under way at once.
+pub const MAX_MOVES_IN_FLIGHT: i64 = 256;
 
 /// Move requests per second for balancing healthy backends (TiProxy's
 /// `[balance.conn-count] migrations-per-second`).
@@ -528,6 +531,23 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
                 evacuate: b.should_evacuate(),
             })
             .collect();
+        // Moves in flight hold a third socket each and compete with the
+        // sessions' own traffic: keep their number bounded.
+        let in_flight: i64 = backends.iter().map(|b| b.incoming().max(0)).sum();
+        for b in &backends {
+            crate::metrics::metrics()
+                .pending_migrate
+                .with_label_values(&[&b.addr])
+                .set(b.incoming());
+        }
+        let room = (MAX_MOVES_IN_FLIGHT - in_flight).max(0) as u32;
+        if room == 0 {
+            continue;
+        }
+        let cfg = BalanceConfig {
+            budget: cfg.budget.min(room),
+            ..cfg
+        };
         for m in plan(&snapshot, &cfg) {
             let n = (m.count as usize).min(on[m.from].len());
             for mb in on[m.from].drain(..n) {

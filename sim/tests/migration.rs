@@ -326,6 +326,14 @@ async fn the_proxys_forced_auth_switch_works_for_every_plugin() {
         r.rows,
         vec![vec![Some("app@%".into()), Some("test".into()), None]]
     );
+    // As the proxy rewrites it: auth_unknown_plugin, empty auth data.
+    for (user, pass) in [("sha2user", "sha2-Pa55word"), ("app", "app-Pa55word")] {
+        c.change_user_with_plugin(user, pass, "test", "auth_unknown_plugin")
+            .await
+            .unwrap();
+        let r = c.query("SELECT CURRENT_USER()").await.unwrap();
+        assert_eq!(r.scalar(), Some(format!("{user}@%")));
+    }
     c.query("SET @v = 2").await.unwrap();
     c.reset_connection().await.unwrap();
     let r = c.query("SELECT DATABASE(), @v").await.unwrap();
@@ -348,4 +356,55 @@ async fn multi_statements_report_more_results() {
     assert_eq!(all[2].scalar().as_deref(), Some("1"));
     assert!(!all[3].status.contains(StatusFlags::MORE_RESULTS_EXISTS));
     assert!(!all[3].status.contains(StatusFlags::IN_TRANS));
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_names_the_client() {
+    use tiproxy_core::proxy_protocol::ProxyHeader;
+    use tokio::io::AsyncWriteExt;
+
+    async fn with_header(
+        addr: &str,
+        opts: &ConnectOptions,
+    ) -> Result<RawClient<TcpStream>, tiproxy_sim::tidb::client::ClientError> {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut h = bytes::BytesMut::new();
+        ProxyHeader::Proxy {
+            source: "10.1.2.3:4567".parse().unwrap(),
+            destination: addr.parse().unwrap(),
+        }
+        .write(&mut h);
+        s.write_all(&h).await.unwrap();
+        RawClient::connect(s, opts).await
+    }
+    let on = fleet(
+        1,
+        TidbOptions {
+            proxy_protocol: true,
+            ..TidbOptions::default()
+        },
+    )
+    .await;
+    let addr = sql_addr(&on, 0);
+    let mut c = with_header(&addr, &ConnectOptions::password("app", "app-Pa55word"))
+        .await
+        .unwrap();
+    let r = c.query("SHOW PROCESSLIST").await.unwrap();
+    assert_eq!(r.rows[0][2].as_deref(), Some("10.1.2.3:4567"));
+    let e = with_header(&addr, &ConnectOptions::password("app", "bad"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("'app'@'10.1.2.3'"), "{e}");
+    // Without a header it still works (the double's listener falls back).
+    raw(&addr, &ConnectOptions::password("root", ""))
+        .await
+        .ping()
+        .await
+        .unwrap();
+
+    let off = fleet(1, TidbOptions::default()).await;
+    let e = with_header(&sql_addr(&off, 0), &ConnectOptions::password("root", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(8052), "{e}");
 }

@@ -26,7 +26,15 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace())
-            .args(["build", "-q", "-p", "tiproxy-runtime", "-p", "tiproxy-sim", "--bins"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "tiproxy-runtime",
+                "-p",
+                "tiproxy-sim",
+                "--bins",
+            ])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the tiproxy binaries failed");
@@ -325,7 +333,12 @@ impl TidbDouble {
     /// graceful-wait-before-shutdown; `extra` are more command-line flags.
     pub fn start(instances: usize, graceful_wait: u64, extra: &[&str]) -> TidbDouble {
         let mut child = Command::new(binary("tidb-double"))
-            .args(["--instances", &instances.to_string(), "--graceful-wait", &graceful_wait.to_string()])
+            .args([
+                "--instances",
+                &instances.to_string(),
+                "--graceful-wait",
+                &graceful_wait.to_string(),
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -334,9 +347,16 @@ impl TidbDouble {
             .expect("spawn tidb-double");
         let stdout = child.stdout.take().expect("piped");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("tidb-double prints its addresses");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
-        let control = v["control"].as_str().expect("control").parse().expect("addr");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("tidb-double prints its addresses");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
+        let control = v["control"]
+            .as_str()
+            .expect("control")
+            .parse()
+            .expect("addr");
         TidbDouble { child, control }
     }
 
@@ -345,7 +365,11 @@ impl TidbDouble {
         let (status, body) = http_get(self.control, "/instances");
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-        let list = v.as_array().or_else(|| v["instances"].as_array()).expect("instance list").clone();
+        let list = v
+            .as_array()
+            .or_else(|| v["instances"].as_array())
+            .expect("instance list")
+            .clone();
         list.iter()
             .map(|i| TidbInstance {
                 index: i["index"].as_u64().expect("index") as usize,
@@ -366,7 +390,8 @@ impl TidbDouble {
 
     /// Begins instance `i`'s graceful shutdown.
     pub fn shutdown(&self, i: usize) {
-        let (status, body) = http_request(self.control, "POST", &format!("/instances/{i}/shutdown"));
+        let (status, body) =
+            http_request(self.control, "POST", &format!("/instances/{i}/shutdown"));
         assert!((200..300).contains(&status), "{status} {body}");
     }
 
@@ -392,11 +417,20 @@ impl Drop for TidbDouble {
 /// A minimal HTTP/1.0 request without a body.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("write");
     let mut buf = String::new();
     s.read_to_string(&mut buf).expect("read");
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, body.to_string())
 }

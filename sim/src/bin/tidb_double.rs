@@ -77,6 +77,10 @@ struct Args {
     /// No session-token signing cert: no migration support (as old TiDB).
     #[arg(long)]
     no_session_token: bool,
+    /// Accept a PROXY protocol v2 header from clients (TiDB's
+    /// proxy-protocol-networks); without it a header gets error 8052.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// RNG seed for salts and the signing key.
     #[arg(long)]
     seed: Option<u64>,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -135,6 +140,7 @@ async fn run(args: Args) -> Result<(), String> {
         graceful_close_timeout: Duration::from_secs(args.graceful_close_timeout),
         caching_sha2_fast_path: !args.no_sha2_fast_path,
         session_token_signing: !args.no_session_token,
+        proxy_protocol: args.proxy_protocol,
         ..TidbOptions::default()
     };
     let fleet = LocalCluster::new(TokioNet::default(), cluster, opts);

@@ -66,9 +66,16 @@ mod tests {
 
     #[test]
     fn native_scramble_matches_a_known_vector() {
-        // Computed with MySQL's algorithm for password "root" and a fixed salt.
+        // Expected values computed independently (Python hashlib) with
+        // MySQL's formulas for these passwords and salt.
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let salt = b"01234567890123456789";
         let s = native_scramble(b"root", salt);
+        assert_eq!(hex(&s), "9410cb9926795a9c23f15baa0be3788398fdfe8e");
+        assert_eq!(
+            hex(&sha2_scramble(b"sha2-Pa55word", salt)),
+            "cd943ef7f82b90718493e077b04c0e108976a9d8174afe0c16fd3867c0644150"
+        );
         let user = User {
             name: "u".into(),
             password: "root".into(),

@@ -572,20 +572,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         password: &str,
         db: &str,
     ) -> Result<(), ClientError> {
+        self.change_user_with_plugin(user, password, db, plugin::NATIVE_PASSWORD)
+            .await
+    }
+
+    /// COM_CHANGE_USER naming `plugin_name`; with `auth_unknown_plugin`
+    /// the auth data is empty, as the proxy rewrites the command, and the
+    /// server's auth switch is answered.
+    pub async fn change_user_with_plugin(
+        &mut self,
+        user: &str,
+        password: &str,
+        db: &str,
+        plugin_name: &str,
+    ) -> Result<(), ClientError> {
         self.password = password.to_string();
+        let auth = if plugin_name == plugin::FORCE_SWITCH {
+            Vec::new()
+        } else {
+            scramble(plugin_name, password, &self.salt)
+        };
         let cu = ChangeUser {
             username: Bytes::copy_from_slice(user.as_bytes()),
-            auth_response: Bytes::from(scramble(plugin::NATIVE_PASSWORD, password, &self.salt)),
+            auth_response: Bytes::from(auth),
             database: Bytes::copy_from_slice(db.as_bytes()),
             charset: Some(46),
-            auth_plugin: Some(Bytes::from_static(plugin::NATIVE_PASSWORD.as_bytes())),
+            auth_plugin: Some(Bytes::copy_from_slice(plugin_name.as_bytes())),
             attributes: None,
         };
         let mut p = BytesMut::new();
         cu.write(&mut p, self.caps);
         self.seq = 0;
         self.write(&p).await?;
-        self.finish_auth(plugin::NATIVE_PASSWORD.to_string()).await
+        self.finish_auth(plugin_name.to_string()).await
     }
 
     /// COM_QUIT.

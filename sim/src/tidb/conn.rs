@@ -11,6 +11,7 @@ use tiproxy_core::handshake::{
     AuthMoreData, AuthSwitchRequest, ChangeUser, ClientHello, InitialHandshake, client_capabilities,
 };
 use tiproxy_core::packet::{PacketDecoder, Payload, write_packet};
+use tiproxy_core::proxy_protocol::{ProxyHeader, ProxyHeaderError};
 use tiproxy_core::response::{EofPacket, ErrPacket, OkPacket, PrepareOk};
 use tiproxy_core::wire::{Reader, put_lenenc_bytes, put_lenenc_int};
 use tiproxy_core::{CapabilityFlags, Command, StatusFlags};
@@ -313,6 +314,9 @@ impl<S: Stream> Conn<S> {
         self.seq = 0;
         self.push(&p);
         self.flush().await?;
+        if !self.read_proxy_header().await? {
+            return Ok(false);
+        }
         let Some(first) = self.read_packet().await? else {
             return Ok(false);
         };
@@ -382,6 +386,41 @@ impl<S: Stream> Conn<S> {
         self.push_ok(0, 0, "", StatusFlags::AUTOCOMMIT);
         self.flush().await?;
         Ok(true)
+    }
+
+    /// Handles a PROXY v2 header in front of the handshake response. False
+    /// if the connection should close.
+    async fn read_proxy_header(&mut self) -> io::Result<bool> {
+        let mut raw = Vec::new();
+        loop {
+            match ProxyHeader::parse(&raw) {
+                Ok(None) => {}
+                Ok(Some((header, n))) => {
+                    if !self.inst.opts.proxy_protocol {
+                        // The header read as a MySQL packet has sequence 10.
+                        self.push_err(&SqlError::new(8052, "HY000", "invalid sequence 10 != 1"));
+                        self.flush().await?;
+                        return Ok(false);
+                    }
+                    if let ProxyHeader::Proxy { source, .. } = header {
+                        self.peer = source;
+                    }
+                    self.dec.extend(&raw[n..]);
+                    return Ok(true);
+                }
+                Err(ProxyHeaderError::NoSignature) => {
+                    self.dec.extend(&raw);
+                    return Ok(true);
+                }
+                Err(e) => return Err(proto(&e.to_string())),
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
     }
 
     /// TiDB's checks, in TiDB's order: the session token plugin skips the
@@ -902,43 +941,36 @@ fn decode_param(r: &mut Reader<'_>, ty: u8, unsigned: bool) -> Option<Value> {
         column_type::DATE | column_type::DATETIME | column_type::TIMESTAMP => {
             let len = r.u8("datetime length").ok()?;
             let b = r.take(usize::from(len), "datetime").ok()?;
+            // Short forms leave the rest zero; a malformed length never panics.
             let g = |i: usize| b.get(i).copied().map_or(0, u32::from);
-            let year = if b.len() >= 2 {
-                u32::from(u16::from_le_bytes([b[0], b[1]]))
-            } else {
-                0
-            };
+            let g32 = |i: usize| g(i) | g(i + 1) << 8 | g(i + 2) << 16 | g(i + 3) << 24;
+            let year = g(0) | g(1) << 8;
             let mut s = format!("{year:04}-{:02}-{:02}", g(2), g(3));
             if len > 4 {
                 s.push_str(&format!(" {:02}:{:02}:{:02}", g(4), g(5), g(6)));
             }
             if len > 7 {
-                let micros = u32::from_le_bytes([b[7], b[8], b[9], b[10]]);
-                s.push_str(&format!(".{micros:06}"));
+                s.push_str(&format!(".{:06}", g32(7)));
             }
             Value::Str(s)
         }
         column_type::TIME => {
             let len = r.u8("time length").ok()?;
             let b = r.take(usize::from(len), "time").ok()?;
-            if len == 0 {
-                Value::Str("00:00:00".into())
-            } else {
-                let neg = b[0] == 1;
-                let days = u32::from_le_bytes([b[1], b[2], b[3], b[4]]);
-                let h = days * 24 + u32::from(b[5]);
-                let mut s = format!(
-                    "{}{h:02}:{:02}:{:02}",
-                    if neg { "-" } else { "" },
-                    b[6],
-                    b[7]
-                );
-                if len > 8 {
-                    let micros = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-                    s.push_str(&format!(".{micros:06}"));
-                }
-                Value::Str(s)
+            let g = |i: usize| b.get(i).copied().map_or(0, u32::from);
+            let g32 = |i: usize| g(i) | g(i + 1) << 8 | g(i + 2) << 16 | g(i + 3) << 24;
+            let neg = g(0) == 1;
+            let h = g32(1).saturating_mul(24).saturating_add(g(5));
+            let mut s = format!(
+                "{}{h:02}:{:02}:{:02}",
+                if neg { "-" } else { "" },
+                g(6),
+                g(7)
+            );
+            if len > 8 {
+                s.push_str(&format!(".{:06}", g32(8)));
             }
+            Value::Str(s)
         }
         // Strings, blobs, decimals, JSON, enums, sets, bits.
         _ => Value::Str(String::from_utf8_lossy(r.lenenc_bytes("string").ok()?).into_owned()),

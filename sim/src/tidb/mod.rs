@@ -12,8 +12,8 @@
 //!   collation 46, a 20-byte salt, `mysql_native_password`), TiDB's auth
 //!   flow (auth switch with the connection's salt whenever the client names
 //!   another plugin, e.g. the proxy's `auth_unknown_plugin`; caching_sha2
-//!   fast and full paths; `tidb_session_token`), a status port and TiDB's
-//!   graceful shutdown.
+//!   fast and full paths; `tidb_session_token`), an optional PROXY v2
+//!   header, a status port and TiDB's graceful shutdown.
 //! - [`LocalCluster`]: a cluster and its instances in one process (what the
 //!   `tidb-double` binary serves).
 //! - [`client::RawClient`]: a minimal MySQL client over any stream, for

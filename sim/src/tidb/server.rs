@@ -44,6 +44,11 @@ pub struct TidbOptions {
     /// one `/config` shows an empty `session-token-signing-cert` and
     /// `SHOW SESSION_STATES` fails with 8146, as older TiDB does.
     pub session_token_signing: bool,
+    /// TiDB's `proxy-protocol-networks`: accept a PROXY v2 header before
+    /// the handshake response (TiDB's lazy listener: the header may follow
+    /// the greeting) and use its source address as the client's. Off, a
+    /// header gets 8052 `invalid sequence`, as TiDB answers it.
+    pub proxy_protocol: bool,
 }
 
 impl Default for TidbOptions {
@@ -56,6 +61,7 @@ impl Default for TidbOptions {
             default_auth_plugin: plugin::NATIVE_PASSWORD,
             caching_sha2_fast_path: true,
             session_token_signing: true,
+            proxy_protocol: false,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! `tidb_session_token` plugin accepts on another instance of the cluster.
 //!
 //! The JSON layout is TiDB's (`username`, `sign-time`, `expire-time`,
-//! `signature`); the signature is HMAC-SHA256 with the cluster's key over
-//! the JSON without the signature, where TiDB signs with the private key of
+//! `signature`); the signature is made with the cluster's key over the JSON
+//! without the signature (256 bytes of HMAC-SHA256 blocks, the size of an
+//! RSA-2048 signature), where TiDB signs with the private key of
 //! `session-token-signing-cert`. The proxy treats tokens as opaque.
 
 use std::time::{Duration, SystemTime};
@@ -47,11 +48,23 @@ struct TokenDoc {
     signature: Option<String>,
 }
 
-fn mac(key: &[u8], content: &[u8]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
-    m.update(content);
-    m
+/// Length of a signature: that of an RSA-2048 signature, TiDB's usual
+/// signing key, so tokens are as long as TiDB's (over 250 bytes: the proxy
+/// must send them length-encoded).
+const SIGNATURE_LEN: usize = 256;
+
+/// Eight HMAC-SHA256 blocks over `[i] ++ content`.
+fn signature(key: &[u8], content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIGNATURE_LEN);
+    for i in 0..(SIGNATURE_LEN / 32) as u8 {
+        // HMAC takes keys of any length.
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
+        m.update(&[i]);
+        m.update(content);
+        out.extend_from_slice(&m.finalize().into_bytes());
+    }
+    out
 }
 
 /// Signs a token for `username`, valid for `lifetime` from `now`.
@@ -64,7 +77,7 @@ pub fn sign(key: &[u8], username: &str, now: SystemTime, lifetime: Duration) -> 
     };
     // Serializing strings cannot fail.
     let content = serde_json::to_vec(&doc).unwrap_or_default();
-    doc.signature = Some(BASE64.encode(mac(key, &content).finalize().into_bytes()));
+    doc.signature = Some(BASE64.encode(signature(key, &content)));
     serde_json::to_string(&doc).unwrap_or_default()
 }
 
@@ -81,9 +94,17 @@ pub fn validate(
     let sig = doc.signature.take().ok_or(TokenError::BadSignature)?;
     let sig = BASE64.decode(sig).map_err(|_| TokenError::BadSignature)?;
     let content = serde_json::to_vec(&doc).map_err(|_| TokenError::Malformed)?;
-    mac(key, &content)
-        .verify_slice(&sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    let want = signature(key, &content);
+    // Compare without an early exit.
+    let diff = want
+        .iter()
+        .zip(&sig)
+        .fold(u8::from(want.len() != sig.len()), |acc, (a, b)| {
+            acc | (a ^ b)
+        });
+    if diff != 0 {
+        return Err(TokenError::BadSignature);
+    }
     let expire = parse_rfc3339(&doc.expire_time).ok_or(TokenError::Malformed)?;
     let signed = parse_rfc3339(&doc.sign_time).ok_or(TokenError::Malformed)?;
     if now > expire {
@@ -111,6 +132,11 @@ mod tests {
         assert!(
             t.starts_with(r#"{"username":"app","sign-time":"2023-11-14T22:13:20Z","#),
             "{t}"
+        );
+        assert!(
+            t.len() > 250,
+            "as long as TiDB's RSA-signed tokens: {}",
+            t.len()
         );
         assert_eq!(validate(b"k", t.as_bytes(), "APP", now, MIN), Ok(()));
         assert_eq!(
