@@ -50,8 +50,11 @@ pub struct OkPacket {
     pub status: StatusFlags,
     /// Warning count.
     pub warnings: u16,
-    /// Human-readable info, and any session state changes, raw.
+    /// Human-readable info (e.g. "Rows matched: 1  Changed: 1  Warnings: 0").
     pub info: Bytes,
+    /// Session state changes (with `SESSION_TRACK` and
+    /// `SESSION_STATE_CHANGED`), raw.
+    pub session_state: Bytes,
 }
 
 impl OkPacket {
@@ -83,8 +86,31 @@ impl OkPacket {
             last_insert_id,
             status,
             warnings,
-            info: Bytes::copy_from_slice(r.rest()),
-        })
+            info: Bytes::new(),
+            session_state: Bytes::new(),
+        }
+        .with_tail(r.rest(), caps))
+    }
+
+    /// Reads what follows the warnings. Servers write the info text
+    /// length-encoded (MySQL's `net_store_data`), and with SESSION_TRACK the
+    /// session state block after it; an info that does not parse as
+    /// length-encoded is kept whole (older servers wrote it raw).
+    fn with_tail(mut self, tail: &[u8], caps: CapabilityFlags) -> Self {
+        if tail.is_empty() {
+            return self;
+        }
+        let mut r = Reader::new(tail);
+        match r.lenenc_bytes("info") {
+            Ok(info) if caps.contains(CapabilityFlags::SESSION_TRACK) || r.is_empty() => {
+                self.info = Bytes::copy_from_slice(info);
+                if self.status.contains(StatusFlags::SESSION_STATE_CHANGED) {
+                    self.session_state = Bytes::copy_from_slice(r.rest());
+                }
+            }
+            _ => self.info = Bytes::copy_from_slice(tail),
+        }
+        self
     }
 
     /// Reads only the status flags of an OK payload: the hot-path variant
@@ -98,20 +124,22 @@ impl OkPacket {
         Ok(StatusFlags::from_bits_retain(r.u16("status flags")?))
     }
 
-    /// Builds the payload (4.1 format; `info` is written as-is after the
-    /// warnings, or length-encoded with `SESSION_TRACK`).
+    /// Builds the payload (4.1 format). The info text is length-encoded, as
+    /// servers write it; the session state block follows with
+    /// `SESSION_TRACK` when `SESSION_STATE_CHANGED` is set.
     pub fn write(&self, out: &mut BytesMut, caps: CapabilityFlags) {
         out.put_u8(self.header);
         put_lenenc_int(out, self.affected_rows);
         put_lenenc_int(out, self.last_insert_id);
         out.put_u16_le(self.status.bits());
         out.put_u16_le(self.warnings);
-        if caps.contains(CapabilityFlags::SESSION_TRACK) {
-            if !self.info.is_empty() {
-                put_lenenc_bytes(out, &self.info);
-            }
-        } else {
-            out.put_slice(&self.info);
+        let state = caps.contains(CapabilityFlags::SESSION_TRACK)
+            && self.status.contains(StatusFlags::SESSION_STATE_CHANGED);
+        if !self.info.is_empty() || state {
+            put_lenenc_bytes(out, &self.info);
+        }
+        if state {
+            out.put_slice(&self.session_state);
         }
     }
 }
@@ -292,11 +320,22 @@ mod tests {
             status: StatusFlags::IN_TRANS | StatusFlags::AUTOCOMMIT,
             warnings: 2,
             info: Bytes::from_static(b"Rows matched: 1"),
+            session_state: Bytes::new(),
         };
         let mut out = BytesMut::new();
         ok.write(&mut out, caps);
         assert_eq!(OkPacket::parse(&out, caps).unwrap(), ok);
         assert_eq!(OkPacket::status_of(&out).unwrap(), ok.status);
+        // With session tracking: info then the state block.
+        let caps = caps | CapabilityFlags::SESSION_TRACK;
+        let tracked = OkPacket {
+            status: StatusFlags::AUTOCOMMIT | StatusFlags::SESSION_STATE_CHANGED,
+            session_state: Bytes::from_static(b"\x05\x01\x00\x04test"),
+            ..ok
+        };
+        let mut out = BytesMut::new();
+        tracked.write(&mut out, caps);
+        assert_eq!(OkPacket::parse(&out, caps).unwrap(), tracked);
     }
 
     #[test]

@@ -203,20 +203,34 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
     assert!(rounds > 20, "workload ran {rounds} rounds");
 
     // State after the move, and where the sessions are now.
-    for c in &mut clients {
-        c.round(999_999).await;
-        let list: Vec<mysql_async::Row> =
-            c.conn.query("SHOW PROCESSLIST").await.expect("processlist");
-        assert!(
-            !list.is_empty(),
-            "SHOW PROCESSLIST lists the session on its new TiDB"
-        );
-    }
     let remaining = cluster.instances();
     let survivor = remaining
         .iter()
         .find(|i| i.index != victim.index)
         .expect("survivor");
+    for c in &mut clients {
+        c.round(999_999).await;
+        let port: Option<u16> = c.conn.query_first("SELECT @@port").await.expect("@@port");
+        assert_eq!(
+            port,
+            Some(survivor.sql.port()),
+            "client {} is on the surviving TiDB",
+            c.id
+        );
+        let infos: Vec<String> = c
+            .conn
+            .query_map("SHOW PROCESSLIST", |row: mysql_async::Row| {
+                row.get::<Option<String>, _>("Info")
+                    .flatten()
+                    .unwrap_or_default()
+            })
+            .await
+            .expect("processlist");
+        assert!(
+            infos.iter().any(|info| info.contains("SHOW PROCESSLIST")),
+            "SHOW PROCESSLIST on the new TiDB lists the session itself: {infos:?}"
+        );
+    }
     assert!(
         survivor.connections >= 7,
         "all sessions on the surviving TiDB: {remaining:?}"
