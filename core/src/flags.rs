@@ -104,17 +104,16 @@ impl CapabilityFlags {
         .union(CapabilityFlags::DEPRECATE_EOF)
         .union(CapabilityFlags::ZSTD_COMPRESSION_ALGORITHM);
 
-    /// Capabilities that change the shape of packets on the wire. A client
-    /// and the backend serving it must agree on every one of these, because
-    /// the proxy forwards responses as they are.
+    /// Capabilities that change the shape of packets on the wire in a way
+    /// the client cannot cope with if the backend lacks them: a client and
+    /// the backend serving it must agree on these, because the proxy
+    /// forwards responses as they are. (Others, such as SESSION_TRACK or
+    /// PS_MULTI_RESULTS, only let a server send more; a backend without them
+    /// sends what any client of that protocol reads.)
     pub const SHAPE: CapabilityFlags = CapabilityFlags::PROTOCOL_41
         .union(CapabilityFlags::DEPRECATE_EOF)
-        .union(CapabilityFlags::SESSION_TRACK)
-        .union(CapabilityFlags::TRANSACTIONS)
         .union(CapabilityFlags::SECURE_CONNECTION)
-        .union(CapabilityFlags::PLUGIN_AUTH)
-        .union(CapabilityFlags::MULTI_RESULTS)
-        .union(CapabilityFlags::PS_MULTI_RESULTS);
+        .union(CapabilityFlags::PLUGIN_AUTH);
 
     /// Capabilities that are negotiated separately on each leg: the proxy
     /// terminates them.

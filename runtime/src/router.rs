@@ -154,9 +154,11 @@ pub struct BackendProfile {
 
 impl Default for BackendProfile {
     fn default() -> Self {
+        // Until a backend has greeted the proxy, offer nothing a backend
+        // might lack that would change the shape of responses.
         Self {
             server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
-            capabilities: CapabilityFlags::PROXY_SUPPORTED,
+            capabilities: CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::DEPRECATE_EOF,
             charset: 46,
         }
     }

@@ -18,9 +18,11 @@
 //! - `POST /instances/<i>/restart`: start a stopped or killed instance again
 //!   on the same addresses.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tiproxy_runtime::net::TokioNet;
+use tiproxy_sim::tidb::pd::Registration;
 use tiproxy_sim::tidb::{
     Cluster, ClusterOptions, DEFAULT_SERVER_VERSION, LocalCluster, TidbOptions,
 };
@@ -84,6 +87,28 @@ struct Args {
     /// RNG seed for salts and the signing key.
     #[arg(long)]
     seed: Option<u64>,
+    /// PD (etcd) endpoints to register every instance in, as TiDB does.
+    #[arg(long, value_delimiter = ',')]
+    pd: Vec<String>,
+    /// Lease TTL of the PD registration, seconds (TiDB: 45).
+    #[arg(long, default_value_t = 45)]
+    pd_ttl: u64,
+    /// Labels of every instance, `key=value,...` (e.g. `zone=east`).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+}
+
+impl Args {
+    fn label_map(&self, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut m: BTreeMap<String, String> = self
+            .labels
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.extend(extra.clone());
+        m
+    }
 }
 
 fn port_of(base: u16, i: usize) -> u16 {
@@ -97,6 +122,59 @@ fn port_of(base: u16, i: usize) -> u16 {
 struct Control {
     fleet: LocalCluster<TokioNet>,
     args: Args,
+    /// PD registration task and record per instance.
+    registrations: Mutex<HashMap<usize, (tokio::task::JoinHandle<()>, Registration)>>,
+}
+
+impl Control {
+    /// Registers instance `i` in PD (when `--pd` is given).
+    fn register(&self, i: usize, labels: &BTreeMap<String, String>) {
+        if self.args.pd.is_empty() {
+            return;
+        }
+        let Some(info) = self.fleet.instances().into_iter().find(|x| x.index == i) else {
+            return;
+        };
+        let reg = Registration {
+            pd: self.args.pd.clone(),
+            sql: info.sql.clone(),
+            status_port: info
+                .status
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0),
+            version: self.args.server_version.clone(),
+            labels: self.args.label_map(labels),
+            ttl: Duration::from_secs(self.args.pd_ttl),
+        };
+        let task = tokio::spawn(reg.clone().keep_registered());
+        if let Some((old, _)) = self
+            .registrations
+            .lock()
+            .expect("registrations")
+            .insert(i, (task, reg))
+        {
+            old.abort();
+        }
+    }
+
+    /// A crash: the registration stops being kept alive and expires.
+    fn crash_registration(&self, i: usize) {
+        if let Some((task, _)) = self.registrations.lock().expect("registrations").remove(&i) {
+            task.abort();
+        }
+    }
+
+    /// The end of a graceful shutdown: the keys are deleted.
+    async fn deregister(&self, i: usize) {
+        let entry = self.registrations.lock().expect("registrations").remove(&i);
+        if let Some((task, reg)) = entry {
+            task.abort();
+            if let Err(e) = reg.deregister().await {
+                tracing::warn!(sql = %reg.sql, "PD deregistration failed: {e}");
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -156,7 +234,14 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot bind the control address {}: {e}", args.control_addr))?;
     let control_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let ctl = Arc::new(Control { fleet, args });
+    let ctl = Arc::new(Control {
+        fleet,
+        args,
+        registrations: Mutex::new(HashMap::new()),
+    });
+    for i in 0..ctl.args.instances {
+        ctl.register(i, &BTreeMap::new());
+    }
     let line = serde_json::json!({
         "control": control_addr.to_string(),
         "instances": ctl.fleet.instances(),
@@ -235,9 +320,11 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes
 struct NewInstance {
     sql: Option<String>,
     status: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
-async fn route(ctl: &Control, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(ctl: &Arc<Control>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -270,7 +357,10 @@ async fn route(ctl: &Control, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             });
             match ctl.fleet.start_instance(&sql, &status).await {
-                Ok(info) => reply(StatusCode::OK, serde_json::json!(info)),
+                Ok(info) => {
+                    ctl.register(info.index, &want.labels);
+                    reply(StatusCode::OK, serde_json::json!(info))
+                }
                 Err(e) => error(
                     StatusCode::CONFLICT,
                     format!("cannot start on {sql} / {status}: {e}"),
@@ -294,15 +384,27 @@ async fn route(ctl: &Control, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 (Method::GET, []) => reply(StatusCode::OK, current(ctl)),
                 (Method::POST, ["shutdown"]) => {
                     h.start_graceful_shutdown();
+                    if !ctl.args.pd.is_empty() {
+                        let ctl2 = Arc::clone(ctl);
+                        let h2 = h.clone();
+                        tokio::spawn(async move {
+                            h2.stopped().await;
+                            ctl2.deregister(i).await;
+                        });
+                    }
                     reply(StatusCode::ACCEPTED, current(ctl))
                 }
                 (Method::POST, ["kill"]) => {
+                    ctl.crash_registration(i);
                     h.kill();
                     h.stopped().await;
                     reply(StatusCode::OK, current(ctl))
                 }
                 (Method::POST, ["restart"]) => match ctl.fleet.restart(i).await {
-                    Ok(info) => reply(StatusCode::OK, serde_json::json!(info)),
+                    Ok(info) => {
+                        ctl.register(i, &BTreeMap::new());
+                        reply(StatusCode::OK, serde_json::json!(info))
+                    }
                     Err(e) => error(StatusCode::CONFLICT, e),
                 },
                 _ => error(StatusCode::NOT_FOUND, format!("no route {path}")),

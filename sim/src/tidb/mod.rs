@@ -70,6 +70,7 @@ mod cluster;
 mod conn;
 mod error;
 mod fleet;
+pub mod pd;
 mod server;
 mod session;
 pub mod sql;
