@@ -492,6 +492,11 @@ impl Session {
         self.database.as_deref()
     }
 
+    /// [`Session::database`] as a shared buffer (no copy).
+    pub fn database_bytes(&self) -> Option<Bytes> {
+        self.database.clone()
+    }
+
     /// Last known server status flags.
     pub fn status(&self) -> StatusFlags {
         self.tracker.status()

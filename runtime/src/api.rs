@@ -1,26 +1,45 @@
-//! The HTTP API on `[api] addr`: TiProxy's health and metrics routes.
+//! The HTTP API on `[api] addr`: TiProxy's routes (health, metrics, config,
+//! redirect) and what operators also need (backends, drain, sessions).
+//! Every route is also served without the `/api` prefix, as TiProxy does.
+//! Errors are JSON `{"error": "..."}` with the right status code.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tracing::debug;
+use serde_json::json;
+use tracing::{debug, info};
 
+use crate::config::Config;
 use crate::metrics::metrics;
 use crate::net::Network;
 use crate::proxy::State;
 
 type Resp = Response<Full<Bytes>>;
 
-fn json(status: StatusCode, body: serde_json::Value) -> Resp {
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Resp {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts")
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Resp {
+    reply(status, json!({ "error": msg.to_string() }))
+}
+
+fn text(content_type: &'static str, body: String) -> Resp {
+    Response::builder()
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
 }
 
@@ -36,7 +55,7 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(route(&st, req)) }
+                async move { Ok::<_, Infallible>(route(&st, req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -48,62 +67,245 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     }
 }
 
-fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
-    let path = req.uri().path().trim_end_matches('/');
-    let path = path.strip_prefix("/api").unwrap_or(path);
-    match (req.method(), path) {
-        (&Method::GET, "/debug/health") => {
-            let checksum = config_checksum(st);
-            let d = st.discovery.lock().expect("status lock").clone();
-            let pd = match (d.pd, &d.pd_error) {
-                (false, _) => serde_json::Value::Null,
-                (true, None) if d.pd_seen => "ok".into(),
-                (true, None) => "connecting".into(),
-                (true, Some(e)) => format!("unreachable: {e}").into(),
+/// Reads the request body (at most [`MAX_BODY`] bytes).
+async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("cannot read the body: {e}"),
+        )),
+    }
+}
+
+fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
+}
+
+async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
+    let full = req.uri().path().trim_end_matches('/').to_string();
+    let path = full.strip_prefix("/api").unwrap_or(&full).to_string();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let method = req.method().clone();
+    match (method.clone(), parts.as_slice()) {
+        (Method::GET, ["debug", "health"]) => health(st),
+        (Method::PUT, ["debug", "health"]) => {
+            let b = match body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
             };
-            match st.unhealthy_reason() {
-                None => json(
-                    StatusCode::OK,
-                    serde_json::json!({ "config_checksum": checksum, "pd": pd }),
-                ),
-                Some(r) => json(
-                    StatusCode::BAD_GATEWAY,
-                    serde_json::json!({ "config_checksum": checksum, "pd": pd, "unhealthy_reason": r }),
+            #[derive(serde::Deserialize)]
+            struct Set {
+                healthy: bool,
+                #[serde(default)]
+                reason: String,
+            }
+            match serde_json::from_slice::<Set>(&b) {
+                Ok(s) => {
+                    let v = (!s.healthy).then(|| {
+                        if s.reason.is_empty() {
+                            "no reason given".into()
+                        } else {
+                            s.reason
+                        }
+                    });
+                    info!(unhealthy = ?v, "health set through the API");
+                    *st.manual_unhealthy.lock().expect("health lock") = v;
+                    health(st)
+                }
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"healthy\": bool, \"reason\": string}}: {e}"),
                 ),
             }
         }
-        (&Method::POST, "/debug/redirect") => {
-            let q = req.uri().query().unwrap_or("");
-            let param = |k: &str| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| v.to_string())
-            };
-            match st.redirect(param("from").as_deref(), param("to").as_deref()) {
-                Ok(n) => json(StatusCode::OK, serde_json::json!({ "redirected": n })),
-                Err(e) => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": e })),
+        (Method::DELETE, ["debug", "health"]) => {
+            *st.manual_unhealthy.lock().expect("health lock") = None;
+            health(st)
+        }
+        (Method::POST, ["debug", "redirect"]) => {
+            match st.redirect(
+                query_param(&req, "from").as_deref(),
+                query_param(&req, "to").as_deref(),
+            ) {
+                Ok(n) => reply(StatusCode::OK, json!({ "redirected": n })),
+                Err(e) => error(StatusCode::NOT_FOUND, e),
             }
         }
-        (&Method::GET, "/metrics") => Response::builder()
-            .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(metrics().render())))
-            .expect("static response parts"),
-        (_, "/debug/health" | "/metrics" | "/debug/redirect") => json(
+        (Method::GET, ["metrics"]) => text("text/plain; version=0.0.4", metrics().render()),
+        (Method::GET, ["admin", "config"]) => {
+            let cfg = st.live_config.read().expect("config lock").clone();
+            let want_json = query_param(&req, "format").as_deref() == Some("json")
+                || req
+                    .headers()
+                    .get("accept")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/json"));
+            if want_json {
+                match serde_json::to_value(&cfg) {
+                    Ok(v) => reply(StatusCode::OK, v),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                }
+            } else {
+                match toml::to_string(&cfg) {
+                    Ok(t) => text("application/toml", t),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                }
+            }
+        }
+        (Method::PUT, ["admin", "config"]) => {
+            let b = match body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let Ok(text) = std::str::from_utf8(&b) else {
+                return error(StatusCode::BAD_REQUEST, "the body is not UTF-8 TOML");
+            };
+            // Like TiProxy, the body patches the configuration in effect:
+            // keys it leaves out keep their values.
+            let patch: toml::Table = match text.parse() {
+                Ok(t) => t,
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed TOML: {e}")),
+            };
+            let current = st.live_config.read().expect("config lock").clone();
+            let mut merged = match toml::Table::try_from(&current) {
+                Ok(t) => t,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            };
+            merge(&mut merged, patch);
+            let text = merged.to_string();
+            match Config::from_toml(&text, std::path::Path::new("PUT /api/admin/config")) {
+                Ok((cfg, warnings)) => {
+                    let restart = st.apply_config(cfg);
+                    info!(?restart, "configuration updated through the API");
+                    reply(
+                        StatusCode::OK,
+                        json!({ "applied": true, "restart_required": restart, "warnings": warnings }),
+                    )
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (Method::GET, ["backends"]) => {
+            let list: Vec<serde_json::Value> = st
+                .router()
+                .backends()
+                .iter()
+                .map(|b| backend_json(st, b))
+                .collect();
+            reply(StatusCode::OK, json!(list))
+        }
+        (Method::POST, ["backends", addr, action @ ("drain" | "undrain")]) => {
+            let addr = addr.replace("%3A", ":").replace("%3a", ":");
+            match st.router().find(&addr) {
+                Some(b) => {
+                    b.set_manual_drain(*action == "drain");
+                    info!(backend = %addr, "{action}ed through the API");
+                    reply(StatusCode::OK, backend_json(st, &b))
+                }
+                None => error(StatusCode::NOT_FOUND, format!("unknown backend {addr}")),
+            }
+        }
+        (Method::GET, ["sessions"]) => {
+            let list: Vec<serde_json::Value> = st
+                .sessions()
+                .iter()
+                .map(|(id, m)| {
+                    let i = m.info();
+                    json!({
+                        "connection_id": id,
+                        "client": i.client.map(|c| c.to_string()),
+                        "backend": m.backend().map(|b| b.addr.clone()),
+                        "user": String::from_utf8_lossy(&i.user),
+                        "db": String::from_utf8_lossy(&i.db),
+                        "in_transaction": m.in_transaction(),
+                        "idle_ms": m.idle_ms(),
+                    })
+                })
+                .collect();
+            reply(StatusCode::OK, json!(list))
+        }
+        (
+            _,
+            ["debug", "health"]
+            | ["debug", "redirect"]
+            | ["metrics"]
+            | ["admin", "config"]
+            | ["backends"]
+            | ["backends", _, "drain" | "undrain"]
+            | ["sessions"],
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({ "error": format!("{} is not allowed on {}", req.method(), req.uri().path()) }),
+            format!("{method} is not allowed on {full}"),
         ),
-        _ => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no route {} {}", req.method(), req.uri().path()) }),
+        _ => error(StatusCode::NOT_FOUND, format!("no route {method} {full}")),
+    }
+}
+
+/// Deep-merges `patch` into `base` (tables merge, other values replace).
+fn merge(base: &mut toml::Table, patch: toml::Table) {
+    for (k, v) in patch {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(p)) => merge(b, p),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn health<N: Network>(st: &State<N>) -> Resp {
+    let checksum = config_checksum(st);
+    let d = st.discovery.lock().expect("status lock").clone();
+    let pd = match (d.pd, &d.pd_error) {
+        (false, _) => serde_json::Value::Null,
+        (true, None) if d.pd_seen => "ok".into(),
+        (true, None) => "connecting".into(),
+        (true, Some(e)) => format!("unreachable: {e}").into(),
+    };
+    match st.unhealthy_reason() {
+        None => reply(
+            StatusCode::OK,
+            json!({ "config_checksum": checksum, "pd": pd }),
+        ),
+        Some(r) => reply(
+            StatusCode::BAD_GATEWAY,
+            json!({ "config_checksum": checksum, "pd": pd, "unhealthy_reason": r }),
         ),
     }
+}
+
+fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_json::Value {
+    let state = if b.is_removed() {
+        "removed"
+    } else if b.is_draining() {
+        "draining"
+    } else if !b.probe_ok() {
+        "unhealthy"
+    } else {
+        "healthy"
+    };
+    json!({
+        "addr": b.addr,
+        "status_addr": b.status_addr,
+        "state": state,
+        "manually_drained": b.is_manually_drained(),
+        "accepts_connections": st.router().accepts(b),
+        "connections": b.connections(),
+        "incoming_moves": b.incoming(),
+        "supports_migration": b.supports_migration(),
+    })
 }
 
 /// A checksum of the configuration in effect (TiProxy reports one so
 /// operators can tell instances with different configs apart).
 fn config_checksum<N: Network>(st: &State<N>) -> u32 {
-    let text = toml::to_string(&st.config).unwrap_or_default();
+    let text = toml::to_string(&*st.live_config.read().expect("config lock")).unwrap_or_default();
     // FNV-1a: stable across builds, unlike the std hasher.
     text.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)

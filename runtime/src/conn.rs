@@ -32,6 +32,12 @@ use crate::tls;
 /// Cheaper than a channel (an idle connection holds one of these).
 #[derive(Debug, Default)]
 pub struct Mailbox {
+    /// Who the session is (client address, user, database), for listings.
+    info: std::sync::Mutex<SessionInfo>,
+    /// Whether the session is inside a transaction.
+    in_transaction: std::sync::atomic::AtomicBool,
+    /// When its last command finished, ms since the process started.
+    last_command_ms: std::sync::atomic::AtomicU64,
     /// The backend the session is on (set by the connection).
     backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
     /// A move was requested and has not resolved yet.
@@ -45,10 +51,50 @@ pub struct Mailbox {
     queue: std::sync::Mutex<Vec<Control>>,
 }
 
+/// What a listing shows of a session. Views into the session's own
+/// buffers: keeping it costs an idle connection no allocation.
+#[derive(Debug, Clone, Default)]
+pub struct SessionInfo {
+    /// Client address (from the PROXY header when there is one).
+    pub client: Option<SocketAddr>,
+    /// Authenticated user.
+    pub user: Bytes,
+    /// Database chosen at connect or by COM_CHANGE_USER.
+    pub db: Bytes,
+}
+
+/// Milliseconds since the process started (monotonic).
+pub fn uptime_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// How long a session whose move failed is left alone.
 pub const FAILED_MOVE_COOLDOWN: Duration = Duration::from_secs(3);
 
 impl Mailbox {
+    /// Who the session is.
+    pub fn info(&self) -> SessionInfo {
+        self.info.lock().expect("mailbox lock").clone()
+    }
+
+    /// Whether the session is inside a transaction.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Milliseconds since its last command finished (or since it connected).
+    pub fn idle_ms(&self) -> u64 {
+        uptime_ms().saturating_sub(
+            self.last_command_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// The backend the session is on.
     pub fn backend(&self) -> Option<Arc<crate::router::Backend>> {
         self.backend.lock().expect("mailbox lock").clone()
@@ -271,7 +317,9 @@ pub async fn serve<N: Network>(
     let profile = shared.router.profile();
     let cfg = session_config(&shared, conn_id, &profile, source, local);
     let now = Instant::now().into_std();
-    let session = Session::new(cfg, now, &mut rand::rng());
+    let session = shared
+        .router
+        .with_rng(|mut rng| Session::new(cfg, now, &mut rng));
     let mut d = Box::new(Driver {
         shared,
         session,
@@ -289,6 +337,10 @@ pub async fn serve<N: Network>(
         moving_to: None,
         moved_from: None,
     });
+    d.ctl.info.lock().expect("mailbox lock").client = Some(source);
+    d.ctl
+        .last_command_ms
+        .store(uptime_ms(), std::sync::atomic::Ordering::Relaxed);
     if !early.is_empty() {
         d.session.handle_data(now, Leg::Client, &early);
     }
@@ -437,7 +489,14 @@ impl<N: Network> Driver<N> {
         match e {
             Event::CommandDone {
                 command, elapsed, ..
-            } => metrics().query(command, elapsed.as_secs_f64()),
+            } => {
+                metrics().query(command, elapsed.as_secs_f64());
+                use std::sync::atomic::Ordering::Relaxed;
+                self.ctl
+                    .in_transaction
+                    .store(self.session.in_transaction(), Relaxed);
+                self.ctl.last_command_ms.store(uptime_ms(), Relaxed);
+            }
             Event::BackendGreeting {
                 server_version,
                 capabilities,
@@ -453,6 +512,9 @@ impl<N: Network> Driver<N> {
             }
             Event::Authenticated { user } => {
                 debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
+                let mut info = self.ctl.info.lock().expect("mailbox lock");
+                info.user = user;
+                info.db = self.session.database_bytes().unwrap_or_default();
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {

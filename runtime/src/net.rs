@@ -37,6 +37,13 @@ pub trait Network: Clone + Send + Sync + 'static {
     /// The local address of a connection.
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr>;
 
+    /// Seed for the proxy's randomness (greeting salts, tie-breaks between
+    /// equally loaded backends). `None`, the default, draws from the OS; the
+    /// simulation seeds it so a run replays exactly.
+    fn rng_seed(&self) -> Option<u64> {
+        None
+    }
+
     /// Runs an accepted connection's task. By default on the current runtime.
     fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
     where

@@ -1,7 +1,7 @@
 //! Starting and stopping the proxy: listeners, the accept loop with
 //! `max-connections`, backend probes, the HTTP API, graceful shutdown.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,13 +45,20 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct State<N: Network> {
     pub(crate) shared: Arc<Shared<N>>,
-    conns: Mutex<HashMap<u32, Arc<Mailbox>>>,
+    /// Sessions by connection id; ordered, so moves pick sessions in the
+    /// same order on every run (the simulation replays).
+    conns: Mutex<BTreeMap<u32, Arc<Mailbox>>>,
     count: AtomicU64,
     next_id: AtomicU32,
     draining: AtomicBool,
     stop_accepting: Notify,
     stopped: Notify,
-    max_connections: u64,
+    max_connections: AtomicU64,
+    /// Operator override of the health answer (`PUT /api/debug/health`).
+    pub manual_unhealthy: Mutex<Option<String>>,
+    /// The configuration as last set through the API (`PUT
+    /// /api/admin/config`); starts as the file's.
+    pub live_config: std::sync::RwLock<Config>,
     /// PD discovery status.
     pub discovery: crate::discovery::StatusCell,
     /// The configuration in effect.
@@ -63,6 +70,9 @@ impl<N: Network> State<N> {
     pub fn unhealthy_reason(&self) -> Option<String> {
         if self.draining.load(Ordering::Relaxed) {
             return Some("tiproxy is shutting down".into());
+        }
+        if let Some(r) = self.manual_unhealthy.lock().expect("health lock").clone() {
+            return Some(format!("set unhealthy by an operator: {r}"));
         }
         if self.shared.router.backends().is_empty() {
             let d = self.discovery.lock().expect("status lock");
@@ -76,6 +86,63 @@ impl<N: Network> State<N> {
             return Some("no backend is reachable".into());
         }
         None
+    }
+
+    /// Every session's mailbox, by connection id (for listings).
+    pub fn sessions(&self) -> Vec<(u32, Arc<Mailbox>)> {
+        let mut v: Vec<(u32, Arc<Mailbox>)> = self
+            .conns
+            .lock()
+            .expect("conn table")
+            .iter()
+            .map(|(k, m)| (*k, m.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.shared.router
+    }
+
+    /// Applies a new configuration from the API. Returns the keys that
+    /// changed but need a restart to take effect.
+    pub fn apply_config(&self, new: Config) -> Vec<&'static str> {
+        let mut restart = Vec::new();
+        let old = self.live_config.read().expect("config lock").clone();
+        if new.proxy.max_connections != old.proxy.max_connections {
+            self.max_connections
+                .store(new.proxy.max_connections, Ordering::Relaxed);
+        }
+        if new.proxy.backend_addrs != old.proxy.backend_addrs
+            && !self.discovery.lock().expect("status lock").pd
+        {
+            self.shared.router.set_backends(&new.proxy.backend_addrs);
+        }
+        for (key, changed) in [
+            ("proxy.addr", new.proxy.addr != old.proxy.addr),
+            ("proxy.pd-addrs", new.proxy.pd_addrs != old.proxy.pd_addrs),
+            (
+                "proxy.proxy-protocol",
+                new.proxy.proxy_protocol != old.proxy.proxy_protocol,
+            ),
+            (
+                "proxy.conn-buffer-size",
+                new.proxy.conn_buffer_size != old.proxy.conn_buffer_size,
+            ),
+            ("api", new.api != old.api),
+            ("security", new.security != old.security),
+            ("log", new.log != old.log),
+            ("balance", new.balance != old.balance),
+            ("labels", new.labels != old.labels),
+        ] {
+            if changed {
+                restart.push(key);
+            }
+        }
+        *self.live_config.write().expect("config lock") = new;
+        restart
     }
 
     /// Open client connections.
@@ -177,6 +244,9 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
+    if let Some(seed) = net.rng_seed() {
+        router.seed_rng(seed);
+    }
     let discovery_status: crate::discovery::StatusCell =
         Arc::new(Mutex::new(crate::discovery::DiscoveryStatus {
             pd: !pd.is_empty(),
@@ -223,13 +293,15 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         })?;
     let state = Arc::new(State {
         shared,
-        conns: Mutex::new(HashMap::new()),
+        conns: Mutex::new(BTreeMap::new()),
         count: AtomicU64::new(0),
         next_id: AtomicU32::new(1),
         draining: AtomicBool::new(false),
         stop_accepting: Notify::new(),
         stopped: Notify::new(),
-        max_connections: config.proxy.max_connections,
+        max_connections: AtomicU64::new(config.proxy.max_connections),
+        manual_unhealthy: Mutex::new(None),
+        live_config: std::sync::RwLock::new(config.clone()),
         discovery: discovery_status.clone(),
         config,
     });
@@ -328,9 +400,11 @@ impl<N: Network> Proxy<N> {
 async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
     loop {
+        // Biased: a fixed polling order keeps simulated runs replayable.
         let accepted = tokio::select! {
-            r = net.accept(&listener) => r,
+            biased;
             _ = st.stop_accepting.notified() => return,
+            r = net.accept(&listener) => r,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -345,13 +419,11 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
             continue;
         }
-        if st.max_connections > 0 && st.count.load(Ordering::Relaxed) >= st.max_connections {
+        let max = st.max_connections.load(Ordering::Relaxed);
+        if max > 0 && st.count.load(Ordering::Relaxed) >= max {
             metrics().reject_max_connections.inc();
             debug!(%peer, "refusing connection: max-connections reached");
-            tokio::spawn(refuse(
-                stream,
-                ProxyError::TooManyConnections(st.max_connections),
-            ));
+            tokio::spawn(refuse(stream, ProxyError::TooManyConnections(max)));
             continue;
         }
         let id = loop {
@@ -431,8 +503,9 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
         }
         tick += 1;
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            biased;
             _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }
@@ -490,8 +563,9 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
+            biased;
             _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(tick) => {}
         }
         let router = &st.shared.router;
         let backends = router.backends();

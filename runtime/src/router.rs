@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 use tiproxy_core::CapabilityFlags;
 use tokio::time::Instant;
 
@@ -29,6 +30,8 @@ pub struct Backend {
     incoming: AtomicI64,
     /// Its status port said it is shutting down (HTTP 500).
     draining: AtomicBool,
+    /// An operator drained it (`POST /api/backends/<addr>/drain`).
+    manual_drain: AtomicBool,
     /// SHOW SESSION_STATES failed as on a server that is not TiDB (or has
     /// no session token cert): its sessions cannot move.
     no_migration: AtomicBool,
@@ -48,6 +51,7 @@ impl Backend {
             conns: AtomicI64::new(0),
             incoming: AtomicI64::new(0),
             draining: AtomicBool::new(false),
+            manual_drain: AtomicBool::new(false),
             no_migration: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             retry_at: Mutex::new(None),
@@ -72,9 +76,30 @@ impl Backend {
         self.is_draining() || self.removed.load(Ordering::Relaxed)
     }
 
-    /// Whether the status port reported it is shutting down.
+    /// Whether it is draining: its status port reported a shutdown, or an
+    /// operator drained it.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::Relaxed) || self.manual_drain.load(Ordering::Relaxed)
+    }
+
+    /// Drains (or undrains) it by operator request.
+    pub fn set_manual_drain(&self, d: bool) {
+        self.manual_drain.store(d, Ordering::Relaxed);
+    }
+
+    /// Whether an operator drained it.
+    pub fn is_manually_drained(&self) -> bool {
+        self.manual_drain.load(Ordering::Relaxed)
+    }
+
+    /// Whether it was removed from the backend set.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// Whether its last probe or dial succeeded.
+    pub fn probe_ok(&self) -> bool {
+        self.retry_at.lock().expect("backend lock").is_none()
     }
 
     /// Records the status port's answer; true when this changed the state.
@@ -169,6 +194,8 @@ impl Default for BackendProfile {
 pub struct Router {
     backends: RwLock<Vec<Arc<Backend>>>,
     profile: RwLock<Option<BackendProfile>>,
+    /// A seeded generator replacing the OS's randomness (simulation).
+    seeded_rng: Mutex<Option<StdRng>>,
 }
 
 /// How long a backend that failed a dial gets no new connections.
@@ -213,6 +240,21 @@ impl Router {
             }
         }
         *list = next;
+    }
+
+    /// From now on, draw randomness (salts, tie-breaks) from a generator
+    /// seeded with `seed` instead of the OS, so a simulated run replays.
+    pub fn seed_rng(&self, seed: u64) {
+        *self.seeded_rng.lock().expect("rng lock") = Some(StdRng::seed_from_u64(seed));
+    }
+
+    /// Runs `f` with the proxy's randomness: the seeded generator if
+    /// [`Router::seed_rng`] was called, else the OS-seeded thread RNG.
+    pub fn with_rng<R>(&self, f: impl FnOnce(&mut dyn RngCore) -> R) -> R {
+        match self.seeded_rng.lock().expect("rng lock").as_mut() {
+            Some(rng) => f(rng),
+            None => f(&mut rand::rng()),
+        }
     }
 
     /// The backend with this SQL address.
@@ -270,7 +312,7 @@ impl Router {
         match best.len() {
             0 => None,
             1 => Some(best[0].clone()),
-            n => Some(best[rand::rng().random_range(0..n)].clone()),
+            n => Some(best[self.with_rng(|mut r| r.random_range(0..n))].clone()),
         }
     }
 

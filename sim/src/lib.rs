@@ -1,7 +1,16 @@
 //! tiproxy-sim: the proxy's world in miniature.
 //!
-//! Built so far: [`tidb`], the TiDB double (runs on real TCP and on any
-//! [`tiproxy_runtime::net::Network`]). Still missing: the PD double,
-//! seed-derived turmoil scenarios and invariant checks.
+//! - [`tidb`]: the TiDB double (runs on real TCP and on any
+//!   [`tiproxy_runtime::net::Network`]).
+//! - [`net::TurmoilNet`]: the network seam over turmoil, so the real proxy
+//!   runtime runs in a deterministic simulation.
+//! - [`scenario`], [`run`], [`workload`], [`world`]: seed-derived runs of
+//!   the whole proxy with TiDB doubles, faults and client workloads,
+//!   checked against named invariants (`cargo run -p tiproxy-sim -- --seed N`).
 
+pub mod net;
+pub mod run;
+pub mod scenario;
 pub mod tidb;
+pub mod workload;
+pub mod world;

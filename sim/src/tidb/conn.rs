@@ -57,13 +57,16 @@ pub(crate) async fn serve<S: Stream>(
         multi_statements: false,
     };
     let idle = inst.subscribe();
+    // Biased (here and below): a fixed polling order keeps simulated runs
+    // replayable.
     tokio::select! {
+        biased;
+        _ = reached(&mut kill, Phase::Stopped) => {}
         r = conn.run(idle) => {
             if let Err(e) = r {
                 tracing::debug!(conn = id, "connection ended: {e}");
             }
         }
-        _ = reached(&mut kill, Phase::Stopped) => {}
     }
     // Drop the socket before the guard, so a waiter sees it closed.
     drop(conn);
@@ -282,6 +285,7 @@ impl<S: Stream> Conn<S> {
             }
             self.dec.expect_seq(0);
             let pkt = tokio::select! {
+                biased;
                 r = self.read_packet() => r?,
                 // Only an idle connection outside a transaction is closed here.
                 _ = reached(&mut phase, Phase::Closing), if !in_txn => return Ok(()),

@@ -244,7 +244,10 @@ impl TidbServer {
 async fn accept_loop<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
     let mut phase = inst.subscribe();
     loop {
+        // Biased: a fixed polling order keeps simulated runs replayable.
         tokio::select! {
+            biased;
+            _ = reached(&mut phase, Phase::Closing) => break,
             r = net.accept(&listener) => match r {
                 Ok((stream, peer)) => {
                     let guard = ConnGuard::new(&inst, inst.cluster.next_conn_id());
@@ -256,7 +259,6 @@ async fn accept_loop<N: Network>(net: N, listener: N::Listener, inst: Arc<Instan
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = reached(&mut phase, Phase::Closing) => break,
         }
     }
     tracing::info!(sql = %inst.sql_addr, "stopped accepting connections");

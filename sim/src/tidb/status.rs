@@ -21,6 +21,8 @@ pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<I
     let mut phase = inst.subscribe();
     loop {
         tokio::select! {
+            biased;
+            _ = reached(&mut phase, Phase::Stopped) => break,
             r = net.accept(&listener) => {
                 let Ok((stream, _)) = r else { continue };
                 let inst = Arc::clone(&inst);
@@ -33,12 +35,12 @@ pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<I
                     });
                     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
-                        _ = conn => {}
+                        biased;
                         _ = reached(&mut stop, Phase::Stopped) => {}
+                        _ = conn => {}
                     }
                 });
             }
-            _ = reached(&mut phase, Phase::Stopped) => break,
         }
     }
 }

@@ -1,0 +1,476 @@
+//! One simulated run of the whole proxy: the real runtime
+//! ([`tiproxy_runtime::start_on`] over [`TurmoilNet`]) on host `proxy`, TiDB
+//! doubles on `tidb-<i>` sharing one cluster store, client sessions on
+//! `client-<k>`, and a `checker` host that sets up the schema and runs the
+//! end-of-run checks. The PD double is the scenario's membership schedule,
+//! applied to the proxy's router with the scenario's delay, as a discovery
+//! watch would.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tiproxy_runtime::config::{BackendEntry, Config};
+
+use crate::net::TurmoilNet;
+use crate::scenario::{FaultKind, Scenario};
+use crate::tidb::client::{ConnectOptions, RawClient};
+use crate::tidb::{Cluster, ClusterOptions, TidbOptions, TidbServer, Value};
+use crate::workload::{ClientSession, QUIT_AFTER_END, sleep_until};
+use crate::world::{Invariant, Stats, Violation, World, now};
+
+/// How a run is made.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print every trace event as it happens.
+    pub verbose: bool,
+}
+
+/// What a run found.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Hash of the event trace: equal seeds give equal hashes.
+    pub trace_hash: u64,
+    /// Events in the trace.
+    pub events: u64,
+    /// Broken invariants (empty: the run passed).
+    pub violations: Vec<Violation>,
+    /// Simulated time the run took.
+    pub sim_time: Duration,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Outcome {
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// The SQL and status ports every TiDB double listens on (own host each).
+const TIDB_SQL_PORT: u16 = 4000;
+const TIDB_STATUS_PORT: u16 = 10080;
+/// Simulated wall clock at the start (2024-01-01T00:00:00Z): session
+/// tokens carry times, and they must not depend on when the run happens.
+const EPOCH_SECS: u64 = 1_704_067_200;
+
+fn backend_entry(i: usize) -> BackendEntry {
+    let h = Scenario::tidb_host(i);
+    BackendEntry::Full {
+        addr: format!("{h}:{TIDB_SQL_PORT}"),
+        status_addr: Some(format!("{h}:{TIDB_STATUS_PORT}")),
+    }
+}
+
+fn proxy_config(s: &Scenario) -> Config {
+    let backends: Vec<String> = (0..s.initial_tidbs)
+        .map(|i| {
+            let h = Scenario::tidb_host(i);
+            format!(r#"{{ addr = "{h}:{TIDB_SQL_PORT}", status-addr = "{h}:{TIDB_STATUS_PORT}" }}"#)
+        })
+        .collect();
+    let text = format!(
+        "[proxy]\naddr = \"0.0.0.0:6000\"\nbackend-addrs = [{}]\n\n[api]\naddr = \"0.0.0.0:3080\"\n",
+        backends.join(", ")
+    );
+    // The text is built here: a parse error is a bug in this function.
+    Config::from_toml(&text, Path::new("simulation.toml"))
+        .expect("the simulation's proxy config parses")
+        .0
+}
+
+/// Runs `scenario` to its end and checks every invariant.
+pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
+    let seed = scenario.seed;
+    let cluster = Cluster::new(ClusterOptions {
+        seed: Some(seed),
+        clock: Some(Arc::new(|| {
+            UNIX_EPOCH
+                + Duration::from_secs(EPOCH_SECS)
+                + turmoil::sim_elapsed().unwrap_or_default()
+        })),
+        ..ClusterOptions::default()
+    });
+    let world = World::new(scenario.clone(), cluster.clone(), opts.verbose);
+    let end = scenario.workload_end + QUIT_AFTER_END + Duration::from_secs(4);
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
+        .simulation_duration(end + Duration::from_secs(60))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::ZERO)
+        .max_message_latency(scenario.max_latency)
+        .build();
+
+    for i in 0..scenario.total_tidbs() {
+        let world = world.clone();
+        let host = Scenario::tidb_host(i);
+        sim.host(host.clone(), move || tidb_host(world.clone(), i, host.clone()));
+    }
+    {
+        let world = world.clone();
+        sim.host("proxy", move || proxy_host(world.clone()));
+    }
+    for k in 0..scenario.client_hosts {
+        let world = world.clone();
+        sim.client(format!("client-{k}"), async move {
+            let mut tasks = Vec::new();
+            for p in world.scenario.sessions.iter().filter(|p| p.host == k) {
+                let s = ClientSession::new(p.clone(), world.clone());
+                tasks.push(tokio::task::spawn_local(s.run()));
+            }
+            for t in tasks {
+                t.await?;
+            }
+            Ok(())
+        });
+    }
+    {
+        let world = world.clone();
+        sim.client("checker", checker(world));
+    }
+
+    loop {
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                world.violation(Invariant::Simulation, sim.elapsed(), e.to_string());
+                break;
+            }
+        }
+        // Fail fast: the first violation is the interesting one.
+        if world.failed() {
+            break;
+        }
+    }
+    let sim_time = sim.elapsed();
+    drop(sim);
+    if !world.failed() {
+        check_store(&world, sim_time);
+    }
+    let (trace_hash, events) = world.trace();
+    Outcome {
+        seed,
+        trace_hash,
+        events,
+        violations: world.violations(),
+        sim_time,
+        stats: world.stats(),
+    }
+}
+
+/// A TiDB: starts (late, if it is the added one), registers in PD, has its
+/// fault when the scenario says, and stays up (or down) to the end.
+async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result {
+    let s = &world.scenario;
+    if i >= s.initial_tidbs
+        && let Some(t) = s.added_tidb
+    {
+        sleep_until(t).await;
+    }
+    let fault = s.fault_of(i).copied();
+    let graceful_wait = match fault.map(|f| f.kind) {
+        Some(FaultKind::GracefulShutdown { graceful_wait }) => graceful_wait,
+        _ => Duration::ZERO,
+    };
+    let h = TidbServer::start(
+        TurmoilNet::new(&host),
+        world.cluster.clone(),
+        &format!("0.0.0.0:{TIDB_SQL_PORT}"),
+        &format!("0.0.0.0:{TIDB_STATUS_PORT}"),
+        TidbOptions {
+            graceful_wait,
+            ..TidbOptions::default()
+        },
+    )
+    .await?;
+    world.tidb_started(i, h.clone(), h.sql_addr().ip());
+    world.event(now(), format_args!("tidb-{i} started at {}", h.sql_addr()));
+    if i >= s.initial_tidbs {
+        world.pd_change(now(), i, true);
+    }
+    if let Some(f) = fault {
+        sleep_until(f.at).await;
+        world.fault_begins(i, f.breaks_sessions(), now());
+        match f.kind {
+            FaultKind::GracefulShutdown { .. } => {
+                h.graceful_shutdown().await;
+                world.event(now(), format_args!("tidb-{i} shut down"));
+                world.pd_change(now(), i, false);
+            }
+            FaultKind::Crash { lease } => {
+                h.kill();
+                h.stopped().await;
+                world.event(now(), format_args!("tidb-{i} crashed"));
+                tokio::time::sleep(lease).await;
+                world.pd_change(now(), i, false);
+            }
+        }
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The proxy, and the PD double's watch feeding its router.
+async fn proxy_host(world: Arc<World>) -> turmoil::Result {
+    let s = &world.scenario;
+    let net = TurmoilNet::new("proxy").with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed);
+    let proxy = tiproxy_runtime::start_on(net, proxy_config(s)).await?;
+    let st = proxy.state().clone();
+    world.set_proxy(st.clone());
+    world.event(now(), "proxy started");
+    let mut applied: BTreeSet<usize> = (0..s.initial_tidbs).collect();
+    let mut tick: u64 = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tick += 1;
+        let t = now();
+        // What PD shows `pd_delay` after a change.
+        let members = world.pd_members(t.saturating_sub(s.pd_delay));
+        if members != applied {
+            let entries: Vec<BackendEntry> = members.iter().map(|i| backend_entry(*i)).collect();
+            st.router().set_backends(&entries);
+            world.event(t, format_args!("proxy: backends from PD {members:?}"));
+            applied = members;
+        }
+        if tick.is_multiple_of(10) {
+            let backends: Vec<String> = st
+                .router()
+                .backends()
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{}={}{}{}",
+                        b.addr,
+                        b.connections(),
+                        if b.is_draining() { " draining" } else { "" },
+                        if st.router().accepts(b) { "" } else { " closed" }
+                    )
+                })
+                .collect();
+            world.event(
+                t,
+                format_args!(
+                    "proxy: {} client connections; {}",
+                    st.connections(),
+                    backends.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+/// Sets up the schema straight on `tidb-0` (not through the proxy), then
+/// runs the end checks: liveness and balance, then leaks.
+async fn checker(world: Arc<World>) -> turmoil::Result {
+    let s = world.scenario.clone();
+    // The schema, before any session starts (sessions start at >= 500ms).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match setup(s.sessions.len()).await {
+            Ok(()) => break,
+            Err(e) if attempt < 50 => {
+                world.event(now(), format_args!("setup: {e}; retrying"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                world.violation(Invariant::Simulation, now(), format!("setup failed: {e}"));
+                return Ok(());
+            }
+        }
+    }
+    world.setup_finished();
+    world.event(now(), "checker: schema ready");
+
+    sleep_until(s.workload_end + Duration::from_secs(2)).await;
+    check_liveness(&world);
+    check_connections(&world, s.sessions.len(), "while every session is connected");
+
+    sleep_until(s.workload_end + QUIT_AFTER_END + Duration::from_secs(3)).await;
+    check_connections(&world, 0, "after every client left");
+    Ok(())
+}
+
+async fn setup(sessions: usize) -> Result<(), String> {
+    let stream = turmoil::net::TcpStream::connect(format!("tidb-0:{TIDB_SQL_PORT}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = RawClient::connect(stream, &ConnectOptions::password("root", ""))
+        .await
+        .map_err(|e| e.to_string())?;
+    // One counter row per session; keys of `sim.kv` are per session too
+    // (`KEY_SPACE`), so no two clients ever conflict.
+    let rows: Vec<String> = (0..sessions).map(|i| format!("({i}, 0)")).collect();
+    let sql = [
+        "CREATE DATABASE IF NOT EXISTS sim".to_string(),
+        "CREATE TABLE IF NOT EXISTS sim.kv (id BIGINT PRIMARY KEY, s INT, v VARCHAR(16))"
+            .to_string(),
+        "CREATE TABLE IF NOT EXISTS sim.counters (id BIGINT PRIMARY KEY, n BIGINT)".to_string(),
+        "DELETE FROM sim.counters".to_string(),
+        format!("INSERT INTO sim.counters VALUES {}", rows.join(", ")),
+    ];
+    for q in sql {
+        c.query(&q).await.map_err(|e| format!("{q}: {e}"))?;
+    }
+    let _ = c.quit().await;
+    Ok(())
+}
+
+/// Invariant 5: every session ended its workload on a TiDB that had no
+/// fault; faulted TiDBs hold no session; the live ones are balanced.
+fn check_liveness(world: &World) {
+    let at = now();
+    let s = &world.scenario;
+    let finals = world.finals();
+    for p in &s.sessions {
+        match finals.get(&p.id) {
+            None => world.violation(
+                Invariant::Liveness,
+                at,
+                format!("session s{} could not run its end check", p.id),
+            ),
+            Some(ip) => match world.tidb_at(*ip) {
+                Some(i) if !world.is_faulted(i) => {}
+                Some(i) => world.violation(
+                    Invariant::Liveness,
+                    at,
+                    format!(
+                        "session s{} is still on tidb-{i}, which had its fault, {}ms after the last fault",
+                        p.id,
+                        (s.workload_end - crate::scenario::LIVENESS_BOUND).as_millis()
+                    ),
+                ),
+                None => world.violation(
+                    Invariant::Liveness,
+                    at,
+                    format!("session s{} is on {ip}, which is no TiDB", p.id),
+                ),
+            },
+        }
+    }
+    let mut live: Vec<(usize, usize)> = Vec::new();
+    for (i, h) in world.tidbs() {
+        let n = h.connection_count();
+        if world.is_faulted(i) {
+            if n > 0 {
+                world.violation(
+                    Invariant::Liveness,
+                    at,
+                    format!("tidb-{i} had its fault but still has {n} session(s)"),
+                );
+            }
+        } else {
+            live.push((i, n));
+        }
+    }
+    world.event(at, format_args!("checker: sessions per live TiDB {live:?}"));
+    // The proxy's balance rule (count-ratio-threshold 1.2, and a move must
+    // leave the source at least as loaded as the target).
+    if let (Some(hi), Some(lo)) = (
+        live.iter().max_by_key(|x| x.1),
+        live.iter().min_by_key(|x| x.1),
+    ) && hi.1 >= lo.1 + 2
+        && hi.1 as f64 > 1.2 * lo.1.max(1) as f64
+    {
+        world.violation(
+            Invariant::Liveness,
+            at,
+            format!(
+                "unbalanced: tidb-{} has {} sessions, tidb-{} has {}",
+                hi.0, hi.1, lo.0, lo.1
+            ),
+        );
+    }
+}
+
+/// Invariant 6: the proxy's client connections, its backend leases and the
+/// TiDBs' sessions all equal `expected`.
+fn check_connections(world: &World, expected: usize, when: &str) {
+    let at = now();
+    let Some(st) = world.proxy() else {
+        world.violation(Invariant::NoLeaks, at, "the proxy never started");
+        return;
+    };
+    let clients = st.connections() as usize;
+    let leases: i64 = st.router().backends().iter().map(|b| b.connections()).sum();
+    let sessions: usize = world
+        .tidbs()
+        .iter()
+        .map(|(_, h)| h.connection_count())
+        .sum();
+    world.event(
+        at,
+        format_args!(
+            "checker: {when}: {clients} client connections, {leases} backend leases, {sessions} TiDB sessions (expected {expected})"
+        ),
+    );
+    if clients != expected || leases != expected as i64 || sessions != expected {
+        world.violation(
+            Invariant::NoLeaks,
+            at,
+            format!(
+                "{when}: the proxy has {clients} client connections and {leases} backend leases, the TiDBs {sessions} sessions; expected {expected} of each"
+            ),
+        );
+    }
+}
+
+/// Invariant 2, on the store itself after the run.
+fn check_store(world: &World, at: Duration) {
+    let store = world.cluster.store();
+    let txn = store.begin();
+    let scan = |table: &str| -> Result<Vec<(i64, Vec<Value>)>, String> {
+        let schema = store.schema("sim", table).map_err(|e| e.to_string())?;
+        let rows = store
+            .scan(&txn, &schema, (Bound::Unbounded, Bound::Unbounded))
+            .map_err(|e| e.to_string())?;
+        Ok(rows.into_iter().map(|(k, r)| (k, r.to_vec())).collect())
+    };
+    let (kv, counters) = match (scan("kv"), scan("counters")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            world.violation(Invariant::CommitsExactlyOnce, at, format!("cannot read the store: {e}"));
+            return;
+        }
+    };
+    let stored: BTreeSet<i64> = kv.iter().map(|(k, _)| *k).collect();
+    let mut problems = Vec::new();
+    world.ledger(|l| {
+        for k in l.committed.difference(&stored) {
+            problems.push(format!("key {k} was reported committed but is not in the store"));
+        }
+        for k in l.failed.intersection(&stored) {
+            problems.push(format!("key {k} was reported failed or rolled back but is in the store"));
+        }
+        for k in &stored {
+            if !l.committed.contains(k) && !l.unknown.contains(k) && !l.failed.contains(k) {
+                problems.push(format!("key {k} is in the store but no client wrote it"));
+            }
+        }
+        for (id, row) in &counters {
+            let n = match row.get(1) {
+                Some(Value::Int(n)) => *n,
+                other => {
+                    problems.push(format!("counter {id} holds {other:?}"));
+                    continue;
+                }
+            };
+            let (ok, unknown) = l.increments.get(&(*id as usize)).copied().unwrap_or_default();
+            if n < ok || n > ok + unknown {
+                problems.push(format!(
+                    "session s{id}'s counter is {n}, but {ok} increments were reported done and {unknown} had an unknown outcome"
+                ));
+            }
+        }
+    });
+    for p in problems.into_iter().take(10) {
+        world.violation(Invariant::CommitsExactlyOnce, at, p);
+    }
+}

@@ -1,0 +1,336 @@
+//! A run's every parameter, derived from one `u64` seed (swarm testing:
+//! which features and faults a run has is itself drawn from the seed, so a
+//! sweep covers runs with few kinds of traffic as well as mixed ones).
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How long after the last fault every session must be on a live TiDB and
+/// the spread balanced (the liveness bound, in simulated time).
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(12);
+
+/// What happens to a TiDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// TiDB's graceful shutdown (`/status` 500 for `graceful_wait`, then
+    /// idle sessions are closed); deregistered from PD when it ends.
+    GracefulShutdown {
+        /// `graceful-wait-before-shutdown`.
+        graceful_wait: Duration,
+    },
+    /// Killed: every socket dropped at once; its PD lease expires after
+    /// `lease`.
+    Crash {
+        /// Time until PD forgets it.
+        lease: Duration,
+    },
+}
+
+/// One fault, at a simulated time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// When (simulated time since the start).
+    pub at: Duration,
+    /// Which TiDB (index; host `tidb-<i>`).
+    pub tidb: usize,
+    /// What.
+    pub kind: FaultKind,
+}
+
+impl Fault {
+    /// When its effect on sessions is over: the TiDB closes its sessions
+    /// (graceful) or dies (crash).
+    pub fn settled_at(&self) -> Duration {
+        match self.kind {
+            FaultKind::GracefulShutdown { graceful_wait } => self.at + graceful_wait,
+            FaultKind::Crash { .. } => self.at,
+        }
+    }
+
+    /// Whether sessions on the TiDB may see errors: a crash, or a graceful
+    /// shutdown that closes idle sessions at once (no graceful wait gives
+    /// the proxy no time to move them).
+    pub fn breaks_sessions(&self) -> bool {
+        match self.kind {
+            FaultKind::GracefulShutdown { graceful_wait } => graceful_wait.is_zero(),
+            FaultKind::Crash { .. } => true,
+        }
+    }
+}
+
+/// Relative weights of a session's operations (0: never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mix {
+    /// Autocommit `INSERT` of a unique key.
+    pub insert: u32,
+    /// Autocommit `UPDATE counters SET n = n + 1` (not idempotent: a
+    /// statement run twice shows).
+    pub increment: u32,
+    /// `BEGIN`, identity, inserts, a read of its own write, identity,
+    /// `COMMIT` or `ROLLBACK`.
+    pub transaction: u32,
+    /// `SET @v = ...`.
+    pub user_var: u32,
+    /// Reads and compares the whole session state.
+    pub state_check: u32,
+    /// Executes the binary prepared statement.
+    pub prepared: u32,
+    /// Sleeps, idle, for up to two seconds.
+    pub idle: u32,
+}
+
+impl Mix {
+    fn derive(rng: &mut StdRng) -> Self {
+        // Swarm: each kind is off in about a third of the sessions.
+        let mut w = |base: u32| {
+            if rng.random_bool(0.35) {
+                0
+            } else {
+                rng.random_range(1..=base)
+            }
+        };
+        let mut m = Mix {
+            insert: w(10),
+            increment: w(6),
+            transaction: w(8),
+            user_var: w(4),
+            state_check: w(4),
+            prepared: w(4),
+            idle: w(3),
+        };
+        if m.total() == 0 {
+            m.insert = 1;
+        }
+        m
+    }
+
+    /// Sum of the weights.
+    pub fn total(&self) -> u32 {
+        self.insert
+            + self.increment
+            + self.transaction
+            + self.user_var
+            + self.state_check
+            + self.prepared
+            + self.idle
+    }
+}
+
+/// One client session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPlan {
+    /// Session number (key space, expected state).
+    pub id: usize,
+    /// Client host it runs on.
+    pub host: usize,
+    /// `app` (mysql_native_password) or `sha2user` (caching_sha2_password).
+    pub user: &'static str,
+    /// Negotiates CLIENT_DEPRECATE_EOF.
+    pub deprecate_eof: bool,
+    /// Starts in the `sim` database (`USE`) rather than `test`.
+    pub use_db: bool,
+    /// Operation weights.
+    pub mix: Mix,
+    /// Most think time between operations.
+    pub think_max: Duration,
+    /// When it connects.
+    pub start: Duration,
+}
+
+/// Everything a run does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scenario {
+    /// The seed everything here comes from.
+    pub seed: u64,
+    /// TiDBs up from the start (`tidb-0` ..).
+    pub initial_tidbs: usize,
+    /// A TiDB that joins later (index `initial_tidbs`), and when.
+    pub added_tidb: Option<Duration>,
+    /// Faults, in time order; never all TiDBs.
+    pub faults: Vec<Fault>,
+    /// Largest one-way message latency.
+    pub max_latency: Duration,
+    /// How long PD takes to tell the proxy about a change.
+    pub pd_delay: Duration,
+    /// Client hosts.
+    pub client_hosts: usize,
+    /// Sessions.
+    pub sessions: Vec<SessionPlan>,
+    /// When sessions stop their workloads and check liveness.
+    pub workload_end: Duration,
+}
+
+impl Scenario {
+    /// The run of `seed`.
+    pub fn from_seed(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let initial_tidbs = rng.random_range(2..=3);
+        let added_tidb = rng
+            .random_bool(0.3)
+            .then(|| Duration::from_millis(rng.random_range(2_000..12_000)));
+        let total = initial_tidbs + usize::from(added_tidb.is_some());
+        // At most all but one TiDB fault, and the one left is up from the
+        // start, so some TiDB always serves.
+        let n_faults = rng.random_range(0..=(initial_tidbs - 1).min(2));
+        let mut candidates: Vec<usize> = (0..total).collect();
+        let mut faults = Vec::new();
+        for _ in 0..n_faults {
+            let tidb = candidates.remove(rng.random_range(0..candidates.len()));
+            let mut at = Duration::from_millis(rng.random_range(3_000..15_000));
+            if tidb == initial_tidbs
+                && let Some(t) = added_tidb
+            {
+                at = at.max(t + Duration::from_secs(2));
+            }
+            let kind = if rng.random_bool(0.3) {
+                FaultKind::Crash {
+                    lease: Duration::from_millis(rng.random_range(1_000..10_000)),
+                }
+            } else {
+                FaultKind::GracefulShutdown {
+                    graceful_wait: match rng.random_range(0..4) {
+                        0 => Duration::ZERO,
+                        _ => Duration::from_secs(rng.random_range(1..=4)),
+                    },
+                }
+            };
+            faults.push(Fault { at, tidb, kind });
+        }
+        faults.sort_by_key(|f| (f.at, f.tidb));
+        let max_latency = Duration::from_millis(match rng.random_range(0..4) {
+            0 => 1,
+            1 => 5,
+            2 => 10,
+            _ => 25,
+        });
+        let pd_delay = Duration::from_millis(rng.random_range(100..2_000));
+        let n_sessions = rng.random_range(3..=10);
+        let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
+        let sessions = (0..n_sessions)
+            .map(|id| SessionPlan {
+                id,
+                host: id % client_hosts,
+                user: if rng.random_bool(0.3) {
+                    "sha2user"
+                } else {
+                    "app"
+                },
+                deprecate_eof: rng.random_bool(0.5),
+                use_db: rng.random_bool(0.5),
+                mix: Mix::derive(&mut rng),
+                think_max: Duration::from_millis(rng.random_range(1..200)),
+                start: Duration::from_millis(rng.random_range(500..3_000)),
+            })
+            .collect();
+        let last = faults
+            .iter()
+            .map(Fault::settled_at)
+            .chain(added_tidb)
+            .max()
+            .unwrap_or(Duration::from_secs(5));
+        Scenario {
+            seed,
+            initial_tidbs,
+            added_tidb,
+            faults,
+            max_latency,
+            pd_delay,
+            client_hosts,
+            sessions,
+            workload_end: last.max(Duration::from_secs(5)) + LIVENESS_BOUND,
+        }
+    }
+
+    /// Every TiDB, started late or not.
+    pub fn total_tidbs(&self) -> usize {
+        self.initial_tidbs + usize::from(self.added_tidb.is_some())
+    }
+
+    /// The fault of TiDB `i`, if it has one.
+    pub fn fault_of(&self, i: usize) -> Option<&Fault> {
+        self.faults.iter().find(|f| f.tidb == i)
+    }
+
+    /// Host name of TiDB `i`.
+    pub fn tidb_host(i: usize) -> String {
+        format!("tidb-{i}")
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "seed {}", self.seed)?;
+        writeln!(
+            f,
+            "  tidbs: {} from the start{}",
+            self.initial_tidbs,
+            match self.added_tidb {
+                Some(t) => format!(", tidb-{} joins at {}ms", self.initial_tidbs, ms(t)),
+                None => String::new(),
+            }
+        )?;
+        if self.faults.is_empty() {
+            writeln!(f, "  faults: none")?;
+        }
+        for x in &self.faults {
+            match x.kind {
+                FaultKind::GracefulShutdown { graceful_wait } => writeln!(
+                    f,
+                    "  fault: tidb-{} graceful shutdown at {}ms, graceful-wait {}ms",
+                    x.tidb,
+                    ms(x.at),
+                    ms(graceful_wait)
+                )?,
+                FaultKind::Crash { lease } => writeln!(
+                    f,
+                    "  fault: tidb-{} crashes at {}ms, PD lease expires {}ms later",
+                    x.tidb,
+                    ms(x.at),
+                    ms(lease)
+                )?,
+            }
+        }
+        writeln!(
+            f,
+            "  network: latency up to {}ms; PD tells the proxy {}ms after a change",
+            ms(self.max_latency),
+            ms(self.pd_delay)
+        )?;
+        writeln!(
+            f,
+            "  clients: {} sessions on {} hosts; workloads end at {}ms",
+            self.sessions.len(),
+            self.client_hosts,
+            ms(self.workload_end)
+        )?;
+        for s in &self.sessions {
+            let m = s.mix;
+            writeln!(
+                f,
+                "    s{} host client-{} user {} deprecate_eof={} use_db={} start {}ms think<{}ms mix insert={} increment={} txn={} uservar={} check={} prepared={} idle={}",
+                s.id,
+                s.host,
+                s.user,
+                s.deprecate_eof,
+                s.use_db,
+                ms(s.start),
+                ms(s.think_max),
+                m.insert,
+                m.increment,
+                m.transaction,
+                m.user_var,
+                m.state_check,
+                m.prepared,
+                m.idle
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! What the hosts of one run share: the event trace and its hash, the
+//! invariant violations found so far, the ledger of what clients were told,
+//! the PD double's membership, and handles on the proxy and the TiDBs for
+//! the checks.
+//!
+//! Everything runs on turmoil's one thread; the locks are only there
+//! because the proxy's and the double's types must be `Send`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tiproxy_runtime::proxy::State;
+
+use crate::net::TurmoilNet;
+use crate::scenario::Scenario;
+use crate::tidb::{Cluster, TidbHandle};
+
+/// The invariants, each a named check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Invariant {
+    /// 1. No client sees an error (or a hang) unless the TiDB holding its
+    ///    session crashed or closed it without a graceful wait.
+    NoClientError,
+    /// 2. Every commit a client was told succeeded is in the store exactly
+    ///    once; nothing reported failed is applied.
+    CommitsExactlyOnce,
+    /// 3. A transaction never spans two TiDBs.
+    TxnOnOneTidb,
+    /// 4. A session's variables, database and prepared statements survive
+    ///    every move.
+    SessionStateKept,
+    /// 5. After the last fault, every session is on a live TiDB and the
+    ///    spread is balanced, within the liveness bound.
+    Liveness,
+    /// 6. At the end, client connections equal backend connections, and
+    ///    nothing is left once clients leave.
+    NoLeaks,
+    /// The simulation itself failed (a host panicked, or it ran too long).
+    Simulation,
+}
+
+impl Invariant {
+    /// The check's name, as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Invariant::NoClientError => "no-client-error",
+            Invariant::CommitsExactlyOnce => "commits-exactly-once",
+            Invariant::TxnOnOneTidb => "txn-on-one-tidb",
+            Invariant::SessionStateKept => "session-state-kept",
+            Invariant::Liveness => "liveness",
+            Invariant::NoLeaks => "no-leaks",
+            Invariant::Simulation => "simulation",
+        }
+    }
+}
+
+/// A broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which.
+    pub invariant: Invariant,
+    /// Simulated time it was seen.
+    pub at: Duration,
+    /// What was seen.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{}] at {}ms: {}",
+            self.invariant.name(),
+            self.at.as_millis(),
+            self.message
+        )
+    }
+}
+
+/// FNV-1a, 64 bit: stable across platforms and Rust versions.
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// What the clients were told about their writes.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Keys of inserts reported committed.
+    pub committed: BTreeSet<i64>,
+    /// Keys of inserts reported failed or rolled back.
+    pub failed: BTreeSet<i64>,
+    /// Keys whose outcome the client cannot know (the connection broke
+    /// during the commit).
+    pub unknown: BTreeSet<i64>,
+    /// Per session: increments reported done, and increments of unknown
+    /// outcome.
+    pub increments: BTreeMap<usize, (i64, i64)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    hash: Fnv,
+    events: u64,
+    violations: Vec<Violation>,
+    proxy: Option<Arc<State<TurmoilNet>>>,
+    tidbs: BTreeMap<usize, TidbHandle>,
+    tidb_ips: BTreeMap<IpAddr, usize>,
+    /// TiDBs that had their fault (not valid final homes).
+    faulted: BTreeSet<usize>,
+    /// PD's membership changes: when, and the members after it.
+    membership: Vec<(Duration, BTreeSet<usize>)>,
+    /// Client sockets whose session was on a TiDB when it broke.
+    broken: BTreeMap<SocketAddr, Duration>,
+    /// When each fault that breaks sessions happened.
+    breaking_faults: Vec<Duration>,
+    ledger: Ledger,
+    /// Where each session was last seen at the end of its workload.
+    finals: BTreeMap<usize, IpAddr>,
+    setup_done: bool,
+    moves_seen: u64,
+    allowed_errors: u64,
+    ops: u64,
+}
+
+/// How long after a session-breaking fault a failed connect is forgiven:
+/// a handshake in flight on the TiDB when it broke.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// The shared state of one run.
+#[derive(Debug)]
+pub struct World {
+    /// The run's parameters.
+    pub scenario: Scenario,
+    /// The TiDB cluster (shared store).
+    pub cluster: Arc<Cluster>,
+    /// Print every trace event.
+    pub verbose: bool,
+    inner: Mutex<Inner>,
+}
+
+/// Simulated time on the current host.
+pub fn now() -> Duration {
+    turmoil::elapsed()
+}
+
+impl World {
+    /// A world for `scenario`.
+    pub fn new(scenario: Scenario, cluster: Arc<Cluster>, verbose: bool) -> Arc<Self> {
+        let initial: BTreeSet<usize> = (0..scenario.initial_tidbs).collect();
+        let w = Arc::new(Self {
+            scenario,
+            cluster,
+            verbose,
+            inner: Mutex::new(Inner::default()),
+        });
+        w.lock().membership.push((Duration::ZERO, initial));
+        w
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends an event to the trace (and prints it when verbose).
+    pub fn event(&self, at: Duration, what: impl fmt::Display) {
+        let line = format!("{:>7} {what}", at.as_millis());
+        if self.verbose {
+            println!("{line}");
+        }
+        let mut g = self.lock();
+        g.hash.write(line.as_bytes());
+        g.hash.write(b"\n");
+        g.events += 1;
+    }
+
+    /// Records a broken invariant (also a trace event).
+    pub fn violation(&self, invariant: Invariant, at: Duration, message: impl Into<String>) {
+        let v = Violation {
+            invariant,
+            at,
+            message: message.into(),
+        };
+        self.event(at, format_args!("VIOLATION {v}"));
+        self.lock().violations.push(v);
+    }
+
+    /// Violations so far.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.lock().violations.clone()
+    }
+
+    /// Whether any invariant broke.
+    pub fn failed(&self) -> bool {
+        !self.lock().violations.is_empty()
+    }
+
+    /// The trace hash and event count so far.
+    pub fn trace(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.hash.0, g.events)
+    }
+
+    /// The proxy started.
+    pub fn set_proxy(&self, st: Arc<State<TurmoilNet>>) {
+        self.lock().proxy = Some(st);
+    }
+
+    /// The proxy's state, once started.
+    pub fn proxy(&self) -> Option<Arc<State<TurmoilNet>>> {
+        self.lock().proxy.clone()
+    }
+
+    /// TiDB `i` started, at `ip`.
+    pub fn tidb_started(&self, i: usize, h: TidbHandle, ip: IpAddr) {
+        let mut g = self.lock();
+        g.tidbs.insert(i, h);
+        g.tidb_ips.insert(ip, i);
+    }
+
+    /// Every started TiDB.
+    pub fn tidbs(&self) -> Vec<(usize, TidbHandle)> {
+        self.lock()
+            .tidbs
+            .iter()
+            .map(|(i, h)| (*i, h.clone()))
+            .collect()
+    }
+
+    /// The TiDB at `ip`.
+    pub fn tidb_at(&self, ip: IpAddr) -> Option<usize> {
+        self.lock().tidb_ips.get(&ip).copied()
+    }
+
+    /// Whether TiDB `i` had its fault.
+    pub fn is_faulted(&self, i: usize) -> bool {
+        self.lock().faulted.contains(&i)
+    }
+
+    /// TiDB `i`'s fault begins. When it `breaks` sessions (a crash, or a
+    /// shutdown without graceful wait), the sessions the proxy has on it
+    /// now are marked: their errors are unavoidable.
+    pub fn fault_begins(&self, i: usize, breaks: bool, at: Duration) {
+        let addr = format!("{}:4000", Scenario::tidb_host(i));
+        let proxy = self.proxy();
+        let mut marked = Vec::new();
+        if breaks && let Some(st) = &proxy {
+            for (_, mb) in st.sessions() {
+                if mb.backend().is_some_and(|b| b.addr == addr)
+                    && let Some(c) = mb.info().client
+                {
+                    marked.push(c);
+                }
+            }
+        }
+        {
+            let mut g = self.lock();
+            g.faulted.insert(i);
+            if breaks {
+                g.breaking_faults.push(at);
+                for c in &marked {
+                    g.broken.insert(*c, at);
+                }
+            }
+        }
+        self.event(
+            at,
+            format_args!(
+                "fault begins on tidb-{i}: {} session(s) on it {}",
+                marked.len(),
+                if breaks {
+                    "may see errors"
+                } else {
+                    "must move"
+                }
+            ),
+        );
+    }
+
+    /// Whether an error on the session of client socket `client` (or on a
+    /// connect, `None`) at `at` is one the scenario makes unavoidable.
+    pub fn error_allowed(&self, client: Option<SocketAddr>, at: Duration) -> bool {
+        let g = self.lock();
+        if let Some(c) = client
+            && g.broken.get(&c).is_some_and(|t| *t <= at)
+        {
+            return true;
+        }
+        // A connect (or a session just connected) racing the fault.
+        g.breaking_faults
+            .iter()
+            .any(|t| *t <= at && at <= *t + CONNECT_GRACE)
+    }
+
+    /// PD's membership changed at `at` (a TiDB registered or its
+    /// registration ended).
+    pub fn pd_change(&self, at: Duration, i: usize, registered: bool) {
+        {
+            let mut g = self.lock();
+            let mut m = g.membership.last().map(|x| x.1.clone()).unwrap_or_default();
+            if registered {
+                m.insert(i);
+            } else {
+                m.remove(&i);
+            }
+            g.membership.push((at, m));
+        }
+        self.event(
+            at,
+            format_args!(
+                "pd: tidb-{i} {}",
+                if registered {
+                    "registered"
+                } else {
+                    "deregistered"
+                }
+            ),
+        );
+    }
+
+    /// The membership as of `at`.
+    pub fn pd_members(&self, at: Duration) -> BTreeSet<usize> {
+        self.lock()
+            .membership
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .map(|x| x.1.clone())
+            .unwrap_or_default()
+    }
+
+    /// The schema exists.
+    pub fn setup_finished(&self) {
+        self.lock().setup_done = true;
+    }
+
+    /// Whether the schema exists.
+    pub fn is_set_up(&self) -> bool {
+        self.lock().setup_done
+    }
+
+    /// Runs `f` on the ledger.
+    pub fn ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        f(&mut self.lock().ledger)
+    }
+
+    /// A session saw its identity change: it moved.
+    pub fn moved(&self) {
+        self.lock().moves_seen += 1;
+    }
+
+    /// An unavoidable error happened.
+    pub fn allowed_error(&self) {
+        self.lock().allowed_errors += 1;
+    }
+
+    /// A client operation ran.
+    pub fn op(&self) {
+        self.lock().ops += 1;
+    }
+
+    /// Session `s` ended its workload on the TiDB at `ip`.
+    pub fn final_home(&self, s: usize, ip: IpAddr) {
+        self.lock().finals.insert(s, ip);
+    }
+
+    /// Where each session ended its workload.
+    pub fn finals(&self) -> BTreeMap<usize, IpAddr> {
+        self.lock().finals.clone()
+    }
+
+    /// Counters for the report.
+    pub fn stats(&self) -> Stats {
+        let g = self.lock();
+        Stats {
+            ops: g.ops,
+            moves_seen: g.moves_seen,
+            allowed_errors: g.allowed_errors,
+            committed_keys: g.ledger.committed.len() as u64,
+        }
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Client operations.
+    pub ops: u64,
+    /// Moves the clients noticed (their TiDB identity changed).
+    pub moves_seen: u64,
+    /// Errors the scenario made unavoidable.
+    pub allowed_errors: u64,
+    /// Inserted keys reported committed.
+    pub committed_keys: u64,
+}
