@@ -407,6 +407,8 @@ pub struct Session {
     boundary_pending: bool,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
+    /// The last finished command, not yet polled.
+    command_done: Option<Event>,
 }
 
 impl Session {
@@ -446,6 +448,7 @@ impl Session {
             boundary_pending: false,
             actions: VecDeque::new(),
             events: VecDeque::new(),
+            command_done: None,
             cfg,
         };
         s.cfg.capabilities &= CapabilityFlags::PROXY_SUPPORTED;
@@ -540,13 +543,26 @@ impl Session {
     /// The next action for the driver.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let a = self.actions.pop_front();
+        if a.is_none() && self.actions.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely act: give the memory back.
+            self.actions = VecDeque::new();
+        }
+        a
     }
 
     /// The next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        if self.events.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely have events besides finished
+            // commands (which use a slot): give the memory back.
+            self.events = VecDeque::new();
+        }
+        self.command_done.take()
     }
 
     /// When [`Session::handle_timeout`] must be called next.
@@ -1758,11 +1774,16 @@ impl Session {
 
     fn command_done(&mut self, now: Instant, ok: bool) {
         if let (Some(cmd), Some(start)) = (self.tracker.command(), self.command_started) {
-            self.events.push_back(Event::CommandDone {
+            let done = Event::CommandDone {
                 command: cmd,
                 ok,
                 elapsed: now.saturating_duration_since(start),
-            });
+            };
+            // One slot for the common case keeps the event queue (and its
+            // allocation) for rare events only.
+            if let Some(older) = self.command_done.replace(done) {
+                self.events.push_back(older);
+            }
         }
     }
 

@@ -212,22 +212,31 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
             }
         }
         (Method::GET, ["sessions"]) => {
-            let list: Vec<serde_json::Value> = st
-                .sessions()
-                .iter()
-                .map(|(id, m)| {
-                    let i = m.info();
-                    json!({
-                        "connection_id": id,
-                        "client": i.client.map(|c| c.to_string()),
-                        "backend": m.backend().map(|b| b.addr.clone()),
-                        "user": String::from_utf8_lossy(&i.user),
-                        "db": String::from_utf8_lossy(&i.db),
-                        "in_transaction": m.in_transaction(),
-                        "idle_ms": m.idle_ms(),
-                    })
-                })
-                .collect();
+            // Each connection describes itself; one that does not answer
+            // within a second (stuck writing to a slow peer) is left out.
+            let mut waits = Vec::new();
+            for (_, m) in st.sessions() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                m.send(crate::conn::Control::Describe(Arc::new(
+                    std::sync::Mutex::new(Some(tx)),
+                )));
+                waits.push(rx);
+            }
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut list = Vec::new();
+            for rx in waits {
+                if let Ok(Ok(i)) = tokio::time::timeout_at(deadline, rx).await {
+                    list.push(json!({
+                        "connection_id": i.connection_id,
+                        "client": i.client,
+                        "backend": i.backend,
+                        "user": i.user,
+                        "db": i.db,
+                        "in_transaction": i.in_transaction,
+                        "idle_ms": i.idle_ms,
+                    }));
+                }
+            }
             reply(StatusCode::OK, json!(list))
         }
         (

@@ -32,12 +32,8 @@ use crate::tls;
 /// Cheaper than a channel (an idle connection holds one of these).
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    /// Who the session is (client address, user, database), for listings.
-    info: std::sync::Mutex<SessionInfo>,
-    /// Whether the session is inside a transaction.
-    in_transaction: std::sync::atomic::AtomicBool,
-    /// When its last command finished, ms since the process started.
-    last_command_ms: std::sync::atomic::AtomicU64,
+    /// The client's address.
+    client: std::sync::Mutex<Option<SocketAddr>>,
     /// The backend the session is on (set by the connection).
     backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
     /// A move was requested and has not resolved yet.
@@ -51,17 +47,29 @@ pub struct Mailbox {
     queue: std::sync::Mutex<Vec<Control>>,
 }
 
-/// What a listing shows of a session. Views into the session's own
-/// buffers: keeping it costs an idle connection no allocation.
+/// What a listing shows of a session. A connection answers
+/// [`Control::Describe`] with it: nothing is kept per idle connection for
+/// listings.
 #[derive(Debug, Clone, Default)]
 pub struct SessionInfo {
+    /// Connection id.
+    pub connection_id: u32,
     /// Client address (from the PROXY header when there is one).
-    pub client: Option<SocketAddr>,
+    pub client: String,
+    /// The backend it is on.
+    pub backend: Option<String>,
     /// Authenticated user.
-    pub user: Bytes,
+    pub user: String,
     /// Database chosen at connect or by COM_CHANGE_USER.
-    pub db: Bytes,
+    pub db: String,
+    /// Whether it is inside a transaction.
+    pub in_transaction: bool,
+    /// Milliseconds since its last command finished (or since it connected).
+    pub idle_ms: u64,
 }
+
+/// Where a connection sends its [`SessionInfo`] (taken once).
+pub type DescribeReply = Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<SessionInfo>>>>;
 
 /// Milliseconds since the process started (monotonic).
 pub fn uptime_ms() -> u64 {
@@ -76,23 +84,10 @@ pub fn uptime_ms() -> u64 {
 pub const FAILED_MOVE_COOLDOWN: Duration = Duration::from_secs(3);
 
 impl Mailbox {
-    /// Who the session is.
-    pub fn info(&self) -> SessionInfo {
-        self.info.lock().expect("mailbox lock").clone()
-    }
-
-    /// Whether the session is inside a transaction.
-    pub fn in_transaction(&self) -> bool {
-        self.in_transaction
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Milliseconds since its last command finished (or since it connected).
-    pub fn idle_ms(&self) -> u64 {
-        uptime_ms().saturating_sub(
-            self.last_command_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+    /// The client address, as set by the connection (for the simulation's
+    /// bookkeeping).
+    pub fn client(&self) -> Option<SocketAddr> {
+        *self.client.lock().expect("mailbox lock")
     }
 
     /// The backend the session is on.
@@ -160,6 +155,8 @@ pub enum Control {
     CloseAtSafePoint,
     /// Close now.
     Close(&'static str),
+    /// Report what a session listing shows.
+    Describe(DescribeReply),
 }
 
 /// What every connection shares.
@@ -279,7 +276,9 @@ struct Driver<N: Network> {
     /// Where a requested move goes, until it resolves.
     moving_to: Option<Arc<crate::router::Backend>>,
     /// The backend a session just left (for metrics).
-    moved_from: Option<String>,
+    moved_from: Option<Arc<crate::router::Backend>>,
+    /// When the last command finished, ms since the process started.
+    last_command_ms: u64,
 }
 
 /// Serves one accepted client connection to its end.
@@ -336,11 +335,9 @@ pub async fn serve<N: Network>(
         closing: false,
         moving_to: None,
         moved_from: None,
+        last_command_ms: uptime_ms(),
     });
-    d.ctl.info.lock().expect("mailbox lock").client = Some(source);
-    d.ctl
-        .last_command_ms
-        .store(uptime_ms(), std::sync::atomic::Ordering::Relaxed);
+    *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     if !early.is_empty() {
         d.session.handle_data(now, Leg::Client, &early);
     }
@@ -460,7 +457,7 @@ impl<N: Network> Driver<N> {
                 Action::CloseLeg(_) => {}
                 Action::SwapBackends { farewell } => {
                     let old = std::mem::replace(&mut self.backend, self.new_backend.take());
-                    self.moved_from = self.lease.as_ref().map(|l| l.backend().addr.clone());
+                    self.moved_from = self.lease.as_ref().map(|l| l.backend().clone());
                     self.lease = self.new_lease.take();
                     self.ctl
                         .set_backend(self.lease.as_ref().map(|l| l.backend().clone()));
@@ -491,11 +488,7 @@ impl<N: Network> Driver<N> {
                 command, elapsed, ..
             } => {
                 metrics().query(command, elapsed.as_secs_f64());
-                use std::sync::atomic::Ordering::Relaxed;
-                self.ctl
-                    .in_transaction
-                    .store(self.session.in_transaction(), Relaxed);
-                self.ctl.last_command_ms.store(uptime_ms(), Relaxed);
+                self.last_command_ms = uptime_ms();
             }
             Event::BackendGreeting {
                 server_version,
@@ -512,14 +505,16 @@ impl<N: Network> Driver<N> {
             }
             Event::Authenticated { user } => {
                 debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
-                let mut info = self.ctl.info.lock().expect("mailbox lock");
-                info.user = user;
-                info.db = self.session.database_bytes().unwrap_or_default();
+                let _ = user;
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
                 self.move_resolved(false);
-                let from = self.moved_from.take().unwrap_or_default();
+                let from = self
+                    .moved_from
+                    .take()
+                    .map(|b| b.addr.clone())
+                    .unwrap_or_default();
                 metrics()
                     .migrate
                     .with_label_values(&[&from, &target, "", "succeed"])
@@ -820,6 +815,24 @@ impl<N: Network> Driver<N> {
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
                 Control::Close(why) => self.session.handle_close(why),
+                Control::Describe(reply) => {
+                    let Some(reply) = reply.lock().expect("reply lock").take() else {
+                        return Poll::Ready(Wake::Progress);
+                    };
+                    let _ = reply.send(SessionInfo {
+                        connection_id: self.conn_id,
+                        client: self.peer.to_string(),
+                        backend: self.lease.as_ref().map(|l| l.backend().addr.clone()),
+                        user: String::from_utf8_lossy(self.session.user()).into_owned(),
+                        db: self
+                            .session
+                            .database()
+                            .map(|d| String::from_utf8_lossy(d).into_owned())
+                            .unwrap_or_default(),
+                        in_transaction: self.session.in_transaction(),
+                        idle_ms: uptime_ms().saturating_sub(self.last_command_ms),
+                    });
+                }
             }
             return Poll::Ready(Wake::Progress);
         }

@@ -312,7 +312,7 @@ impl Router {
         match best.len() {
             0 => None,
             1 => Some(best[0].clone()),
-            n => Some(best[self.with_rng(|mut r| r.random_range(0..n))].clone()),
+            n => Some(best[self.with_rng(|r| r.random_range(0..n))].clone()),
         }
     }
 

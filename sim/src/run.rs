@@ -102,7 +102,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
         .simulation_duration(end + Duration::from_secs(60))
-        .tick_duration(Duration::from_millis(1))
+        .tick_duration(scenario.tick)
         .min_message_latency(Duration::ZERO)
         .max_message_latency(scenario.max_latency)
         .build();
@@ -110,7 +110,9 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     for i in 0..scenario.total_tidbs() {
         let world = world.clone();
         let host = Scenario::tidb_host(i);
-        sim.host(host.clone(), move || tidb_host(world.clone(), i, host.clone()));
+        sim.host(host.clone(), move || {
+            tidb_host(world.clone(), i, host.clone())
+        });
     }
     {
         let world = world.clone();
@@ -250,7 +252,11 @@ async fn proxy_host(world: Arc<World>) -> turmoil::Result {
                         b.addr,
                         b.connections(),
                         if b.is_draining() { " draining" } else { "" },
-                        if st.router().accepts(b) { "" } else { " closed" }
+                        if st.router().accepts(b) {
+                            ""
+                        } else {
+                            " closed"
+                        }
                     )
                 })
                 .collect();
@@ -436,7 +442,11 @@ fn check_store(world: &World, at: Duration) {
     let (kv, counters) = match (scan("kv"), scan("counters")) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
-            world.violation(Invariant::CommitsExactlyOnce, at, format!("cannot read the store: {e}"));
+            world.violation(
+                Invariant::CommitsExactlyOnce,
+                at,
+                format!("cannot read the store: {e}"),
+            );
             return;
         }
     };

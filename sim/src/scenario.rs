@@ -153,6 +153,9 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     /// Largest one-way message latency.
     pub max_latency: Duration,
+    /// turmoil's step: every host runs this much simulated time per step
+    /// (finer steps interleave hosts more finely; coarser runs faster).
+    pub tick: Duration,
     /// How long PD takes to tell the proxy about a change.
     pub pd_delay: Duration,
     /// Client hosts.
@@ -206,6 +209,11 @@ impl Scenario {
             2 => 10,
             _ => 25,
         });
+        let tick = Duration::from_millis(match rng.random_range(0..10) {
+            0 => 1,
+            1..=3 => 2,
+            _ => 5,
+        });
         let pd_delay = Duration::from_millis(rng.random_range(100..2_000));
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
@@ -237,6 +245,7 @@ impl Scenario {
             added_tidb,
             faults,
             max_latency,
+            tick,
             pd_delay,
             client_hosts,
             sessions,
@@ -299,8 +308,9 @@ impl fmt::Display for Scenario {
         }
         writeln!(
             f,
-            "  network: latency up to {}ms; PD tells the proxy {}ms after a change",
+            "  network: latency up to {}ms, steps of {}ms; PD tells the proxy {}ms after a change",
             ms(self.max_latency),
+            ms(self.tick),
             ms(self.pd_delay)
         )?;
         writeln!(

@@ -9,7 +9,7 @@
 //! every move the client notices, and at random (4); where the session is
 //! at the end of its workload (5).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,8 +67,8 @@ pub struct ClientSession {
     world: Arc<World>,
     rng: StdRng,
     client: Option<RawClient<TcpStream>>,
-    /// The client socket's address (the proxy's view of this client).
-    addr: Option<SocketAddr>,
+    /// The proxy's connection id (from its greeting).
+    conn: Option<u32>,
     expected: Option<Expected>,
     /// (`@@hostname`, `CONNECTION_ID()`) last seen on this connection.
     identity: Option<(String, String)>,
@@ -98,13 +98,14 @@ fn summary(r: &QueryResult) -> String {
 impl ClientSession {
     /// A session that runs `plan`.
     pub fn new(plan: SessionPlan, world: Arc<World>) -> Self {
-        let seed = world.scenario.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(plan.id as u64 + 1));
+        let seed =
+            world.scenario.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(plan.id as u64 + 1));
         Self {
             plan,
             world,
             rng: StdRng::seed_from_u64(seed),
             client: None,
-            addr: None,
+            conn: None,
             expected: None,
             identity: None,
             seq: 0,
@@ -136,7 +137,9 @@ impl ClientSession {
             }
             let op = self.pick();
             let _ = self.operation(op).await;
-            let think = self.rng.random_range(0..=self.plan.think_max.as_millis() as u64);
+            let think = self
+                .rng
+                .random_range(0..=self.plan.think_max.as_millis() as u64);
             tokio::time::sleep(Duration::from_millis(think)).await;
         }
         self.finish().await;
@@ -167,17 +170,17 @@ impl ClientSession {
     fn failed(&mut self, what: &str, e: &ClientError) {
         let at = now();
         let clean = !matches!(e, ClientError::Protocol(_));
-        if clean && self.world.error_allowed(self.addr, at) {
+        if clean && self.world.error_allowed(self.conn, at) {
             self.world.allowed_error();
             self.event(format_args!("{what} -> unavoidable error: {e}"));
         } else {
             self.violation(
                 Invariant::NoClientError,
-                format_args!("{what} failed: {e} (connection {:?})", self.addr),
+                format_args!("{what} failed: {e} (proxy connection {:?})", self.conn),
             );
         }
         self.client = None;
-        self.addr = None;
+        self.conn = None;
         self.expected = None;
         self.identity = None;
     }
@@ -188,7 +191,7 @@ impl ClientSession {
             format_args!("{what}: no answer within {OP_TIMEOUT:?} (a hang)"),
         );
         self.client = None;
-        self.addr = None;
+        self.conn = None;
         self.expected = None;
         self.identity = None;
     }
@@ -246,7 +249,6 @@ impl ClientSession {
                 return Err(Broken);
             }
         };
-        let local = stream.local_addr().ok();
         let password = match self.plan.user {
             "sha2user" => "sha2-Pa55word",
             _ => "app-Pa55word",
@@ -261,11 +263,10 @@ impl ClientSession {
         };
         match tokio::time::timeout(OP_TIMEOUT, RawClient::connect(stream, &opts)).await {
             Ok(Ok(c)) => {
+                self.conn = Some(c.connection_id);
                 self.client = Some(c);
-                self.addr = local;
             }
             Ok(Err(e)) => {
-                self.addr = local;
                 self.failed("login", &e);
                 return Err(Broken);
             }
@@ -284,11 +285,8 @@ impl ClientSession {
         let id = self.plan.id;
         let v = format!("s{id}-c{}", self.generation);
         self.query(&format!("SET @v = '{v}', @n = 0")).await?;
-        self.query(&format!(
-            "SET SESSION group_concat_max_len = {}",
-            1000 + id
-        ))
-        .await?;
+        self.query(&format!("SET SESSION group_concat_max_len = {}", 1000 + id))
+            .await?;
         self.query(&format!("PREPARE p FROM 'SELECT ? + {id}'"))
             .await?;
         let c = self.client.as_mut().ok_or(Broken)?;
@@ -361,7 +359,9 @@ impl ClientSession {
             Op::Increment => {
                 let id = self.plan.id;
                 let r = self
-                    .query(&format!("UPDATE sim.counters SET n = n + 1 WHERE id = {id}"))
+                    .query(&format!(
+                        "UPDATE sim.counters SET n = n + 1 WHERE id = {id}"
+                    ))
                     .await;
                 match &r {
                     Ok(q) if q.affected_rows != 1 => self.violation(
@@ -438,10 +438,7 @@ impl ClientSession {
         let body = async {
             let r = self.query("BEGIN").await?;
             if !r.status.contains(tiproxy_core::StatusFlags::IN_TRANS) {
-                self.violation(
-                    Invariant::TxnOnOneTidb,
-                    "BEGIN answered without IN_TRANS",
-                );
+                self.violation(Invariant::TxnOnOneTidb, "BEGIN answered without IN_TRANS");
             }
             let (first, _) = self.identity().await?;
             self.query(&format!(
@@ -469,9 +466,7 @@ impl ClientSession {
             if first != last {
                 self.violation(
                     Invariant::TxnOnOneTidb,
-                    format_args!(
-                        "a transaction began on {first:?} and continued on {last:?}"
-                    ),
+                    format_args!("a transaction began on {first:?} and continued on {last:?}"),
                 );
             }
             Ok::<(), Broken>(())
@@ -528,7 +523,9 @@ impl ClientSession {
         if got != want {
             self.violation(
                 Invariant::SessionStateKept,
-                format_args!("@v, @n, DATABASE(), @@group_concat_max_len are {got:?}, expected {want:?}"),
+                format_args!(
+                    "@v, @n, DATABASE(), @@group_concat_max_len are {got:?}, expected {want:?}"
+                ),
             );
         }
         let r = self.query("EXECUTE p USING @n").await?;
@@ -536,7 +533,10 @@ impl ClientSession {
         if r.scalar().as_deref() != Some(want.as_str()) {
             self.violation(
                 Invariant::SessionStateKept,
-                format_args!("EXECUTE p USING @n returned {:?}, expected {want}", r.scalar()),
+                format_args!(
+                    "EXECUTE p USING @n returned {:?}, expected {want}",
+                    r.scalar()
+                ),
             );
         }
         let r = self.execute(e.stmt, Value::Str("chk".into())).await?;

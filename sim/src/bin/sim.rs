@@ -54,7 +54,10 @@ fn report(o: &Outcome) {
         println!("  {v}");
     }
     if !o.passed() {
-        println!("REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}", o.seed);
+        println!(
+            "REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}",
+            o.seed
+        );
     }
 }
 
