@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs tiproxy.
 #
-#   scripts/run.sh                      demo: a private MariaDB on 127.0.0.1:4000
-#                                       and tiproxy in front of it on 127.0.0.1:6000
+#   scripts/run.sh                      playground: a private etcd (PD), a TiDB
+#                                       double cluster of 2 instances registered
+#                                       in it, and tiproxy on 127.0.0.1:6000
 #   scripts/run.sh --config my.toml     tiproxy with your configuration
 #
 # Installs what it needs (Debian packages, the release build) first.
@@ -16,54 +17,54 @@ if [[ "${1:-}" == "--config" ]]; then
     exec target/release/tiproxy "$@"
 fi
 
-scripts/install-deps.sh protobuf-compiler mariadb-server mariadb-client
-cargo build --release -q -p tiproxy-runtime
+scripts/install-deps.sh protobuf-compiler etcd-server mariadb-client
+cargo build --release -q -p tiproxy-runtime -p tiproxy-sim
 
-demo=$(mktemp -d /tmp/tiproxy-demo.XXXXXX)
+dir=$(mktemp -d /tmp/tiproxy-playground.XXXXXX)
+pids=()
 cleanup() {
-    [[ -n "${proxy_pid:-}" ]] && kill "$proxy_pid" 2>/dev/null && wait "$proxy_pid" 2>/dev/null || true
-    [[ -n "${db_pid:-}" ]] && kill "$db_pid" 2>/dev/null && wait "$db_pid" 2>/dev/null || true
-    rm -rf "$demo"
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$dir"
 }
 trap cleanup EXIT INT TERM
 
-echo "demo: starting a private MariaDB on 127.0.0.1:4000 (data in $demo)"
-mariadb-install-db --no-defaults --user="$(id -un)" --datadir="$demo/data" \
-    --auth-root-authentication-method=normal >"$demo/install.log" 2>&1
-mariadbd --no-defaults --user="$(id -un)" --datadir="$demo/data" --port=4000 \
-    --bind-address=127.0.0.1 --socket="$demo/mysql.sock" --skip-name-resolve \
-    --max-connect-errors=1000000 --local-infile=1 >"$demo/mariadb.log" 2>&1 &
-db_pid=$!
-for _ in $(seq 1 100); do
-    mariadb --no-defaults -uroot -S "$demo/mysql.sock" -e 'select 1' >/dev/null 2>&1 && break
-    sleep 0.1
-done
-mariadb --no-defaults -uroot -S "$demo/mysql.sock" <<'SQL'
-DELETE FROM mysql.global_priv WHERE User = '';
-CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
-GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
-CREATE DATABASE IF NOT EXISTS test;
-FLUSH PRIVILEGES;
-SQL
+PD=127.0.0.1:2379 CONTROL=127.0.0.1:4080
+echo "playground: starting etcd (PD) on $PD"
+etcd --data-dir "$dir/etcd" --listen-client-urls "http://$PD" --advertise-client-urls "http://$PD" \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster default=http://127.0.0.1:2380 >"$dir/etcd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null && break; sleep 0.1; done
 
-cat >"$demo/proxy.toml" <<TOML
+echo "playground: starting 2 TiDB doubles (SQL 4000+, status 10080+), registered in PD"
+target/release/tidb-double --instances 2 --sql-port-base 4000 --status-port-base 10080 \
+    --graceful-wait 5 --pd "$PD" --pd-ttl 10 --control-addr "$CONTROL" >"$dir/tidb.json" 2>"$dir/tidb.log" &
+pids+=($!)
+for _ in $(seq 1 100); do [[ -s "$dir/tidb.json" ]] && break; sleep 0.1; done
+
+cat >"$dir/proxy.toml" <<TOML
 [proxy]
 addr = "127.0.0.1:6000"
-pd-addrs = ""
-backend-addrs = ["127.0.0.1:4000"]
+pd-addrs = "$PD"
 [api]
 addr = "127.0.0.1:3080"
 TOML
 
 cat <<MSG
 
-tiproxy is starting on 127.0.0.1:6000 in front of MariaDB on 127.0.0.1:4000.
-  connect:  mariadb -h 127.0.0.1 -P 6000 -u root test
-  health:   curl http://127.0.0.1:3080/api/debug/health
-  metrics:  curl http://127.0.0.1:3080/api/metrics
-Ctrl-C stops tiproxy and the demo MariaDB.
+tiproxy is starting on 127.0.0.1:6000 in front of the TiDB doubles.
+  connect:     mariadb -h 127.0.0.1 -P 6000 -u root      (or -u app -papp-Pa55word)
+               then: SHOW PROCESSLIST; SELECT @@port;
+  scale out:   curl -X POST http://$CONTROL/instances
+  scale in:    curl -X POST http://$CONTROL/instances/1/shutdown   (graceful: sessions move)
+  kill one:    curl -X POST http://$CONTROL/instances/1/kill
+  list TiDBs:  curl http://$CONTROL/instances
+  the proxy:   target/release/tiproxyctl backends | sessions | health
+Ctrl-C stops everything.
 
 MSG
-target/release/tiproxy --config "$demo/proxy.toml" &
-proxy_pid=$!
-wait "$proxy_pid"
+target/release/tiproxy --config "$dir/proxy.toml" &
+proxy=$!
+pids+=($proxy)
+wait "$proxy"

@@ -458,7 +458,14 @@ impl<N: Network> Driver<N> {
                 Action::SwapBackends { farewell } => {
                     let old = std::mem::replace(&mut self.backend, self.new_backend.take());
                     self.moved_from = self.lease.as_ref().map(|l| l.backend().clone());
-                    self.lease = self.new_lease.take();
+                    let left = std::mem::replace(&mut self.lease, self.new_lease.take());
+                    if self
+                        .shared
+                        .router
+                        .planted(crate::router::PlantedBug::LeakLeaseOnMove)
+                    {
+                        std::mem::forget(left);
+                    }
                     self.ctl
                         .set_backend(self.lease.as_ref().map(|l| l.backend().clone()));
                     if let Some(mut old) = old {
@@ -522,7 +529,15 @@ impl<N: Network> Driver<N> {
                 debug!(conn_id, to = %target, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
-                self.move_resolved(true);
+                // An unreachable target is the target's fault (it is now
+                // marked failed): the session may move elsewhere at once. A
+                // cool-down here outlasted short graceful waits (simulation
+                // seed 72: a drain began just after another TiDB crashed).
+                let target_down = matches!(
+                    reason,
+                    tiproxy_core::migration::MigrationFailure::Connect(_)
+                );
+                self.move_resolved(!target_down);
                 if let tiproxy_core::migration::MigrationFailure::StatesRefused { code, message } =
                     &reason
                     && *code != 8146

@@ -611,7 +611,8 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
                     0
                 },
                 accepts: router.accepts(b),
-                evacuate: b.should_evacuate(),
+                evacuate: b.should_evacuate()
+                    && !router.planted(crate::router::PlantedBug::NoEvacuation),
             })
             .collect();
         // Moves in flight hold a third socket each and compete with the

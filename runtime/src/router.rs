@@ -189,6 +189,19 @@ impl Default for BackendProfile {
     }
 }
 
+/// A deliberate bug the simulation plants to prove that its seed sweeps
+/// catch it (mutation testing). Planting needs the `sim-mutations` feature;
+/// without it [`Router::planted`] is always false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// New sessions and moves may go to a draining TiDB.
+    RouteToDraining,
+    /// Sessions on draining or removed TiDBs are not moved away.
+    NoEvacuation,
+    /// A session that moved keeps its lease on the backend it left.
+    LeakLeaseOnMove,
+}
+
 /// The backend set.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -196,6 +209,9 @@ pub struct Router {
     profile: RwLock<Option<BackendProfile>>,
     /// A seeded generator replacing the OS's randomness (simulation).
     seeded_rng: Mutex<Option<StdRng>>,
+    /// The bug planted by the simulation's mutation test.
+    #[cfg(feature = "sim-mutations")]
+    planted: Mutex<Option<PlantedBug>>,
 }
 
 /// How long a backend that failed a dial gets no new connections.
@@ -257,6 +273,25 @@ impl Router {
         }
     }
 
+    /// Plants `bug` (the simulation's mutation test).
+    #[cfg(feature = "sim-mutations")]
+    pub fn plant(&self, bug: PlantedBug) {
+        *self.planted.lock().expect("router lock") = Some(bug);
+    }
+
+    /// Whether `bug` was planted; always false without `sim-mutations`.
+    pub fn planted(&self, bug: PlantedBug) -> bool {
+        #[cfg(feature = "sim-mutations")]
+        {
+            *self.planted.lock().expect("router lock") == Some(bug)
+        }
+        #[cfg(not(feature = "sim-mutations"))]
+        {
+            let _ = bug;
+            false
+        }
+    }
+
     /// The backend with this SQL address.
     pub fn find(&self, addr: &str) -> Option<Arc<Backend>> {
         self.backends().into_iter().find(|b| b.addr == addr)
@@ -280,7 +315,12 @@ impl Router {
     }
 
     fn usable(&self, b: &Backend, now: Instant) -> bool {
-        if !b.is_healthy() {
+        let healthy = if self.planted(PlantedBug::RouteToDraining) {
+            b.healthy.load(Ordering::Relaxed) && !b.removed.load(Ordering::Relaxed)
+        } else {
+            b.is_healthy()
+        };
+        if !healthy {
             return false;
         }
         match *b.retry_at.lock().expect("backend lock") {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use tiproxy_runtime::config::{BackendEntry, Config};
+use tiproxy_runtime::router::PlantedBug;
 
 use crate::net::TurmoilNet;
 use crate::scenario::{FaultKind, Scenario};
@@ -26,6 +27,8 @@ use crate::world::{Invariant, Stats, Violation, World, now};
 pub struct RunOptions {
     /// Print every trace event as it happens.
     pub verbose: bool,
+    /// A deliberate bug to plant in the proxy (the mutation test).
+    pub plant: Option<PlantedBug>,
 }
 
 /// What a run found.
@@ -116,7 +119,8 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     }
     {
         let world = world.clone();
-        sim.host("proxy", move || proxy_host(world.clone()));
+        let plant = opts.plant;
+        sim.host("proxy", move || proxy_host(world.clone(), plant));
     }
     for k in 0..scenario.client_hosts {
         let world = world.clone();
@@ -178,20 +182,24 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     }
     let fault = s.fault_of(i).copied();
     let graceful_wait = match fault.map(|f| f.kind) {
-        Some(FaultKind::GracefulShutdown { graceful_wait }) => graceful_wait,
+        Some(FaultKind::GracefulShutdown { graceful_wait, .. }) => graceful_wait,
         _ => Duration::ZERO,
     };
-    let h = TidbServer::start(
-        TurmoilNet::new(&host),
-        world.cluster.clone(),
-        &format!("0.0.0.0:{TIDB_SQL_PORT}"),
-        &format!("0.0.0.0:{TIDB_STATUS_PORT}"),
-        TidbOptions {
-            graceful_wait,
-            ..TidbOptions::default()
-        },
-    )
-    .await?;
+    let sql_addr = format!("0.0.0.0:{TIDB_SQL_PORT}");
+    let status_addr = format!("0.0.0.0:{TIDB_STATUS_PORT}");
+    let start = || {
+        TidbServer::start(
+            TurmoilNet::new(&host),
+            world.cluster.clone(),
+            &sql_addr,
+            &status_addr,
+            TidbOptions {
+                graceful_wait,
+                ..TidbOptions::default()
+            },
+        )
+    };
+    let h = start().await?;
     world.tidb_started(i, h.clone(), h.sql_addr().ip());
     world.event(now(), format_args!("tidb-{i} started at {}", h.sql_addr()));
     if i >= s.initial_tidbs {
@@ -201,10 +209,18 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
         sleep_until(f.at).await;
         world.fault_begins(i, f.breaks_sessions(), now());
         match f.kind {
-            FaultKind::GracefulShutdown { .. } => {
+            FaultKind::GracefulShutdown { restart_after, .. } => {
                 h.graceful_shutdown().await;
                 world.event(now(), format_args!("tidb-{i} shut down"));
                 world.pd_change(now(), i, false);
+                if let Some(r) = restart_after {
+                    tokio::time::sleep(r).await;
+                    let h = start().await?;
+                    world.tidb_started(i, h.clone(), h.sql_addr().ip());
+                    world.tidb_restarted(i);
+                    world.event(now(), format_args!("tidb-{i} restarted"));
+                    world.pd_change(now(), i, true);
+                }
             }
             FaultKind::Crash { lease } => {
                 h.kill();
@@ -220,22 +236,31 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
 }
 
 /// The proxy, and the PD double's watch feeding its router.
-async fn proxy_host(world: Arc<World>) -> turmoil::Result {
+async fn proxy_host(world: Arc<World>, plant: Option<PlantedBug>) -> turmoil::Result {
     let s = &world.scenario;
     let net = TurmoilNet::new("proxy").with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed);
     let proxy = tiproxy_runtime::start_on(net, proxy_config(s)).await?;
     let st = proxy.state().clone();
+    // Before the first session: start_on's tasks have not run yet.
+    if let Some(bug) = plant {
+        st.router().plant(bug);
+    }
     world.set_proxy(st.clone());
-    world.event(now(), "proxy started");
+    world.event(
+        now(),
+        format_args!("proxy started (planted bug: {plant:?})"),
+    );
     let mut applied: BTreeSet<usize> = (0..s.initial_tidbs).collect();
     let mut tick: u64 = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         tick += 1;
         let t = now();
-        // What PD shows `pd_delay` after a change.
+        // What PD shows `pd_delay` after a change; nothing while it is
+        // unreachable (the proxy keeps its last list).
         let members = world.pd_members(t.saturating_sub(s.pd_delay));
-        if members != applied {
+        let pd_down = s.pd_outage.is_some_and(|(at, len)| at <= t && t < at + len);
+        if members != applied && !pd_down {
             let entries: Vec<BackendEntry> = members.iter().map(|i| backend_entry(*i)).collect();
             st.router().set_backends(&entries);
             world.event(t, format_args!("proxy: backends from PD {members:?}"));
@@ -348,8 +373,9 @@ fn check_liveness(world: &World) {
                     Invariant::Liveness,
                     at,
                     format!(
-                        "session s{} is still on tidb-{i}, which had its fault, {}ms after the last fault",
+                        "session s{} is still on tidb-{i}, which had its fault, {}s after the last fault settled (at {}ms)",
                         p.id,
+                        crate::scenario::LIVENESS_BOUND.as_secs(),
                         (s.workload_end - crate::scenario::LIVENESS_BOUND).as_millis()
                     ),
                 ),

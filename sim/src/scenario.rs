@@ -20,6 +20,9 @@ pub enum FaultKind {
     GracefulShutdown {
         /// `graceful-wait-before-shutdown`.
         graceful_wait: Duration,
+        /// Starts again (same addresses, same store) this long after the
+        /// shutdown ended, and registers again: a rolling restart.
+        restart_after: Option<Duration>,
     },
     /// Killed: every socket dropped at once; its PD lease expires after
     /// `lease`.
@@ -45,7 +48,16 @@ impl Fault {
     /// (graceful) or dies (crash).
     pub fn settled_at(&self) -> Duration {
         match self.kind {
-            FaultKind::GracefulShutdown { graceful_wait } => self.at + graceful_wait,
+            // A restart comes after the shutdown ends, which idle sessions
+            // make quick; a second covers the rest.
+            FaultKind::GracefulShutdown {
+                graceful_wait,
+                restart_after,
+            } => {
+                self.at
+                    + graceful_wait
+                    + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
+            }
             FaultKind::Crash { .. } => self.at,
         }
     }
@@ -55,7 +67,7 @@ impl Fault {
     /// the proxy no time to move them).
     pub fn breaks_sessions(&self) -> bool {
         match self.kind {
-            FaultKind::GracefulShutdown { graceful_wait } => graceful_wait.is_zero(),
+            FaultKind::GracefulShutdown { graceful_wait, .. } => graceful_wait.is_zero(),
             FaultKind::Crash { .. } => true,
         }
     }
@@ -80,10 +92,13 @@ pub struct Mix {
     pub prepared: u32,
     /// Sleeps, idle, for up to two seconds.
     pub idle: u32,
+    /// Reads back all of its own keys (a long result set) and checks that
+    /// every commit it was told of is there and nothing it was told failed.
+    pub scan: u32,
 }
 
 impl Mix {
-    fn derive(rng: &mut StdRng) -> Self {
+    fn derive(rng: &mut StdRng, later: &mut StdRng) -> Self {
         // Swarm: each kind is off in about a third of the sessions.
         let mut w = |base: u32| {
             if rng.random_bool(0.35) {
@@ -100,6 +115,12 @@ impl Mix {
             state_check: w(4),
             prepared: w(4),
             idle: w(3),
+            scan: 0,
+        };
+        m.scan = if later.random_bool(0.35) {
+            0
+        } else {
+            later.random_range(1..=2)
         };
         if m.total() == 0 {
             m.insert = 1;
@@ -116,6 +137,7 @@ impl Mix {
             + self.state_check
             + self.prepared
             + self.idle
+            + self.scan
     }
 }
 
@@ -158,6 +180,9 @@ pub struct Scenario {
     pub tick: Duration,
     /// How long PD takes to tell the proxy about a change.
     pub pd_delay: Duration,
+    /// PD is unreachable from the proxy from `.0` for `.1`: the proxy keeps
+    /// serving on the last backend list it saw.
+    pub pd_outage: Option<(Duration, Duration)>,
     /// Client hosts.
     pub client_hosts: usize,
     /// Sessions.
@@ -170,6 +195,9 @@ impl Scenario {
     /// The run of `seed`.
     pub fn from_seed(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
+        // Options added later draw from their own stream, so the options
+        // that existed before (and the seeds quoted in bug reports) stay.
+        let mut later = StdRng::seed_from_u64(seed ^ 0x6c61_7465_725f_7631);
         let initial_tidbs = rng.random_range(2..=3);
         let added_tidb = rng
             .random_bool(0.3)
@@ -198,6 +226,9 @@ impl Scenario {
                         0 => Duration::ZERO,
                         _ => Duration::from_secs(rng.random_range(1..=4)),
                     },
+                    restart_after: later
+                        .random_bool(0.5)
+                        .then(|| Duration::from_millis(later.random_range(500..5_000))),
                 }
             };
             faults.push(Fault { at, tidb, kind });
@@ -215,6 +246,12 @@ impl Scenario {
             _ => 5,
         });
         let pd_delay = Duration::from_millis(rng.random_range(100..2_000));
+        let pd_outage = later.random_bool(0.25).then(|| {
+            (
+                Duration::from_millis(later.random_range(2_000..15_000)),
+                Duration::from_millis(later.random_range(1_000..8_000)),
+            )
+        });
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -228,7 +265,7 @@ impl Scenario {
                 },
                 deprecate_eof: rng.random_bool(0.5),
                 use_db: rng.random_bool(0.5),
-                mix: Mix::derive(&mut rng),
+                mix: Mix::derive(&mut rng, &mut later),
                 think_max: Duration::from_millis(rng.random_range(1..200)),
                 start: Duration::from_millis(rng.random_range(500..3_000)),
             })
@@ -237,6 +274,7 @@ impl Scenario {
             .iter()
             .map(Fault::settled_at)
             .chain(added_tidb)
+            .chain(pd_outage.map(|(at, len)| at + len + pd_delay))
             .max()
             .unwrap_or(Duration::from_secs(5));
         Scenario {
@@ -247,6 +285,7 @@ impl Scenario {
             max_latency,
             tick,
             pd_delay,
+            pd_outage,
             client_hosts,
             sessions,
             workload_end: last.max(Duration::from_secs(5)) + LIVENESS_BOUND,
@@ -290,12 +329,19 @@ impl fmt::Display for Scenario {
         }
         for x in &self.faults {
             match x.kind {
-                FaultKind::GracefulShutdown { graceful_wait } => writeln!(
+                FaultKind::GracefulShutdown {
+                    graceful_wait,
+                    restart_after,
+                } => writeln!(
                     f,
-                    "  fault: tidb-{} graceful shutdown at {}ms, graceful-wait {}ms",
+                    "  fault: tidb-{} graceful shutdown at {}ms, graceful-wait {}ms{}",
                     x.tidb,
                     ms(x.at),
-                    ms(graceful_wait)
+                    ms(graceful_wait),
+                    match restart_after {
+                        Some(r) => format!(", restarts {}ms after it ends", ms(r)),
+                        None => String::new(),
+                    }
                 )?,
                 FaultKind::Crash { lease } => writeln!(
                     f,
@@ -313,6 +359,14 @@ impl fmt::Display for Scenario {
             ms(self.tick),
             ms(self.pd_delay)
         )?;
+        if let Some((at, len)) = self.pd_outage {
+            writeln!(
+                f,
+                "  pd outage: unreachable from {}ms for {}ms",
+                ms(at),
+                ms(len)
+            )?;
+        }
         writeln!(
             f,
             "  clients: {} sessions on {} hosts; workloads end at {}ms",
@@ -324,7 +378,7 @@ impl fmt::Display for Scenario {
             let m = s.mix;
             writeln!(
                 f,
-                "    s{} host client-{} user {} deprecate_eof={} use_db={} start {}ms think<{}ms mix insert={} increment={} txn={} uservar={} check={} prepared={} idle={}",
+                "    s{} host client-{} user {} deprecate_eof={} use_db={} start {}ms think<{}ms mix insert={} increment={} txn={} uservar={} check={} prepared={} idle={} scan={}",
                 s.id,
                 s.host,
                 s.user,
@@ -338,7 +392,8 @@ impl fmt::Display for Scenario {
                 m.user_var,
                 m.state_check,
                 m.prepared,
-                m.idle
+                m.idle,
+                m.scan
             )?;
         }
         Ok(())

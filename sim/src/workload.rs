@@ -58,6 +58,7 @@ enum Op {
     StateCheck,
     Prepared,
     Idle,
+    Scan,
 }
 
 /// One client session.
@@ -92,7 +93,13 @@ fn summary(r: &QueryResult) -> String {
                 .join("|")
         })
         .collect();
-    format!("[{}]", rows.join("; "))
+    match rows.as_slice() {
+        // Long result sets: enough to tell runs apart, short enough to read.
+        [first, .., last] if rows.len() > 4 => {
+            format!("[{} rows: {first}; ..; {last}]", rows.len())
+        }
+        _ => format!("[{}]", rows.join("; ")),
+    }
 }
 
 impl ClientSession {
@@ -156,6 +163,7 @@ impl ClientSession {
             (m.state_check, Op::StateCheck),
             (m.prepared, Op::Prepared),
             (m.idle, Op::Idle),
+            (m.scan, Op::Scan),
         ] {
             if x < w {
                 return op;
@@ -410,6 +418,7 @@ impl ClientSession {
                 }
                 Ok(())
             }
+            Op::Scan => self.scan().await,
             Op::Idle => {
                 let left = self.world.scenario.workload_end.saturating_sub(now());
                 let ms = self.rng.random_range(100..2_000u64);
@@ -417,6 +426,48 @@ impl ClientSession {
                 Ok(())
             }
         }
+    }
+
+    /// Reads back every key of this session: each insert it was told
+    /// committed must be there, none it was told failed (invariant 2, as
+    /// the run goes; a long result set too).
+    async fn scan(&mut self) -> Result<(), Broken> {
+        let lo = self.plan.id as i64 * KEY_SPACE;
+        let hi = lo + KEY_SPACE;
+        // What the client knew before asking: commits reported later may or
+        // may not be seen.
+        let (committed, failed) = self.world.ledger(|l| {
+            (
+                l.committed.range(lo..hi).copied().collect::<Vec<_>>(),
+                l.failed.range(lo..hi).copied().collect::<Vec<_>>(),
+            )
+        });
+        let r = self
+            .query(&format!(
+                "SELECT id, v FROM sim.kv WHERE id >= {lo} AND id < {hi} ORDER BY id"
+            ))
+            .await?;
+        let seen: std::collections::BTreeSet<i64> = r
+            .rows
+            .iter()
+            .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+            .collect();
+        if let Some(k) = committed.iter().find(|k| !seen.contains(k)) {
+            self.violation(
+                Invariant::CommitsExactlyOnce,
+                format_args!(
+                    "key {k} was reported committed but a later read does not see it ({} rows read)",
+                    seen.len()
+                ),
+            );
+        }
+        if let Some(k) = failed.iter().find(|k| seen.contains(k)) {
+            self.violation(
+                Invariant::CommitsExactlyOnce,
+                format_args!("key {k} was reported failed or rolled back but a read sees it"),
+            );
+        }
+        Ok(())
     }
 
     /// Checks the whole state when the identity shows a move.

@@ -122,7 +122,8 @@ struct Inner {
     proxy: Option<Arc<State<TurmoilNet>>>,
     tidbs: BTreeMap<usize, TidbHandle>,
     tidb_ips: BTreeMap<IpAddr, usize>,
-    /// TiDBs that had their fault (not valid final homes).
+    /// TiDBs down or going down after their fault (not valid final homes);
+    /// a restarted one leaves the set.
     faulted: BTreeSet<usize>,
     /// PD's membership changes: when, and the members after it.
     membership: Vec<(Duration, BTreeSet<usize>)>,
@@ -235,6 +236,11 @@ impl World {
         g.tidb_ips.insert(ip, i);
     }
 
+    /// TiDB `i` serves again after its fault (a restart).
+    pub fn tidb_restarted(&self, i: usize) {
+        self.lock().faulted.remove(&i);
+    }
+
     /// Every started TiDB.
     pub fn tidbs(&self) -> Vec<(usize, TidbHandle)> {
         self.lock()
@@ -249,7 +255,7 @@ impl World {
         self.lock().tidb_ips.get(&ip).copied()
     }
 
-    /// Whether TiDB `i` had its fault.
+    /// Whether TiDB `i` had its fault and did not restart.
     pub fn is_faulted(&self, i: usize) -> bool {
         self.lock().faulted.contains(&i)
     }

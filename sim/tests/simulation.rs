@@ -75,6 +75,19 @@ fn every_seed_keeps_every_invariant() {
     );
 }
 
+/// Seeds that found real bugs (see sim/README.md) stay in the suite.
+#[test]
+fn seeds_that_found_bugs_pass() {
+    for seed in [27, 72] {
+        let o = run_seed(seed);
+        assert!(
+            o.passed(),
+            "seed {seed} broke again: {:?}\nREPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {seed}",
+            o.violations
+        );
+    }
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     // A seed with faults, so moves and errors are part of the trace.

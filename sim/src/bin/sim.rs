@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use tiproxy_runtime::router::PlantedBug;
 use tiproxy_sim::run::{Outcome, RunOptions, run};
 use tiproxy_sim::scenario::Scenario;
 
@@ -23,6 +24,19 @@ struct Args {
     /// With --seed: print only the options and the result, not the trace.
     #[arg(long)]
     quiet: bool,
+    /// Plant a deliberate bug in the proxy (mutation testing): a sweep
+    /// should fail. route-to-draining | no-evacuation | leak-lease-on-move
+    #[arg(long, value_parser = parse_bug)]
+    plant: Option<PlantedBug>,
+}
+
+fn parse_bug(s: &str) -> Result<PlantedBug, String> {
+    Ok(match s {
+        "route-to-draining" => PlantedBug::RouteToDraining,
+        "no-evacuation" => PlantedBug::NoEvacuation,
+        "leak-lease-on-move" => PlantedBug::LeakLeaseOnMove,
+        _ => return Err(format!("unknown bug {s:?}")),
+    })
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -37,7 +51,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-fn report(o: &Outcome) {
+fn report(o: &Outcome, plant: &str) {
     println!(
         "seed {}: {} in {:.1}s simulated; trace {:016x} ({} events); {} ops, {} moves seen, {} unavoidable errors, {} keys committed",
         o.seed,
@@ -55,7 +69,7 @@ fn report(o: &Outcome) {
     }
     if !o.passed() {
         println!(
-            "REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}",
+            "REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}{plant}",
             o.seed
         );
     }
@@ -75,6 +89,13 @@ fn main() -> ExitCode {
         (None, Some((a, b))) => (a, b, false),
         (None, None) => (0, 20, false),
     };
+    let plant = match args.plant {
+        Some(PlantedBug::RouteToDraining) => " --plant route-to-draining",
+        Some(PlantedBug::NoEvacuation) => " --plant no-evacuation",
+        Some(PlantedBug::LeakLeaseOnMove) => " --plant leak-lease-on-move",
+        None => "",
+    }
+    .to_string();
     let started = Instant::now();
     let mut failed = Vec::new();
     for seed in from..to {
@@ -86,9 +107,10 @@ fn main() -> ExitCode {
             &scenario,
             &RunOptions {
                 verbose: single && !args.quiet,
+                plant: args.plant,
             },
         );
-        report(&o);
+        report(&o, &plant);
         if !o.passed() {
             failed.push(seed);
         }
