@@ -880,7 +880,18 @@ impl<N: Network> Driver<N> {
             if dest_full {
                 continue;
             }
-            if self.poll_read_leg(cx, leg).is_ready() {
+            if let Poll::Ready(closed) = self.poll_read_leg(cx, leg) {
+                // A backend socket that hit its end is of no more use: keep
+                // polling it and it answers EOF forever, a busy loop (found
+                // by simulation: the old TiDB closed a session whose move was
+                // under way). The session has been told.
+                if closed {
+                    match leg {
+                        Leg::Backend => self.backend = None,
+                        Leg::NewBackend => self.new_backend = None,
+                        Leg::Client => {}
+                    }
+                }
                 return Poll::Ready(Wake::Progress);
             }
         }
@@ -920,7 +931,9 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> Poll<()> {
+    /// Reads once from `leg` into the session; ready with whether the leg
+    /// reached its end (EOF or an error).
+    fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> Poll<bool> {
         let Some(io) = (match leg {
             Leg::Client => Some(&mut self.client),
             Leg::Backend => self.backend.as_mut(),
@@ -941,11 +954,11 @@ impl<N: Network> Driver<N> {
                     } else {
                         session.handle_data(now, leg, &scratch[..n]);
                     }
-                    Poll::Ready(())
+                    Poll::Ready(n == 0)
                 }
                 Poll::Ready(Err(e)) => {
                     session.handle_closed(Instant::now().into_std(), leg, &e.to_string());
-                    Poll::Ready(())
+                    Poll::Ready(true)
                 }
             }
         })

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use tiproxy_runtime::config::{BackendEntry, Config};
@@ -141,7 +142,11 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         sim.client("checker", checker(world));
     }
 
+    let steps = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    watchdog(seed, steps.clone(), done.clone());
     loop {
+        steps.fetch_add(1, Ordering::Relaxed);
         match sim.step() {
             Ok(true) => break,
             Ok(false) => {}
@@ -155,6 +160,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
             break;
         }
     }
+    done.store(true, Ordering::Relaxed);
     let sim_time = sim.elapsed();
     drop(sim);
     if !world.failed() {
@@ -169,6 +175,32 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         sim_time,
         stats: world.stats(),
     }
+}
+
+/// Wall-clock time one simulation step may take before the run is judged
+/// stuck in a busy loop (every host shares one thread: a task that never
+/// yields stops simulated time itself, so no simulated check can fire).
+pub const STUCK_STEP: Duration = Duration::from_secs(60);
+
+/// Ends the process if the run stops stepping: a livelock in some host.
+fn watchdog(seed: u64, steps: Arc<AtomicU64>, done: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut last = steps.load(Ordering::Relaxed);
+        let mut since = std::time::Instant::now();
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = steps.load(Ordering::Relaxed);
+            if now != last {
+                (last, since) = (now, std::time::Instant::now());
+            } else if since.elapsed() > STUCK_STEP {
+                eprintln!(
+                    "seed {seed}: one simulation step ran for {STUCK_STEP:?} of wall time: a busy loop (livelock) in the proxy or a double"
+                );
+                eprintln!("REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {seed}");
+                std::process::exit(3);
+            }
+        }
+    });
 }
 
 /// A TiDB: starts (late, if it is the added one), registers in PD, has its

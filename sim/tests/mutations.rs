@@ -36,7 +36,6 @@ fn assert_caught(bug: PlantedBug, by: &[Invariant]) {
 }
 
 #[test]
-#[ignore = "slow in debug builds and not yet reliable (issue 6 open): cargo test -p tiproxy-sim --release --test mutations -- --ignored"]
 fn routing_to_a_draining_tidb_is_caught() {
     assert_caught(
         PlantedBug::RouteToDraining,
@@ -45,7 +44,6 @@ fn routing_to_a_draining_tidb_is_caught() {
 }
 
 #[test]
-#[ignore = "slow in debug builds and not yet reliable (issue 6 open): cargo test -p tiproxy-sim --release --test mutations -- --ignored"]
 fn not_evacuating_a_draining_tidb_is_caught() {
     assert_caught(
         PlantedBug::NoEvacuation,
@@ -54,7 +52,6 @@ fn not_evacuating_a_draining_tidb_is_caught() {
 }
 
 #[test]
-#[ignore = "slow in debug builds and not yet reliable (issue 6 open): cargo test -p tiproxy-sim --release --test mutations -- --ignored"]
 fn leaking_a_lease_on_a_move_is_caught() {
     assert_caught(PlantedBug::LeakLeaseOnMove, &[Invariant::NoLeaks]);
 }
