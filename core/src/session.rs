@@ -1946,5 +1946,8 @@ fn describe_failure(payload: &[u8]) -> String {
     }
 }
 
+// The unit tests read the clock (they play the driver), so they live
+// outside core/src, which must not.
 #[cfg(test)]
+#[path = "../tests/unit/session.rs"]
 mod tests;
