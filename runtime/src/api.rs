@@ -1,7 +1,9 @@
 //! The HTTP API on `[api] addr`: TiProxy's routes (health, metrics, config,
-//! redirect) and what operators also need (backends, drain, sessions).
-//! Every route is also served without the `/api` prefix, as TiProxy does.
-//! Errors are JSON `{"error": "..."}` with the right status code.
+//! redirect) and what operators also need (backends, drain, sessions, a
+//! status summary), and the web status page at `/` (files from `src/ui/`,
+//! built into the binary). Every route is also served without the `/api`
+//! prefix, as TiProxy does. Errors are JSON `{"error": "..."}` with the
+//! right status code.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -41,6 +43,29 @@ fn text(content_type: &'static str, body: String) -> Resp {
         .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
+}
+
+/// A file of the status page. They are built into the binary, and the page
+/// loads nothing from elsewhere (its content security policy forbids it).
+fn ui_file(name: &str) -> Option<Resp> {
+    let (content_type, body) = match name {
+        "index.html" => ("text/html; charset=utf-8", include_str!("ui/index.html")),
+        "app.js" => ("text/javascript; charset=utf-8", include_str!("ui/app.js")),
+        "style.css" => ("text/css; charset=utf-8", include_str!("ui/style.css")),
+        _ => return None,
+    };
+    Some(
+        Response::builder()
+            .header("content-type", content_type)
+            .header("cache-control", "no-cache")
+            .header("x-content-type-options", "nosniff")
+            .header(
+                "content-security-policy",
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            )
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response parts"),
+    )
 }
 
 /// Serves the API until the task is aborted.
@@ -93,6 +118,15 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let method = req.method().clone();
     match (method.clone(), parts.as_slice()) {
+        // The status page: `/` only (not `/api`), its files under `/ui/`.
+        (Method::GET, []) if full.is_empty() => {
+            ui_file("index.html").expect("the page is built in")
+        }
+        (Method::GET, ["ui", name]) => match ui_file(name) {
+            Some(r) => r,
+            None => error(StatusCode::NOT_FOUND, format!("no file {full}")),
+        },
+        (Method::GET, ["status"]) => reply(StatusCode::OK, status(st)),
         (Method::GET, ["debug", "health"]) => health(st),
         (Method::PUT, ["debug", "health"]) => {
             let b = match body(req).await {
@@ -234,6 +268,7 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
                         "db": i.db,
                         "in_transaction": i.in_transaction,
                         "idle_ms": i.idle_ms,
+                        "commands": i.commands,
                     }));
                 }
             }
@@ -247,10 +282,16 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
             | ["admin", "config"]
             | ["backends"]
             | ["backends", _, "drain" | "undrain"]
-            | ["sessions"],
+            | ["sessions"]
+            | ["status"]
+            | ["ui", _],
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {full}"),
+        ),
+        (_, []) if full.is_empty() => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on /"),
         ),
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {full}")),
     }
@@ -287,6 +328,52 @@ fn health<N: Network>(st: &State<N>) -> Resp {
             json!({ "config_checksum": checksum, "pd": pd, "unhealthy_reason": r }),
         ),
     }
+}
+
+/// `GET /api/status`: the totals the status page samples, read from the
+/// metrics registry (nothing extra is counted for it).
+fn status<N: Network>(st: &State<N>) -> serde_json::Value {
+    use prometheus::proto::MetricType;
+    let families = metrics().gather();
+    // Sum of a family's samples, grouped by one label's value ("" = all).
+    let by = |name: &str, label: &str| -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for f in families.iter().filter(|f| f.name() == name) {
+            for m in f.get_metric() {
+                let v = match f.get_field_type() {
+                    MetricType::COUNTER => m.get_counter().get_value(),
+                    MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ => continue,
+                };
+                let key = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == label)
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default();
+                let e = out.entry(key).or_insert(json!(0u64));
+                *e = json!(e.as_u64().unwrap_or(0) + v.max(0.0) as u64);
+            }
+        }
+        out
+    };
+    let total = |name: &str| -> u64 { by(name, "").values().filter_map(|v| v.as_u64()).sum() };
+    let migrations = by("tiproxy_balance_migrate_total", "migrate_res");
+    json!({
+        "version": crate::VERSION,
+        "unhealthy_reason": st.unhealthy_reason(),
+        "connections": total("tiproxy_server_connections"),
+        "connections_created": total("tiproxy_server_create_connection_total"),
+        "connections_rejected": total("tiproxy_server_reject_connection_total"),
+        "queries": total("tiproxy_session_query_total"),
+        "query_errors": total("tiproxy_session_query_error_total"),
+        "migrations": {
+            "succeeded": migrations.get("succeed").and_then(|v| v.as_u64()).unwrap_or(0),
+            "failed": migrations.get("fail").and_then(|v| v.as_u64()).unwrap_or(0),
+        },
+        "pending_migrations": total("tiproxy_balance_pending_migrate"),
+        "disconnections": by("tiproxy_server_disconnection_total", "type"),
+    })
 }
 
 fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_json::Value {

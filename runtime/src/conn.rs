@@ -66,6 +66,8 @@ pub struct SessionInfo {
     pub in_transaction: bool,
     /// Milliseconds since its last command finished (or since it connected).
     pub idle_ms: u64,
+    /// Commands it finished (the status page turns this into per-backend QPS).
+    pub commands: u64,
 }
 
 /// Where a connection sends its [`SessionInfo`] (taken once).
@@ -279,6 +281,9 @@ struct Driver<N: Network> {
     moved_from: Option<Arc<crate::router::Backend>>,
     /// When the last command finished, ms since the process started.
     last_command_ms: u64,
+    /// Commands finished: a plain count in the connection's own state, so
+    /// per-backend QPS costs the hot path no shared atomic.
+    commands: u64,
 }
 
 /// Serves one accepted client connection to its end.
@@ -336,6 +341,7 @@ pub async fn serve<N: Network>(
         moving_to: None,
         moved_from: None,
         last_command_ms: uptime_ms(),
+        commands: 0,
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     if !early.is_empty() {
@@ -492,9 +498,15 @@ impl<N: Network> Driver<N> {
         let conn_id = self.conn_id;
         match e {
             Event::CommandDone {
-                command, elapsed, ..
+                command,
+                ok,
+                elapsed,
             } => {
                 metrics().query(command, elapsed.as_secs_f64());
+                if !ok {
+                    metrics().query_error(command);
+                }
+                self.commands = self.commands.wrapping_add(1);
                 self.last_command_ms = uptime_ms();
             }
             Event::BackendGreeting {
@@ -846,6 +858,7 @@ impl<N: Network> Driver<N> {
                             .unwrap_or_default(),
                         in_transaction: self.session.in_transaction(),
                         idle_ms: uptime_ms().saturating_sub(self.last_command_ms),
+                        commands: self.commands,
                     });
                 }
             }

@@ -3,6 +3,8 @@
 
 use std::sync::OnceLock;
 
+use prometheus::core::Desc;
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -52,6 +54,8 @@ pub fn cmd_type(c: Command) -> &'static str {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// What was registered (names and labels), empty or not.
+    descs: Vec<Desc>,
     /// Open client connections.
     pub connections: IntGauge,
     /// Client connections accepted.
@@ -61,6 +65,8 @@ pub struct Metrics {
     /// Disconnections by cause.
     pub disconnection: IntCounterVec,
     queries: Vec<(IntCounter, Histogram)>,
+    /// Commands answered with ERR, by command code (counted on errors only).
+    query_errors: Vec<IntCounter>,
     /// Connections per backend.
     pub backend_conn: IntGaugeVec,
     /// Backend health (1 healthy, 0 not).
@@ -74,7 +80,9 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
+        let mut descs = Vec::new();
+        let mut reg = |c: Box<dyn prometheus::core::Collector>| {
+            descs.extend(c.desc().into_iter().cloned());
             registry.register(c).expect("metric names are unique")
         };
         let connections = IntGauge::new(
@@ -136,6 +144,18 @@ impl Metrics {
                 )
             })
             .collect();
+        let query_error = IntCounterVec::new(
+            Opts::new(
+                "tiproxy_session_query_error_total",
+                "Commands the backend answered with an error, by command type.",
+            ),
+            &["cmd_type"],
+        )
+        .expect("valid");
+        reg(Box::new(query_error.clone()));
+        let query_errors = (0u8..=0x1f)
+            .map(|b| query_error.with_label_values(&[cmd_type(Command::from_byte(b))]))
+            .collect();
         let backend_conn = IntGaugeVec::new(
             Opts::new("tiproxy_balance_b_conn", "Connections per backend."),
             &["backend"],
@@ -167,6 +187,8 @@ impl Metrics {
         .expect("valid");
         reg(Box::new(pending_migrate.clone()));
         Self {
+            descs,
+            query_errors,
             pending_migrate,
             reject_max_connections: reject.with_label_values(&["max_connections"]),
             registry,
@@ -188,6 +210,27 @@ impl Metrics {
             c.inc();
             h.observe(seconds);
         }
+    }
+
+    /// Counts one command the backend answered with ERR.
+    pub fn query_error(&self, cmd: Command) {
+        if let Some(c) = self.query_errors.get(usize::from(cmd.to_byte())) {
+            c.inc();
+        }
+    }
+
+    /// Every metric family this build exports, as `(name, label names)`,
+    /// including families that have no samples yet.
+    pub fn families(&self) -> Vec<(String, Vec<String>)> {
+        self.descs
+            .iter()
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
+            .collect()
+    }
+
+    /// The current samples (families without samples are left out).
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        self.registry.gather()
     }
 
     /// The Prometheus text exposition.

@@ -1,0 +1,261 @@
+//! The web status page in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, driven over WebDriver): it renders the backends, shows
+//! a TiDB that joins later, shows a drained one as draining, lists the
+//! sessions, and counts query errors and session moves. Real processes:
+//! etcd as PD, TiDB doubles registering in it, the tiproxy binary.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder};
+use mysql_async::prelude::*;
+use mysql_async::{Conn, OptsBuilder};
+use serde_json::{Value, json};
+use tiproxy_tests::{Etcd, ProxyProcess, TidbDouble, free_port, http_request, install};
+
+/// Every wait in this test is bounded by this.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// chromedriver (and the Chromium it starts) in a process group of its own,
+/// with a temporary profile; the whole group is killed on drop, pass or fail.
+struct Browser {
+    driver: Child,
+    port: u16,
+    profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        // Installed by scripts/test.sh and .ci/run. In CI a missing browser
+        // is a broken install step and fails the test; a developer machine
+        // gets the packages here. Never skipped.
+        for probe in ["chromium", "chromedriver"] {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                assert!(
+                    on_path(probe),
+                    "{probe} is missing: .ci/run must install chromium and chromium-driver"
+                );
+            } else {
+                install(&["chromium", "chromium-driver"], probe);
+            }
+        }
+        let port = free_port();
+        let profile = tempfile::tempdir().expect("tempdir");
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("chromedriver is installed (Debian package chromium-driver)");
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Browser {
+            driver,
+            port,
+            profile,
+        }
+    }
+
+    /// A WebDriver session on a headless Chromium.
+    async fn client(&self) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new",
+                    // CI runs as root, where Chromium's sandbox cannot start.
+                    "--no-sandbox",
+                    // Containers give /dev/shm only a few MiB.
+                    "--disable-dev-shm-usage",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--window-size=1280,1000",
+                    format!("--user-data-dir={}", self.profile.path().display()),
+                ],
+            }),
+        );
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        builder.capabilities(caps);
+        let url = format!("http://127.0.0.1:{}", self.port);
+        match tokio::time::timeout(WAIT, builder.connect(&url)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("Chromium did not start through chromedriver: {e}"),
+            Err(_) => panic!("Chromium did not start within {WAIT:?}"),
+        }
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // The group holds chromedriver and every Chromium process it started.
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(format!("-{}", self.driver.id()))
+            .status();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// What the page shows: its title and the text of every table cell.
+async fn page(client: &Client) -> Value {
+    const READ: &str = r#"
+        const rows = (id) => [...document.querySelectorAll(`#${id} tbody tr`)]
+            .map((r) => [...r.cells].map((c) => c.textContent));
+        return {
+            title: document.title,
+            health: document.getElementById("health").textContent,
+            backends: rows("backends"),
+            sessions: rows("sessions"),
+            moves: rows("moves"),
+            errors: rows("errors"),
+        };"#;
+    match tokio::time::timeout(WAIT, client.execute(READ, vec![])).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("reading the page: {e}"),
+        Err(_) => panic!("reading the page took over {WAIT:?}"),
+    }
+}
+
+/// Waits until the page shows what `ok` looks for; the last view on failure.
+async fn until(client: &Client, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = page(client).await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the page did not show {what} within {WAIT:?}; it shows:\n{v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The cells of the row whose first cell is `key` in table `table`.
+fn row<'a>(v: &'a Value, table: &str, key: &str) -> Option<Vec<&'a str>> {
+    v[table].as_array()?.iter().find_map(|r| {
+        let cells: Vec<&str> = r.as_array()?.iter().filter_map(Value::as_str).collect();
+        (cells.first() == Some(&key)).then_some(cells)
+    })
+}
+
+/// A "since start" (last column) counter of the errors or moves table.
+fn total(v: &Value, table: &str, key: &str) -> u64 {
+    row(v, table, key)
+        .and_then(|r| r.last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn post(api: SocketAddr, path: &str) {
+    let (status, body) = http_request(api, "POST", path);
+    assert_eq!(status, 200, "POST {path}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_page_in_chromium_shows_backends_sessions_moves_and_errors() {
+    let etcd = Etcd::start();
+    let cluster = TidbDouble::start(1, 0, &["--pd", &etcd.endpoint(), "--pd-ttl", "5"]);
+    let proxy =
+        ProxyProcess::start_with_backends(&[], &format!("pd-addrs = \"{}\"", etcd.endpoint()));
+    let a = cluster.instances()[0].sql.to_string();
+
+    // One client session with a few queries and one that fails.
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(proxy.sql.ip().to_string())
+        .tcp_port(proxy.sql.port())
+        .user(Some("root"))
+        .prefer_socket(false);
+    let mut conn = tokio::time::timeout(WAIT, Conn::new(opts))
+        .await
+        .expect("connect within the limit")
+        .expect("a session through the proxy");
+    for _ in 0..3 {
+        conn.query_drop("SELECT 1").await.expect("select");
+    }
+    conn.query_drop("SELECT * FROM no_such_db.no_such_table")
+        .await
+        .expect_err("the backend answers with an error");
+
+    let browser = Browser::start();
+    let client = browser.client().await;
+    let url = format!("http://{}/", proxy.api);
+    tokio::time::timeout(WAIT, client.goto(&url))
+        .await
+        .expect("page load within the limit")
+        .expect("the page loads");
+    let title = client.title().await.expect("title");
+    assert_eq!(title, "tiproxy status");
+
+    let v = until(
+        &client,
+        "the first TiDB as healthy, the session and the query error",
+        |v| {
+            row(v, "backends", &a).is_some_and(|r| r[1] == "healthy" && r[2] == "1")
+                && v["sessions"].as_array().is_some_and(|s| s.len() == 1)
+                && total(v, "errors", "query errors (backend ERR)") >= 1
+        },
+    )
+    .await;
+    let session = &v["sessions"][0];
+    assert_eq!(session[2], a, "the session's backend: {v:#}");
+    assert_eq!(session[3], "root", "the session's user: {v:#}");
+    assert_eq!(v["health"], "serving");
+
+    // A TiDB joins through PD: the page shows it without a reload.
+    let b = cluster.add().sql.to_string();
+    until(&client, "the TiDB added afterwards", |v| {
+        row(v, "backends", &b).is_some_and(|r| r[1] == "healthy")
+    })
+    .await;
+
+    // Drained by an operator: shown as draining.
+    post(proxy.api, &format!("/api/backends/{b}/drain"));
+    until(&client, "the drained TiDB as draining", |v| {
+        row(v, "backends", &b).is_some_and(|r| r[1].starts_with("draining"))
+    })
+    .await;
+
+    // Undrain it and drain the first one: the session moves, and the page
+    // shows it on its new TiDB and counts the move.
+    post(proxy.api, &format!("/api/backends/{b}/undrain"));
+    post(proxy.api, &format!("/api/backends/{a}/drain"));
+    let v = until(&client, "the session moved to the second TiDB", |v| {
+        row(v, "backends", &a).is_some_and(|r| r[1].starts_with("draining"))
+            && v["sessions"].as_array().is_some_and(|s| s.len() == 1)
+            && v["sessions"][0][2] == b.as_str()
+            && total(v, "moves", "succeeded") >= 1
+    })
+    .await;
+    assert_eq!(total(&v, "moves", "failed"), 0, "{v:#}");
+
+    if let Ok(path) = std::env::var("STATUS_PAGE_SCREENSHOT") {
+        let png = client.screenshot().await.expect("screenshot");
+        std::fs::write(&path, png).expect("write the screenshot");
+    }
+    conn.query_drop("SELECT 1")
+        .await
+        .expect("the moved session still works");
+    let _ = tokio::time::timeout(WAIT, client.close()).await;
+    drop(browser);
+}
