@@ -227,6 +227,21 @@ pub fn set_session_states_query(states: &[u8], no_backslash_escapes: bool) -> By
     out
 }
 
+/// The simulation's planted bug `ForgetUserVariable`: renames the first
+/// user variable in a `Session_states` document (TiDB's `user-var-values`
+/// and `user-var-types` maps), so the new session no longer has it.
+#[cfg(feature = "sim-mutations")]
+pub fn forget_first_user_variable(states: &[u8]) -> Bytes {
+    let mut out = states.to_vec();
+    for key in [&b"\"user-var-values\":{\""[..], b"\"user-var-types\":{\""] {
+        if let Some(at) = out.windows(key.len()).position(|w| w == key) {
+            let end = at + key.len();
+            out.splice(end..end, b"forgotten-".iter().copied());
+        }
+    }
+    Bytes::from(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +330,17 @@ mod tests {
             r.feed(&e),
             StatesProgress::Failed(MigrationFailure::StatesRefused { code: 8146, .. })
         ));
+    }
+
+    #[cfg(feature = "sim-mutations")]
+    #[test]
+    fn the_planted_bug_forgets_exactly_the_first_user_variable() {
+        let states = br#"{"user-var-values":{"n":{"k":1},"v":{"k":5}},"user-var-types":{"n":{"Tp":8},"v":{"Tp":15}},"current-db":"sim"}"#;
+        assert_eq!(
+            &forget_first_user_variable(states)[..],
+            br#"{"user-var-values":{"forgotten-n":{"k":1},"v":{"k":5}},"user-var-types":{"forgotten-n":{"Tp":8},"v":{"Tp":15}},"current-db":"sim"}"#
+        );
+        assert_eq!(&forget_first_user_variable(b"{}")[..], b"{}");
     }
 
     #[test]

@@ -409,6 +409,24 @@ pub struct Session {
     events: VecDeque<Event>,
     /// The last finished command, not yet polled.
     command_done: Option<Event>,
+    /// The bug planted by the simulation's mutation test.
+    #[cfg(feature = "sim-mutations")]
+    planted: Option<PlantedBug>,
+}
+
+/// A deliberate bug the simulation plants in a session to prove that its
+/// seed sweeps catch it (mutation testing). Planting needs the
+/// `sim-mutations` feature; without it nothing can plant one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A pending move does not wait for the transaction to end: at the
+    /// client's next statement the proxy commits the open transaction
+    /// behind its back and moves (TiProxy's BEGIN trick applied to any
+    /// statement). TiDB refuses to export a session inside a transaction,
+    /// so ending it first is the only way a proxy can get this wrong.
+    MoveInsideTransaction,
+    /// `SET SESSION_STATES` loses the session's first user variable.
+    ForgetUserVariable,
 }
 
 impl Session {
@@ -449,6 +467,8 @@ impl Session {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             command_done: None,
+            #[cfg(feature = "sim-mutations")]
+            planted: None,
             cfg,
         };
         s.cfg.capabilities &= CapabilityFlags::PROXY_SUPPORTED;
@@ -503,6 +523,26 @@ impl Session {
     /// Last known server status flags.
     pub fn status(&self) -> StatusFlags {
         self.tracker.status()
+    }
+
+    /// Plants `bug` (the simulation's mutation test).
+    #[cfg(feature = "sim-mutations")]
+    pub fn plant(&mut self, bug: PlantedBug) {
+        self.planted = Some(bug);
+    }
+
+    /// Whether `bug` was planted; always false without `sim-mutations`.
+    #[inline]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        #[cfg(feature = "sim-mutations")]
+        {
+            self.planted == Some(bug)
+        }
+        #[cfg(not(feature = "sim-mutations"))]
+        {
+            let _ = bug;
+            false
+        }
     }
 
     /// Whether a transaction is open.
@@ -993,7 +1033,8 @@ impl Session {
         // Client, command phase.
         if self.begin_trick_applies()
             && first == Some(Command::Query.to_byte())
-            && header.len <= BEGIN_PREFIX
+            && (header.len <= BEGIN_PREFIX
+                || (self.planted(PlantedBug::MoveInsideTransaction) && header.len < MAX_PAYLOAD))
         {
             return whole;
         }
@@ -1114,7 +1155,10 @@ impl Session {
         payload: &[u8],
     ) -> Disposition {
         let starting = self.tracker.is_idle();
-        if self.begin_trick_applies() && payload.len() == header.len && is_begin(payload) {
+        if self.begin_trick_applies()
+            && payload.len() == header.len
+            && (is_begin(payload) || self.planted(PlantedBug::MoveInsideTransaction))
+        {
             // TiProxy's trick: BEGIN would commit the open transaction
             // anyway, so commit it now, move, and run BEGIN on the new
             // backend; a session that chains transactions with BEGIN would
@@ -1576,6 +1620,15 @@ impl Session {
                     let no_backslash = OkPacket::status_of(payload)
                         .map(|s| s.contains(StatusFlags::NO_BACKSLASH_ESCAPES))
                         .unwrap_or(false);
+                    #[cfg(feature = "sim-mutations")]
+                    let session = if self.planted(PlantedBug::ForgetUserVariable) {
+                        crate::migration::ExportedSession {
+                            states: crate::migration::forget_first_user_variable(&session.states),
+                            token: session.token,
+                        }
+                    } else {
+                        session
+                    };
                     let q =
                         crate::migration::set_session_states_query(&session.states, no_backslash);
                     self.send(Leg::NewBackend, &q);

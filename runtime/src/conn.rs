@@ -321,9 +321,14 @@ pub async fn serve<N: Network>(
     let profile = shared.router.profile();
     let cfg = session_config(&shared, conn_id, &profile, source, local);
     let now = Instant::now().into_std();
-    let session = shared
+    #[cfg_attr(not(feature = "sim-mutations"), allow(unused_mut))]
+    let mut session = shared
         .router
         .with_rng(|mut rng| Session::new(cfg, now, &mut rng));
+    #[cfg(feature = "sim-mutations")]
+    if let Some(bug) = shared.router.planted_bug().and_then(|b| b.in_session()) {
+        session.plant(bug);
+    }
     let mut d = Box::new(Driver {
         shared,
         session,

@@ -473,11 +473,13 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
             if let Some(status) = &b.status_addr {
                 match http_status(&st.shared.net, status, "/status").await {
                     Ok(200) => {
+                        b.set_known();
                         if b.set_draining(false) {
                             info!(backend = %b.addr, "backend is serving again (status 200)");
                         }
                     }
                     Ok(code) => {
+                        b.set_known();
                         if b.set_draining(true) {
                             info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
                         }

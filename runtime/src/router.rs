@@ -40,6 +40,12 @@ pub struct Backend {
     retry_at: Mutex<Option<Instant>>,
     /// Removed from the set (its sessions should move or end).
     removed: AtomicBool,
+    /// Its state is known: its status port answered at least once, it has
+    /// none, or it was in the configuration the proxy started with. Until
+    /// then it takes no moves, and new sessions only when no known backend
+    /// can (simulation seed 2957: a TiDB that PD announced late, already
+    /// draining, was chosen as a move target before its first status check).
+    known: AtomicBool,
 }
 
 impl Backend {
@@ -56,7 +62,18 @@ impl Backend {
             healthy: AtomicBool::new(true),
             retry_at: Mutex::new(None),
             removed: AtomicBool::new(false),
+            known: AtomicBool::new(true),
         }
+    }
+
+    /// Its status port answered: its state is known.
+    pub fn set_known(&self) {
+        self.known.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether its state is known (see the field).
+    pub fn is_known(&self) -> bool {
+        self.known.load(Ordering::Relaxed)
     }
 
     /// Sessions on this backend.
@@ -200,6 +217,44 @@ pub enum PlantedBug {
     NoEvacuation,
     /// A session that moved keeps its lease on the backend it left.
     LeakLeaseOnMove,
+    /// A pending move commits the client's open transaction behind its back
+    /// and moves ([`tiproxy_core::session::PlantedBug::MoveInsideTransaction`]).
+    MoveInsideTransaction,
+    /// A move loses the session's first user variable
+    /// ([`tiproxy_core::session::PlantedBug::ForgetUserVariable`]).
+    ForgetUserVariable,
+}
+
+impl PlantedBug {
+    /// Every planted bug.
+    pub const ALL: [PlantedBug; 5] = [
+        PlantedBug::RouteToDraining,
+        PlantedBug::NoEvacuation,
+        PlantedBug::LeakLeaseOnMove,
+        PlantedBug::MoveInsideTransaction,
+        PlantedBug::ForgetUserVariable,
+    ];
+
+    /// Its name on the simulation's command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::RouteToDraining => "route-to-draining",
+            PlantedBug::NoEvacuation => "no-evacuation",
+            PlantedBug::LeakLeaseOnMove => "leak-lease-on-move",
+            PlantedBug::MoveInsideTransaction => "move-inside-transaction",
+            PlantedBug::ForgetUserVariable => "forget-user-variable",
+        }
+    }
+
+    /// The session-level bug this plants in every new session's core.
+    pub fn in_session(self) -> Option<tiproxy_core::session::PlantedBug> {
+        use tiproxy_core::session::PlantedBug as P;
+        match self {
+            PlantedBug::MoveInsideTransaction => Some(P::MoveInsideTransaction),
+            PlantedBug::ForgetUserVariable => Some(P::ForgetUserVariable),
+            _ => None,
+        }
+    }
 }
 
 /// The backend set.
@@ -222,6 +277,10 @@ impl Router {
     pub fn new(entries: &[BackendEntry]) -> Self {
         let r = Self::default();
         r.set_backends(entries);
+        // The configured set is assumed up, so the proxy serves at once.
+        for b in r.backends() {
+            b.set_known();
+        }
         r
     }
 
@@ -237,10 +296,16 @@ impl Router {
                     b.removed.store(false, Ordering::Relaxed);
                     next.push(b.clone())
                 }
-                None => next.push(Arc::new(Backend::new(
-                    e.addr().to_string(),
-                    e.status_addr().map(String::from),
-                ))),
+                None => {
+                    let b = Backend::new(
+                        e.addr().to_string(),
+                        e.status_addr().map(String::from),
+                    );
+                    if b.status_addr.is_some() {
+                        b.known.store(false, Ordering::Relaxed);
+                    }
+                    next.push(Arc::new(b))
+                }
             }
         }
         for b in list.iter() {
@@ -279,6 +344,18 @@ impl Router {
         *self.planted.lock().expect("router lock") = Some(bug);
     }
 
+    /// The planted bug; always `None` without `sim-mutations`.
+    pub fn planted_bug(&self) -> Option<PlantedBug> {
+        #[cfg(feature = "sim-mutations")]
+        {
+            *self.planted.lock().expect("router lock")
+        }
+        #[cfg(not(feature = "sim-mutations"))]
+        {
+            None
+        }
+    }
+
     /// Whether `bug` was planted; always false without `sim-mutations`.
     pub fn planted(&self, bug: PlantedBug) -> bool {
         #[cfg(feature = "sim-mutations")]
@@ -315,6 +392,11 @@ impl Router {
     }
 
     fn usable(&self, b: &Backend, now: Instant) -> bool {
+        b.is_known() && self.reachable(b, now)
+    }
+
+    /// Whether `b` takes sessions now if its state is known.
+    fn reachable(&self, b: &Backend, now: Instant) -> bool {
         let healthy = if self.planted(PlantedBug::RouteToDraining) {
             b.healthy.load(Ordering::Relaxed) && !b.removed.load(Ordering::Relaxed)
         } else {
@@ -336,10 +418,19 @@ impl Router {
         let list = self.backends.read().expect("router lock");
         let mut best: Vec<&Arc<Backend>> = Vec::new();
         let mut min = i64::MAX;
-        for b in list
+        // Only backends whose state is not known yet (PD's first list):
+        // better one of them than no backend.
+        let known = list
             .iter()
-            .filter(|b| !exclude.contains(&b.addr) && self.usable(b, now))
-        {
+            .any(|b| !exclude.contains(&b.addr) && self.usable(b, now));
+        for b in list.iter().filter(|b| {
+            !exclude.contains(&b.addr)
+                && if known {
+                    self.usable(b, now)
+                } else {
+                    self.reachable(b, now)
+                }
+        }) {
             let c = b.load();
             if c < min {
                 min = c;

@@ -275,7 +275,17 @@ async fn proxy_host(world: Arc<World>, plant: Option<PlantedBug>) -> turmoil::Re
     let st = proxy.state().clone();
     // Before the first session: start_on's tasks have not run yet.
     if let Some(bug) = plant {
+        #[cfg(feature = "sim-mutations")]
         st.router().plant(bug);
+        #[cfg(not(feature = "sim-mutations"))]
+        world.violation(
+            Invariant::Simulation,
+            now(),
+            format!(
+                "cannot plant {}: build with --features sim-mutations",
+                bug.name()
+            ),
+        );
     }
     world.set_proxy(st.clone());
     world.event(

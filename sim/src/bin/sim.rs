@@ -5,6 +5,8 @@
 //! status 1 when any seed fails.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use clap::Parser;
@@ -24,19 +26,23 @@ struct Args {
     /// With --seed: print only the options and the result, not the trace.
     #[arg(long)]
     quiet: bool,
-    /// Plant a deliberate bug in the proxy (mutation testing): a sweep
-    /// should fail. route-to-draining | no-evacuation | leak-lease-on-move
+    /// Seeds run at once, each simulation on its own thread (a simulation
+    /// is single-threaded; results do not depend on this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    jobs: u64,
+    /// Plant a deliberate bug in the proxy (mutation testing; needs
+    /// `--features sim-mutations`): a sweep should fail. route-to-draining |
+    /// no-evacuation | leak-lease-on-move | move-inside-transaction |
+    /// forget-user-variable
     #[arg(long, value_parser = parse_bug)]
     plant: Option<PlantedBug>,
 }
 
 fn parse_bug(s: &str) -> Result<PlantedBug, String> {
-    Ok(match s {
-        "route-to-draining" => PlantedBug::RouteToDraining,
-        "no-evacuation" => PlantedBug::NoEvacuation,
-        "leak-lease-on-move" => PlantedBug::LeakLeaseOnMove,
-        _ => return Err(format!("unknown bug {s:?}")),
-    })
+    PlantedBug::ALL
+        .into_iter()
+        .find(|b| b.name() == s)
+        .ok_or_else(|| format!("unknown bug {s:?}"))
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -69,7 +75,12 @@ fn report(o: &Outcome, plant: &str) {
     }
     if !o.passed() {
         println!(
-            "REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}{plant}",
+            "REPRODUCE WITH: cargo run -p tiproxy-sim{} -- --seed {}{plant}",
+            if plant.is_empty() {
+                ""
+            } else {
+                " --features sim-mutations"
+            },
             o.seed
         );
     }
@@ -90,31 +101,57 @@ fn main() -> ExitCode {
         (None, None) => (0, 20, false),
     };
     let plant = match args.plant {
-        Some(PlantedBug::RouteToDraining) => " --plant route-to-draining",
-        Some(PlantedBug::NoEvacuation) => " --plant no-evacuation",
-        Some(PlantedBug::LeakLeaseOnMove) => " --plant leak-lease-on-move",
-        None => "",
+        Some(b) => format!(" --plant {}", b.name()),
+        None => String::new(),
+    };
+    if args.plant.is_some() && !cfg!(feature = "sim-mutations") {
+        eprintln!("--plant needs a build with --features sim-mutations");
+        return ExitCode::from(2);
     }
-    .to_string();
     let started = Instant::now();
     let mut failed = Vec::new();
-    for seed in from..to {
-        let scenario = Scenario::from_seed(seed);
-        if single {
-            print!("{scenario}");
-        }
-        let o = run(
-            &scenario,
-            &RunOptions {
-                verbose: single && !args.quiet,
-                plant: args.plant,
-            },
-        );
+    let opts = RunOptions {
+        verbose: single && !args.quiet,
+        plant: args.plant,
+    };
+    if single {
+        // The seed and every option derived from it, first.
+        print!("{}", Scenario::from_seed(from));
+    }
+    // Workers take the next seed from a shared counter and send outcomes
+    // back; they are printed as they finish.
+    let next = Arc::new(AtomicU64::new(from));
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let workers: Vec<_> = (0..args.jobs.min(to - from))
+        .map(|_| {
+            let (next, tx, opts) = (next.clone(), tx.clone(), opts.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= to {
+                        return;
+                    }
+                    if tx.send(run(&Scenario::from_seed(seed), &opts)).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    for o in rx {
         report(&o, &plant);
         if !o.passed() {
-            failed.push(seed);
+            failed.push(o.seed);
         }
     }
+    for w in workers {
+        if w.join().is_err() {
+            eprintln!("a simulation thread panicked");
+            return ExitCode::FAILURE;
+        }
+    }
+    failed.sort_unstable();
     let secs = started.elapsed().as_secs_f64();
     let n = to - from;
     println!(
