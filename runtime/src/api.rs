@@ -16,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, info};
 
-use crate::config::Config;
 use crate::metrics::metrics;
 use crate::net::Network;
 use crate::proxy::State;
@@ -201,25 +200,18 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
                 return error(StatusCode::BAD_REQUEST, "the body is not UTF-8 TOML");
             };
             // Like TiProxy, the body patches the configuration in effect:
-            // keys it leaves out keep their values.
-            let patch: toml::Table = match text.parse() {
-                Ok(t) => t,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed TOML: {e}")),
-            };
-            let current = st.live_config.read().expect("config lock").clone();
-            let mut merged = match toml::Table::try_from(&current) {
-                Ok(t) => t,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-            };
-            merge(&mut merged, patch);
-            let text = merged.to_string();
-            match Config::from_toml(&text, std::path::Path::new("PUT /api/admin/config")) {
-                Ok((cfg, warnings)) => {
-                    let restart = st.apply_config(cfg);
-                    info!(?restart, "configuration updated through the API");
+            // keys it leaves out keep their values. A changed config file
+            // takes the same path (`crate::reload`).
+            match st.patch_config(text, "PUT /api/admin/config") {
+                Ok((done, warnings)) => {
+                    info!(applied = ?done.applied, restart_required = ?done.restart_required, "configuration updated through the API");
                     reply(
                         StatusCode::OK,
-                        json!({ "applied": true, "restart_required": restart, "warnings": warnings }),
+                        json!({
+                            "applied": done.applied,
+                            "restart_required": done.restart_required,
+                            "warnings": warnings,
+                        }),
                     )
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -294,18 +286,6 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
             format!("{method} is not allowed on /"),
         ),
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {full}")),
-    }
-}
-
-/// Deep-merges `patch` into `base` (tables merge, other values replace).
-fn merge(base: &mut toml::Table, patch: toml::Table) {
-    for (k, v) in patch {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(p)) => merge(b, p),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
     }
 }
 

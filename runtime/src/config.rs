@@ -348,11 +348,11 @@ impl Default for LogConfig {
 pub struct LogFile {
     /// File to log to; empty logs to stderr.
     pub filename: String,
-    /// Rotate at this size in MB (rotation is not implemented in this build).
+    /// Rotate when a write would pass this size in MB (0 = 300).
     pub max_size: u64,
-    /// Days to keep rotated files.
+    /// Days to keep rotated files (0 = no limit).
     pub max_days: u64,
-    /// Rotated files to keep.
+    /// Rotated files to keep (0 = no limit).
     pub max_backups: u64,
 }
 
@@ -430,6 +430,26 @@ impl Config {
             .collect();
         cfg.validate(&file_name, &mut warnings)?;
         Ok((cfg, warnings))
+    }
+
+    /// This configuration with the keys of `text` (a TOML document, possibly
+    /// partial) replaced, validated as a whole: TiProxy's rule for both
+    /// `PUT /api/admin/config` and a changed config file. Keys the patch
+    /// leaves out keep their values.
+    pub fn patch(&self, text: &str, file: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let name = file.display().to_string();
+        let patch: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            file: name.clone(),
+            key: "-".into(),
+            message: format!("malformed TOML: {}", e.to_string().trim()),
+        })?;
+        let mut merged = toml::Table::try_from(self).map_err(|e| ConfigError {
+            file: name,
+            key: "-".into(),
+            message: format!("cannot serialise the configuration in effect: {e}"),
+        })?;
+        merge(&mut merged, patch);
+        Self::from_toml(&merged.to_string(), file)
     }
 
     /// Reads a configuration file.
@@ -561,6 +581,18 @@ impl Config {
     }
 }
 
+/// Deep-merges `patch` into `base` (tables merge, other values replace).
+fn merge(base: &mut toml::Table, patch: toml::Table) {
+    for (k, v) in patch {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(p)) => merge(b, p),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 /// Checks `host:port` syntax (a resolvable name is checked at use).
 fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
@@ -642,6 +674,23 @@ mod tests {
         assert_eq!(e.key, "security.server-tls.cert");
         let e = parse("[log]\nlevel = \"loud\"\n").unwrap_err();
         assert_eq!(e.key, "log.level");
+    }
+
+    #[test]
+    fn a_patch_replaces_only_the_keys_it_names() {
+        let (base, _) = parse("[proxy]\nmax-connections = 3\naddr = \"127.0.0.1:7\"\n").unwrap();
+        let (c, _) = base
+            .patch("[log]\nlevel = \"debug\"\n", Path::new("p"))
+            .unwrap();
+        assert_eq!(c.proxy.max_connections, 3);
+        assert_eq!(c.proxy.addr, "127.0.0.1:7");
+        assert_eq!(c.log.level, "debug");
+        let e = base.patch("[proxy\n", Path::new("p")).unwrap_err();
+        assert!(e.message.contains("malformed TOML"), "{e}");
+        let e = base
+            .patch("[proxy]\nconn-buffer-size = 3\n", Path::new("p"))
+            .unwrap_err();
+        assert_eq!(e.key, "proxy.conn-buffer-size");
     }
 
     #[test]

@@ -168,9 +168,9 @@ pub struct Shared<N: Network> {
     /// Backends.
     pub router: Arc<Router>,
     /// TLS towards clients.
-    pub server_tls: Option<tokio_rustls::TlsAcceptor>,
+    pub server_tls: crate::tls::Live<tokio_rustls::TlsAcceptor>,
     /// TLS towards backends.
-    pub backend_tls: Option<tokio_rustls::TlsConnector>,
+    pub backend_tls: crate::tls::Live<tokio_rustls::TlsConnector>,
     /// `security.require-backend-tls`.
     pub require_backend_tls: bool,
     /// Accept and write PROXY v2 headers.
@@ -693,7 +693,7 @@ impl<N: Network> Driver<N> {
         let now = Instant::now().into_std();
         match leg {
             Leg::Client => {
-                let Some(acceptor) = self.shared.server_tls.clone() else {
+                let Some(acceptor) = self.shared.server_tls.get() else {
                     self.session
                         .handle_close("TLS requested without server TLS");
                     return;
@@ -713,7 +713,7 @@ impl<N: Network> Driver<N> {
                     &mut self.new_backend
                 };
                 let (Some(connector), Some(Io::Plain(s))) =
-                    (self.shared.backend_tls.clone(), slot.take())
+                    (self.shared.backend_tls.get(), slot.take())
                 else {
                     let reason = "security.sql-tls is not configured";
                     if leg == Leg::Backend {
@@ -1028,8 +1028,8 @@ mod size_tests {
         let shared = Arc::new(Shared {
             net: TokioNet::default(),
             router: Arc::new(Router::default()),
-            server_tls: None,
-            backend_tls: None,
+            server_tls: crate::tls::Live::new(None),
+            backend_tls: crate::tls::Live::new(None),
             require_backend_tls: false,
             proxy_protocol: false,
             buffer_limit: 1,

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod tls;
 

@@ -56,13 +56,27 @@ pub struct State<N: Network> {
     max_connections: AtomicU64,
     /// Operator override of the health answer (`PUT /api/debug/health`).
     pub manual_unhealthy: Mutex<Option<String>>,
-    /// The configuration as last set through the API (`PUT
-    /// /api/admin/config`); starts as the file's.
+    /// The configuration in effect: the file's at start, then as changed
+    /// by the file (hot reload) and `PUT /api/admin/config`.
     pub live_config: std::sync::RwLock<Config>,
+    /// Bumped by every applied change, so loops can tell cheaply whether to
+    /// re-read [`State::live_config`].
+    config_gen: AtomicU64,
+    /// One configuration change at a time (file and API).
+    apply_lock: Mutex<()>,
     /// PD discovery status.
     pub discovery: crate::discovery::StatusCell,
-    /// The configuration in effect.
+    /// The configuration at start (listeners, PD, registration).
     pub config: Config,
+}
+
+/// What a configuration change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changed keys now in effect.
+    pub applied: Vec<String>,
+    /// Changed keys that take effect only after a restart.
+    pub restart_required: Vec<String>,
 }
 
 impl<N: Network> State<N> {
@@ -106,43 +120,114 @@ impl<N: Network> State<N> {
         &self.shared.router
     }
 
-    /// Applies a new configuration from the API. Returns the keys that
-    /// changed but need a restart to take effect.
-    pub fn apply_config(&self, new: Config) -> Vec<&'static str> {
-        let mut restart = Vec::new();
-        let old = self.live_config.read().expect("config lock").clone();
-        if new.proxy.max_connections != old.proxy.max_connections {
-            self.max_connections
-                .store(new.proxy.max_connections, Ordering::Relaxed);
-        }
-        if new.proxy.backend_addrs != old.proxy.backend_addrs
-            && !self.discovery.lock().expect("status lock").pd
-        {
+    /// A copy of the configuration in effect.
+    pub fn live_config(&self) -> Config {
+        self.live_config.read().expect("config lock").clone()
+    }
+
+    /// Changes with every applied configuration change.
+    pub fn config_generation(&self) -> u64 {
+        self.config_gen.load(Ordering::Acquire)
+    }
+
+    /// Patches the configuration in effect with `text` (TOML, possibly
+    /// partial) and applies it: the path of both `PUT /api/admin/config`
+    /// and a changed config file (`source` names which, in errors). Returns
+    /// what changed and the warnings (unknown keys); on error nothing
+    /// changed.
+    pub fn patch_config(
+        &self,
+        text: &str,
+        source: &str,
+    ) -> Result<(Applied, Vec<String>), crate::config::ConfigError> {
+        let _one = self.apply_lock.lock().expect("apply lock");
+        let (new, warnings) = self
+            .live_config()
+            .patch(text, std::path::Path::new(source))?;
+        Ok((self.apply_config(new, source)?, warnings))
+    }
+
+    /// Applies a whole new configuration. Everything that can fail (TLS
+    /// files, the log file) is prepared first, so a failure changes
+    /// nothing; then the live keys take effect together. Keys that need a
+    /// restart are recorded in the configuration in effect and returned.
+    pub fn apply_config(
+        &self,
+        new: Config,
+        source: &str,
+    ) -> Result<Applied, crate::config::ConfigError> {
+        let err = |e: tls::TlsError| crate::config::ConfigError {
+            file: source.to_string(),
+            key: format!("security.{}", e.key),
+            message: e.message,
+        };
+        let old = self.live_config();
+        let pd = self.discovery.lock().expect("status lock").pd;
+        let (applied, restart_required) = crate::reload::classify(&old, &new, pd);
+        let log = crate::logging::prepare(&old.log, &new.log).map_err(|m| {
+            let (key, message) = m.split_once(": ").unwrap_or(("log", &m));
+            crate::config::ConfigError {
+                file: source.to_string(),
+                key: key.to_string(),
+                message: message.to_string(),
+            }
+        })?;
+        let server_tls = (new.security.server_tls != old.security.server_tls)
+            .then(|| tls::server_config(&new.security.server_tls, "server-tls", &new.workdir()))
+            .transpose()
+            .map_err(err)?;
+        let backend_tls = (new.security.sql_tls != old.security.sql_tls)
+            .then(|| tls::backend_config(&new))
+            .transpose()
+            .map_err(err)?;
+        // Nothing below fails.
+        self.max_connections
+            .store(new.proxy.max_connections, Ordering::Relaxed);
+        if !pd && new.proxy.backend_addrs != old.proxy.backend_addrs {
             self.shared.router.set_backends(&new.proxy.backend_addrs);
         }
-        for (key, changed) in [
-            ("proxy.addr", new.proxy.addr != old.proxy.addr),
-            ("proxy.pd-addrs", new.proxy.pd_addrs != old.proxy.pd_addrs),
-            (
-                "proxy.proxy-protocol",
-                new.proxy.proxy_protocol != old.proxy.proxy_protocol,
-            ),
-            (
-                "proxy.conn-buffer-size",
-                new.proxy.conn_buffer_size != old.proxy.conn_buffer_size,
-            ),
-            ("api", new.api != old.api),
-            ("security", new.security != old.security),
-            ("log", new.log != old.log),
-            ("balance", new.balance != old.balance),
-            ("labels", new.labels != old.labels),
-        ] {
-            if changed {
-                restart.push(key);
-            }
+        if let Some(c) = server_tls {
+            self.shared
+                .server_tls
+                .set(c.map(tokio_rustls::TlsAcceptor::from));
         }
+        if let Some(c) = backend_tls {
+            self.shared
+                .backend_tls
+                .set(c.map(tokio_rustls::TlsConnector::from));
+        }
+        log.commit();
         *self.live_config.write().expect("config lock") = new;
-        restart
+        self.config_gen.fetch_add(1, Ordering::AcqRel);
+        Ok(Applied {
+            applied,
+            restart_required,
+        })
+    }
+
+    /// Re-reads the TLS files of the configuration in effect (rotated
+    /// certificates): new handshakes use them; on error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        let cfg = self.live_config();
+        let server = if cfg.security.server_tls.cert.is_empty() {
+            None
+        } else {
+            Some(tls::server_config(
+                &cfg.security.server_tls,
+                "server-tls",
+                &cfg.workdir(),
+            )?)
+        };
+        let backend = tls::backend_config(&cfg)?;
+        if let Some(c) = server {
+            self.shared
+                .server_tls
+                .set(c.map(tokio_rustls::TlsAcceptor::from));
+        }
+        self.shared
+            .backend_tls
+            .set(backend.map(tokio_rustls::TlsConnector::from));
+        Ok(())
     }
 
     /// Open client connections.
@@ -221,23 +306,12 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
 pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, StartError> {
     let workdir = config.workdir();
     let server_tls = tls::server_config(&config.security.server_tls, "server-tls", &workdir)?;
-    let backend_tls = tls::client_config(&config.security.sql_tls, "sql-tls")?;
-    if config.security.require_backend_tls && backend_tls.is_none() {
+    if config.security.require_backend_tls && !config.security.sql_tls.client_enabled() {
         warn!(
             "security.require-backend-tls is set without security.sql-tls: backends are not verified (skip-ca)"
         );
     }
-    let backend_tls = match (backend_tls, config.security.require_backend_tls) {
-        (Some(c), _) => Some(c),
-        (None, true) => tls::client_config(
-            &crate::config::TlsConfig {
-                skip_ca: true,
-                ..Default::default()
-            },
-            "sql-tls",
-        )?,
-        (None, false) => None,
-    };
+    let backend_tls = tls::backend_config(&config)?;
     let pd = config.proxy.effective_pd_addrs();
     let statics = &config.proxy.backend_addrs;
     if !pd.is_empty() && !statics.is_empty() {
@@ -255,8 +329,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     let shared = Arc::new(Shared {
         net: net.clone(),
         router: router.clone(),
-        server_tls: server_tls.map(tokio_rustls::TlsAcceptor::from),
-        backend_tls: backend_tls.map(tokio_rustls::TlsConnector::from),
+        server_tls: tls::Live::new(server_tls.map(tokio_rustls::TlsAcceptor::from)),
+        backend_tls: tls::Live::new(backend_tls.map(tokio_rustls::TlsConnector::from)),
         require_backend_tls: config.security.require_backend_tls,
         proxy_protocol: config.proxy.proxy_protocol == "v2",
         buffer_limit: config.proxy.buffer_limit(),
@@ -302,6 +376,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         max_connections: AtomicU64::new(config.proxy.max_connections),
         manual_unhealthy: Mutex::new(None),
         live_config: std::sync::RwLock::new(config.clone()),
+        config_gen: AtomicU64::new(0),
+        apply_lock: Mutex::new(()),
         discovery: discovery_status.clone(),
         config,
     });
@@ -358,7 +434,8 @@ impl<N: Network> Proxy<N> {
     pub async fn shutdown(mut self) {
         let st = self.state.clone();
         st.draining.store(true, Ordering::Relaxed);
-        let wait = Duration::from_secs(st.config.proxy.graceful_wait_before_shutdown);
+        let live = st.live_config();
+        let wait = Duration::from_secs(live.proxy.graceful_wait_before_shutdown);
         if !wait.is_zero() {
             info!(
                 "shutting down: reporting unhealthy for {wait:?} (graceful-wait-before-shutdown)"
@@ -374,7 +451,7 @@ impl<N: Network> Proxy<N> {
             );
         }
         st.broadcast(Control::CloseAtSafePoint);
-        let timeout = Duration::from_secs(st.config.proxy.graceful_close_conn_timeout);
+        let timeout = Duration::from_secs(live.proxy.graceful_close_conn_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         while st.connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -549,6 +626,26 @@ fn balance_knob(cfg: &Config, factor: &str, key: &str) -> Option<f64> {
         })
 }
 
+/// The balance loop's settings from `[balance]`.
+fn balance_config(config: &Config) -> tiproxy_core::balance::BalanceConfig {
+    use tiproxy_core::balance::BalanceConfig;
+    let per_tick = |rate: f64| ((rate / 10.0).ceil() as u32).max(1);
+    let evacuation = balance_knob(config, "status", "migrations-per-second")
+        .filter(|r| *r > 0.0)
+        .unwrap_or(f64::from(EVACUATION_RATE));
+    let rebalance = balance_knob(config, "conn-count", "migrations-per-second")
+        .filter(|r| *r > 0.0)
+        .unwrap_or(f64::from(REBALANCE_RATE));
+    let threshold = balance_knob(config, "conn-count", "count-ratio-threshold")
+        .filter(|t| *t > 1.0)
+        .unwrap_or(1.2);
+    BalanceConfig {
+        budget: per_tick(evacuation).max(per_tick(rebalance)),
+        rebalance_budget: per_tick(rebalance),
+        count_ratio_threshold: threshold,
+    }
+}
+
 /// Every 100 ms: snapshot the backends, plan the tick's moves with
 /// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
 /// then even out the rest with hysteresis), and ask the chosen sessions to
@@ -557,26 +654,18 @@ fn balance_knob(cfg: &Config, factor: &str, key: &str) -> Option<f64> {
 async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
     let tick = Duration::from_millis(100);
-    let per_tick = |rate: f64| ((rate / 10.0).ceil() as u32).max(1);
-    let evacuation = balance_knob(&st.config, "status", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(EVACUATION_RATE));
-    let rebalance = balance_knob(&st.config, "conn-count", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(REBALANCE_RATE));
-    let threshold = balance_knob(&st.config, "conn-count", "count-ratio-threshold")
-        .filter(|t| *t > 1.0)
-        .unwrap_or(1.2);
-    let cfg = BalanceConfig {
-        budget: per_tick(evacuation).max(per_tick(rebalance)),
-        rebalance_budget: per_tick(rebalance),
-        count_ratio_threshold: threshold,
-    };
+    // `[balance]` is reloadable: re-read when the configuration changed.
+    let mut generation = st.config_generation();
+    let mut cfg = balance_config(&st.live_config());
     loop {
         tokio::select! {
             biased;
             _ = st.stopped.notified() => return,
             _ = tokio::time::sleep(tick) => {}
+        }
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            cfg = balance_config(&st.live_config());
         }
         let router = &st.shared.router;
         let backends = router.backends();

@@ -172,6 +172,62 @@ pub fn client_config(cfg: &TlsConfig, key: &str) -> Result<Option<Arc<ClientConf
     Ok(Some(Arc::new(cc)))
 }
 
+/// The client-side TLS config towards TiDB SQL ports from the whole
+/// configuration: `sql-tls`, or, with `require-backend-tls` alone, TLS
+/// without verification (skip-ca).
+pub fn backend_config(cfg: &crate::config::Config) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    match client_config(&cfg.security.sql_tls, "sql-tls")? {
+        Some(c) => Ok(Some(c)),
+        None if cfg.security.require_backend_tls => client_config(
+            &TlsConfig {
+                skip_ca: true,
+                ..Default::default()
+            },
+            "sql-tls",
+        ),
+        None => Ok(None),
+    }
+}
+
+/// A TLS setup that a reload may replace: a connection takes the one in
+/// effect when its handshake starts, so new handshakes use new certificates
+/// and established sessions keep theirs.
+pub struct Live<T>(std::sync::RwLock<Option<T>>);
+
+impl<T: Clone> Live<T> {
+    /// Holds `v` (`None`: TLS off).
+    pub fn new(v: Option<T>) -> Self {
+        Self(std::sync::RwLock::new(v))
+    }
+
+    /// The setup in effect.
+    pub fn get(&self) -> Option<T> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the setup for new handshakes.
+    pub fn set(&self, v: Option<T>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+
+    /// Whether TLS is on.
+    pub fn is_some(&self) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Whether TLS is off.
+    pub fn is_none(&self) -> bool {
+        !self.is_some()
+    }
+}
+
+impl<T> std::fmt::Debug for Live<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = self.0.read().map(|g| g.is_some()).unwrap_or(false);
+        f.debug_tuple("Live").field(&on).finish()
+    }
+}
+
 /// The server name to present for `host:port`.
 pub fn server_name(addr: &str) -> ServerName<'static> {
     let host = addr

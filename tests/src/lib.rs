@@ -64,6 +64,8 @@ pub struct ProxyProcess {
     pub api: SocketAddr,
     /// Everything it logged (stderr), collected in the background.
     pub log: Arc<Mutex<String>>,
+    /// The configuration file it was started with (edit it to hot-reload).
+    pub config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -103,12 +105,35 @@ impl ProxyProcess {
         );
         // `extra` may open other sections; the [api] table then comes last
         // and still parses because TOML tables can appear in any order.
+        Self::spawn(dir, sql, api, &cfg, Some("info"))
+    }
+
+    /// Starts `tiproxy` with the whole configuration `make(sql, api)`
+    /// returns (given free SQL and API addresses) and `RUST_LOG` unset, so
+    /// `[log]` alone decides what is logged.
+    pub fn start_with_config(make: impl FnOnce(SocketAddr, SocketAddr) -> String) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let cfg = make(sql, api);
+        Self::spawn(dir, sql, api, &cfg, None)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        sql: SocketAddr,
+        api: SocketAddr,
+        cfg: &str,
+        rust_log: Option<&str>,
+    ) -> ProxyProcess {
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, cfg).expect("write config");
-        let mut child = Command::new(binary("tiproxy"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
+        let mut cmd = Command::new(binary("tiproxy"));
+        cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+        if let Some(l) = rust_log {
+            cmd.env("RUST_LOG", l);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -140,6 +165,7 @@ impl ProxyProcess {
             sql,
             api,
             log,
+            config: path,
             _dir: dir,
         }
     }

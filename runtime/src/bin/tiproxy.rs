@@ -16,6 +16,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The bytes read at start: the watcher reloads only when they change.
+    let loaded = args
+        .config
+        .as_ref()
+        .map(|p| std::fs::read(p).unwrap_or_default());
     let (config, warnings) = match &args.config {
         Some(p) => match Config::load(p) {
             Ok(x) => x,
@@ -62,7 +67,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let watch = args.config.zip(loaded).map(|(path, loaded)| {
+            tokio::spawn(tiproxy_runtime::reload::watch(
+                proxy.state().clone(),
+                path,
+                loaded,
+            ))
+        });
         wait_for_signal().await;
+        if let Some(w) = watch {
+            w.abort();
+        }
         proxy.shutdown().await;
         ExitCode::SUCCESS
     })
