@@ -124,6 +124,7 @@ async fn page(client: &Client) -> Value {
         return {
             title: document.title,
             health: document.getElementById("health").textContent,
+            qps: document.getElementById("qps").textContent,
             backends: rows("backends"),
             sessions: rows("sessions"),
             moves: rows("moves"),
@@ -172,6 +173,92 @@ fn post(api: SocketAddr, path: &str) {
     assert_eq!(status, 200, "POST {path}: {body}");
 }
 
+/// A GET with the response head kept: (status, head, body).
+fn get_raw(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).expect("connect api");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn page_files_and_status_json() {
+    let cluster = TidbDouble::start(1, 0, &[]);
+    let backend = TidbDouble::backend_entry(&cluster.instances()[0]);
+    let proxy = ProxyProcess::start_with_backends(&[backend], "");
+
+    let (status, head, body) = get_raw(proxy.api, "GET", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'self'"),
+        "the page may load nothing from elsewhere: {head}"
+    );
+    assert!(body.contains("<title>tiproxy status</title>"), "{body}");
+    for (file, kind) in [
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let (status, head, body) = get_raw(proxy.api, "GET", file);
+        assert_eq!(status, 200, "{file}: {body}");
+        assert!(head.contains(kind), "{file}: {head}");
+        assert!(body.len() > 500, "{file} is the real file");
+    }
+    assert_eq!(get_raw(proxy.api, "GET", "/ui/nothing.js").0, 404);
+    assert_eq!(get_raw(proxy.api, "GET", "/api").0, 404, "/api is no page");
+    assert_eq!(get_raw(proxy.api, "POST", "/").0, 405);
+    assert_eq!(get_raw(proxy.api, "POST", "/api/status").0, 405);
+
+    // One good and one failing query through the proxy.
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(proxy.sql.ip().to_string())
+        .tcp_port(proxy.sql.port())
+        .user(Some("root"))
+        .prefer_socket(false);
+    let mut conn = tokio::time::timeout(WAIT, Conn::new(opts))
+        .await
+        .expect("connect within the limit")
+        .expect("a session through the proxy");
+    conn.query_drop("SELECT 1").await.expect("select");
+    conn.query_drop("SELECT * FROM no_such_db.no_such_table")
+        .await
+        .expect_err("the backend answers with an error");
+
+    let (status, _, body) = get_raw(proxy.api, "GET", "/api/status");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["connections"], 1, "{v:#}");
+    assert!(v["queries"].as_u64() >= Some(2), "{v:#}");
+    assert_eq!(v["query_errors"], 1, "{v:#}");
+    assert_eq!(
+        v["migrations"],
+        json!({ "succeeded": 0, "failed": 0 }),
+        "{v:#}"
+    );
+    assert!(v["unhealthy_reason"].is_null(), "{v:#}");
+    let (_, metrics) = proxy.get("/api/metrics");
+    assert!(
+        metrics.contains("tiproxy_session_query_error_total{cmd_type=\"Query\"} 1"),
+        "{metrics}"
+    );
+    let (_, sessions) = proxy.get("/api/sessions");
+    let sessions: Value = serde_json::from_str(&sessions).expect("JSON");
+    assert!(sessions[0]["commands"].as_u64() >= Some(2), "{sessions:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_page_in_chromium_shows_backends_sessions_moves_and_errors() {
     let etcd = Etcd::start();
@@ -179,6 +266,12 @@ async fn status_page_in_chromium_shows_backends_sessions_moves_and_errors() {
     let proxy =
         ProxyProcess::start_with_backends(&[], &format!("pd-addrs = \"{}\"", etcd.endpoint()));
     let a = cluster.instances()[0].sql.to_string();
+    // Healthy once PD has answered with the TiDB.
+    let start = Instant::now();
+    while proxy.get("/api/debug/health").0 != 200 {
+        assert!(start.elapsed() < WAIT, "the proxy never became healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // One client session with a few queries and one that fails.
     let opts = OptsBuilder::default()
@@ -221,6 +314,25 @@ async fn status_page_in_chromium_shows_backends_sessions_moves_and_errors() {
     assert_eq!(session[2], a, "the session's backend: {v:#}");
     assert_eq!(session[3], "root", "the session's user: {v:#}");
     assert_eq!(v["health"], "serving");
+
+    // Queries on the session show as QPS, in total and on its backend.
+    let start = Instant::now();
+    loop {
+        for _ in 0..20 {
+            conn.query_drop("SELECT 1").await.expect("select");
+        }
+        let v = page(&client).await;
+        let number = |s: Option<&str>| s.and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        let backend_qps = number(row(&v, "backends", &a).map(|r| r[3]));
+        if backend_qps > 0.0 && number(v["qps"].as_str()) > 0.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the page never showed queries per second: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A TiDB joins through PD: the page shows it without a reload.
     let b = cluster.add().sql.to_string();
