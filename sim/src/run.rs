@@ -68,6 +68,7 @@ fn backend_entry(i: usize) -> BackendEntry {
     BackendEntry::Full {
         addr: format!("{h}:{TIDB_SQL_PORT}"),
         status_addr: Some(format!("{h}:{TIDB_STATUS_PORT}")),
+        labels: Default::default(),
     }
 }
 

@@ -183,7 +183,8 @@ fn every_metric_and_label_in_the_dashboard_is_exported() {
         .collect();
     assert!(
         unused.is_empty(),
-        "metrics the dashboard does not show: {unused:?}"
+        "metrics the dashboard does not show: {unused:?}; add a panel for them to {}",
+        path.display()
     );
 }
 

@@ -106,11 +106,16 @@ fn on_path(program: &str) -> bool {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The group holds chromedriver and every Chromium process it started.
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(format!("-{}", self.driver.id()))
-            .status();
+        // The group holds chromedriver and every Chromium process it started
+        // (its id is chromedriver's). `--` is needed: without it procps kill
+        // turns `-KILL -1791` into kill(-1, SIGKILL), every process.
+        let group = self.driver.id();
+        if group > 1 {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
