@@ -137,7 +137,7 @@ scrape_loop() { # rate out
         curl -s -o /dev/null -m 5 -w '%{http_code} %{time_total} %{size_download}\n' \
             "http://127.0.0.1:$TP_API/api/metrics" >>"$2" || echo "000 5 0" >>"$2"
         local left
-        left=$(awk -v a="$t0" -v b="$EPOCHREALTIME" -v i="$interval" 'BEGIN{d = i - (b - a); printf "%.3f", d > 0 ? d : 0}')
+        left=$(awk -v a="$t0" -v b="$EPOCHREALTIME" -v i="$interval" 'BEGIN{d = i - (b - a); if (d < 0) d = 0; printf "%.3f", d}')
         sleep "$left"
     done
 }
@@ -171,6 +171,15 @@ for r in $(seq "$BENCH_ROUNDS"); do
     done
 done
 SAMPLE_BYTES=$(curl -s "http://127.0.0.1:$TP_API/api/metrics" | wc -c)
+# The cost of one scrape on its own: proxy CPU over back-to-back scrapes of
+# the idle proxy (independent of the sysbench noise above).
+BENCH_SCRAPES=${BENCH_SCRAPES:-500}
+sleep 1
+c0=$(cpu_ticks "$TP_PID")
+for _ in $(seq "$BENCH_SCRAPES"); do curl -s -o /dev/null "http://127.0.0.1:$TP_API/api/metrics"; done
+c1=$(cpu_ticks "$TP_PID")
+SCRAPE_MS=$(awk -v a="$c0" -v b="$c1" -v h="$CLK_TCK" -v n="$BENCH_SCRAPES" 'BEGIN{printf "%.3f", (b-a)/h/n*1000}')
+log "one scrape costs the proxy ${SCRAPE_MS} ms CPU ($BENCH_SCRAPES back-to-back scrapes, idle proxy)"
 
 mkdir -p "$(dirname "$RESULTS")"
 {
@@ -197,6 +206,10 @@ mkdir -p "$(dirname "$RESULTS")"
         printf "| %s | %d | %.2f | %.5f | %s | %s | %s | %s |\n", m, q[m], c[m], per, r < 0 ? "-" : sprintf("%.3fx", r),
           m == "off" ? "-" : sprintf("%d (%d)", n[m], f[m]), (m == "off" || !n[m]) ? "-" : sprintf("%.2f / %.2f", ms[m] / n[m], mx[m]), tgt }
     }' "$RUNS"
+    echo
+    echo "One scrape on its own costs the proxy $SCRAPE_MS ms of CPU ($BENCH_SCRAPES back-to-back scrapes of the idle proxy)."
+    awk -F'\t' -v ms="$SCRAPE_MS" '$1 == "off" && $3 != "NA" { q += $3; c += $4; t += '"$BENCH_SECONDS"' }
+      END { if (t > 0) printf "Under this load the proxy used %.2f CPU s per second, so one scrape a second adds %.3f%% and ten a second %.2f%% to its CPU per query.\n", c / t, ms / 1000 / (c / t) * 100, 10 * ms / 1000 / (c / t) * 100 }' "$RUNS"
     echo
     echo "## Raw runs"
     echo

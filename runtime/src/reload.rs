@@ -41,7 +41,9 @@ const RELOADABLE: &[&str] = &[
     "log.level",
     "log.log-file",
     "balance",
+    "health-check",
     "security.server-tls",
+    "security.server-http-tls",
     "security.sql-tls",
 ];
 
@@ -62,7 +64,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "metering",
     "log.simple",
     "security.encryption-key-path",
-    "security.server-http-tls",
 ];
 
 fn under(key: &str, prefix: &str) -> bool {
@@ -124,7 +125,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
 /// The TLS files in use, with what identifies their contents on disk.
 fn tls_stamp(cfg: &Config) -> Vec<(String, Option<(std::time::SystemTime, u64)>)> {
     let s = &cfg.security;
-    [&s.server_tls, &s.sql_tls]
+    [&s.server_tls, &s.server_http_tls, &s.sql_tls]
         .into_iter()
         .flat_map(|t| [&t.cert, &t.key, &t.ca])
         .filter(|p| !p.is_empty())
@@ -300,6 +301,11 @@ mod tests {
         assert!(!live.contains(&"proxy.backend-addrs".to_string()));
         assert!(restart.contains(&"proxy.backend-addrs".to_string()));
         assert_eq!(classify(&old, &old, false), (vec![], vec![]));
+        let hc = cfg("[health-check]\ninterval = \"5s\"\n");
+        assert_eq!(
+            classify(&Config::default(), &hc, true),
+            (vec!["health-check.interval".to_string()], vec![])
+        );
     }
 
     #[test]
