@@ -8,17 +8,35 @@
 #
 # Installs what it needs (Debian packages, the release build) first.
 # Ctrl-C stops everything it started.
+#
+# Playground ports can be moved with PLAYGROUND_SQL_PORT (6000),
+# PLAYGROUND_API_PORT (3080), PLAYGROUND_PD_PORT (2379; its peer port is the
+# next one), PLAYGROUND_CONTROL_PORT (4080), PLAYGROUND_TIDB_SQL_BASE (4000)
+# and PLAYGROUND_TIDB_STATUS_BASE (10080); PLAYGROUND_TIDBS (2) is the
+# number of TiDB doubles at the start. TIPROXY_BIN_DIR=dir uses binaries
+# already built there instead of the release build (the tests do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SQL_PORT=${PLAYGROUND_SQL_PORT:-6000}
+API_PORT=${PLAYGROUND_API_PORT:-3080}
+PD_PORT=${PLAYGROUND_PD_PORT:-2379}
+CONTROL_PORT=${PLAYGROUND_CONTROL_PORT:-4080}
+TIDB_SQL_BASE=${PLAYGROUND_TIDB_SQL_BASE:-4000}
+TIDB_STATUS_BASE=${PLAYGROUND_TIDB_STATUS_BASE:-10080}
+TIDBS=${PLAYGROUND_TIDBS:-2}
+bin=${TIPROXY_BIN_DIR:-target/release}
+build() {
+    if [[ -z "${TIPROXY_BIN_DIR:-}" ]]; then cargo build --release -q "$@"; fi
+}
 
 if [[ "${1:-}" == "--config" ]]; then
     scripts/install-deps.sh protobuf-compiler
-    cargo build --release -q -p tiproxy-runtime
-    exec target/release/tiproxy "$@"
+    build -p tiproxy-runtime
+    exec "$bin/tiproxy" "$@"
 fi
 
 scripts/install-deps.sh protobuf-compiler etcd-server mariadb-client
-cargo build --release -q -p tiproxy-runtime -p tiproxy-sim
+build -p tiproxy-runtime -p tiproxy-sim
 
 dir=$(mktemp -d /tmp/tiproxy-playground.XXXXXX)
 pids=()
@@ -29,42 +47,46 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-PD=127.0.0.1:2379 CONTROL=127.0.0.1:4080
+PD=127.0.0.1:$PD_PORT CONTROL=127.0.0.1:$CONTROL_PORT PEER=http://127.0.0.1:$((PD_PORT + 1))
 echo "playground: starting etcd (PD) on $PD"
 etcd --data-dir "$dir/etcd" --listen-client-urls "http://$PD" --advertise-client-urls "http://$PD" \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster default=http://127.0.0.1:2380 >"$dir/etcd.log" 2>&1 &
+    --listen-peer-urls "$PEER" --initial-advertise-peer-urls "$PEER" \
+    --initial-cluster "default=$PEER" >"$dir/etcd.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PD_PORT") 2>/dev/null && break; sleep 0.1; done
 
-echo "playground: starting 2 TiDB doubles (SQL 4000+, status 10080+), registered in PD"
-target/release/tidb-double --instances 2 --sql-port-base 4000 --status-port-base 10080 \
+echo "playground: starting $TIDBS TiDB doubles (SQL $TIDB_SQL_BASE+, status $TIDB_STATUS_BASE+), registered in PD"
+"$bin/tidb-double" --instances "$TIDBS" --sql-port-base "$TIDB_SQL_BASE" --status-port-base "$TIDB_STATUS_BASE" \
     --graceful-wait 5 --pd "$PD" --pd-ttl 10 --control-addr "$CONTROL" >"$dir/tidb.json" 2>"$dir/tidb.log" &
 pids+=($!)
 for _ in $(seq 1 100); do [[ -s "$dir/tidb.json" ]] && break; sleep 0.1; done
 
 cat >"$dir/proxy.toml" <<TOML
 [proxy]
-addr = "127.0.0.1:6000"
+addr = "127.0.0.1:$SQL_PORT"
 pd-addrs = "$PD"
 [api]
-addr = "127.0.0.1:3080"
+addr = "127.0.0.1:$API_PORT"
 TOML
 
+ctl="$bin/tiproxyctl --port $API_PORT"
+tidb="$ctl tidb --control $CONTROL"
 cat <<MSG
 
-tiproxy is starting on 127.0.0.1:6000 in front of the TiDB doubles.
-  connect:     mariadb -h 127.0.0.1 -P 6000 -u root      (or -u app -papp-Pa55word)
+tiproxy is starting on 127.0.0.1:$SQL_PORT in front of the TiDB doubles.
+  connect:     mariadb -h 127.0.0.1 -P $SQL_PORT -u root      (or -u app -papp-Pa55word)
                then: SHOW PROCESSLIST; SELECT @@port;
-  scale out:   curl -X POST http://$CONTROL/instances
-  scale in:    curl -X POST http://$CONTROL/instances/1/shutdown   (graceful: sessions move)
-  kill one:    curl -X POST http://$CONTROL/instances/1/kill
-  list TiDBs:  curl http://$CONTROL/instances
-  the proxy:   target/release/tiproxyctl backends | sessions | health
+  TiDBs:       $tidb list
+  scale out:   $tidb add                 (registers in PD; sessions spread)
+  scale in:    $tidb shutdown 1          (graceful: its sessions move)
+  kill one:    $tidb kill 1              (a crash: its sessions get an error)
+  load one:    $tidb load 1 --cpu 0.9    (its /metrics: sessions move off it)
+  the proxy:   $ctl backends | sessions | health
+  status page: http://127.0.0.1:$API_PORT/
 Ctrl-C stops everything.
 
 MSG
-target/release/tiproxy --config "$dir/proxy.toml" &
+"$bin/tiproxy" --config "$dir/proxy.toml" &
 proxy=$!
 pids+=($proxy)
 wait "$proxy"

@@ -12,6 +12,7 @@ pub mod error;
 pub mod flags;
 pub mod handshake;
 pub mod packet;
+pub mod prom;
 pub mod proxy_protocol;
 pub mod response;
 pub mod tracker;

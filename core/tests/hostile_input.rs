@@ -44,6 +44,16 @@ proptest! {
         let _ = ProxyHeader::parse(&b);
     }
 
+    /// TiDB's `/metrics` text, as read by the balancer: arbitrary bytes and
+    /// byte soup shaped like exposition lines.
+    #[test]
+    fn metrics_text(b in bytes(), lines in proptest::collection::vec("[a-z_{}\"\\= .0-9eE+#-]{0,40}", 0..20)) {
+        let names = ["process_cpu_seconds_total", "a", "tidb_server_maxprocs"];
+        let _ = tiproxy_core::prom::first_values(&b, &names);
+        let text = lines.join("\n");
+        let _ = tiproxy_core::prom::first_values(text.as_bytes(), &names);
+    }
+
     #[test]
     fn framing_and_compression(b in bytes(), limit in 0usize..1000) {
         let mut d = PacketDecoder::with_limit(limit);

@@ -14,10 +14,11 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 use tracing::{debug, info};
 
 use crate::metrics::metrics;
-use crate::net::Network;
+use crate::net::{Network, Prefixed};
 use crate::proxy::State;
 
 type Resp = Response<Full<Bytes>>;
@@ -67,7 +68,17 @@ fn ui_file(name: &str) -> Option<Resp> {
     )
 }
 
-/// Serves the API until the task is aborted.
+/// How long a connection may take to send its first byte and finish the
+/// TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Serves the API until the task is aborted. With `security.server-http-tls`
+/// it speaks HTTPS; a plain HTTP request on the same port is answered only
+/// for `GET /api/debug/health` (as TiProxy does, so load balancers can
+/// check it), anything else with 400.
 pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
     loop {
@@ -77,18 +88,72 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         };
         let st = st.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(route(&st, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%peer, "api connection: {e}");
+            // The acceptor in effect when the connection arrives (reloads
+            // apply to new connections).
+            let Some(acceptor) = st.api_tls.get() else {
+                return http(st, stream, peer, true).await;
+            };
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                let mut stream = stream;
+                let mut first = [0u8; 1];
+                if stream.read(&mut first).await? == 0 {
+                    return Ok(None);
+                }
+                let stream = Prefixed::new(Bytes::copy_from_slice(&first), stream);
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    return Ok(Some(Err(stream)));
+                }
+                acceptor.accept(stream).await.map(|s| Some(Ok(s)))
+            })
+            .await;
+            match tls {
+                Ok(Ok(Some(Ok(s)))) => http(st, s, peer, true).await,
+                Ok(Ok(Some(Err(plain)))) => http(st, plain, peer, false).await,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => debug!(%peer, "api TLS handshake: {e}"),
+                Err(_) => debug!(%peer, "api TLS handshake timed out"),
             }
         });
     }
+}
+
+/// Serves HTTP/1 on one connection; `full` is false for plain HTTP on an
+/// HTTPS listener (the health check only).
+async fn http<N: Network, S: crate::net::Stream>(
+    st: Arc<State<N>>,
+    stream: S,
+    peer: std::net::SocketAddr,
+    full: bool,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let st = st.clone();
+        async move {
+            Ok::<_, Infallible>(if full || is_health_check(&req) {
+                route(&st, req).await
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "the API is served over HTTPS (security.server-http-tls); \
+                     over plain HTTP only GET /api/debug/health answers",
+                )
+            })
+        }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+    {
+        debug!(%peer, "api connection: {e}");
+    }
+}
+
+/// `GET /api/debug/health` or `GET /debug/health`.
+fn is_health_check(req: &Request<Incoming>) -> bool {
+    req.method() == Method::GET
+        && matches!(
+            req.uri().path().trim_end_matches('/'),
+            "/api/debug/health" | "/debug/health"
+        )
 }
 
 /// Reads the request body (at most [`MAX_BODY`] bytes).
@@ -357,6 +422,23 @@ fn status<N: Network>(st: &State<N>) -> serde_json::Value {
 }
 
 fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_json::Value {
+    let now = tokio::time::Instant::now();
+    let (cpu, memory) = b.resources(now);
+    // The rank among every backend under the policy (lower goes first).
+    let router = st.router();
+    let all = router.backends();
+    let loads: Vec<_> = all.iter().map(|x| router.load_of(x, now)).collect();
+    let ranks = tiproxy_core::balance::scores(&loads, router.policy());
+    let score: serde_json::Map<String, serde_json::Value> = all
+        .iter()
+        .position(|x| std::ptr::eq(&**x, b))
+        .and_then(|i| ranks.get(i))
+        .map(|r| {
+            r.iter()
+                .map(|(f, v)| (f.name().to_string(), json!(v)))
+                .collect()
+        })
+        .unwrap_or_default();
     let state = if b.is_removed() {
         "removed"
     } else if b.is_draining() {
@@ -375,6 +457,10 @@ fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_
         "connections": b.connections(),
         "incoming_moves": b.incoming(),
         "supports_migration": b.supports_migration(),
+        "zone": b.zone(),
+        "cpu_usage": cpu.map(|c| c.usage),
+        "memory_usage": memory,
+        "score": score,
     })
 }
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +36,11 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Logging.
     pub log: LogConfig,
-    /// Balancing (read for compatibility; the policy in this build is
-    /// least-connections, see the README).
+    /// Balancing: policy, factors, rates.
     pub balance: BalanceConfig,
+    /// How backends are health-checked (not in TiProxy's file format: its
+    /// knobs of the same names are fixed in code).
+    pub health_check: HealthCheckConfig,
     /// Labels of this proxy instance (e.g. `zone`).
     pub labels: BTreeMap<String, String>,
     /// Working directory for generated files (auto-certs).
@@ -173,6 +176,10 @@ pub enum BackendEntry {
             skip_serializing_if = "Option::is_none"
         )]
         status_addr: Option<String>,
+        /// Labels (TiDB's `labels` in PD); `zone` is matched against this
+        /// proxy's own `labels.zone` by the location factor.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
     },
 }
 
@@ -189,6 +196,14 @@ impl BackendEntry {
         match self {
             BackendEntry::Addr(_) => None,
             BackendEntry::Full { status_addr, .. } => status_addr.as_deref(),
+        }
+    }
+
+    /// Its `zone` label, if any.
+    pub fn zone(&self) -> Option<&str> {
+        match self {
+            BackendEntry::Addr(_) => None,
+            BackendEntry::Full { labels, .. } => labels.get("zone").map(String::as_str),
         }
     }
 }
@@ -252,7 +267,8 @@ impl Default for ApiConfig {
 pub struct SecurityConfig {
     /// TLS for clients on the SQL port.
     pub server_tls: TlsConfig,
-    /// TLS for the HTTP API (not implemented in this build).
+    /// TLS for the HTTP API: HTTPS only (plain HTTP gets the health check
+    /// alone); `ca` requires client certificates.
     pub server_http_tls: TlsConfig,
     /// TLS towards PD and TiDB status ports.
     pub cluster_tls: TlsConfig,
@@ -367,8 +383,8 @@ impl Default for LogFile {
     }
 }
 
-/// `[balance]`, read so TiProxy files load; this build balances by
-/// connection count only.
+/// `[balance]`: TiProxy's policy, label matching and per-factor rates
+/// (`routing-rule` and `routing-policy` are read but not used).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct BalanceConfig {
@@ -396,6 +412,103 @@ impl Default for BalanceConfig {
             factors: BTreeMap::new(),
         }
     }
+}
+
+/// `[health-check]`. Durations are Go-style strings (`"500ms"`, `"3s"`,
+/// `"1m"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct HealthCheckConfig {
+    /// Whether backends are checked at all.
+    pub enable: bool,
+    /// How often a TiDB's status port is asked `GET /status` (500 means
+    /// it is shutting down: its sessions move).
+    pub status_interval: String,
+    /// How often the SQL port is probed for a greeting.
+    pub interval: String,
+    /// Consecutive failed checks (of one kind) before a backend gets no
+    /// new connections; failed dials by sessions count at once.
+    pub failure_threshold: u32,
+    /// Timeout of one check.
+    pub dial_timeout: String,
+    /// How often a TiDB's `/metrics` is read for CPU and memory use.
+    pub metrics_interval: String,
+    /// Timeout of one `/metrics` read.
+    pub metrics_timeout: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            status_interval: "500ms".into(),
+            interval: "3s".into(),
+            failure_threshold: 1,
+            dial_timeout: "2s".into(),
+            metrics_interval: "5s".into(),
+            metrics_timeout: "3s".into(),
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    /// The durations, in the order of the fields, parsed (validated at
+    /// load; a bad value falls back to the default).
+    pub fn durations(&self) -> HealthCheckDurations {
+        let d = Self::default();
+        let get = |v: &str, def: &str| {
+            parse_duration(v)
+                .or_else(|_| parse_duration(def))
+                .unwrap_or(Duration::from_secs(1))
+        };
+        HealthCheckDurations {
+            status_interval: get(&self.status_interval, &d.status_interval),
+            interval: get(&self.interval, &d.interval),
+            dial_timeout: get(&self.dial_timeout, &d.dial_timeout),
+            metrics_interval: get(&self.metrics_interval, &d.metrics_interval),
+            metrics_timeout: get(&self.metrics_timeout, &d.metrics_timeout),
+        }
+    }
+}
+
+/// `[health-check]`'s durations, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheckDurations {
+    /// `status-interval`.
+    pub status_interval: Duration,
+    /// `interval`.
+    pub interval: Duration,
+    /// `dial-timeout`.
+    pub dial_timeout: Duration,
+    /// `metrics-interval`.
+    pub metrics_interval: Duration,
+    /// `metrics-timeout`.
+    pub metrics_timeout: Duration,
+}
+
+/// Parses a Go-style duration: a number with `ms`, `s`, `m` or `h`
+/// (`"500ms"`, `"1.5s"`, `"2m"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a duration like \"500ms\", \"3s\" or \"1m\""))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "\"{s}\" has no unit; use ms, s, m or h (e.g. \"3s\")"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("\"{s}\": {e}"))
 }
 
 /// Splits a comma-separated list, trimming blanks.
@@ -550,9 +663,32 @@ impl Config {
                 }
             }
         }
-        if self.security.server_http_tls.server_enabled() {
-            warnings.push(format!(
-                "{file}: security.server-http-tls is not implemented; the API serves plain HTTP"
+        if tiproxy_core::balance::Policy::parse(&self.balance.policy).is_none() {
+            return Err(err(
+                "balance.policy",
+                format!(
+                    "\"{}\" is not one of resource, location, connection",
+                    self.balance.policy
+                ),
+            ));
+        }
+        let h = &self.health_check;
+        for (key, v) in [
+            ("health-check.status-interval", &h.status_interval),
+            ("health-check.interval", &h.interval),
+            ("health-check.dial-timeout", &h.dial_timeout),
+            ("health-check.metrics-interval", &h.metrics_interval),
+            ("health-check.metrics-timeout", &h.metrics_timeout),
+        ] {
+            let d = parse_duration(v).map_err(|m| err(key, m))?;
+            if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                return Err(err(key, format!("\"{v}\" is out of range; use 10ms to 1h")));
+            }
+        }
+        if h.failure_threshold == 0 {
+            return Err(err(
+                "health-check.failure-threshold",
+                "must be at least 1".into(),
             ));
         }
         if !self.proxy.port_range.is_empty() {
@@ -610,6 +746,32 @@ mod tests {
 
     fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
         Config::from_toml(text, Path::new("proxy.toml"))
+    }
+
+    #[test]
+    fn health_check_durations_and_policy_are_checked() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3").unwrap_err().contains("no unit"));
+        assert!(parse_duration("fast").is_err());
+        let (c, _) =
+            parse("[health-check]\nstatus-interval = \"200ms\"\nfailure-threshold = 3\n").unwrap();
+        assert_eq!(
+            c.health_check.durations().status_interval,
+            Duration::from_millis(200)
+        );
+        assert_eq!(c.health_check.durations().interval, Duration::from_secs(3));
+        let e = parse("[health-check]\ninterval = \"3\"\n").unwrap_err();
+        assert_eq!(e.key, "health-check.interval");
+        let e = parse("[health-check]\nmetrics-interval = \"1ms\"\n").unwrap_err();
+        assert!(e.message.contains("out of range"), "{e:?}");
+        let e = parse("[health-check]\nfailure-threshold = 0\n").unwrap_err();
+        assert_eq!(e.key, "health-check.failure-threshold");
+        let e = parse("[balance]\npolicy = \"fastest\"\n").unwrap_err();
+        assert_eq!(e.key, "balance.policy");
+        let (c, _) = parse("[balance]\npolicy = \"location\"\n").unwrap();
+        assert_eq!(c.balance.policy, "location");
     }
 
     #[test]

@@ -146,6 +146,7 @@ pub fn backends_for(instances: &[TidbInstance], cfg: &Config) -> Vec<BackendEntr
                 addr: i.addr.clone(),
                 status_addr: (i.info.status_port > 0)
                     .then(|| format!("{host}:{}", i.info.status_port)),
+                labels: i.info.labels.clone(),
             }
         })
         .collect()

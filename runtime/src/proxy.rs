@@ -20,7 +20,7 @@ use crate::config::{Config, split_list};
 use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
-use crate::router::{BackendProfile, Router};
+use crate::router::{BackendProfile, Check, MetricsReading, Router};
 use crate::tls;
 
 /// Why the proxy could not start.
@@ -68,6 +68,8 @@ pub struct State<N: Network> {
     pub discovery: crate::discovery::StatusCell,
     /// The configuration at start (listeners, PD, registration).
     pub config: Config,
+    /// TLS of the HTTP API (`security.server-http-tls`); `None`: plain HTTP.
+    pub(crate) api_tls: tls::Live<tokio_rustls::TlsAcceptor>,
 }
 
 /// What a configuration change did.
@@ -180,6 +182,16 @@ impl<N: Network> State<N> {
             .then(|| tls::backend_config(&new))
             .transpose()
             .map_err(err)?;
+        let api_tls = (new.security.server_http_tls != old.security.server_http_tls)
+            .then(|| {
+                tls::server_config(
+                    &new.security.server_http_tls,
+                    "server-http-tls",
+                    &new.workdir(),
+                )
+            })
+            .transpose()
+            .map_err(err)?;
         // Nothing below fails.
         self.max_connections
             .store(new.proxy.max_connections, Ordering::Relaxed);
@@ -195,6 +207,9 @@ impl<N: Network> State<N> {
             self.shared
                 .backend_tls
                 .set(c.map(tokio_rustls::TlsConnector::from));
+        }
+        if let Some(c) = api_tls {
+            self.api_tls.set(c.map(tokio_rustls::TlsAcceptor::from));
         }
         log.commit();
         *self.live_config.write().expect("config lock") = new;
@@ -219,10 +234,23 @@ impl<N: Network> State<N> {
             )?)
         };
         let backend = tls::backend_config(&cfg)?;
+        // Auto-certs are not re-generated: only files are re-read.
+        let api = if cfg.security.server_http_tls.cert.is_empty() {
+            None
+        } else {
+            Some(tls::server_config(
+                &cfg.security.server_http_tls,
+                "server-http-tls",
+                &cfg.workdir(),
+            )?)
+        };
         if let Some(c) = server {
             self.shared
                 .server_tls
                 .set(c.map(tokio_rustls::TlsAcceptor::from));
+        }
+        if let Some(c) = api {
+            self.api_tls.set(c.map(tokio_rustls::TlsAcceptor::from));
         }
         self.shared
             .backend_tls
@@ -306,6 +334,11 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
 pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, StartError> {
     let workdir = config.workdir();
     let server_tls = tls::server_config(&config.security.server_tls, "server-tls", &workdir)?;
+    let api_tls = tls::server_config(
+        &config.security.server_http_tls,
+        "server-http-tls",
+        &workdir,
+    )?;
     if config.security.require_backend_tls && !config.security.sql_tls.client_enabled() {
         warn!(
             "security.require-backend-tls is set without security.sql-tls: backends are not verified (skip-ca)"
@@ -318,6 +351,10 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
+    router.set_balance(
+        tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
+        config.labels.get("zone").cloned(),
+    );
     if let Some(seed) = net.rng_seed() {
         router.seed_rng(seed);
     }
@@ -380,6 +417,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         apply_lock: Mutex::new(()),
         discovery: discovery_status.clone(),
         config,
+        api_tls: tls::Live::new(api_tls.map(tokio_rustls::TlsAcceptor::from)),
     });
     let mut tasks = JoinSet::new();
     for l in listeners {
@@ -387,6 +425,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     }
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
     tasks.spawn(probe_loop(state.clone()));
+    tasks.spawn(metrics_loop(state.clone()));
     tasks.spawn(balance_loop(state.clone()));
     if !pd.is_empty() {
         tasks.spawn(crate::discovery::watch_pd(
@@ -538,26 +577,41 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     .await;
 }
 
-/// Health checks. Every half second: the TiDB status port of backends that
-/// have one (`GET /status`; 500 means draining). Every third second: the
-/// SQL port's greeting. A backend that fails gets no new connections; a
-/// draining one also has its sessions moved away by [`balance_loop`].
+/// Health checks, as `[health-check]` sets them (re-read when the
+/// configuration changes). Every `status-interval`: the TiDB status port of
+/// backends that have one (`GET /status`; 500 means draining). Every
+/// `interval`: the SQL port's greeting. A backend that fails
+/// `failure-threshold` checks in a row gets no new connections; a draining
+/// one also has its sessions moved away by [`balance_loop`].
 async fn probe_loop<N: Network>(st: Arc<State<N>>) {
-    let interval = Duration::from_millis(500);
-    let mut tick: u64 = 0;
+    let mut generation = u64::MAX;
+    let mut hc = crate::config::HealthCheckConfig::default();
+    let mut d = hc.durations();
+    let mut next_probe = tokio::time::Instant::now();
     loop {
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            hc = st.live_config().health_check;
+            d = hc.durations();
+        }
+        let probe_due = tokio::time::Instant::now() >= next_probe;
+        if probe_due {
+            next_probe = tokio::time::Instant::now() + d.interval;
+        }
         for b in st.shared.router.backends() {
+            if !hc.enable {
+                break;
+            }
             if let Some(status) = &b.status_addr {
-                match http_status(&st.shared.net, status, "/status").await {
-                    Ok(200) => {
-                        b.set_known();
-                        if b.set_draining(false) {
-                            info!(backend = %b.addr, "backend is serving again (status 200)");
-                        }
-                    }
+                match http_status(&st.shared.net, status, "/status", d.dial_timeout).await {
                     Ok(code) => {
+                        b.check_ok(Check::Status);
                         b.set_known();
-                        if b.set_draining(true) {
+                        if code == 200 {
+                            if b.set_draining(false) {
+                                info!(backend = %b.addr, "backend is serving again (status 200)");
+                            }
+                        } else if b.set_draining(true) {
                             info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
                         }
                     }
@@ -566,34 +620,79 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                         // (crashed, host gone): no new sessions or moves to it
                         // until it answers again. Found by simulation seed 27:
                         // a drain moved sessions to a TiDB that had crashed.
-                        if st.shared.router.accepts(&b) {
-                            warn!(backend = %b.addr, "status port unreachable: {e}");
+                        if b.check_failed(Check::Status, hc.failure_threshold) {
+                            if st.shared.router.accepts(&b) {
+                                warn!(backend = %b.addr, "status port unreachable: {e}");
+                            }
+                            st.shared.router.mark_failed(&b.addr);
+                        }
+                    }
+                }
+            }
+            if !probe_due {
+                continue;
+            }
+            match probe(&st, &b.addr, d.dial_timeout).await {
+                Ok(profile) => {
+                    b.check_ok(Check::Probe);
+                    st.shared.router.mark_ok(&b.addr);
+                    st.shared.router.set_profile(profile);
+                }
+                Err(e) => {
+                    if b.check_failed(Check::Probe, hc.failure_threshold) {
+                        if b.is_healthy() {
+                            warn!(backend = %b.addr, "backend probe failed: {e}");
                         }
                         st.shared.router.mark_failed(&b.addr);
                     }
                 }
             }
-            if !tick.is_multiple_of(6) {
-                continue;
-            }
-            match probe(&st, &b.addr).await {
-                Ok(profile) => {
-                    st.shared.router.mark_ok(&b.addr);
-                    st.shared.router.set_profile(profile);
-                }
-                Err(e) => {
-                    if b.is_healthy() {
-                        warn!(backend = %b.addr, "backend probe failed: {e}");
-                    }
-                    st.shared.router.mark_failed(&b.addr);
-                }
-            }
         }
-        tick += 1;
         tokio::select! {
             biased;
             _ = st.stopped.notified() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(d.status_interval) => {}
+        }
+    }
+}
+
+/// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
+/// status port, for CPU and memory use (what the `resource` and `location`
+/// policies rank by). A backend without the metrics (not a TiDB, or an
+/// unreachable status port) is simply not ranked by them; its health is
+/// [`probe_loop`]'s business, so failures here are logged at debug only.
+async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
+    let mut generation = u64::MAX;
+    let mut hc = crate::config::HealthCheckConfig::default();
+    let mut d = hc.durations();
+    loop {
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            let cfg = st.live_config();
+            hc = cfg.health_check;
+            d = hc.durations();
+        }
+        let wanted = hc.enable
+            && tiproxy_core::balance::Policy::parse(&st.live_config().balance.policy)
+                .is_some_and(|p| p != tiproxy_core::balance::Policy::Connection);
+        if wanted {
+            for b in st.shared.router.backends() {
+                let Some(status) = &b.status_addr else {
+                    continue;
+                };
+                match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
+                    Ok((200, body)) => {
+                        b.record_metrics(MetricsReading::parse(&body), tokio::time::Instant::now())
+                    }
+                    Ok((code, _)) => debug!(backend = %b.addr, "/metrics answered {code}"),
+                    Err(e) => debug!(backend = %b.addr, "cannot read /metrics: {e}"),
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(d.metrics_interval) => {}
         }
     }
 }
@@ -639,12 +738,35 @@ fn balance_config(config: &Config) -> tiproxy_core::balance::BalanceConfig {
     let threshold = balance_knob(config, "conn-count", "count-ratio-threshold")
         .filter(|t| *t > 1.0)
         .unwrap_or(1.2);
+    let rate = |factor: &str, default: f64| {
+        per_tick(
+            balance_knob(config, factor, "migrations-per-second")
+                .filter(|r| *r > 0.0)
+                .unwrap_or(default),
+        )
+    };
     BalanceConfig {
         budget: per_tick(evacuation).max(per_tick(rebalance)),
         rebalance_budget: per_tick(rebalance),
+        cpu_budget: rate("cpu", f64::from(CPU_RATE)),
+        memory_budget: balance_knob(config, "memory", "migrations-per-second")
+            .filter(|r| *r > 0.0)
+            .map(per_tick),
+        location_budget: rate("location", f64::from(LOCATION_RATE)),
         count_ratio_threshold: threshold,
+        policy: tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
+        tick_secs: 0.1,
     }
 }
+
+/// Move requests per second for CPU balancing (TiProxy's `[balance.cpu]
+/// migrations-per-second`).
+pub const CPU_RATE: u32 = 20;
+
+/// Move requests per second into this proxy's zone (TiProxy's
+/// `[balance.location] migrations-per-second`); the planner's floor is one
+/// per 100 ms tick.
+pub const LOCATION_RATE: u32 = 10;
 
 /// Every 100 ms: snapshot the backends, plan the tick's moves with
 /// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
@@ -665,7 +787,11 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         }
         if st.config_generation() != generation {
             generation = st.config_generation();
-            cfg = balance_config(&st.live_config());
+            let live = st.live_config();
+            cfg = balance_config(&live);
+            st.shared
+                .router
+                .set_balance(cfg.policy, live.labels.get("zone").cloned());
         }
         let router = &st.shared.router;
         let backends = router.backends();
@@ -694,16 +820,14 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             .iter()
             .enumerate()
             .map(|(i, b)| BackendLoad {
-                sessions: b.connections().max(0) as u32,
-                incoming: b.incoming().max(0) as u32,
                 movable: if b.supports_migration() {
                     on[i].len() as u32
                 } else {
                     0
                 },
-                accepts: router.accepts(b),
                 evacuate: b.should_evacuate()
                     && !router.planted(crate::router::PlantedBug::NoEvacuation),
+                ..router.load_of(b, now)
             })
             .collect();
         // Moves in flight hold a third socket each and compete with the
@@ -732,8 +856,64 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
+/// Largest `/metrics` body read (TiDB's is a few MiB at most).
+const METRICS_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// GET `path` on `addr` over plain HTTP/1.0: the status code and the body
+/// (read to the end, at most [`METRICS_BODY_LIMIT`]).
+async fn http_get<N: Network>(
+    net: &N,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    let work = async {
+        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut all = Vec::with_capacity(64 * 1024);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            if all.len() + n > METRICS_BODY_LIMIT {
+                return Err(format!("answer over {METRICS_BODY_LIMIT} bytes"));
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        let head_end = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("not an HTTP response (no header end)")?;
+        let head = String::from_utf8_lossy(&all[..head_end]);
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP response: {:?}",
+                    head.lines().next().unwrap_or("")
+                )
+            })?;
+        all.drain(..head_end + 4);
+        Ok((code, all))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
 /// GET `path` on `addr` over plain HTTP/1.0; the status code.
-async fn http_status<N: Network>(net: &N, addr: &str, path: &str) -> Result<u16, String> {
+async fn http_status<N: Network>(
+    net: &N,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
     let work = async {
         let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
@@ -759,13 +939,16 @@ async fn http_status<N: Network>(net: &N, addr: &str, path: &str) -> Result<u16,
                 )
             })
     };
-    tokio::time::timeout(Duration::from_secs(1), work)
+    tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| "no answer within 1s".to_string())?
+        .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
-async fn probe<N: Network>(st: &State<N>, addr: &str) -> Result<BackendProfile, String> {
-    let timeout = Duration::from_secs(2);
+async fn probe<N: Network>(
+    st: &State<N>,
+    addr: &str,
+    timeout: Duration,
+) -> Result<BackendProfile, String> {
     let work = async {
         let mut s = st
             .shared
@@ -806,5 +989,5 @@ async fn probe<N: Network>(st: &State<N>, addr: &str) -> Result<BackendProfile, 
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| "no greeting within 2s".to_string())?
+        .map_err(|_| format!("no greeting within {timeout:?}"))?
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use tiproxy_core::CapabilityFlags;
+use tiproxy_core::balance::{BackendLoad, CpuSample, Policy, choose};
 use tokio::time::Instant;
 
 use crate::config::BackendEntry;
@@ -46,10 +47,76 @@ pub struct Backend {
     /// can (simulation seed 2957: a TiDB that PD announced late, already
     /// draining, was chosen as a move target before its first status check).
     known: AtomicBool,
+    /// Its `zone` label.
+    zone: Option<String>,
+    /// CPU and memory use from its `/metrics`.
+    resources: Mutex<Resources>,
+    /// Consecutive failed checks, per kind (status port, SQL probe).
+    failures: [std::sync::atomic::AtomicU32; 2],
+}
+
+/// A kind of health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// `GET /status` on the status port.
+    Status = 0,
+    /// A greeting on the SQL port.
+    Probe = 1,
+}
+
+/// What a backend's `/metrics` said.
+#[derive(Debug, Default)]
+struct Resources {
+    /// The last `process_cpu_seconds_total` and when it was read.
+    cpu_total: Option<(f64, Instant)>,
+    /// CPU use over the last interval, the sessions then, and when.
+    cpu: Option<(CpuSample, Instant)>,
+    /// Memory use of quota, and when.
+    memory: Option<(f64, Instant)>,
+}
+
+/// CPU use older than this is not used (TiProxy's expiry).
+pub const CPU_METRICS_EXPIRY: Duration = Duration::from_secs(120);
+/// Memory use older than this is not used.
+pub const MEMORY_METRICS_EXPIRY: Duration = Duration::from_secs(60);
+
+/// The values read from a TiDB's `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricsReading {
+    /// `process_cpu_seconds_total`.
+    pub cpu_seconds: Option<f64>,
+    /// `tidb_server_maxprocs`.
+    pub maxprocs: Option<f64>,
+    /// `process_resident_memory_bytes`.
+    pub resident_bytes: Option<f64>,
+    /// `tidb_server_memory_quota_bytes`.
+    pub quota_bytes: Option<f64>,
+}
+
+impl MetricsReading {
+    /// The metric names, in field order.
+    pub const NAMES: [&'static str; 4] = [
+        "process_cpu_seconds_total",
+        "tidb_server_maxprocs",
+        "process_resident_memory_bytes",
+        "tidb_server_memory_quota_bytes",
+    ];
+
+    /// Reads them from a Prometheus text exposition.
+    pub fn parse(text: &[u8]) -> Self {
+        let v = tiproxy_core::prom::first_values(text, &Self::NAMES);
+        let ok = |x: Option<f64>| x.filter(|x| x.is_finite() && *x >= 0.0);
+        Self {
+            cpu_seconds: ok(v[0]),
+            maxprocs: ok(v[1]).filter(|x| *x > 0.0),
+            resident_bytes: ok(v[2]),
+            quota_bytes: ok(v[3]).filter(|x| *x > 0.0),
+        }
+    }
 }
 
 impl Backend {
-    fn new(addr: String, status_addr: Option<String>) -> Self {
+    fn new(addr: String, status_addr: Option<String>, zone: Option<String>) -> Self {
         metrics().backend_status.with_label_values(&[&addr]).set(1);
         Self {
             addr,
@@ -63,6 +130,9 @@ impl Backend {
             retry_at: Mutex::new(None),
             removed: AtomicBool::new(false),
             known: AtomicBool::new(true),
+            zone,
+            resources: Mutex::new(Resources::default()),
+            failures: Default::default(),
         }
     }
 
@@ -74,6 +144,61 @@ impl Backend {
     /// Whether its state is known (see the field).
     pub fn is_known(&self) -> bool {
         self.known.load(Ordering::Relaxed)
+    }
+
+    /// Records a check's outcome; true when failures reached `threshold`
+    /// (the backend should be marked failed).
+    pub fn check_failed(&self, kind: Check, threshold: u32) -> bool {
+        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed) + 1 >= threshold
+    }
+
+    /// A check of this kind succeeded.
+    pub fn check_ok(&self, kind: Check) {
+        self.failures[kind as usize].store(0, Ordering::Relaxed);
+    }
+
+    /// Its `zone` label.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    /// Records a `/metrics` reading taken at `now`. CPU use is the growth
+    /// of `process_cpu_seconds_total` since the previous reading (at least
+    /// a second earlier) over `tidb_server_maxprocs`; memory use is
+    /// resident bytes over the memory quota.
+    pub fn record_metrics(&self, m: MetricsReading, now: Instant) {
+        let sessions = self.connections().max(0) as u32;
+        let mut r = self.resources.lock().expect("backend lock");
+        if let (Some(total), Some(procs)) = (m.cpu_seconds, m.maxprocs) {
+            match r.cpu_total {
+                Some((prev, at)) if total >= prev && now >= at + Duration::from_secs(1) => {
+                    let secs = (now - at).as_secs_f64();
+                    let usage = ((total - prev) / secs / procs).clamp(0.0, 1.0);
+                    r.cpu = Some((CpuSample { usage, sessions }, now));
+                    r.cpu_total = Some((total, now));
+                }
+                // Too soon to tell: keep the older point.
+                Some((prev, _)) if total >= prev => {}
+                // First reading, or the counter went back (a restart).
+                _ => r.cpu_total = Some((total, now)),
+            }
+        }
+        if let (Some(rss), Some(quota)) = (m.resident_bytes, m.quota_bytes) {
+            r.memory = Some(((rss / quota).clamp(0.0, 1.0), now));
+        }
+    }
+
+    /// CPU use and memory use when recent enough.
+    pub fn resources(&self, now: Instant) -> (Option<CpuSample>, Option<f64>) {
+        let r = self.resources.lock().expect("backend lock");
+        (
+            r.cpu
+                .filter(|(_, at)| now.saturating_duration_since(*at) <= CPU_METRICS_EXPIRY)
+                .map(|(c, _)| c),
+            r.memory
+                .filter(|(_, at)| now.saturating_duration_since(*at) <= MEMORY_METRICS_EXPIRY)
+                .map(|(m, _)| m),
+        )
     }
 
     /// Sessions on this backend.
@@ -267,6 +392,8 @@ pub struct Router {
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Mutex<Option<PlantedBug>>,
+    /// `[balance] policy` and this proxy's `zone` label.
+    balance: RwLock<(Policy, Option<String>)>,
 }
 
 /// How long a backend that failed a dial gets no new connections.
@@ -300,6 +427,7 @@ impl Router {
                     let b = Backend::new(
                         e.addr().to_string(),
                         e.status_addr().map(String::from),
+                        e.zone().map(String::from),
                     );
                     if b.status_addr.is_some() {
                         b.known.store(false, Ordering::Relaxed);
@@ -411,40 +539,60 @@ impl Router {
         }
     }
 
-    /// The healthy backend with the fewest connections (ties broken at
-    /// random), skipping `exclude`.
+    /// Sets the balance policy and this proxy's zone (reloadable).
+    pub fn set_balance(&self, policy: Policy, zone: Option<String>) {
+        *self.balance.write().expect("router lock") = (policy, zone);
+    }
+
+    /// The balance policy.
+    pub fn policy(&self) -> Policy {
+        self.balance.read().expect("router lock").0
+    }
+
+    /// What the balancer knows of `b` now (`movable` left at 0).
+    pub fn load_of(&self, b: &Backend, now: Instant) -> BackendLoad {
+        let (cpu, memory) = b.resources(now);
+        let local = match &self.balance.read().expect("router lock").1 {
+            Some(zone) => b.zone() == Some(zone.as_str()),
+            None => true,
+        };
+        BackendLoad {
+            sessions: b.connections().max(0) as u32,
+            incoming: b.incoming().max(0) as u32,
+            movable: 0,
+            accepts: self.usable(b, now),
+            evacuate: b.should_evacuate(),
+            cpu,
+            memory,
+            local,
+        }
+    }
+
+    /// The backend for a new connection, skipping `exclude`: the best
+    /// under the balance policy (by default: no memory risk, least CPU,
+    /// in this proxy's zone, fewest connections), ties broken at random.
     pub fn pick(&self, exclude: &[String]) -> Option<Arc<Backend>> {
         let now = Instant::now();
-        let list = self.backends.read().expect("router lock");
-        let mut best: Vec<&Arc<Backend>> = Vec::new();
-        let mut min = i64::MAX;
-        // Only backends whose state is not known yet (PD's first list):
-        // better one of them than no backend.
-        let known = list
+        let list = self.backends();
+        let mut loads: Vec<BackendLoad> = list
             .iter()
-            .any(|b| !exclude.contains(&b.addr) && self.usable(b, now));
-        for b in list.iter().filter(|b| {
-            !exclude.contains(&b.addr)
-                && if known {
-                    self.usable(b, now)
-                } else {
-                    self.reachable(b, now)
-                }
-        }) {
-            let c = b.load();
-            if c < min {
-                min = c;
-                best.clear();
-            }
-            if c == min {
-                best.push(b);
+            .map(|b| BackendLoad {
+                accepts: !exclude.contains(&b.addr) && self.usable(b, now),
+                ..self.load_of(b, now)
+            })
+            .collect();
+        if !loads.iter().any(|l| l.accepts) {
+            // Only backends whose state is not known yet (PD's first list):
+            // better one of them than no backend.
+            for (l, b) in loads.iter_mut().zip(&list) {
+                l.accepts = !exclude.contains(&b.addr) && self.reachable(b, now);
             }
         }
-        match best.len() {
-            0 => None,
-            1 => Some(best[0].clone()),
-            n => Some(best[self.with_rng(|r| r.random_range(0..n))].clone()),
+        if !loads.iter().any(|l| l.accepts) {
+            return None;
         }
+        let tie = self.with_rng(|r| r.next_u64());
+        choose(&loads, self.policy(), tie).map(|i| list[i].clone())
     }
 
     /// A dial or handshake to `addr` failed: no new connections for a while.

@@ -61,9 +61,11 @@ fn read_key(path: &str, key: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The server-side TLS config for clients, or `None` when TLS is off.
-/// With `auto-certs`, a self-signed certificate is generated and written to
-/// `workdir` (so operators can fetch it for clients).
+/// The server-side TLS config for clients (`key` = `server-tls`) or for
+/// the HTTP API (`server-http-tls`), or `None` when TLS is off. With
+/// `auto-certs`, a self-signed certificate is generated and written to
+/// `workdir` as `server-cert.pem` or `server-http-cert.pem` (so operators
+/// can hand it to clients).
 pub fn server_config(
     cfg: &TlsConfig,
     key: &str,
@@ -82,7 +84,12 @@ pub fn server_config(
             message: e.to_string(),
         })?;
         let _ = std::fs::create_dir_all(workdir);
-        let _ = std::fs::write(workdir.join("server-cert.pem"), ck.cert.pem());
+        let file = if key == "server-http-tls" {
+            "server-http-cert.pem"
+        } else {
+            "server-cert.pem"
+        };
+        let _ = std::fs::write(workdir.join(file), ck.cert.pem());
         let der =
             PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| TlsError {
                 key: format!("{key}.auto-certs"),
@@ -239,9 +246,10 @@ pub fn server_name(addr: &str) -> ServerName<'static> {
         .unwrap_or_else(|_| ServerName::try_from("tidb".to_string()).expect("static name"))
 }
 
-/// `skip-ca`: accept any backend certificate (signatures still checked).
+/// `skip-ca`: accept any peer certificate (signatures still checked).
+/// Also `tiproxyctl --insecure`.
 #[derive(Debug)]
-struct SkipVerify;
+pub struct SkipVerify;
 
 impl ServerCertVerifier for SkipVerify {
     fn verify_server_cert(

@@ -427,6 +427,15 @@ impl TidbDouble {
         assert!((200..300).contains(&status), "{status} {body}");
     }
 
+    /// Makes instance `i`'s `/metrics` report this CPU and/or memory use
+    /// (0.0-1.0).
+    pub fn set_load(&self, i: usize, cpu: Option<f64>, memory: Option<f64>) {
+        let body = serde_json::json!({ "cpu": cpu, "memory": memory }).to_string();
+        let (status, reply) =
+            http_request_with_body(self.control, "POST", &format!("/instances/{i}/load"), &body);
+        assert_eq!(status, 200, "{reply}");
+    }
+
     /// The backend-addrs TOML entry of instance `i` (SQL and status ports).
     pub fn backend_entry(i: &TidbInstance) -> String {
         format!("{{ addr = \"{}\", status-addr = \"{}\" }}", i.sql, i.status)
@@ -442,12 +451,23 @@ impl Drop for TidbDouble {
 
 /// A minimal HTTP/1.0 request without a body.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request_with_body(addr, method, path, "")
+}
+
+/// A minimal HTTP/1.0 request with `body`.
+pub fn http_request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .expect("write");
     let mut buf = String::new();

@@ -1,10 +1,15 @@
 //! `tiproxyctl`: talks to a running tiproxy's HTTP API.
 
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
 #[command(name = "tiproxyctl", version = tiproxy_runtime::VERSION, about = "Control a running tiproxy through its HTTP API")]
@@ -15,6 +20,22 @@ struct Args {
     /// API port.
     #[arg(long, default_value_t = 3080)]
     port: u16,
+    /// HTTPS, verifying tiproxy's certificate against this CA (PEM);
+    /// `skip` is the same as --insecure.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<String>,
+    /// HTTPS with this client certificate (PEM), for an API whose
+    /// `security.server-http-tls.ca` requires one. Without --ca, tiproxy's
+    /// certificate is verified against the public web roots.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// HTTPS without verifying tiproxy's certificate (testing, expired
+    /// certificates).
+    #[arg(long, short = 'k')]
+    insecure: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,6 +65,16 @@ enum Cmd {
     },
     /// Sessions: client, backend, user, database, transaction, idle time.
     Sessions,
+    /// The playground's TiDB doubles (`scripts/run.sh`): list, add, shut
+    /// down, kill, restart, load. Talks to the doubles' control API, not to
+    /// tiproxy.
+    Tidb {
+        /// The TiDB doubles' control API.
+        #[arg(long, default_value = "127.0.0.1:4080")]
+        control: String,
+        #[command(subcommand)]
+        op: TidbOp,
+    },
     /// Ask sessions to move at their next transaction boundary.
     Redirect {
         /// Only sessions on this backend.
@@ -53,6 +84,53 @@ enum Cmd {
         #[arg(long)]
         to: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TidbOp {
+    /// Every instance with its addresses, state and connections.
+    List,
+    /// Start one more instance (registered in PD: tiproxy finds it).
+    Add {
+        /// Labels to register with, `key=value` (e.g. `zone=east`).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// TiDB's graceful shutdown: /status turns 500, tiproxy moves the
+    /// sessions away, then the instance stops.
+    Shutdown {
+        /// Instance index (from `list`).
+        index: usize,
+    },
+    /// Drop every connection at once, as a crash would.
+    Kill {
+        /// Instance index.
+        index: usize,
+    },
+    /// Start a stopped or killed instance again on the same addresses.
+    Restart {
+        /// Instance index.
+        index: usize,
+    },
+    /// Make an instance report CPU and memory use on its `/metrics` (what
+    /// tiproxy's resource balancing reads).
+    Load {
+        /// Instance index.
+        index: usize,
+        /// CPU use, 0.0-1.0 of its processors.
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Memory use, 0.0-1.0 of its memory quota.
+        #[arg(long)]
+        memory: Option<f64>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,6 +151,8 @@ enum ConfigOp {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let mut target = format!("{}:{}", args.host, args.port);
+    let mut what = "tiproxy";
     let (method, path, body) = match &args.cmd {
         Cmd::Health => ("GET", "/api/debug/health".to_string(), String::new()),
         Cmd::Metrics => ("GET", "/api/metrics".to_string(), String::new()),
@@ -111,6 +191,50 @@ fn main() -> ExitCode {
             String::new(),
         ),
         Cmd::Sessions => ("GET", "/api/sessions".to_string(), String::new()),
+        Cmd::Tidb { control, op } => {
+            target = control.clone();
+            what = "the TiDB doubles' control API";
+            match op {
+                TidbOp::List => ("GET", "/instances".to_string(), String::new()),
+                TidbOp::Add { labels } => {
+                    let labels: serde_json::Map<String, serde_json::Value> = labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                        .collect();
+                    (
+                        "POST",
+                        "/instances".to_string(),
+                        serde_json::json!({ "labels": labels }).to_string(),
+                    )
+                }
+                TidbOp::Shutdown { index } => (
+                    "POST",
+                    format!("/instances/{index}/shutdown"),
+                    String::new(),
+                ),
+                TidbOp::Kill { index } => {
+                    ("POST", format!("/instances/{index}/kill"), String::new())
+                }
+                TidbOp::Restart { index } => {
+                    ("POST", format!("/instances/{index}/restart"), String::new())
+                }
+                TidbOp::Load { index, cpu, memory } => {
+                    for (name, v) in [("--cpu", cpu), ("--memory", memory)] {
+                        if let Some(v) = v
+                            && !(0.0..=1.0).contains(v)
+                        {
+                            eprintln!("tiproxyctl: {name} must be within 0.0-1.0, got {v}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                    (
+                        "POST",
+                        format!("/instances/{index}/load"),
+                        serde_json::json!({ "cpu": cpu, "memory": memory }).to_string(),
+                    )
+                }
+            }
+        }
         Cmd::Redirect { from, to } => {
             let mut q = Vec::new();
             if let Some(f) = from {
@@ -127,6 +251,18 @@ fn main() -> ExitCode {
             ("POST", path, String::new())
         }
     };
+    // The TiDB doubles' control API is plain HTTP.
+    let tls = if matches!(args.cmd, Cmd::Tidb { .. }) {
+        None
+    } else {
+        match tls_config(&args) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tiproxyctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -137,7 +273,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(request(&args.host, args.port, method, &path, &body)) {
+    let call = request(&target, &args.host, tls, method, &path, &body);
+    match rt.block_on(async { tokio::time::timeout(TIMEOUT, call).await }) {
+        Err(_) => {
+            eprintln!(
+                "tiproxyctl: {what} at {target} did not answer within {}s",
+                TIMEOUT.as_secs()
+            );
+            ExitCode::from(2)
+        }
+        Ok(r) => report(r, what, &target),
+    }
+}
+
+/// How long one request may take, connecting included.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn report(r: Result<(u16, String), Failure>, what: &str, target: &str) -> ExitCode {
+    match r {
         Ok((status, body)) => {
             // Pretty-print JSON; print anything else as it is.
             match serde_json::from_str::<serde_json::Value>(&body) {
@@ -150,33 +303,137 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
+        Err(Failure::Connect(e)) => {
+            eprintln!("tiproxyctl: cannot reach {what} at {target}: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Tls(e)) => {
+            eprintln!("tiproxyctl: TLS with {what} at {target} failed: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Io(e)) => {
+            eprintln!("tiproxyctl: talking to {what} at {target} failed: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::NotHttp) => {
             eprintln!(
-                "tiproxyctl: cannot reach tiproxy at {}:{}: {e}",
-                args.host, args.port
+                "tiproxyctl: {what} at {target} did not answer in HTTP \
+                 (if its API is HTTPS, pass --ca FILE or --insecure)"
             );
             ExitCode::from(2)
         }
     }
 }
 
-/// A minimal HTTP/1.0 request.
+/// Why a request got no HTTP answer.
+enum Failure {
+    /// No TCP connection.
+    Connect(std::io::Error),
+    /// The TLS handshake or session failed (with a hint).
+    Tls(String),
+    /// The connection broke.
+    Io(std::io::Error),
+    /// The answer was not HTTP.
+    NotHttp,
+}
+
+/// The TLS client setup the flags ask for, or `None` for plain HTTP.
+fn tls_config(args: &Args) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let insecure = args.insecure || args.ca.as_deref() == Some("skip");
+    if !insecure && args.ca.is_none() && args.cert.is_none() {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(tiproxy_runtime::tls::SkipVerify))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &args.ca {
+            Some(ca) => {
+                for c in read_certs("--ca", ca.as_ref())? {
+                    roots.add(c).map_err(|e| format!("--ca {ca}: {e}"))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        builder.with_root_certificates(roots)
+    };
+    let config = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs("--cert", cert)?;
+            let private = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("--key {}: cannot read a private key: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| format!("--cert/--key: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+fn read_certs(flag: &str, path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{flag} {shown}: cannot read: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag} {shown}: bad PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{flag} {shown}: no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// A minimal HTTP/1.0 request, over TLS when `tls` is set.
 async fn request(
+    addr: &str,
     host: &str,
-    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
     method: &str,
     path: &str,
     body: &str,
-) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+) -> Result<(u16, String), Failure> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(Failure::Connect)?;
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await?;
+    let Some(tls) = tls else {
+        return exchange(tcp, &req).await;
+    };
+    let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        .map_err(|e| Failure::Tls(format!("--host {host} is not a valid TLS server name: {e}")))?;
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(failure)?;
+    exchange(s, &req).await
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    req: &str,
+) -> Result<(u16, String), Failure> {
+    s.write_all(req.as_bytes()).await.map_err(failure)?;
+    s.flush().await.map_err(failure)?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
+    if let Err(e) = s.read_to_end(&mut buf).await {
+        // A TLS peer that closes without close_notify after a whole answer.
+        if buf.is_empty() || e.kind() != std::io::ErrorKind::UnexpectedEof {
+            return Err(failure(e));
+        }
+    }
     let text = String::from_utf8_lossy(&buf);
+    if !text.starts_with("HTTP/") {
+        return Err(Failure::NotHttp);
+    }
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()
@@ -184,4 +441,34 @@ async fn request(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     Ok((status, body.to_string()))
+}
+
+/// Names a TLS failure and what to check.
+fn failure(e: std::io::Error) -> Failure {
+    use rustls::AlertDescription as A;
+    let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return Failure::Io(e);
+    };
+    let hint = match t {
+        rustls::Error::InvalidCertificate(_) => {
+            "tiproxy's certificate is not trusted: pass --ca with the CA that signed it \
+             (security.server-http-tls), or --insecure"
+        }
+        rustls::Error::AlertReceived(
+            A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::CertificateUnknown,
+        ) => {
+            "tiproxy refused the client certificate: its security.server-http-tls.ca \
+             requires --cert/--key signed by that CA"
+        }
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the answer is not TLS: is tiproxy's API plain HTTP (no \
+             security.server-http-tls)? Then drop --ca/--cert/--insecure"
+        }
+        _ => "",
+    };
+    Failure::Tls(if hint.is_empty() {
+        t.to_string()
+    } else {
+        format!("{t}; {hint}")
+    })
 }

@@ -17,6 +17,8 @@
 //! - `POST /instances/<i>/kill`: drop every connection at once (200 when done).
 //! - `POST /instances/<i>/restart`: start a stopped or killed instance again
 //!   on the same addresses.
+//! - `POST /instances/<i>/load`: `{"cpu":0.9,"memory":0.8}` (either may be
+//!   left out): the CPU and memory use its `/metrics` reports.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -398,6 +400,32 @@ async fn route(ctl: &Arc<Control>, req: Request<Incoming>) -> Response<Full<Byte
                     ctl.crash_registration(i);
                     h.kill();
                     h.stopped().await;
+                    reply(StatusCode::OK, current(ctl))
+                }
+                (Method::POST, ["load"]) => {
+                    #[derive(Deserialize)]
+                    struct Load {
+                        cpu: Option<f64>,
+                        memory: Option<f64>,
+                    }
+                    let body = match req.into_body().collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                    };
+                    let load: Load = match serde_json::from_slice(&body) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}"));
+                        }
+                    };
+                    if [load.cpu, load.memory]
+                        .iter()
+                        .flatten()
+                        .any(|v| !(0.0..=1.0).contains(v))
+                    {
+                        return error(StatusCode::BAD_REQUEST, "cpu and memory are 0.0-1.0");
+                    }
+                    h.set_load(load.cpu, load.memory);
                     reply(StatusCode::OK, current(ctl))
                 }
                 (Method::POST, ["restart"]) => match ctl.fleet.restart(i).await {

@@ -116,6 +116,30 @@ pub struct Instance {
     /// Open SQL connections, handshaking ones included.
     live: AtomicUsize,
     conn_closed: Notify,
+    /// What `/metrics` reports.
+    usage: Mutex<Usage>,
+}
+
+/// Processors the double reports (`tidb_server_maxprocs`).
+pub const MAXPROCS: f64 = 8.0;
+/// Its memory quota (`tidb_server_memory_quota_bytes`): 8 GiB.
+pub const MEMORY_QUOTA_BYTES: f64 = 8.0 * 1024.0 * 1024.0 * 1024.0;
+/// CPU use each session adds (of all processors).
+pub const CPU_PER_SESSION: f64 = 0.002;
+/// Memory use with no load set (of the quota).
+pub const BASE_MEMORY: f64 = 0.05;
+
+/// CPU and memory use as `/metrics` reports them: a load set through the
+/// control API (`POST /instances/<i>/load`) plus a small share per session,
+/// integrated into `process_cpu_seconds_total` as time passes.
+#[derive(Debug)]
+struct Usage {
+    /// CPU use set from outside, 0.0-1.0 of all processors.
+    cpu: f64,
+    /// Memory use set from outside, 0.0-1.0 of the quota.
+    memory: f64,
+    cpu_seconds: f64,
+    at: Instant,
 }
 
 impl Instance {
@@ -162,6 +186,54 @@ impl Instance {
         if let Some(e) = self.lock_processes().get_mut(&id) {
             f(e);
         }
+    }
+
+    fn lock_usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+        let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        // Bring the CPU counter up to now at the use so far.
+        let now = Instant::now();
+        let busy = (u.cpu + CPU_PER_SESSION * self.connection_count() as f64).min(1.0);
+        u.cpu_seconds += busy * MAXPROCS * now.saturating_duration_since(u.at).as_secs_f64();
+        u.at = now;
+        u
+    }
+
+    /// Sets the CPU and/or memory use `/metrics` reports beyond the
+    /// sessions' own share (0.0-1.0).
+    pub fn set_load(&self, cpu: Option<f64>, memory: Option<f64>) {
+        let mut u = self.lock_usage();
+        if let Some(c) = cpu {
+            u.cpu = c.clamp(0.0, 1.0);
+        }
+        if let Some(m) = memory {
+            u.memory = m.clamp(0.0, 1.0);
+        }
+    }
+
+    /// `/metrics`: TiDB's names for what TiProxy's CPU and memory factors
+    /// read, in Prometheus text format.
+    pub(crate) fn metrics_text(&self) -> String {
+        let u = self.lock_usage();
+        let rss = u.memory.max(BASE_MEMORY) * MEMORY_QUOTA_BYTES;
+        format!(
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+# TYPE process_cpu_seconds_total counter\n\
+process_cpu_seconds_total {:.3}\n\
+# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+# TYPE process_resident_memory_bytes gauge\n\
+process_resident_memory_bytes {rss:.0}\n\
+# HELP tidb_server_maxprocs The value of GOMAXPROCS.\n\
+# TYPE tidb_server_maxprocs gauge\n\
+tidb_server_maxprocs {MAXPROCS}\n\
+# HELP tidb_server_memory_quota_bytes The value of memory quota bytes.\n\
+# TYPE tidb_server_memory_quota_bytes gauge\n\
+tidb_server_memory_quota_bytes {MEMORY_QUOTA_BYTES:.0}\n\
+# HELP tidb_server_connections Number of connections.\n\
+# TYPE tidb_server_connections gauge\n\
+tidb_server_connections {}\n",
+            u.cpu_seconds,
+            self.connection_count()
+        )
     }
 }
 
@@ -226,6 +298,12 @@ impl TidbServer {
             processes: Mutex::new(BTreeMap::new()),
             live: AtomicUsize::new(0),
             conn_closed: Notify::new(),
+            usage: Mutex::new(Usage {
+                cpu: 0.0,
+                memory: 0.0,
+                cpu_seconds: 0.0,
+                at: Instant::now(),
+            }),
         });
         let accept = tokio::spawn(accept_loop(net.clone(), sql_listener, Arc::clone(&inst)));
         let status = tokio::spawn(super::status::serve(
@@ -290,6 +368,11 @@ impl TidbHandle {
     /// Authenticated sessions.
     pub fn connection_count(&self) -> usize {
         self.inst.connection_count()
+    }
+
+    /// Sets the CPU and/or memory use its `/metrics` reports (0.0-1.0).
+    pub fn set_load(&self, cpu: Option<f64>, memory: Option<f64>) {
+        self.inst.set_load(cpu, memory);
     }
 
     /// The cluster the instance belongs to.

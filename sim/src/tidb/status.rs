@@ -1,7 +1,8 @@
 //! The status port: `GET /status` (TiProxy's health check; 500 from the
 //! start of graceful shutdown) and `GET /config` (TiProxy reads
 //! `security.session-token-signing-cert` to know the instance can take
-//! migrated sessions).
+//! migrated sessions) and `GET /metrics` (CPU and memory use, what
+//! TiProxy's resource balancing reads).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -71,6 +72,14 @@ fn route(inst: &Instance, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "git_hash": inst.opts.git_hash,
             });
             json(StatusCode::OK, body.to_string())
+        }
+        "/metrics" => {
+            let mut r = json(StatusCode::OK, inst.metrics_text());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
         }
         "/config" => {
             let (cert, key) = if inst.opts.session_token_signing {
