@@ -42,6 +42,8 @@ const RELOADABLE: &[&str] = &[
     "log.log-file",
     "balance",
     "health-check",
+    // The location factor's zone (the balance loop re-reads it).
+    "labels.zone",
     "security.server-tls",
     "security.server-http-tls",
     "security.sql-tls",
@@ -82,8 +84,12 @@ pub fn classify(old: &Config, new: &Config, pd: bool) -> (Vec<String>, Vec<Strin
         if NOT_IMPLEMENTED.iter().any(|p| under(&key, p)) {
             continue;
         }
+        // With `label-name = "zone"` the zone also picks the TiDBs PD
+        // discovery uses: that needs a restart.
+        let zone_matches = under(&key, "labels.zone") && new.balance.label_name == "zone";
         let reloadable = (RELOADABLE.iter().any(|p| under(&key, p))
-            && !under(&key, "balance.label-name"))
+            && !under(&key, "balance.label-name")
+            && !zone_matches)
             || (!pd && under(&key, "proxy.backend-addrs"));
         if reloadable {
             live.push(key);
@@ -306,6 +312,20 @@ mod tests {
             classify(&Config::default(), &hc, true),
             (vec!["health-check.interval".to_string()], vec![])
         );
+        // The location factor's zone applies live, unless it also picks
+        // which TiDBs are used.
+        let zone = cfg("[labels]\nzone = \"east\"\nrack = \"r1\"\n");
+        assert_eq!(
+            classify(&Config::default(), &zone, true),
+            (
+                vec!["labels.zone".to_string()],
+                vec!["labels.rack".to_string()]
+            )
+        );
+        let matched = cfg("[labels]\nzone = \"east\"\n[balance]\nlabel-name = \"zone\"\n");
+        let (live, restart) = classify(&Config::default(), &matched, true);
+        assert!(live.is_empty(), "{live:?}");
+        assert_eq!(restart, ["balance.label-name", "labels.zone"]);
     }
 
     #[test]
