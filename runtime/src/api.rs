@@ -3,7 +3,8 @@
 //! status summary), and the web status page at `/` (files from `src/ui/`,
 //! built into the binary). Every route is also served without the `/api`
 //! prefix, as TiProxy does. Errors are JSON `{"error": "..."}` with the
-//! right status code.
+//! right status code. With `security.server-http-tls` the listener speaks
+//! HTTPS (told apart from plain HTTP by the first byte).
 
 use std::convert::Infallible;
 use std::sync::Arc;
