@@ -80,6 +80,11 @@ function perBackendQps(sessions, now) {
   return first ? null : qps;
 }
 
+// A 0.0-1.0 share as a percentage; "–" when unknown.
+function pct(v) {
+  return typeof v === "number" ? `${(v * 100).toFixed(0)}%` : "–";
+}
+
 function drawBackends(backends, qps) {
   fill("backends", backends.map((b) => {
     const state = el("td", b.state, `state state-${b.state}`);
@@ -92,6 +97,10 @@ function drawBackends(backends, qps) {
       b.incoming_moves > 0 ? b.incoming_moves : "",
       b.status_addr || "–",
       b.supports_migration ? "yes" : "no",
+      pct(b.cpu_usage),
+      pct(b.memory_usage),
+      b.zone || "",
+      Object.entries(b.score || {}).map(([f, v]) => `${f} ${v}`).join(", "),
     ], { "data-addr": b.addr });
   }));
 }
