@@ -142,6 +142,10 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         let world = world.clone();
         sim.client("checker", checker(world));
     }
+    if !scenario.held_links.is_empty() {
+        let world = world.clone();
+        sim.client("network", network_faults(world));
+    }
 
     let steps = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -240,7 +244,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     }
     if let Some(f) = fault {
         sleep_until(f.at).await;
-        world.fault_begins(i, f.breaks_sessions(), now());
+        world.fault_begins(i, s.fault_breaks_sessions(&f), now());
         match f.kind {
             FaultKind::GracefulShutdown { restart_after, .. } => {
                 h.graceful_shutdown().await;
@@ -338,6 +342,38 @@ async fn proxy_host(world: Arc<World>, plant: Option<PlantedBug>) -> turmoil::Re
             );
         }
     }
+}
+
+/// Holds and releases links as the scenario says (turmoil applies them to
+/// every host; this host only keeps the schedule).
+async fn network_faults(world: Arc<World>) -> turmoil::Result {
+    let mut steps: Vec<(Duration, usize, bool)> = Vec::new();
+    for h in &world.scenario.held_links {
+        steps.push((h.at, h.tidb, true));
+        steps.push((h.at + h.len, h.tidb, false));
+    }
+    steps.sort();
+    // Nested holds of one link end with the last release.
+    let mut held: std::collections::BTreeMap<usize, u32> = Default::default();
+    for (at, i, hold) in steps {
+        sleep_until(at).await;
+        let host = Scenario::tidb_host(i);
+        let n = held.entry(i).or_default();
+        if hold {
+            *n += 1;
+            if *n == 1 {
+                turmoil::hold("proxy", host.as_str());
+                world.event(now(), format_args!("net: proxy <-> {host} held"));
+            }
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                turmoil::release("proxy", host.as_str());
+                world.event(now(), format_args!("net: proxy <-> {host} released"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sets up the schema straight on `tidb-0` (not through the proxy), then

@@ -73,6 +73,20 @@ impl Fault {
     }
 }
 
+/// A held link between the proxy and a TiDB: every message either way
+/// waits, then all arrive in order when it is released. This is what TCP
+/// makes of a network partition shorter than its retransmission timeout:
+/// nothing is lost, so no client may see an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLink {
+    /// Which TiDB (index; host `tidb-<i>`).
+    pub tidb: usize,
+    /// When it is held.
+    pub at: Duration,
+    /// How long until it is released.
+    pub len: Duration,
+}
+
 /// Relative weights of a session's operations (0: never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mix {
@@ -183,6 +197,8 @@ pub struct Scenario {
     /// PD is unreachable from the proxy from `.0` for `.1`: the proxy keeps
     /// serving on the last backend list it saw.
     pub pd_outage: Option<(Duration, Duration)>,
+    /// Links between the proxy and a TiDB held for a while, in time order.
+    pub held_links: Vec<HeldLink>,
     /// Client hosts.
     pub client_hosts: usize,
     /// Sessions.
@@ -252,6 +268,27 @@ impl Scenario {
                 Duration::from_millis(later.random_range(1_000..8_000)),
             )
         });
+        // Network faults draw from a stream of their own (added later still).
+        let mut netr = StdRng::seed_from_u64(seed ^ 0x6e65_745f_6661_756c);
+        let mut held_links: Vec<HeldLink> = (0..netr
+            .random_range(0..=2usize)
+            .saturating_sub(usize::from(netr.random_bool(0.4))))
+            .map(|_| {
+                let tidb = netr.random_range(0..total);
+                let mut at = Duration::from_millis(netr.random_range(2_000..15_000));
+                if tidb == initial_tidbs
+                    && let Some(t) = added_tidb
+                {
+                    at = at.max(t + Duration::from_secs(1));
+                }
+                HeldLink {
+                    tidb,
+                    at,
+                    len: Duration::from_millis(netr.random_range(200..4_000)),
+                }
+            })
+            .collect();
+        held_links.sort_by_key(|h| (h.at, h.tidb));
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -275,6 +312,7 @@ impl Scenario {
             .map(Fault::settled_at)
             .chain(added_tidb)
             .chain(pd_outage.map(|(at, len)| at + len + pd_delay))
+            .chain(held_links.iter().map(|h| h.at + h.len))
             .max()
             .unwrap_or(Duration::from_secs(5));
         Scenario {
@@ -286,6 +324,7 @@ impl Scenario {
             tick,
             pd_delay,
             pd_outage,
+            held_links,
             client_hosts,
             sessions,
             workload_end: last.max(Duration::from_secs(5)) + LIVENESS_BOUND,
@@ -300,6 +339,26 @@ impl Scenario {
     /// The fault of TiDB `i`, if it has one.
     pub fn fault_of(&self, i: usize) -> Option<&Fault> {
         self.faults.iter().find(|f| f.tidb == i)
+    }
+
+    /// Whether sessions on the TiDB of fault `f` may see errors: the
+    /// fault's own kind says so ([`Fault::breaks_sessions`]), or its
+    /// graceful wait overlaps a held link between the proxy and any TiDB.
+    /// Until its checks time out, the proxy cannot tell a held TiDB from a
+    /// slow one: it may not learn that the TiDB is draining, or may move
+    /// its sessions toward a held one, and the moves then cannot finish
+    /// before the graceful wait ends and the TiDB closes them.
+    pub fn fault_breaks_sessions(&self, f: &Fault) -> bool {
+        match f.kind {
+            FaultKind::GracefulShutdown { graceful_wait, .. } => {
+                f.breaks_sessions()
+                    || self
+                        .held_links
+                        .iter()
+                        .any(|h| h.at <= f.at + graceful_wait && f.at <= h.at + h.len)
+            }
+            FaultKind::Crash { .. } => true,
+        }
     }
 
     /// Host name of TiDB `i`.
@@ -365,6 +424,15 @@ impl fmt::Display for Scenario {
                 "  pd outage: unreachable from {}ms for {}ms",
                 ms(at),
                 ms(len)
+            )?;
+        }
+        for h in &self.held_links {
+            writeln!(
+                f,
+                "  held link: proxy <-> tidb-{} from {}ms for {}ms",
+                h.tidb,
+                ms(h.at),
+                ms(h.len)
             )?;
         }
         writeln!(

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tiproxy_runtime::proxy::State;
+use tiproxy_runtime::router::FAILED_BACKEND_PAUSE;
 
 use crate::net::TurmoilNet;
 use crate::scenario::Scenario;
@@ -144,6 +145,11 @@ struct Inner {
 /// How long after a session-breaking fault a failed connect is forgiven:
 /// a handshake in flight on the TiDB when it broke.
 pub const CONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long after a held link is released the proxy may still refuse the
+/// TiDB behind it: its checks failed during the hold, and a failed backend
+/// is paused for [`FAILED_BACKEND_PAUSE`] plus about one probe interval.
+pub const HELD_LINK_RECOVERY: Duration = Duration::from_secs(FAILED_BACKEND_PAUSE.as_secs() + 1);
 
 /// The shared state of one run.
 #[derive(Debug)]
@@ -310,9 +316,23 @@ impl World {
             return true;
         }
         // A connect (or a session just connected) racing the fault.
-        g.breaking_faults
+        if g.breaking_faults
             .iter()
             .any(|t| *t <= at && at <= *t + CONNECT_GRACE)
+        {
+            return true;
+        }
+        // A connect while no TiDB could take it: each one is down after its
+        // fault, not started yet, or behind a held link (or was, so recently
+        // that the proxy still pauses it).
+        conn.is_none()
+            && (0..self.scenario.total_tidbs()).all(|i| {
+                g.faulted.contains(&i)
+                    || !g.tidbs.contains_key(&i)
+                    || self.scenario.held_links.iter().any(|h| {
+                        h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY
+                    })
+            })
     }
 
     /// PD's membership changed at `at` (a TiDB registered or its
