@@ -316,4 +316,17 @@ fn auto_certs_and_a_plain_api() {
     let (code, out, err) = ctl(p.api, &["--insecure", "health"]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(err.contains("is tiproxy's API plain HTTP"), "{err}");
+
+    // Turned on live through PUT /api/admin/config: new API connections
+    // are HTTPS.
+    let ca = Ca::new(dir.path(), "live");
+    let (cert, key) = ca.sign("live-server", &["127.0.0.1"]);
+    let patch = format!("[security.server-http-tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n");
+    let (status, body) =
+        tiproxy_tests::http_request_with_body(p.api, "PUT", "/api/admin/config", &patch);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("security.server-http-tls.cert"), "{body}");
+    let (code, out, err) = ctl(p.api, &["--ca", &ca.pem(), "backends"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(http_get(p.api, "/api/backends").0, 400);
 }
