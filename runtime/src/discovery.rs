@@ -250,7 +250,8 @@ async fn watch_once(
     }
 }
 
-/// Reads the whole topology and installs it; returns the revision read.
+/// Reads the whole topology and installs it; returns the revision from
+/// which a watch sees every later change.
 async fn list(
     client: &mut Client,
     cfg: &Config,
@@ -265,11 +266,15 @@ async fn list(
         .get(KEYSPACE_TOPOLOGY, Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| e.to_string())?;
+    // The two reads are two revisions: watch from the older one, so a TiDB
+    // registering between them is seen (a change seen twice only re-lists).
+    // Taking the newer one lost such a TiDB until its next change: the
+    // flaky "both TiDBs known" in tests/tests/seeds.rs.
     let rev = a
         .header()
         .map(|h| h.revision())
         .unwrap_or(0)
-        .max(b.header().map(|h| h.revision()).unwrap_or(0));
+        .min(b.header().map(|h| h.revision()).unwrap_or(0));
     let kvs: Vec<(String, Vec<u8>)> = a
         .kvs()
         .iter()

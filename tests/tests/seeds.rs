@@ -78,10 +78,19 @@ fn start(etcd: &Etcd, instances: usize) -> (TidbDouble, ProxyProcess) {
 }
 
 async fn wait_healthy(proxy: &ProxyProcess) {
-    eventually("proxy healthy", Duration::from_secs(30), || async {
-        proxy.get("/api/debug/health").0 == 200
-    })
-    .await;
+    let start = Instant::now();
+    loop {
+        let (code, body) = proxy.get("/api/debug/health");
+        if code == 200 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "proxy not healthy within 30 s: {code} {body}\nits log:\n{}",
+            proxy.log.lock().expect("log")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -220,15 +229,23 @@ async fn killed_tidb_gives_a_clear_error_and_gets_no_new_connections() {
     let etcd = Etcd::start();
     let (cluster, proxy) = start(&etcd, 2);
     wait_healthy(&proxy).await;
-    eventually("both TiDBs known", Duration::from_secs(10), || async {
-        proxy
-            .get("/api/metrics")
-            .1
-            .matches("tiproxy_backend_b_status{")
-            .count()
-            >= 2
-    })
-    .await;
+    let start = Instant::now();
+    while proxy
+        .get("/api/metrics")
+        .1
+        .matches("tiproxy_backend_b_status{")
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "both TiDBs not known within 10 s; backends {}\nTiDBs {:?}\nproxy log:\n{}",
+            proxy.get("/api/backends").1,
+            cluster.instances(),
+            proxy.log.lock().expect("log")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     create_schema(cluster.instances()[0].sql).await;
     let mut a = Conn::new(opts(proxy.sql)).await.expect("a");
     let mut b = Conn::new(opts(proxy.sql)).await.expect("b");
