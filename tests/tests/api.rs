@@ -1,11 +1,9 @@
 //! Every HTTP API route, including bad input, against the tiproxy binary in
 //! front of a real MariaDB; and `tiproxyctl` driving them.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use mysql_async::prelude::*;
 use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
@@ -28,25 +26,7 @@ fn opts(addr: SocketAddr) -> mysql_async::Opts {
 }
 
 fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect api");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    (
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        body.to_string(),
-    )
+    tiproxy_tests::http_request_with_body(addr, method, path, body)
 }
 
 fn json(body: &str) -> serde_json::Value {

@@ -3,7 +3,6 @@
 //! a restart-only key, a rotated server certificate, and the rule between
 //! the file and `PUT /api/admin/config`.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -84,25 +83,7 @@ async fn first_connection(p: &ProxyProcess) -> mysql_async::Conn {
 }
 
 fn put(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect api");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "PUT {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    (
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        body.to_string(),
-    )
+    tiproxy_tests::http_request_with_body(addr, "PUT", path, body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
