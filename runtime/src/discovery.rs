@@ -9,6 +9,9 @@
 //! is unreachable the last known set keeps serving (health-checked
 //! directly), and the proxy says so in its health output.
 //!
+//! PD is reached through [`crate::pd::PdConnector`]: etcd for real, a PD
+//! double in the simulation.
+//!
 //! The proxy also registers itself as TiProxy does:
 //! `/topology/tiproxy/<addr>/info` and `/ttl` under a 45 s lease.
 
@@ -16,11 +19,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::config::{BackendEntry, Config};
+use crate::pd::{PdClient, PdConnector, PdWatch, WatchNews};
 use crate::router::Router;
 
 /// TiDB topology prefix.
@@ -152,24 +155,18 @@ pub fn backends_for(instances: &[TidbInstance], cfg: &Config) -> Vec<BackendEntr
         .collect()
 }
 
-fn endpoints(pd: &[String]) -> Vec<String> {
-    pd.iter()
-        .map(|a| {
-            if a.contains("://") {
-                a.clone()
-            } else {
-                format!("http://{a}")
-            }
-        })
-        .collect()
-}
-
 /// Runs PD discovery until the task is aborted.
-pub async fn watch_pd(pd: Vec<String>, cfg: Config, router: Arc<Router>, status: StatusCell) {
+pub async fn watch_pd<P: PdConnector>(
+    connector: P,
+    pd: Vec<String>,
+    cfg: Config,
+    router: Arc<Router>,
+    status: StatusCell,
+) {
     let mut backoff = Duration::from_millis(200);
     let mut outage_logged = false;
     loop {
-        match watch_once(&pd, &cfg, &router, &status).await {
+        match watch_once(&connector, &pd, &cfg, &router, &status).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 let mut s = status.lock().expect("status lock");
@@ -192,101 +189,51 @@ pub async fn watch_pd(pd: Vec<String>, cfg: Config, router: Arc<Router>, status:
 }
 
 /// One connection to PD: list, then watch until something breaks.
-async fn watch_once(
+async fn watch_once<P: PdConnector>(
+    connector: &P,
     pd: &[String],
     cfg: &Config,
     router: &Router,
     status: &StatusCell,
 ) -> Result<(), String> {
-    let opts = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
-    let mut client = Client::connect(endpoints(pd), Some(opts))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut client = connector.connect(pd).await?;
     let rev = list(&mut client, cfg, router, status).await?;
-    let (_w1, mut s1) = client
-        .watch(
-            TIDB_TOPOLOGY,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let (_w2, mut s2) = client
-        .watch(
-            KEYSPACE_TOPOLOGY,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut w1 = client.watch_prefix(TIDB_TOPOLOGY, rev + 1).await?;
+    let mut w2 = client.watch_prefix(KEYSPACE_TOPOLOGY, rev + 1).await?;
     loop {
-        let msg = tokio::select! {
-            m = s1.message() => m,
-            m = s2.message() => m,
+        // Biased: the simulation replays a seed only if every choice is.
+        let news = tokio::select! {
+            biased;
+            m = w1.next() => m?,
+            m = w2.next() => m?,
         };
-        match msg {
-            Ok(Some(resp)) => {
-                if resp.canceled() || resp.compact_revision() > 0 {
-                    return Err(format!(
-                        "watch canceled (compacted at {})",
-                        resp.compact_revision()
-                    ));
-                }
-                if !resp.events().is_empty() {
-                    list(&mut client, cfg, router, status).await?;
-                }
-            }
-            Ok(None) => return Err("watch stream ended".into()),
-            Err(e) => return Err(e.to_string()),
+        if news == WatchNews::Changed {
+            list(&mut client, cfg, router, status).await?;
         }
     }
 }
 
 /// Reads the whole topology and installs it; returns the revision from
 /// which a watch sees every later change.
-async fn list(
-    client: &mut Client,
+async fn list<C: PdClient>(
+    client: &mut C,
     cfg: &Config,
     router: &Router,
     status: &StatusCell,
 ) -> Result<i64, String> {
-    let a = client
-        .get(TIDB_TOPOLOGY, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| e.to_string())?;
-    let b = client
-        .get(KEYSPACE_TOPOLOGY, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let a = client.get_prefix(TIDB_TOPOLOGY).await?;
+    let b = client.get_prefix(KEYSPACE_TOPOLOGY).await?;
     // The two reads are two revisions: watch from the older one, so a TiDB
     // registering between them is seen (a change seen twice only re-lists).
     // Taking the newer one lost such a TiDB until its next change: the
     // flaky "both TiDBs known" in tests/tests/seeds.rs.
-    let rev = a
-        .header()
-        .map(|h| h.revision())
-        .unwrap_or(0)
-        .min(b.header().map(|h| h.revision()).unwrap_or(0));
-    let kvs: Vec<(String, Vec<u8>)> = a
-        .kvs()
-        .iter()
-        .chain(b.kvs())
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            )
-        })
-        .collect();
-    let instances = parse_topology(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+    let rev = a.revision.min(b.revision);
+    let instances = parse_topology(
+        a.kvs
+            .iter()
+            .chain(&b.kvs)
+            .map(|(k, v)| (k.as_str(), v.as_slice())),
+    );
     let entries = backends_for(&instances, cfg);
     let before: Vec<String> = router
         .backends()
@@ -322,7 +269,12 @@ struct ProxyInfo {
 
 /// Registers the proxy in PD and keeps the registration alive until the
 /// task is aborted.
-pub async fn register(pd: Vec<String>, sql_addr: String, api_port: u16) {
+pub async fn register<P: PdConnector>(
+    connector: P,
+    pd: Vec<String>,
+    sql_addr: String,
+    api_port: u16,
+) {
     let (ip, port) = sql_addr
         .rsplit_once(':')
         .map(|(h, p)| (h.to_string(), p.to_string()))
@@ -344,7 +296,7 @@ pub async fn register(pd: Vec<String>, sql_addr: String, api_port: u16) {
     let key = format!("{TIPROXY_TOPOLOGY}/{sql_addr}");
     let mut logged = false;
     loop {
-        if let Err(e) = register_once(&pd, &key, &info).await
+        if let Err(e) = register_once(&connector, &pd, &key, &info).await
             && !logged
         {
             warn!("cannot register tiproxy in PD (will retry): {e}");
@@ -354,47 +306,29 @@ pub async fn register(pd: Vec<String>, sql_addr: String, api_port: u16) {
     }
 }
 
-async fn register_once(pd: &[String], key: &str, info: &ProxyInfo) -> Result<(), String> {
-    let mut client = Client::connect(endpoints(pd), None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let lease = client
-        .lease_grant(REGISTRATION_TTL, None)
-        .await
-        .map_err(|e| e.to_string())?
-        .id();
+async fn register_once<P: PdConnector>(
+    connector: &P,
+    pd: &[String],
+    key: &str,
+    info: &ProxyInfo,
+) -> Result<(), String> {
+    let mut client = connector.connect(pd).await?;
+    let lease = client.grant_lease(REGISTRATION_TTL).await?;
     let body = serde_json::to_string(info).map_err(|e| e.to_string())?;
-    let (mut keeper, mut acks) = client
-        .lease_keep_alive(lease)
-        .await
-        .map_err(|e| e.to_string())?;
     loop {
         client
-            .put(
-                format!("{key}/info"),
-                body.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            .put(&format!("{key}/info"), body.clone(), lease)
+            .await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         client
-            .put(
-                format!("{key}/ttl"),
-                now.to_string(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            .put(&format!("{key}/ttl"), now.to_string(), lease)
+            .await?;
         for _ in 0..3 {
-            keeper.keep_alive().await.map_err(|e| e.to_string())?;
-            match acks.message().await {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(_) => return Err("lease expired".into()),
-                Err(e) => return Err(e.to_string()),
+            if client.keep_alive(lease).await? <= 0 {
+                return Err("lease expired".into());
             }
             tokio::time::sleep(Duration::from_secs(10)).await;
         }

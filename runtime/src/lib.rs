@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod pd;
 pub mod proxy;
 pub mod reload;
 pub mod router;

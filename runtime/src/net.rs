@@ -22,6 +22,11 @@ pub trait Network: Clone + Send + Sync + 'static {
     type Stream: Stream;
     /// A listening socket.
     type Listener: Send + Sync + 'static;
+    /// How PD (etcd) is reached.
+    type Pd: crate::pd::PdConnector;
+
+    /// The PD connector.
+    fn pd(&self) -> Self::Pd;
 
     /// Binds a listener.
     fn bind(&self, addr: &str) -> impl Future<Output = io::Result<Self::Listener>> + Send;
@@ -111,6 +116,11 @@ impl TokioNet {
 impl Network for TokioNet {
     type Stream = tokio::net::TcpStream;
     type Listener = tokio::net::TcpListener;
+    type Pd = crate::pd::EtcdPd;
+
+    fn pd(&self) -> crate::pd::EtcdPd {
+        crate::pd::EtcdPd
+    }
 
     async fn bind(&self, addr: &str) -> io::Result<Self::Listener> {
         tokio::net::TcpListener::bind(addr).await

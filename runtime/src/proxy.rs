@@ -429,6 +429,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     tasks.spawn(balance_loop(state.clone()));
     if !pd.is_empty() {
         tasks.spawn(crate::discovery::watch_pd(
+            net.pd(),
             pd.clone(),
             state.config.clone(),
             router.clone(),
@@ -439,7 +440,12 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         } else {
             state.config.proxy.advertise_addr.clone()
         };
-        tasks.spawn(crate::discovery::register(pd, advertise, api_addr.port()));
+        tasks.spawn(crate::discovery::register(
+            net.pd(),
+            pd,
+            advertise,
+            api_addr.port(),
+        ));
     }
     info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
     Ok(Proxy {
@@ -594,7 +600,11 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
             hc = st.live_config().health_check;
             d = hc.durations();
         }
-        let probe_due = tokio::time::Instant::now() >= next_probe;
+        // Until some backend has greeted the proxy, clients are greeted
+        // with the conservative default profile: probe at once, not a
+        // whole interval after backends appear (from PD, say).
+        let probe_due =
+            tokio::time::Instant::now() >= next_probe || !st.shared.router.has_profile();
         if probe_due {
             next_probe = tokio::time::Instant::now() + d.interval;
         }

@@ -38,6 +38,11 @@ impl TurmoilNet {
 impl Network for TurmoilNet {
     type Stream = TcpStream;
     type Listener = TcpListener;
+    type Pd = crate::pd::SimPd;
+
+    fn pd(&self) -> crate::pd::SimPd {
+        crate::pd::SimPd
+    }
 
     async fn bind(&self, addr: &str) -> io::Result<TcpListener> {
         TcpListener::bind(addr).await

@@ -2,9 +2,10 @@
 //! ([`tiproxy_runtime::start_on`] over [`TurmoilNet`]) on host `proxy`, TiDB
 //! doubles on `tidb-<i>` sharing one cluster store, client sessions on
 //! `client-<k>`, and a `checker` host that sets up the schema and runs the
-//! end-of-run checks. The PD double is the scenario's membership schedule,
-//! applied to the proxy's router with the scenario's delay, as a discovery
-//! watch would.
+//! end-of-run checks. The PD double runs on host `pd` ([`crate::pd`]): the
+//! TiDBs register in it under leases, and the proxy finds them through its
+//! real discovery code (`proxy.pd-addrs`), watching it over the simulated
+//! network.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -13,12 +14,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
-use tiproxy_runtime::config::{BackendEntry, Config};
+use tiproxy_runtime::config::Config;
 use tiproxy_runtime::router::PlantedBug;
 
 use crate::net::TurmoilNet;
+use crate::pd::{PD_PORT, PdStore, SimPd};
 use crate::scenario::{FaultKind, Scenario};
 use crate::tidb::client::{ConnectOptions, RawClient};
+use crate::tidb::pd::Registration;
 use crate::tidb::{Cluster, ClusterOptions, TidbOptions, TidbServer, Value};
 use crate::workload::{ClientSession, QUIT_AFTER_END, sleep_until};
 use crate::world::{Invariant, Stats, Violation, World, now};
@@ -63,30 +66,37 @@ const TIDB_STATUS_PORT: u16 = 10080;
 /// tokens carry times, and they must not depend on when the run happens.
 const EPOCH_SECS: u64 = 1_704_067_200;
 
-fn backend_entry(i: usize) -> BackendEntry {
-    let h = Scenario::tidb_host(i);
-    BackendEntry::Full {
-        addr: format!("{h}:{TIDB_SQL_PORT}"),
-        status_addr: Some(format!("{h}:{TIDB_STATUS_PORT}")),
-        labels: Default::default(),
-    }
+/// The PD double's host.
+const PD_HOST: &str = "pd";
+/// TTL of a TiDB's PD lease when the scenario does not crash it (TiDB's
+/// own is 45 s; a crash draws its own).
+const TIDB_LEASE: Duration = Duration::from_secs(10);
+
+fn pd_endpoints() -> Vec<String> {
+    vec![format!("{PD_HOST}:{PD_PORT}")]
 }
 
-fn proxy_config(s: &Scenario) -> Config {
-    let backends: Vec<String> = (0..s.initial_tidbs)
-        .map(|i| {
-            let h = Scenario::tidb_host(i);
-            format!(r#"{{ addr = "{h}:{TIDB_SQL_PORT}", status-addr = "{h}:{TIDB_STATUS_PORT}" }}"#)
-        })
-        .collect();
+fn proxy_config() -> Config {
     let text = format!(
-        "[proxy]\naddr = \"0.0.0.0:6000\"\nbackend-addrs = [{}]\n\n[api]\naddr = \"0.0.0.0:3080\"\n",
-        backends.join(", ")
+        "[proxy]\naddr = \"0.0.0.0:6000\"\npd-addrs = \"{PD_HOST}:{PD_PORT}\"\n\n[api]\naddr = \"0.0.0.0:3080\"\n"
     );
     // The text is built here: a parse error is a bug in this function.
     Config::from_toml(&text, Path::new("simulation.toml"))
         .expect("the simulation's proxy config parses")
         .0
+}
+
+/// TiDB `i`'s PD registration, keyed by its host name (the proxy dials
+/// what the key says).
+fn registration(i: usize, ttl: Duration) -> Registration {
+    Registration {
+        pd: pd_endpoints(),
+        sql: format!("{}:{TIDB_SQL_PORT}", Scenario::tidb_host(i)),
+        status_port: TIDB_STATUS_PORT,
+        version: "8.5.0".into(),
+        labels: Default::default(),
+        ttl,
+    }
 }
 
 /// Runs `scenario` to its end and checks every invariant.
@@ -102,6 +112,15 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         ..ClusterOptions::default()
     });
     let world = World::new(scenario.clone(), cluster.clone(), opts.verbose);
+    let pd = {
+        // Weak: the store lives in the world's hosts, not the other way.
+        let w = Arc::downgrade(&world);
+        PdStore::new(Box::new(move |at, what| {
+            if let Some(w) = w.upgrade() {
+                w.event(at, what);
+            }
+        }))
+    };
     let end = scenario.workload_end + QUIT_AFTER_END + Duration::from_secs(4);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -112,6 +131,12 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         .max_message_latency(scenario.max_latency)
         .build();
 
+    // PD first: it is listening when the TiDBs register.
+    {
+        let pd = pd.clone();
+        let delay = scenario.pd_delay;
+        sim.host(PD_HOST, move || crate::pd::serve(pd.clone(), delay));
+    }
     for i in 0..scenario.total_tidbs() {
         let world = world.clone();
         let host = Scenario::tidb_host(i);
@@ -122,7 +147,10 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     {
         let world = world.clone();
         let plant = opts.plant;
-        sim.host("proxy", move || proxy_host(world.clone(), plant));
+        let pd = pd.clone();
+        sim.host("proxy", move || {
+            proxy_host(world.clone(), pd.clone(), plant)
+        });
     }
     for k in 0..scenario.client_hosts {
         let world = world.clone();
@@ -140,9 +168,9 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     }
     {
         let world = world.clone();
-        sim.client("checker", checker(world));
+        sim.client("checker", checker(world, pd.clone()));
     }
-    if !scenario.held_links.is_empty() {
+    if !scenario.held_links.is_empty() || scenario.pd_held.is_some() {
         let world = world.clone();
         sim.client("network", network_faults(world));
     }
@@ -150,8 +178,22 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     let steps = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     watchdog(seed, steps.clone(), done.clone());
+    // PD's outage: the host goes down (its data stays) and comes back.
+    let mut outage = scenario.pd_outage.map(|(at, len)| (at, at + len, false));
     loop {
         steps.fetch_add(1, Ordering::Relaxed);
+        if let Some((at, back, down)) = &mut outage {
+            let t = sim.elapsed();
+            if !*down && t >= *at {
+                sim.crash(PD_HOST);
+                world.event(t, "pd: down");
+                *down = true;
+            } else if *down && t >= *back {
+                sim.bounce(PD_HOST);
+                world.event(t, "pd: up again");
+                outage = None;
+            }
+        }
         match sim.step() {
             Ok(true) => break,
             Ok(false) => {}
@@ -218,9 +260,10 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
         sleep_until(t).await;
     }
     let fault = s.fault_of(i).copied();
-    let graceful_wait = match fault.map(|f| f.kind) {
-        Some(FaultKind::GracefulShutdown { graceful_wait, .. }) => graceful_wait,
-        _ => Duration::ZERO,
+    let (graceful_wait, ttl) = match fault.map(|f| f.kind) {
+        Some(FaultKind::GracefulShutdown { graceful_wait, .. }) => (graceful_wait, TIDB_LEASE),
+        Some(FaultKind::Crash { lease }) => (Duration::ZERO, lease),
+        None => (Duration::ZERO, TIDB_LEASE),
     };
     let sql_addr = format!("0.0.0.0:{TIDB_SQL_PORT}");
     let status_addr = format!("0.0.0.0:{TIDB_STATUS_PORT}");
@@ -236,12 +279,11 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
             },
         )
     };
+    let reg = registration(i, ttl);
     let h = start().await?;
     world.tidb_started(i, h.clone(), h.sql_addr().ip());
     world.event(now(), format_args!("tidb-{i} started at {}", h.sql_addr()));
-    if i >= s.initial_tidbs {
-        world.pd_change(now(), i, true);
-    }
+    let keeper = tokio::spawn(reg.clone().keep_registered(SimPd));
     if let Some(f) = fault {
         sleep_until(f.at).await;
         world.fault_begins(i, s.fault_breaks_sessions(&f), now());
@@ -249,22 +291,28 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
             FaultKind::GracefulShutdown { restart_after, .. } => {
                 h.graceful_shutdown().await;
                 world.event(now(), format_args!("tidb-{i} shut down"));
-                world.pd_change(now(), i, false);
+                keeper.abort();
+                // As TiDB: one try; if PD is down, the lease ends it.
+                if let Err(e) = reg.deregister(&SimPd).await {
+                    world.event(
+                        now(),
+                        format_args!("tidb-{i}: PD deregistration failed: {e}"),
+                    );
+                }
                 if let Some(r) = restart_after {
                     tokio::time::sleep(r).await;
                     let h = start().await?;
                     world.tidb_started(i, h.clone(), h.sql_addr().ip());
                     world.tidb_restarted(i);
                     world.event(now(), format_args!("tidb-{i} restarted"));
-                    world.pd_change(now(), i, true);
+                    tokio::spawn(reg.clone().keep_registered(SimPd));
                 }
             }
-            FaultKind::Crash { lease } => {
+            FaultKind::Crash { .. } => {
                 h.kill();
+                keeper.abort();
                 h.stopped().await;
                 world.event(now(), format_args!("tidb-{i} crashed"));
-                tokio::time::sleep(lease).await;
-                world.pd_change(now(), i, false);
             }
         }
     }
@@ -272,11 +320,25 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     Ok(())
 }
 
-/// The proxy, and the PD double's watch feeding its router.
-async fn proxy_host(world: Arc<World>, plant: Option<PlantedBug>) -> turmoil::Result {
+/// The proxy, started once PD lists the initial TiDBs (a cluster is up
+/// before its proxy), and a summary of its backends every second.
+async fn proxy_host(
+    world: Arc<World>,
+    pd: Arc<PdStore>,
+    plant: Option<PlantedBug>,
+) -> turmoil::Result {
     let s = &world.scenario;
+    while (0..s.initial_tidbs).any(|i| {
+        pd.get(&format!(
+            "/topology/tidb/{}:{TIDB_SQL_PORT}/ttl",
+            Scenario::tidb_host(i)
+        ))
+        .is_none()
+    }) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let net = TurmoilNet::new("proxy").with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed);
-    let proxy = tiproxy_runtime::start_on(net, proxy_config(s)).await?;
+    let proxy = tiproxy_runtime::start_on(net, proxy_config()).await?;
     let st = proxy.state().clone();
     // Before the first session: start_on's tasks have not run yet.
     if let Some(bug) = plant {
@@ -297,67 +359,60 @@ async fn proxy_host(world: Arc<World>, plant: Option<PlantedBug>) -> turmoil::Re
         now(),
         format_args!("proxy started (planted bug: {plant:?})"),
     );
-    let mut applied: BTreeSet<usize> = (0..s.initial_tidbs).collect();
-    let mut tick: u64 = 0;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        tick += 1;
-        let t = now();
-        // What PD shows `pd_delay` after a change; nothing while it is
-        // unreachable (the proxy keeps its last list).
-        let members = world.pd_members(t.saturating_sub(s.pd_delay));
-        let pd_down = s.pd_outage.is_some_and(|(at, len)| at <= t && t < at + len);
-        if members != applied && !pd_down {
-            let entries: Vec<BackendEntry> = members.iter().map(|i| backend_entry(*i)).collect();
-            st.router().set_backends(&entries);
-            world.event(t, format_args!("proxy: backends from PD {members:?}"));
-            applied = members;
-        }
-        if tick.is_multiple_of(10) {
-            let backends: Vec<String> = st
-                .router()
-                .backends()
-                .iter()
-                .map(|b| {
-                    format!(
-                        "{}={}{}{}",
-                        b.addr,
-                        b.connections(),
-                        if b.is_draining() { " draining" } else { "" },
-                        if st.router().accepts(b) {
-                            ""
-                        } else {
-                            " closed"
-                        }
-                    )
-                })
-                .collect();
-            world.event(
-                t,
-                format_args!(
-                    "proxy: {} client connections; {}",
-                    st.connections(),
-                    backends.join(", ")
-                ),
-            );
-        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let backends: Vec<String> = st
+            .router()
+            .backends()
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}={}{}{}",
+                    b.addr,
+                    b.connections(),
+                    if b.is_draining() { " draining" } else { "" },
+                    if st.router().accepts(b) {
+                        ""
+                    } else {
+                        " closed"
+                    }
+                )
+            })
+            .collect();
+        world.event(
+            now(),
+            format_args!(
+                "proxy: {} client connections; {}",
+                st.connections(),
+                backends.join(", ")
+            ),
+        );
     }
 }
 
 /// Holds and releases links as the scenario says (turmoil applies them to
 /// every host; this host only keeps the schedule).
 async fn network_faults(world: Arc<World>) -> turmoil::Result {
+    // (when, link, hold): link `usize::MAX` is proxy <-> pd.
     let mut steps: Vec<(Duration, usize, bool)> = Vec::new();
     for h in &world.scenario.held_links {
         steps.push((h.at, h.tidb, true));
         steps.push((h.at + h.len, h.tidb, false));
+    }
+    if let Some((at, len)) = world.scenario.pd_held {
+        steps.push((at, usize::MAX, true));
+        steps.push((at + len, usize::MAX, false));
     }
     steps.sort();
     // Nested holds of one link end with the last release.
     let mut held: std::collections::BTreeMap<usize, u32> = Default::default();
     for (at, i, hold) in steps {
         sleep_until(at).await;
-        let host = Scenario::tidb_host(i);
+        let host = if i == usize::MAX {
+            PD_HOST.to_string()
+        } else {
+            Scenario::tidb_host(i)
+        };
         let n = held.entry(i).or_default();
         if hold {
             *n += 1;
@@ -378,7 +433,7 @@ async fn network_faults(world: Arc<World>) -> turmoil::Result {
 
 /// Sets up the schema straight on `tidb-0` (not through the proxy), then
 /// runs the end checks: liveness and balance, then leaks.
-async fn checker(world: Arc<World>) -> turmoil::Result {
+async fn checker(world: Arc<World>, pd: Arc<PdStore>) -> turmoil::Result {
     let s = world.scenario.clone();
     // The schema, before any session starts (sessions start at >= 500ms).
     let mut attempt = 0;
@@ -401,6 +456,16 @@ async fn checker(world: Arc<World>) -> turmoil::Result {
 
     sleep_until(s.workload_end + Duration::from_secs(2)).await;
     check_liveness(&world);
+    if pd
+        .keys(tiproxy_runtime::discovery::TIPROXY_TOPOLOGY)
+        .is_empty()
+    {
+        world.violation(
+            Invariant::Liveness,
+            now(),
+            "the proxy is not registered in PD (/topology/tiproxy/)",
+        );
+    }
     check_connections(&world, s.sessions.len(), "while every session is connected");
 
     sleep_until(s.workload_end + QUIT_AFTER_END + Duration::from_secs(3)).await;

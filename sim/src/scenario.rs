@@ -12,6 +12,10 @@ use rand::{Rng, SeedableRng};
 /// the spread balanced (the liveness bound, in simulated time).
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(12);
 
+/// How long after PD is reachable again the proxy may take to read it: its
+/// retry backoff (up to 5 s) plus a connect.
+pub const PD_RECONNECT: Duration = Duration::from_secs(6);
+
 /// What happens to a TiDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
@@ -24,10 +28,12 @@ pub enum FaultKind {
         /// shutdown ended, and registers again: a rolling restart.
         restart_after: Option<Duration>,
     },
-    /// Killed: every socket dropped at once; its PD lease expires after
-    /// `lease`.
+    /// Killed: every socket dropped at once; PD forgets it when its lease
+    /// expires.
     Crash {
-        /// Time until PD forgets it.
+        /// Its PD lease's TTL (whole seconds, as etcd's): PD forgets it
+        /// between two thirds of this (it renews every third) and all of
+        /// it after the crash.
         lease: Duration,
     },
 }
@@ -192,11 +198,16 @@ pub struct Scenario {
     /// turmoil's step: every host runs this much simulated time per step
     /// (finer steps interleave hosts more finely; coarser runs faster).
     pub tick: Duration,
-    /// How long PD takes to tell the proxy about a change.
+    /// How long PD takes to tell a watcher about a change.
     pub pd_delay: Duration,
-    /// PD is unreachable from the proxy from `.0` for `.1`: the proxy keeps
+    /// PD's host is down from `.0` for `.1`, then comes back with its data
+    /// (TiDBs register again, leases get a full TTL): the proxy keeps
     /// serving on the last backend list it saw.
     pub pd_outage: Option<(Duration, Duration)>,
+    /// The link between the proxy and PD is held from `.0` for `.1`: the
+    /// proxy's watch hears nothing, gives up after its keep-alive silence
+    /// and cannot connect again until the link is released.
+    pub pd_held: Option<(Duration, Duration)>,
     /// Links between the proxy and a TiDB held for a while, in time order.
     pub held_links: Vec<HeldLink>,
     /// Client hosts.
@@ -234,7 +245,11 @@ impl Scenario {
             }
             let kind = if rng.random_bool(0.3) {
                 FaultKind::Crash {
-                    lease: Duration::from_millis(rng.random_range(1_000..10_000)),
+                    lease: Duration::from_secs(
+                        Duration::from_millis(rng.random_range(1_000..10_000))
+                            .as_secs()
+                            .max(1),
+                    ),
                 }
             } else {
                 FaultKind::GracefulShutdown {
@@ -289,6 +304,14 @@ impl Scenario {
             })
             .collect();
         held_links.sort_by_key(|h| (h.at, h.tidb));
+        // PD's own links, from a stream of their own too.
+        let mut pdr = StdRng::seed_from_u64(seed ^ 0x0070_645f_6865_6c64);
+        let pd_held = pdr.random_bool(0.3).then(|| {
+            (
+                Duration::from_millis(pdr.random_range(2_000..15_000)),
+                Duration::from_millis(pdr.random_range(500..10_000)),
+            )
+        });
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -311,7 +334,8 @@ impl Scenario {
             .iter()
             .map(Fault::settled_at)
             .chain(added_tidb)
-            .chain(pd_outage.map(|(at, len)| at + len + pd_delay))
+            .chain(pd_outage.map(|(at, len)| at + len + pd_delay + PD_RECONNECT))
+            .chain(pd_held.map(|(at, len)| at + len + pd_delay + PD_RECONNECT))
             .chain(held_links.iter().map(|h| h.at + h.len))
             .max()
             .unwrap_or(Duration::from_secs(5));
@@ -324,6 +348,7 @@ impl Scenario {
             tick,
             pd_delay,
             pd_outage,
+            pd_held,
             held_links,
             client_hosts,
             sessions,
@@ -404,24 +429,27 @@ impl fmt::Display for Scenario {
                 )?,
                 FaultKind::Crash { lease } => writeln!(
                     f,
-                    "  fault: tidb-{} crashes at {}ms, PD lease expires {}ms later",
+                    "  fault: tidb-{} crashes at {}ms, its PD lease TTL {}s",
                     x.tidb,
                     ms(x.at),
-                    ms(lease)
+                    lease.as_secs()
                 )?,
             }
         }
         writeln!(
             f,
-            "  network: latency up to {}ms, steps of {}ms; PD tells the proxy {}ms after a change",
+            "  network: latency up to {}ms, steps of {}ms; PD tells watchers {}ms after a change",
             ms(self.max_latency),
             ms(self.tick),
             ms(self.pd_delay)
         )?;
         if let Some((at, len)) = self.pd_outage {
+            writeln!(f, "  pd outage: down from {}ms for {}ms", ms(at), ms(len))?;
+        }
+        if let Some((at, len)) = self.pd_held {
             writeln!(
                 f,
-                "  pd outage: unreachable from {}ms for {}ms",
+                "  held link: proxy <-> pd from {}ms for {}ms",
                 ms(at),
                 ms(len)
             )?;

@@ -1,6 +1,6 @@
 //! What the hosts of one run share: the event trace and its hash, the
 //! invariant violations found so far, the ledger of what clients were told,
-//! the PD double's membership, and handles on the proxy and the TiDBs for
+//! and handles on the proxy and the TiDBs for
 //! the checks.
 //!
 //! Everything runs on turmoil's one thread; the locks are only there
@@ -126,8 +126,6 @@ struct Inner {
     /// TiDBs down or going down after their fault (not valid final homes);
     /// a restarted one leaves the set.
     faulted: BTreeSet<usize>,
-    /// PD's membership changes: when, and the members after it.
-    membership: Vec<(Duration, BTreeSet<usize>)>,
     /// Proxy connection ids of the sessions that were on a TiDB when it
     /// broke.
     broken: BTreeSet<u32>,
@@ -171,15 +169,12 @@ pub fn now() -> Duration {
 impl World {
     /// A world for `scenario`.
     pub fn new(scenario: Scenario, cluster: Arc<Cluster>, verbose: bool) -> Arc<Self> {
-        let initial: BTreeSet<usize> = (0..scenario.initial_tidbs).collect();
-        let w = Arc::new(Self {
+        Arc::new(Self {
             scenario,
             cluster,
             verbose,
             inner: Mutex::new(Inner::default()),
-        });
-        w.lock().membership.push((Duration::ZERO, initial));
-        w
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -333,43 +328,6 @@ impl World {
                         h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY
                     })
             })
-    }
-
-    /// PD's membership changed at `at` (a TiDB registered or its
-    /// registration ended).
-    pub fn pd_change(&self, at: Duration, i: usize, registered: bool) {
-        {
-            let mut g = self.lock();
-            let mut m = g.membership.last().map(|x| x.1.clone()).unwrap_or_default();
-            if registered {
-                m.insert(i);
-            } else {
-                m.remove(&i);
-            }
-            g.membership.push((at, m));
-        }
-        self.event(
-            at,
-            format_args!(
-                "pd: tidb-{i} {}",
-                if registered {
-                    "registered"
-                } else {
-                    "deregistered"
-                }
-            ),
-        );
-    }
-
-    /// The membership as of `at`.
-    pub fn pd_members(&self, at: Duration) -> BTreeSet<usize> {
-        self.lock()
-            .membership
-            .iter()
-            .rev()
-            .find(|(t, _)| *t <= at)
-            .map(|x| x.1.clone())
-            .unwrap_or_default()
     }
 
     /// The schema exists.

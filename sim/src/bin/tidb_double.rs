@@ -37,6 +37,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tiproxy_runtime::net::TokioNet;
+use tiproxy_runtime::pd::EtcdPd;
 use tiproxy_sim::tidb::pd::Registration;
 use tiproxy_sim::tidb::{
     Cluster, ClusterOptions, DEFAULT_SERVER_VERSION, LocalCluster, TidbOptions,
@@ -149,7 +150,7 @@ impl Control {
             labels: self.args.label_map(labels),
             ttl: Duration::from_secs(self.args.pd_ttl),
         };
-        let task = tokio::spawn(reg.clone().keep_registered());
+        let task = tokio::spawn(reg.clone().keep_registered(EtcdPd));
         if let Some((old, _)) = self
             .registrations
             .lock()
@@ -172,7 +173,7 @@ impl Control {
         let entry = self.registrations.lock().expect("registrations").remove(&i);
         if let Some((task, reg)) = entry {
             task.abort();
-            if let Err(e) = reg.deregister().await {
+            if let Err(e) = reg.deregister(&EtcdPd).await {
                 tracing::warn!(sql = %reg.sql, "PD deregistration failed: {e}");
             }
         }

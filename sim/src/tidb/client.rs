@@ -218,7 +218,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
             | CapabilityFlags::PLUGIN_AUTH
             | CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA
             | CapabilityFlags::MULTI_RESULTS;
-        if opts.deprecate_eof {
+        // Options that change the wire format only if the server has them,
+        // as real connectors do (the proxy greets without DEPRECATE_EOF
+        // until a backend has greeted it).
+        if opts.deprecate_eof && hs.capabilities.contains(CapabilityFlags::DEPRECATE_EOF) {
             caps |= CapabilityFlags::DEPRECATE_EOF;
         }
         if opts.multi_statements {

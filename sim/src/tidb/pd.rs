@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use tiproxy_runtime::pd::{PdClient, PdConnector};
 
 /// What an instance registers.
 #[derive(Debug, Clone)]
@@ -30,40 +30,21 @@ impl Registration {
         format!("/topology/tidb/{}/{suffix}", self.sql)
     }
 
-    fn endpoints(&self) -> Vec<String> {
-        self.pd
-            .iter()
-            .map(|a| {
-                if a.contains("://") {
-                    a.clone()
-                } else {
-                    format!("http://{a}")
-                }
-            })
-            .collect()
-    }
-
     /// Registers and keeps the lease alive until the task is aborted
     /// (a crash: the keys expire) or fails; retries with a pause.
-    pub async fn keep_registered(self) {
+    pub async fn keep_registered<P: PdConnector>(self, pd: P) {
         loop {
-            if let Err(e) = self.register_once().await {
+            if let Err(e) = self.register_once(&pd).await {
                 tracing::warn!(sql = %self.sql, "PD registration failed (will retry): {e}");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
-    async fn register_once(&self) -> Result<(), String> {
-        let mut c = Client::connect(self.endpoints(), None)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn register_once<P: PdConnector>(&self, pd: &P) -> Result<(), String> {
+        let mut c = pd.connect(&self.pd).await?;
         let ttl = self.ttl.as_secs().max(1) as i64;
-        let lease = c
-            .lease_grant(ttl, None)
-            .await
-            .map_err(|e| e.to_string())?
-            .id();
+        let lease = c.grant_lease(ttl).await?;
         let ip = self
             .sql
             .rsplit_once(':')
@@ -81,38 +62,24 @@ impl Registration {
             "start_timestamp": now.as_secs(),
             "labels": self.labels,
         });
-        let opts = || Some(PutOptions::new().with_lease(lease));
-        c.put(self.key("info"), info.to_string(), opts())
-            .await
-            .map_err(|e| e.to_string())?;
-        c.put(self.key("ttl"), now.as_nanos().to_string(), opts())
-            .await
-            .map_err(|e| e.to_string())?;
+        c.put(&self.key("info"), info.to_string(), lease).await?;
+        c.put(&self.key("ttl"), now.as_nanos().to_string(), lease)
+            .await?;
         tracing::info!(sql = %self.sql, "registered in PD");
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
         let every = Duration::from_secs((ttl as u64 / 3).max(1));
         loop {
             tokio::time::sleep(every).await;
-            keeper.keep_alive().await.map_err(|e| e.to_string())?;
-            match acks.message().await {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(_) => return Err("lease expired".into()),
-                Err(e) => return Err(e.to_string()),
+            if c.keep_alive(lease).await? <= 0 {
+                return Err("lease expired".into());
             }
         }
     }
 
     /// Deletes the keys (the end of a graceful shutdown).
-    pub async fn deregister(&self) -> Result<(), String> {
-        let mut c = Client::connect(self.endpoints(), None)
-            .await
-            .map_err(|e| e.to_string())?;
-        c.delete(self.key("info"), None)
-            .await
-            .map_err(|e| e.to_string())?;
-        c.delete(self.key("ttl"), None)
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn deregister<P: PdConnector>(&self, pd: &P) -> Result<(), String> {
+        let mut c = pd.connect(&self.pd).await?;
+        c.delete(&self.key("info")).await?;
+        c.delete(&self.key("ttl")).await?;
         Ok(())
     }
 }

@@ -1,0 +1,256 @@
+//! The PD seam: discovery and registration talk to PD's etcd through
+//! [`PdConnector`], so the simulation runs the same discovery code against
+//! a PD double on its own simulated host. [`EtcdPd`] is the real one.
+//!
+//! The seam is the few etcd calls the proxy and TiDB make: a prefix read
+//! with its revision, a prefix watch from a revision, leases, puts and
+//! deletes. Errors are strings: every caller logs them and retries.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
+    WatchOptions, WatchStream, Watcher,
+};
+
+/// A prefix read: the store's revision and the keys with their values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Listing {
+    /// The revision the read saw.
+    pub revision: i64,
+    /// Keys and values.
+    pub kvs: Vec<(String, Vec<u8>)>,
+}
+
+/// What a watch reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchNews {
+    /// Keys under the prefix changed.
+    Changed,
+    /// Nothing changed (a progress notice or keep-alive).
+    Quiet,
+}
+
+/// Makes connections to PD.
+pub trait PdConnector: Clone + Send + Sync + 'static {
+    /// One connection.
+    type Client: PdClient;
+    /// Connects to one of `endpoints` (`host:port` or `http://host:port`).
+    fn connect(
+        &self,
+        endpoints: &[String],
+    ) -> impl Future<Output = Result<Self::Client, String>> + Send;
+}
+
+/// One connection to PD's etcd.
+pub trait PdClient: Send + 'static {
+    /// A watch on a prefix.
+    type Watch: PdWatch;
+    /// Reads every key under `prefix`.
+    fn get_prefix(&mut self, prefix: &str) -> impl Future<Output = Result<Listing, String>> + Send;
+    /// Watches `prefix` from `revision` (inclusive).
+    fn watch_prefix(
+        &mut self,
+        prefix: &str,
+        revision: i64,
+    ) -> impl Future<Output = Result<Self::Watch, String>> + Send;
+    /// Grants a lease of `ttl` seconds; returns its id.
+    fn grant_lease(&mut self, ttl: i64) -> impl Future<Output = Result<i64, String>> + Send;
+    /// Renews `lease`; returns its TTL (0: it had expired).
+    fn keep_alive(&mut self, lease: i64) -> impl Future<Output = Result<i64, String>> + Send;
+    /// Puts `key` under `lease` (0: none).
+    fn put(
+        &mut self,
+        key: &str,
+        value: String,
+        lease: i64,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Deletes `key`.
+    fn delete(&mut self, key: &str) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A watch stream. An error ends it (cancelled, compacted, connection
+/// lost): the caller reads again and watches anew.
+pub trait PdWatch: Send + 'static {
+    /// The next notice.
+    fn next(&mut self) -> impl Future<Output = Result<WatchNews, String>> + Send;
+}
+
+/// `http://` in front of endpoints given as `host:port`.
+pub fn endpoints(pd: &[String]) -> Vec<String> {
+    pd.iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .collect()
+}
+
+/// PD's etcd through `etcd-client`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EtcdPd;
+
+/// A connection through `etcd-client`.
+pub struct EtcdClient {
+    client: Client,
+    keepers: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+/// A watch through `etcd-client`.
+pub struct EtcdWatch {
+    // Dropping the watcher cancels the watch.
+    _watcher: Watcher,
+    stream: WatchStream,
+}
+
+impl std::fmt::Debug for EtcdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdClient")
+            .field("leases", &self.keepers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for EtcdWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdWatch").finish_non_exhaustive()
+    }
+}
+
+impl PdConnector for EtcdPd {
+    type Client = EtcdClient;
+
+    async fn connect(&self, pd: &[String]) -> Result<EtcdClient, String> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            // A PD behind a partition that drops packets answers nothing,
+            // not even a reset: HTTP/2 pings find out (etcd accepts pings
+            // every 5 s or slower).
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints(pd), Some(opts))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(EtcdClient {
+            client,
+            keepers: HashMap::new(),
+        })
+    }
+}
+
+impl PdClient for EtcdClient {
+    type Watch = EtcdWatch;
+
+    async fn get_prefix(&mut self, prefix: &str) -> Result<Listing, String> {
+        let r = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Listing {
+            revision: r.header().map(|h| h.revision()).unwrap_or(0),
+            kvs: r
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        kv.value().to_vec(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    async fn watch_prefix(&mut self, prefix: &str, revision: i64) -> Result<EtcdWatch, String> {
+        let (watcher, stream) = self
+            .client
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision),
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(EtcdWatch {
+            _watcher: watcher,
+            stream,
+        })
+    }
+
+    async fn grant_lease(&mut self, ttl: i64) -> Result<i64, String> {
+        Ok(self
+            .client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| e.to_string())?
+            .id())
+    }
+
+    async fn keep_alive(&mut self, lease: i64) -> Result<i64, String> {
+        if !self.keepers.contains_key(&lease) {
+            let k = self
+                .client
+                .lease_keep_alive(lease)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.keepers.insert(lease, k);
+        }
+        let Some((keeper, acks)) = self.keepers.get_mut(&lease) else {
+            return Err("lease keeper lost".into());
+        };
+        keeper.keep_alive().await.map_err(|e| e.to_string())?;
+        match acks.message().await {
+            Ok(Some(r)) => Ok(r.ttl()),
+            Ok(None) => Err("lease keep-alive stream ended".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn put(&mut self, key: &str, value: String, lease: i64) -> Result<(), String> {
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        self.client
+            .put(key, value, opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn delete(&mut self, key: &str) -> Result<(), String> {
+        self.client
+            .delete(key, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl PdWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<WatchNews, String> {
+        match self.stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    Err(format!(
+                        "watch canceled (compacted at {})",
+                        resp.compact_revision()
+                    ))
+                } else if resp.events().is_empty() {
+                    Ok(WatchNews::Quiet)
+                } else {
+                    Ok(WatchNews::Changed)
+                }
+            }
+            Ok(None) => Err("watch stream ended".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
