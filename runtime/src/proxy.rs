@@ -617,6 +617,9 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                     Ok(code) => {
                         b.check_ok(Check::Status);
                         b.set_known();
+                        if b.check_passing(Check::Probe) {
+                            st.shared.router.mark_ok(&b.addr);
+                        }
                         if code == 200 {
                             if b.set_draining(false) {
                                 info!(backend = %b.addr, "backend is serving again (status 200)");

@@ -27,6 +27,8 @@ use turmoil::net::{TcpListener, TcpStream};
 
 use tiproxy_runtime::pd::{Listing, PdClient, PdConnector, PdWatch, WatchNews};
 
+use crate::net::{Links, SimStream};
+
 /// PD's client port.
 pub const PD_PORT: u16 = 2379;
 /// How long a client waits to connect (etcd-client's option in the proxy).
@@ -369,17 +371,27 @@ async fn serve_conn(
 }
 
 /// Reaches the PD double over turmoil's network.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SimPd;
+#[derive(Debug, Clone, Default)]
+pub struct SimPd {
+    links: Option<Arc<Links>>,
+}
 
-type Lines = tokio::io::Lines<BufReader<tokio::io::ReadHalf<TcpStream>>>;
+impl SimPd {
+    /// With `links`, partitions reset this client's connections too.
+    pub fn new(links: Option<Arc<Links>>) -> Self {
+        Self { links }
+    }
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::io::ReadHalf<SimStream>>>;
 
 /// One connection to the PD double.
 #[derive(Debug)]
 pub struct SimPdClient {
     addr: String,
     lines: Lines,
-    w: tokio::io::WriteHalf<TcpStream>,
+    w: tokio::io::WriteHalf<SimStream>,
+    links: Option<Arc<Links>>,
 }
 
 /// A watch on the PD double.
@@ -387,15 +399,18 @@ pub struct SimPdClient {
 pub struct SimPdWatch {
     lines: Lines,
     // Kept open: dropping it tells PD the watch is over.
-    _w: tokio::io::WriteHalf<TcpStream>,
+    _w: tokio::io::WriteHalf<SimStream>,
 }
 
-async fn dial(addr: &str) -> Result<(Lines, tokio::io::WriteHalf<TcpStream>), String> {
+async fn dial(
+    addr: &str,
+    links: Option<&Arc<Links>>,
+) -> Result<(Lines, tokio::io::WriteHalf<SimStream>), String> {
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| format!("connecting to PD at {addr} timed out"))?
         .map_err(|e| format!("connecting to PD at {addr}: {e}"))?;
-    let (r, w) = tokio::io::split(s);
+    let (r, w) = tokio::io::split(SimStream::new(s, links));
     Ok((BufReader::new(r).lines(), w))
 }
 
@@ -419,8 +434,15 @@ impl PdConnector for SimPd {
         let mut last = "no PD endpoint".to_string();
         for e in endpoints {
             let addr = e.rsplit("://").next().unwrap_or(e).to_string();
-            match dial(&addr).await {
-                Ok((lines, w)) => return Ok(SimPdClient { addr, lines, w }),
+            match dial(&addr, self.links.as_ref()).await {
+                Ok((lines, w)) => {
+                    return Ok(SimPdClient {
+                        addr,
+                        lines,
+                        w,
+                        links: self.links.clone(),
+                    });
+                }
                 Err(err) => last = err,
             }
         }
@@ -461,7 +483,7 @@ impl PdClient for SimPdClient {
 
     async fn watch_prefix(&mut self, prefix: &str, revision: i64) -> Result<SimPdWatch, String> {
         // Its own connection, as a gRPC stream is its own HTTP/2 stream.
-        let (lines, mut w) = dial(&self.addr).await?;
+        let (lines, mut w) = dial(&self.addr, self.links.as_ref()).await?;
         let req = Request::Watch {
             prefix: prefix.into(),
             revision,
@@ -515,5 +537,104 @@ impl PdWatch for SimPdWatch {
             Reply::Progress => Ok(WatchNews::Quiet),
             r => Err(unexpected(r)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lists, watches, leases and expiry, over turmoil, as the proxy and
+    /// the TiDBs use them; and the data survives the host's crash.
+    #[test]
+    fn leases_watches_and_a_crash() {
+        let mut sim = turmoil::Builder::new()
+            .simulation_duration(Duration::from_secs(60))
+            .build();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let store = {
+            let events = events.clone();
+            PdStore::new(Box::new(move |_, e| events.lock().unwrap().push(e)))
+        };
+        {
+            let store = store.clone();
+            sim.host("pd", move || {
+                serve(store.clone(), Duration::from_millis(100))
+            });
+        }
+        let eps = vec!["pd:2379".to_string()];
+        sim.client("tidb", {
+            let eps = eps.clone();
+            async move {
+                let mut c = SimPd::default().connect(&eps).await?;
+                let lease = c.grant_lease(3).await?;
+                c.put("/topology/tidb/a:4000/info", "{}".into(), lease)
+                    .await?;
+                c.put("/topology/tidb/a:4000/ttl", "1".into(), lease)
+                    .await?;
+                // Kept alive for 5 s, then left to expire.
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    assert_eq!(c.keep_alive(lease).await?, 3);
+                }
+                // A put under an unknown lease is refused.
+                assert!(c.put("/x", "y".into(), 999).await.is_err());
+                Ok(())
+            }
+        });
+        sim.client("watcher", {
+            let store = store.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut c = SimPd::default().connect(&eps).await?;
+                let l = c.get_prefix("/topology/tidb/").await?;
+                assert_eq!(l.kvs.len(), 2, "{l:?}");
+                let mut w = c.watch_prefix("/topology/tidb/", l.revision + 1).await?;
+                // Quiet while the lease is kept alive (progress notices).
+                let t0 = tokio::time::Instant::now();
+                let mut quiet = 0;
+                loop {
+                    match w.next().await? {
+                        WatchNews::Quiet => quiet += 1,
+                        WatchNews::Changed => break,
+                    }
+                }
+                assert!(quiet >= 4, "{quiet} progress notices");
+                // Expired between 5 s (last renewal) + 3 s TTL, after it.
+                let waited = t0.elapsed();
+                assert!(waited >= Duration::from_secs(7), "{waited:?}");
+                assert!(c.get_prefix("/topology/tidb/").await?.kvs.is_empty());
+                assert!(store.keys("/topology/tidb/").is_empty());
+                Ok(())
+            }
+        });
+        sim.run().unwrap();
+        let ev = events.lock().unwrap().clone();
+        assert!(ev.iter().any(|e| e.contains("expired")), "{ev:?}");
+
+        // Data outlives a crash of the PD host.
+        let mut sim = turmoil::Builder::new().build();
+        let store = PdStore::new(Box::new(|_, _| {}));
+        {
+            let store = store.clone();
+            sim.host("pd", move || serve(store.clone(), Duration::ZERO));
+        }
+        sim.client("c", async move {
+            let mut c = SimPd::default().connect(&["pd:2379".to_string()]).await?;
+            c.put("/k", "v".into(), 0).await?;
+            Ok(())
+        });
+        sim.run().unwrap();
+        sim.crash("pd");
+        sim.bounce("pd");
+        sim.client("d", async move {
+            let mut c = SimPd::default()
+                .connect(&["http://pd:2379".to_string()])
+                .await?;
+            let l = c.get_prefix("/k").await?;
+            assert_eq!(l.kvs, vec![("/k".to_string(), b"v".to_vec())]);
+            Ok(())
+        });
+        sim.run().unwrap();
     }
 }

@@ -170,7 +170,10 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         let world = world.clone();
         sim.client("checker", checker(world, pd.clone()));
     }
-    if !scenario.held_links.is_empty() || scenario.pd_held.is_some() {
+    if !scenario.held_links.is_empty()
+        || scenario.pd_held.is_some()
+        || !scenario.partitions.is_empty()
+    {
         let world = world.clone();
         sim.client("network", network_faults(world));
     }
@@ -269,7 +272,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     let status_addr = format!("0.0.0.0:{TIDB_STATUS_PORT}");
     let start = || {
         TidbServer::start(
-            TurmoilNet::new(&host),
+            TurmoilNet::new(&host).with_links(world.links.clone()),
             world.cluster.clone(),
             &sql_addr,
             &status_addr,
@@ -283,7 +286,8 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     let h = start().await?;
     world.tidb_started(i, h.clone(), h.sql_addr().ip());
     world.event(now(), format_args!("tidb-{i} started at {}", h.sql_addr()));
-    let keeper = tokio::spawn(reg.clone().keep_registered(SimPd));
+    let pd = SimPd::new(Some(world.links.clone()));
+    let keeper = tokio::spawn(reg.clone().keep_registered(pd.clone()));
     if let Some(f) = fault {
         sleep_until(f.at).await;
         world.fault_begins(i, s.fault_breaks_sessions(&f), now());
@@ -293,7 +297,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
                 world.event(now(), format_args!("tidb-{i} shut down"));
                 keeper.abort();
                 // As TiDB: one try; if PD is down, the lease ends it.
-                if let Err(e) = reg.deregister(&SimPd).await {
+                if let Err(e) = reg.deregister(&pd).await {
                     world.event(
                         now(),
                         format_args!("tidb-{i}: PD deregistration failed: {e}"),
@@ -305,7 +309,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
                     world.tidb_started(i, h.clone(), h.sql_addr().ip());
                     world.tidb_restarted(i);
                     world.event(now(), format_args!("tidb-{i} restarted"));
-                    tokio::spawn(reg.clone().keep_registered(SimPd));
+                    tokio::spawn(reg.clone().keep_registered(pd.clone()));
                 }
             }
             FaultKind::Crash { .. } => {
@@ -337,7 +341,9 @@ async fn proxy_host(
     }) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let net = TurmoilNet::new("proxy").with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed);
+    let net = TurmoilNet::new("proxy")
+        .with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed)
+        .with_links(world.links.clone());
     let proxy = tiproxy_runtime::start_on(net, proxy_config()).await?;
     let st = proxy.state().clone();
     // Before the first session: start_on's tasks have not run yet.
@@ -390,41 +396,61 @@ async fn proxy_host(
     }
 }
 
-/// Holds and releases links as the scenario says (turmoil applies them to
-/// every host; this host only keeps the schedule).
+/// Holds, cuts and releases links as the scenario says (turmoil applies
+/// holds to every host; this host only keeps the schedule).
 async fn network_faults(world: Arc<World>) -> turmoil::Result {
-    // (when, link, hold): link `usize::MAX` is proxy <-> pd.
-    let mut steps: Vec<(Duration, usize, bool)> = Vec::new();
-    for h in &world.scenario.held_links {
-        steps.push((h.at, h.tidb, true));
-        steps.push((h.at + h.len, h.tidb, false));
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum Step {
+        Hold,
+        Cut,
+        Release,
     }
-    if let Some((at, len)) = world.scenario.pd_held {
-        steps.push((at, usize::MAX, true));
-        steps.push((at + len, usize::MAX, false));
+    // (when, link, step): link `None` is proxy <-> pd.
+    let s = &world.scenario;
+    let mut steps: Vec<(Duration, Option<usize>, Step)> = Vec::new();
+    for h in &s.held_links {
+        steps.push((h.at, Some(h.tidb), Step::Hold));
+        steps.push((h.at + h.len, Some(h.tidb), Step::Release));
+    }
+    if let Some((at, len)) = s.pd_held {
+        steps.push((at, None, Step::Hold));
+        steps.push((at + len, None, Step::Release));
+    }
+    for p in &s.partitions {
+        steps.push((p.at, p.tidb, Step::Hold));
+        steps.push((p.cut_at(), p.tidb, Step::Cut));
+        steps.push((p.at + p.len, p.tidb, Step::Release));
     }
     steps.sort();
     // Nested holds of one link end with the last release.
-    let mut held: std::collections::BTreeMap<usize, u32> = Default::default();
-    for (at, i, hold) in steps {
+    let mut held: std::collections::BTreeMap<Option<usize>, u32> = Default::default();
+    for (at, link, step) in steps {
         sleep_until(at).await;
-        let host = if i == usize::MAX {
-            PD_HOST.to_string()
-        } else {
-            Scenario::tidb_host(i)
-        };
-        let n = held.entry(i).or_default();
-        if hold {
-            *n += 1;
-            if *n == 1 {
-                turmoil::hold("proxy", host.as_str());
-                world.event(now(), format_args!("net: proxy <-> {host} held"));
+        let host = link.map_or(PD_HOST.to_string(), Scenario::tidb_host);
+        let n = held.entry(link).or_default();
+        match step {
+            Step::Hold => {
+                *n += 1;
+                if *n == 1 {
+                    turmoil::hold("proxy", host.as_str());
+                    world.event(now(), format_args!("net: proxy <-> {host} held"));
+                }
             }
-        } else {
-            *n -= 1;
-            if *n == 0 {
-                turmoil::release("proxy", host.as_str());
-                world.event(now(), format_args!("net: proxy <-> {host} released"));
+            Step::Cut => {
+                world
+                    .links
+                    .cut(turmoil::lookup("proxy"), turmoil::lookup(host.as_str()));
+                match link {
+                    Some(i) => world.partition_cut(i, now()),
+                    None => world.event(now(), "net: proxy <-> pd cut"),
+                }
+            }
+            Step::Release => {
+                *n -= 1;
+                if *n == 0 {
+                    turmoil::release("proxy", host.as_str());
+                    world.event(now(), format_args!("net: proxy <-> {host} released"));
+                }
             }
         }
     }

@@ -93,6 +93,32 @@ pub struct HeldLink {
     pub len: Duration,
 }
 
+/// How long a partition lasts before TCP gives up on the connections
+/// across it and resets them (retransmissions or keep-alives exhausted;
+/// minutes in production, compressed here so runs stay short).
+pub const TCP_GIVES_UP: Duration = Duration::from_secs(5);
+
+/// A partition that loses messages, between the proxy and a TiDB (or PD),
+/// outlasting [`TCP_GIVES_UP`]: it is a held link until then; then every
+/// connection across it is reset at both ends; connections made later wait
+/// for the link like any segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    /// Which TiDB (index), or `None` for PD.
+    pub tidb: Option<usize>,
+    /// When it starts.
+    pub at: Duration,
+    /// How long it lasts (more than [`TCP_GIVES_UP`]).
+    pub len: Duration,
+}
+
+impl Partition {
+    /// When TCP gives up and resets the connections across it.
+    pub fn cut_at(&self) -> Duration {
+        self.at + TCP_GIVES_UP
+    }
+}
+
 /// Relative weights of a session's operations (0: never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mix {
@@ -208,6 +234,8 @@ pub struct Scenario {
     /// proxy's watch hears nothing, gives up after its keep-alive silence
     /// and cannot connect again until the link is released.
     pub pd_held: Option<(Duration, Duration)>,
+    /// Partitions long enough that TCP resets the connections across them.
+    pub partitions: Vec<Partition>,
     /// Links between the proxy and a TiDB held for a while, in time order.
     pub held_links: Vec<HeldLink>,
     /// Client hosts.
@@ -312,6 +340,28 @@ impl Scenario {
                 Duration::from_millis(pdr.random_range(500..10_000)),
             )
         });
+        // Partitions, from a stream of their own.
+        let mut partr = StdRng::seed_from_u64(seed ^ 0x7061_7274_6974_696f);
+        let partitions: Vec<Partition> = partr
+            .random_bool(0.3)
+            .then(|| {
+                let tidb = partr
+                    .random_bool(0.75)
+                    .then(|| partr.random_range(0..total));
+                let mut at = Duration::from_millis(partr.random_range(2_000..15_000));
+                if tidb == Some(initial_tidbs)
+                    && let Some(t) = added_tidb
+                {
+                    at = at.max(t + Duration::from_secs(1));
+                }
+                Partition {
+                    tidb,
+                    at,
+                    len: TCP_GIVES_UP + Duration::from_millis(partr.random_range(500..7_000)),
+                }
+            })
+            .into_iter()
+            .collect();
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -337,6 +387,14 @@ impl Scenario {
             .chain(pd_outage.map(|(at, len)| at + len + pd_delay + PD_RECONNECT))
             .chain(pd_held.map(|(at, len)| at + len + pd_delay + PD_RECONNECT))
             .chain(held_links.iter().map(|h| h.at + h.len))
+            .chain(partitions.iter().map(|p| {
+                p.at + p.len
+                    + if p.tidb.is_none() {
+                        pd_delay + PD_RECONNECT
+                    } else {
+                        Duration::ZERO
+                    }
+            }))
             .max()
             .unwrap_or(Duration::from_secs(5));
         Scenario {
@@ -349,6 +407,7 @@ impl Scenario {
             pd_delay,
             pd_outage,
             pd_held,
+            partitions,
             held_links,
             client_hosts,
             sessions,
@@ -381,6 +440,9 @@ impl Scenario {
                         .held_links
                         .iter()
                         .any(|h| h.at <= f.at + graceful_wait && f.at <= h.at + h.len)
+                    || self.partitions.iter().any(|p| {
+                        p.tidb.is_some() && p.at <= f.at + graceful_wait && f.at <= p.at + p.len
+                    })
             }
             FaultKind::Crash { .. } => true,
         }
@@ -452,6 +514,16 @@ impl fmt::Display for Scenario {
                 "  held link: proxy <-> pd from {}ms for {}ms",
                 ms(at),
                 ms(len)
+            )?;
+        }
+        for p in &self.partitions {
+            writeln!(
+                f,
+                "  partition: proxy <-> {} from {}ms for {}ms (connections across it reset at {}ms)",
+                p.tidb.map_or("pd".to_string(), Self::tidb_host),
+                ms(p.at),
+                ms(p.len),
+                ms(p.cut_at())
             )?;
         }
         for h in &self.held_links {

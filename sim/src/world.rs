@@ -15,7 +15,7 @@ use std::time::Duration;
 use tiproxy_runtime::proxy::State;
 use tiproxy_runtime::router::FAILED_BACKEND_PAUSE;
 
-use crate::net::TurmoilNet;
+use crate::net::{Links, TurmoilNet};
 use crate::scenario::Scenario;
 use crate::tidb::{Cluster, TidbHandle};
 
@@ -126,6 +126,8 @@ struct Inner {
     /// TiDBs down or going down after their fault (not valid final homes);
     /// a restarted one leaves the set.
     faulted: BTreeSet<usize>,
+    /// When each TiDB last started.
+    started_at: BTreeMap<usize, Duration>,
     /// Proxy connection ids of the sessions that were on a TiDB when it
     /// broke.
     broken: BTreeSet<u32>,
@@ -149,6 +151,11 @@ pub const CONNECT_GRACE: Duration = Duration::from_secs(2);
 /// is paused for [`FAILED_BACKEND_PAUSE`] plus about one probe interval.
 pub const HELD_LINK_RECOVERY: Duration = Duration::from_secs(FAILED_BACKEND_PAUSE.as_secs() + 1);
 
+/// How long after a TiDB starts (besides PD's own delay) the proxy may not
+/// know it yet: its registration, the proxy's read of PD, and the first
+/// answer of its status port (every second).
+pub const JOIN_RECOGNITION: Duration = Duration::from_secs(2);
+
 /// The shared state of one run.
 #[derive(Debug)]
 pub struct World {
@@ -158,6 +165,8 @@ pub struct World {
     pub cluster: Arc<Cluster>,
     /// Print every trace event.
     pub verbose: bool,
+    /// The links partitions cut.
+    pub links: Arc<Links>,
     inner: Mutex<Inner>,
 }
 
@@ -173,6 +182,7 @@ impl World {
             scenario,
             cluster,
             verbose,
+            links: Links::new(),
             inner: Mutex::new(Inner::default()),
         })
     }
@@ -233,6 +243,7 @@ impl World {
     /// TiDB `i` started, at `ip`.
     pub fn tidb_started(&self, i: usize, h: TidbHandle, ip: IpAddr) {
         let mut g = self.lock();
+        g.started_at.insert(i, now());
         g.tidbs.insert(i, h);
         g.tidb_ips.insert(ip, i);
     }
@@ -297,6 +308,35 @@ impl World {
         );
     }
 
+    /// TCP gave up on the partition between the proxy and TiDB `i`: every
+    /// connection across it is reset now, so the sessions the proxy has on
+    /// it may see errors (their state is on the other side).
+    pub fn partition_cut(&self, i: usize, at: Duration) {
+        let addr = format!("{}:4000", Scenario::tidb_host(i));
+        let on_it: Vec<u32> = self
+            .proxy()
+            .map(|st| {
+                st.sessions()
+                    .into_iter()
+                    .filter(|(_, mb)| mb.backend().is_some_and(|b| b.addr == addr))
+                    .map(|(id, _)| id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        {
+            let mut g = self.lock();
+            g.breaking_faults.push(at);
+            g.broken.extend(on_it.iter().copied());
+        }
+        self.event(
+            at,
+            format_args!(
+                "net: proxy <-> tidb-{i} cut: {} session(s) on it may see errors",
+                on_it.len()
+            ),
+        );
+    }
+
     /// Whether an error on the session with proxy connection id `conn`
     /// (the id in the proxy's greeting; `None` for a connect) at `at` is one
     /// the scenario makes unavoidable.
@@ -318,14 +358,20 @@ impl World {
             return true;
         }
         // A connect while no TiDB could take it: each one is down after its
-        // fault, not started yet, or behind a held link (or was, so recently
-        // that the proxy still pauses it).
+        // fault, not started yet or so recently that the proxy cannot know
+        // it yet, or behind a held link (or was, so recently that the proxy
+        // still pauses it).
         conn.is_none()
             && (0..self.scenario.total_tidbs()).all(|i| {
                 g.faulted.contains(&i)
-                    || !g.tidbs.contains_key(&i)
+                    || g.started_at
+                        .get(&i)
+                        .is_none_or(|t| at <= *t + self.scenario.pd_delay + JOIN_RECOGNITION)
                     || self.scenario.held_links.iter().any(|h| {
                         h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY
+                    })
+                    || self.scenario.partitions.iter().any(|p| {
+                        p.tidb == Some(i) && p.at <= at && at <= p.at + p.len + HELD_LINK_RECOVERY
                     })
             })
     }
