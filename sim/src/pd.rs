@@ -593,11 +593,8 @@ mod tests {
                 // Quiet while the lease is kept alive (progress notices).
                 let t0 = tokio::time::Instant::now();
                 let mut quiet = 0;
-                loop {
-                    match w.next().await? {
-                        WatchNews::Quiet => quiet += 1,
-                        WatchNews::Changed => break,
-                    }
+                while w.next().await? == WatchNews::Quiet {
+                    quiet += 1;
                 }
                 assert!(quiet >= 4, "{quiet} progress notices");
                 // Expired between 5 s (last renewal) + 3 s TTL, after it.
