@@ -260,3 +260,53 @@ impl Network for TurmoilNet {
         self.rng_seed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A cut resets the connections open across it, at both ends, wakes
+    /// a reader parked on one, and leaves later connections alone.
+    #[test]
+    fn a_cut_resets_open_connections_at_both_ends() {
+        let mut sim = turmoil::Builder::new().build();
+        let links = Links::new();
+        {
+            let links = links.clone();
+            sim.host("server", move || {
+                let net = TurmoilNet::new("server").with_links(links.clone());
+                async move {
+                    let l = net.bind("0.0.0.0:9000").await?;
+                    // First connection: a parked read that the cut ends.
+                    let (mut s, _) = net.accept(&l).await?;
+                    let mut b = [0u8; 1];
+                    let e = s.read(&mut b).await.expect_err("reset by the cut");
+                    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+                    // Second one, after the cut: works.
+                    let (mut s, _) = net.accept(&l).await?;
+                    s.read_exact(&mut b).await?;
+                    s.write_all(&b).await?;
+                    Ok(())
+                }
+            });
+        }
+        let cl = links.clone();
+        sim.client("client", async move {
+            let net = TurmoilNet::new("client").with_links(cl.clone());
+            let mut s = net.connect("server:9000").await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cl.cut(turmoil::lookup("client"), turmoil::lookup("server"));
+            let e = s.write_all(b"x").await.expect_err("reset by the cut");
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+            let mut s = net.connect("server:9000").await?;
+            s.write_all(b"y").await?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await?;
+            assert_eq!(&b, b"y");
+            Ok(())
+        });
+        sim.run().unwrap();
+    }
+}
