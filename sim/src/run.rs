@@ -265,7 +265,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     let fault = s.fault_of(i).copied();
     let (graceful_wait, ttl) = match fault.map(|f| f.kind) {
         Some(FaultKind::GracefulShutdown { graceful_wait, .. }) => (graceful_wait, TIDB_LEASE),
-        Some(FaultKind::Crash { lease }) => (Duration::ZERO, lease),
+        Some(FaultKind::Crash { lease, .. }) => (Duration::ZERO, lease),
         None => (Duration::ZERO, TIDB_LEASE),
     };
     let sql_addr = format!("0.0.0.0:{TIDB_SQL_PORT}");
@@ -291,7 +291,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     if let Some(f) = fault {
         sleep_until(f.at).await;
         world.fault_begins(i, s.fault_breaks_sessions(&f), now());
-        match f.kind {
+        let restart_after = match f.kind {
             FaultKind::GracefulShutdown { restart_after, .. } => {
                 h.graceful_shutdown().await;
                 world.event(now(), format_args!("tidb-{i} shut down"));
@@ -303,21 +303,23 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
                         format_args!("tidb-{i}: PD deregistration failed: {e}"),
                     );
                 }
-                if let Some(r) = restart_after {
-                    tokio::time::sleep(r).await;
-                    let h = start().await?;
-                    world.tidb_started(i, h.clone(), h.sql_addr().ip());
-                    world.tidb_restarted(i);
-                    world.event(now(), format_args!("tidb-{i} restarted"));
-                    tokio::spawn(reg.clone().keep_registered(pd.clone()));
-                }
+                restart_after
             }
-            FaultKind::Crash { .. } => {
+            FaultKind::Crash { restart_after, .. } => {
                 h.kill();
                 keeper.abort();
                 h.stopped().await;
                 world.event(now(), format_args!("tidb-{i} crashed"));
+                restart_after
             }
+        };
+        if let Some(r) = restart_after {
+            tokio::time::sleep(r).await;
+            let h = start().await?;
+            world.tidb_started(i, h.clone(), h.sql_addr().ip());
+            world.tidb_restarted(i);
+            world.event(now(), format_args!("tidb-{i} restarted"));
+            tokio::spawn(reg.clone().keep_registered(pd.clone()));
         }
     }
     std::future::pending::<()>().await;

@@ -35,6 +35,9 @@ pub enum FaultKind {
         /// between two thirds of this (it renews every third) and all of
         /// it after the crash.
         lease: Duration,
+        /// Starts again (same addresses, same store) this long after the
+        /// crash, and registers again.
+        restart_after: Option<Duration>,
     },
 }
 
@@ -64,7 +67,9 @@ impl Fault {
                     + graceful_wait
                     + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
             }
-            FaultKind::Crash { .. } => self.at,
+            FaultKind::Crash { restart_after, .. } => {
+                self.at + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
+            }
         }
     }
 
@@ -262,6 +267,8 @@ impl Scenario {
         // start, so some TiDB always serves.
         let n_faults = rng.random_range(0..=(initial_tidbs - 1).min(2));
         let mut candidates: Vec<usize> = (0..total).collect();
+        // Crash restarts came later: a stream of their own.
+        let mut restarts = StdRng::seed_from_u64(seed ^ 0x6372_6173_685f_7273);
         let mut faults = Vec::new();
         for _ in 0..n_faults {
             let tidb = candidates.remove(rng.random_range(0..candidates.len()));
@@ -278,6 +285,9 @@ impl Scenario {
                             .as_secs()
                             .max(1),
                     ),
+                    restart_after: restarts
+                        .random_bool(0.5)
+                        .then(|| Duration::from_millis(restarts.random_range(500..8_000))),
                 }
             } else {
                 FaultKind::GracefulShutdown {
@@ -489,12 +499,19 @@ impl fmt::Display for Scenario {
                         None => String::new(),
                     }
                 )?,
-                FaultKind::Crash { lease } => writeln!(
+                FaultKind::Crash {
+                    lease,
+                    restart_after,
+                } => writeln!(
                     f,
-                    "  fault: tidb-{} crashes at {}ms, its PD lease TTL {}s",
+                    "  fault: tidb-{} crashes at {}ms, its PD lease TTL {}s{}",
                     x.tidb,
                     ms(x.at),
-                    lease.as_secs()
+                    lease.as_secs(),
+                    match restart_after {
+                        Some(r) => format!(", restarts {}ms later", ms(r)),
+                        None => String::new(),
+                    }
                 )?,
             }
         }
