@@ -146,6 +146,9 @@ pub struct Mix {
     /// Reads back all of its own keys (a long result set) and checks that
     /// every commit it was told of is there and nothing it was told failed.
     pub scan: u32,
+    /// Quits and connects again, setting its state up anew (a pool
+    /// recycling its connections): new sessions arrive during faults.
+    pub reconnect: u32,
 }
 
 impl Mix {
@@ -167,12 +170,14 @@ impl Mix {
             prepared: w(4),
             idle: w(3),
             scan: 0,
+            reconnect: 0,
         };
         m.scan = if later.random_bool(0.35) {
             0
         } else {
             later.random_range(1..=2)
         };
+        m.reconnect = u32::from(later.random_bool(0.5));
         if m.total() == 0 {
             m.insert = 1;
         }
@@ -189,6 +194,7 @@ impl Mix {
             + self.prepared
             + self.idle
             + self.scan
+            + self.reconnect
     }
 }
 
@@ -563,7 +569,7 @@ impl fmt::Display for Scenario {
             let m = s.mix;
             writeln!(
                 f,
-                "    s{} host client-{} user {} deprecate_eof={} use_db={} start {}ms think<{}ms mix insert={} increment={} txn={} uservar={} check={} prepared={} idle={} scan={}",
+                "    s{} host client-{} user {} deprecate_eof={} use_db={} start {}ms think<{}ms mix insert={} increment={} txn={} uservar={} check={} prepared={} idle={} scan={} reconnect={}",
                 s.id,
                 s.host,
                 s.user,
@@ -578,7 +584,8 @@ impl fmt::Display for Scenario {
                 m.state_check,
                 m.prepared,
                 m.idle,
-                m.scan
+                m.scan,
+                m.reconnect
             )?;
         }
         Ok(())

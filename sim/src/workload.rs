@@ -58,6 +58,7 @@ enum Op {
     StateCheck,
     Prepared,
     Idle,
+    Reconnect,
     Scan,
 }
 
@@ -164,6 +165,7 @@ impl ClientSession {
             (m.prepared, Op::Prepared),
             (m.idle, Op::Idle),
             (m.scan, Op::Scan),
+            (m.reconnect, Op::Reconnect),
         ] {
             if x < w {
                 return op;
@@ -419,6 +421,20 @@ impl ClientSession {
                 Ok(())
             }
             Op::Scan => self.scan().await,
+            Op::Reconnect => {
+                if let Some(c) = self.client.take() {
+                    self.world.op();
+                    // COM_QUIT has no answer; the proxy closes both legs.
+                    if let Ok(Err(e)) = tokio::time::timeout(OP_TIMEOUT, c.quit()).await {
+                        self.event(format_args!("quit: {e}"));
+                    }
+                    self.event("quit to reconnect");
+                }
+                self.conn = None;
+                self.expected = None;
+                self.identity = None;
+                self.connect().await
+            }
             Op::Idle => {
                 let left = self.world.scenario.workload_end.saturating_sub(now());
                 let ms = self.rng.random_range(100..2_000u64);
