@@ -653,7 +653,7 @@ async fn check_backend<N: Network>(
     b: Arc<crate::router::Backend>,
     failure_threshold: u32,
     d: crate::config::HealthCheckDurations,
-    probe_due: bool,
+    mut probe_due: bool,
 ) {
     if let Some(status) = &b.status_addr {
         match http_status(&st.shared.net, status, "/status", d.dial_timeout).await {
@@ -662,6 +662,10 @@ async fn check_backend<N: Network>(
                 b.set_known();
                 if b.check_passing(Check::Probe) {
                     st.shared.router.mark_ok(&b.addr);
+                } else {
+                    // Answering again (a restart): check its SQL port now,
+                    // not an `interval` later (seed 1603).
+                    probe_due = true;
                 }
                 if code == 200 {
                     if b.set_draining(false) {

@@ -160,6 +160,8 @@ impl PdStore {
     fn changed(&self, g: &mut Inner, key: &str, what: &str) {
         g.revision += 1;
         g.history.push((g.revision, key.to_string()));
+        // Watchers wake on the revision (the channel has its own lock).
+        self.revisions.send_replace(g.revision);
         // Only registration keys make the trace: the TTL refreshes carry
         // wall-clock stamps and the proxy's own key its binary's path.
         if key.ends_with("/info") {
@@ -188,17 +190,11 @@ impl PdStore {
                 }
                 g.kvs.insert(key.clone(), (value, lease));
                 self.changed(&mut g, &key, "put");
-                let rev = g.revision;
-                drop(g);
-                self.revisions.send_replace(rev);
                 Reply::Done
             }
             Request::Delete { key } => {
                 if g.kvs.remove(&key).is_some() {
                     self.changed(&mut g, &key, "deleted");
-                    let rev = g.revision;
-                    drop(g);
-                    self.revisions.send_replace(rev);
                 }
                 Reply::Done
             }
@@ -244,9 +240,6 @@ impl PdStore {
             .filter(|(_, l)| l.deadline <= at)
             .map(|(id, _)| *id)
             .collect();
-        if dead.is_empty() {
-            return;
-        }
         for id in &dead {
             g.leases.remove(id);
             let keys: Vec<String> = g
@@ -260,9 +253,6 @@ impl PdStore {
                 self.changed(&mut g, &k, &format!("lease {id} expired:"));
             }
         }
-        let rev = g.revision;
-        drop(g);
-        self.revisions.send_replace(rev);
     }
 
     /// Whether anything under `prefix` changed after revision `seen`.

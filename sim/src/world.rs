@@ -272,49 +272,10 @@ impl World {
         self.lock().faulted.contains(&i)
     }
 
-    /// TiDB `i`'s fault begins. When it `breaks` sessions (a crash, or a
-    /// shutdown without graceful wait), the sessions the proxy has on it
-    /// now are marked: their errors are unavoidable.
-    pub fn fault_begins(&self, i: usize, breaks: bool, at: Duration) {
+    /// The proxy connection ids of the sessions the proxy has on TiDB `i`.
+    fn sessions_on(&self, i: usize) -> Vec<u32> {
         let addr = format!("{}:4000", Scenario::tidb_host(i));
-        let proxy = self.proxy();
-        let mut on_it = Vec::new();
-        if let Some(st) = &proxy {
-            for (id, mb) in st.sessions() {
-                if mb.backend().is_some_and(|b| b.addr == addr) {
-                    on_it.push(id);
-                }
-            }
-        }
-        {
-            let mut g = self.lock();
-            g.faulted.insert(i);
-            if breaks {
-                g.breaking_faults.push(at);
-                g.broken.extend(on_it.iter().copied());
-            }
-        }
-        self.event(
-            at,
-            format_args!(
-                "fault begins on tidb-{i}: {} session(s) on it {}",
-                on_it.len(),
-                if breaks {
-                    "may see errors"
-                } else {
-                    "must move"
-                }
-            ),
-        );
-    }
-
-    /// TCP gave up on the partition between the proxy and TiDB `i`: every
-    /// connection across it is reset now, so the sessions the proxy has on
-    /// it may see errors (their state is on the other side).
-    pub fn partition_cut(&self, i: usize, at: Duration) {
-        let addr = format!("{}:4000", Scenario::tidb_host(i));
-        let on_it: Vec<u32> = self
-            .proxy()
+        self.proxy()
             .map(|st| {
                 st.sessions()
                     .into_iter()
@@ -322,18 +283,43 @@ impl World {
                     .map(|(id, _)| id)
                     .collect()
             })
-            .unwrap_or_default();
-        {
-            let mut g = self.lock();
-            g.breaking_faults.push(at);
-            g.broken.extend(on_it.iter().copied());
-        }
+            .unwrap_or_default()
+    }
+
+    /// Something broke the sessions on TiDB `i` at `at`: their errors, and
+    /// connects racing it, are unavoidable. Returns how many there were.
+    fn sessions_broken(&self, i: usize, at: Duration) -> usize {
+        let on_it = self.sessions_on(i);
+        let mut g = self.lock();
+        g.breaking_faults.push(at);
+        g.broken.extend(on_it.iter().copied());
+        on_it.len()
+    }
+
+    /// TiDB `i`'s fault begins. When it `breaks` sessions (a crash, or a
+    /// shutdown without graceful wait), the sessions the proxy has on it
+    /// now are marked: their errors are unavoidable.
+    pub fn fault_begins(&self, i: usize, breaks: bool, at: Duration) {
+        self.lock().faulted.insert(i);
+        let (n, what) = if breaks {
+            (self.sessions_broken(i, at), "may see errors")
+        } else {
+            (self.sessions_on(i).len(), "must move")
+        };
         self.event(
             at,
-            format_args!(
-                "net: proxy <-> tidb-{i} cut: {} session(s) on it may see errors",
-                on_it.len()
-            ),
+            format_args!("fault begins on tidb-{i}: {n} session(s) on it {what}"),
+        );
+    }
+
+    /// TCP gave up on the partition between the proxy and TiDB `i`: every
+    /// connection across it is reset now, so the sessions the proxy has on
+    /// it may see errors (their state is on the other side).
+    pub fn partition_cut(&self, i: usize, at: Duration) {
+        let n = self.sessions_broken(i, at);
+        self.event(
+            at,
+            format_args!("net: proxy <-> tidb-{i} cut: {n} session(s) on it may see errors"),
         );
     }
 
