@@ -58,10 +58,16 @@ impl MariaDb {
             .map_err(MariaDbError::TempDir)?
             .keep();
         let datadir = dir.join("data");
+        // A private tmpdir: installs running side by side (a process per
+        // test under nextest) otherwise collide on temporary tables in /tmp
+        // ("Error on delete of '/tmp/#sql-temptable-...'").
+        let tmpdir = dir.join("tmp");
+        std::fs::create_dir_all(&tmpdir).map_err(MariaDbError::TempDir)?;
         let output = Command::new(&bin.install_db)
             .arg("--no-defaults")
             .arg("--user=root")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--tmpdir={}", tmpdir.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
             .output()
@@ -100,6 +106,7 @@ impl MariaDb {
             .arg("--no-defaults")
             .arg("--user=root")
             .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.join("sock").display()))

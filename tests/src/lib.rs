@@ -11,6 +11,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
+
+/// The test binary's MariaDB, started on first use (one per test binary).
+pub fn mariadb() -> &'static MariaDb {
+    static DB: OnceLock<MariaDb> = OnceLock::new();
+    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
+}
+
+/// mysql_async options for the app user and the test database at `addr`
+/// (MariaDB itself, or a proxy in front of it).
+pub fn opts(addr: SocketAddr) -> mysql_async::Opts {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .user(Some(APP_USER))
+        .pass(Some(APP_PASSWORD))
+        .db_name(Some(DATABASE))
+        .prefer_socket(false)
+        .into()
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

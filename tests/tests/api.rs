@@ -3,27 +3,10 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use mysql_async::prelude::*;
-use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
-use tiproxy_tests::{ProxyProcess, binary};
-
-fn mariadb() -> &'static MariaDb {
-    static DB: OnceLock<MariaDb> = OnceLock::new();
-    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
-}
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_conformance::mariadb::{APP_USER, DATABASE};
+use tiproxy_tests::{ProxyProcess, binary, mariadb, opts};
 
 fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     tiproxy_tests::http_request_with_body(addr, method, path, body)

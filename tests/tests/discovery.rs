@@ -3,29 +3,11 @@
 //! MariaDB stands in for TiDB (discovery does not care what answers).
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, PutOptions};
 use mysql_async::prelude::*;
-use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
-use tiproxy_tests::{Etcd, ProxyProcess};
-
-fn mariadb() -> &'static MariaDb {
-    static DB: OnceLock<MariaDb> = OnceLock::new();
-    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
-}
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{Etcd, ProxyProcess, mariadb, opts};
 
 async fn query_ok(addr: SocketAddr) -> Result<(), mysql_async::Error> {
     let mut c = mysql_async::Conn::new(opts(addr)).await?;

@@ -3,28 +3,10 @@
 //! metrics and not as log lines, and the JSON encoder into a log file.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
-use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
-use tiproxy_tests::ProxyProcess;
-
-fn mariadb() -> &'static MariaDb {
-    static DB: OnceLock<MariaDb> = OnceLock::new();
-    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
-}
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, mariadb, opts};
 
 fn config(sql: SocketAddr, api: SocketAddr, log: &str) -> String {
     let db = mariadb().addr();

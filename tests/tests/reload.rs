@@ -5,29 +5,13 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mysql_async::prelude::*;
-use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
-use tiproxy_tests::ProxyProcess;
-
-fn mariadb() -> &'static MariaDb {
-    static DB: OnceLock<MariaDb> = OnceLock::new();
-    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
-}
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_conformance::mariadb::MariaDb;
+use tiproxy_tests::{ProxyProcess, mariadb, opts};
 
 /// Replaces `from` with `to` in the proxy's config file, as an editor would.
 fn edit(p: &ProxyProcess, from: &str, to: &str) {

@@ -4,30 +4,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
-use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
 use tiproxy_core::packet::{PacketDecoder, write_packet};
 use tiproxy_core::response::ErrPacket;
-use tiproxy_tests::{ProxyProcess, binary, free_port, http_get};
-
-fn mariadb() -> &'static MariaDb {
-    static DB: OnceLock<MariaDb> = OnceLock::new();
-    DB.get_or_init(|| MariaDb::start().expect("start MariaDB"))
-}
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some(DATABASE))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, binary, free_port, http_get, mariadb, opts};
 
 /// A client works: connect, query, disconnect.
 async fn works(addr: SocketAddr) {
