@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use turmoil::net::{TcpListener, TcpStream};
 
 use tiproxy_runtime::pd::{Listing, PdClient, PdConnector, PdWatch, WatchNews};
@@ -108,7 +108,10 @@ pub type OnEvent = Box<dyn Fn(Duration, String) + Send + Sync>;
 /// PD's data: outlives the host that serves it.
 pub struct PdStore {
     inner: Mutex<Inner>,
-    revisions: watch::Sender<i64>,
+    /// Wakes watchers on every change. Not a `tokio::sync::watch`: its
+    /// waiters sit in randomly chosen shards, so their wake order (and a
+    /// seed's trace) would differ from run to run.
+    changes: Notify,
     on_event: OnEvent,
 }
 
@@ -133,7 +136,7 @@ impl PdStore {
                 next_lease: 1,
                 ..Inner::default()
             }),
-            revisions: watch::channel(1).0,
+            changes: Notify::new(),
             on_event,
         })
     }
@@ -160,8 +163,7 @@ impl PdStore {
     fn changed(&self, g: &mut Inner, key: &str, what: &str) {
         g.revision += 1;
         g.history.push((g.revision, key.to_string()));
-        // Watchers wake on the revision (the channel has its own lock).
-        self.revisions.send_replace(g.revision);
+        self.changes.notify_waiters();
         // Only registration keys make the trace: the TTL refreshes carry
         // wall-clock stamps and the proxy's own key its binary's path.
         if key.ends_with("/info") {
@@ -320,27 +322,23 @@ async fn serve_conn(
             }
         };
         if let Request::Watch { prefix, revision } = req {
-            let mut revisions = store.revisions.subscribe();
             let mut seen = revision - 1;
             let mut progress_at = tokio::time::Instant::now() + WATCH_PROGRESS;
             loop {
+                // Registered before the check: no change slips between.
+                let notified = store.changes.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 if store.changed_since(&prefix, seen) {
                     tokio::time::sleep(delay).await;
-                    seen = *revisions.borrow_and_update();
+                    seen = store.lock().revision;
                     write_line(&mut w, &Reply::Changed).await?;
                     continue;
                 }
+                seen = store.lock().revision;
                 tokio::select! {
                     biased;
-                    r = revisions.changed() => {
-                        if r.is_err() {
-                            return Ok(());
-                        }
-                        let rev = *revisions.borrow_and_update();
-                        if !store.changed_since(&prefix, seen) {
-                            seen = rev;
-                        }
-                    }
+                    _ = &mut notified => {}
                     l = lines.next_line() => {
                         // The client went away (or broke the protocol).
                         if !matches!(l, Ok(Some(_))) {

@@ -57,7 +57,7 @@ fn every_seed_keeps_every_invariant() {
             report.push_str(&format!("  {v}\n"));
         }
         report.push_str(&format!(
-            "  REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}\n",
+            "  REPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim -- --seed {}\n",
             o.seed
         ));
     }
@@ -82,7 +82,7 @@ fn seeds_that_found_bugs_pass() {
         let o = run_seed(seed);
         assert!(
             o.passed(),
-            "seed {seed} broke again: {:?}\nREPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {seed}",
+            "seed {seed} broke again: {:?}\nREPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim -- --seed {seed}",
             o.violations
         );
     }
