@@ -54,12 +54,22 @@ etcd --data-dir "$dir/etcd" --listen-client-urls "http://$PD" --advertise-client
     --initial-cluster "default=$PEER" >"$dir/etcd.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PD_PORT") 2>/dev/null && break; sleep 0.1; done
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$PD_PORT") 2>/dev/null; then
+    echo "playground: etcd did not start on $PD:" >&2
+    cat "$dir/etcd.log" >&2
+    exit 1
+fi
 
 echo "playground: starting $TIDBS TiDB doubles (SQL $TIDB_SQL_BASE+, status $TIDB_STATUS_BASE+), registered in PD"
 "$bin/tidb-double" --instances "$TIDBS" --sql-port-base "$TIDB_SQL_BASE" --status-port-base "$TIDB_STATUS_BASE" \
     --graceful-wait 5 --pd "$PD" --pd-ttl 10 --control-addr "$CONTROL" >"$dir/tidb.json" 2>"$dir/tidb.log" &
 pids+=($!)
 for _ in $(seq 1 100); do [[ -s "$dir/tidb.json" ]] && break; sleep 0.1; done
+if [[ ! -s "$dir/tidb.json" ]]; then
+    echo "playground: the TiDB doubles did not start:" >&2
+    cat "$dir/tidb.log" >&2
+    exit 1
+fi
 
 cat >"$dir/proxy.toml" <<TOML
 [proxy]

@@ -246,9 +246,7 @@ fn watchdog(seed: u64, steps: Arc<AtomicU64>, done: Arc<AtomicBool>) {
                 eprintln!(
                     "seed {seed}: one simulation step ran for {STUCK_STEP:?} of wall time: a busy loop (livelock) in the proxy or a double"
                 );
-                eprintln!(
-                    "REPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim -- --seed {seed}"
-                );
+                eprintln!("REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {seed}");
                 std::process::exit(3);
             }
         }

@@ -57,7 +57,7 @@ fn every_seed_keeps_every_invariant() {
             report.push_str(&format!("  {v}\n"));
         }
         report.push_str(&format!(
-            "  REPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim -- --seed {}\n",
+            "  REPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {}\n",
             o.seed
         ));
     }
@@ -82,20 +82,13 @@ fn seeds_that_found_bugs_pass() {
         let o = run_seed(seed);
         assert!(
             o.passed(),
-            "seed {seed} broke again: {:?}\nREPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim -- --seed {seed}",
+            "seed {seed} broke again: {:?}\nREPRODUCE WITH: cargo run -p tiproxy-sim -- --seed {seed}",
             o.violations
         );
     }
 }
 
-/// Exact replays need tokio's RNG seeded, which turmoil does only under
-/// `--cfg tokio_unstable` (CI's simulation step builds so, and compares
-/// ten seeds across two processes).
 #[test]
-#[cfg_attr(
-    not(tokio_unstable),
-    ignore = "needs RUSTFLAGS=\"--cfg tokio_unstable\" (tokio::sync::watch wakes in random order otherwise)"
-)]
 fn a_seed_replays_exactly() {
     // A seed with faults, so moves and errors are part of the trace.
     let seed = (0..50)

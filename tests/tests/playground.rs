@@ -49,8 +49,9 @@ fn start_playground() -> Playground {
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let (sql, api, control) = (ports[0], ports[1], ports[2]);
     // etcd wants two consecutive ports (client, peer); TiDB instances get
-    // base + i: take bases in a quiet high range, distinct per process.
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    // base + i: take bases below the kernel's ephemeral range (32768+),
+    // where outgoing connections cannot hold them, distinct per process.
+    let base = 20000 + (std::process::id() % 1200) as u16 * 10;
     let mut child = Command::new("bash")
         .arg(workspace().join("scripts/run.sh"))
         .env("TIPROXY_BIN_DIR", &bin_dir)

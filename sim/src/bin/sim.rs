@@ -75,7 +75,7 @@ fn report(o: &Outcome, plant: &str) {
     }
     if !o.passed() {
         println!(
-            "REPRODUCE WITH: RUSTFLAGS=\"--cfg tokio_unstable\" cargo run -p tiproxy-sim{} -- --seed {}{plant}",
+            "REPRODUCE WITH: cargo run -p tiproxy-sim{} -- --seed {}{plant}",
             if plant.is_empty() {
                 ""
             } else {

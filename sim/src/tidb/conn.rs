@@ -17,12 +17,11 @@ use tiproxy_core::wire::{Reader, put_lenenc_bytes, put_lenenc_int};
 use tiproxy_core::{CapabilityFlags, Command, StatusFlags};
 use tiproxy_runtime::net::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::auth::{check_scramble, plugin};
 use super::error::SqlError;
-use super::server::{ConnGuard, Instance, Phase, ProcessEntry, reached};
+use super::server::{ConnGuard, Instance, Phase, ProcessEntry};
 use super::session::{Column, Output, ResultSet, Session};
 use super::value::{Value, column_type};
 
@@ -41,7 +40,6 @@ pub(crate) async fn serve<S: Stream>(
     inst: Arc<Instance>,
     guard: ConnGuard,
 ) {
-    let mut kill = inst.subscribe();
     let id = guard.id();
     let mut conn = Conn {
         stream,
@@ -56,13 +54,12 @@ pub(crate) async fn serve<S: Stream>(
         session: None,
         multi_statements: false,
     };
-    let idle = inst.subscribe();
     // Biased (here and below): a fixed polling order keeps simulated runs
     // replayable.
     tokio::select! {
         biased;
-        _ = reached(&mut kill, Phase::Stopped) => {}
-        r = conn.run(idle) => {
+        _ = inst.reached(Phase::Stopped) => {}
+        r = conn.run() => {
             if let Err(e) = r {
                 tracing::debug!(conn = id, "connection ended: {e}");
             }
@@ -270,13 +267,14 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    async fn run(&mut self, mut phase: watch::Receiver<Phase>) -> io::Result<()> {
+    async fn run(&mut self) -> io::Result<()> {
+        let inst = Arc::clone(&self.inst);
         if !self.handshake().await? {
             return Ok(());
         }
         loop {
             let in_txn = self.session.as_ref().is_some_and(Session::in_txn);
-            if *phase.borrow() >= Phase::Closing && !in_txn {
+            if inst.phase() >= Phase::Closing && !in_txn {
                 tracing::debug!(
                     conn = self.conn_id,
                     "closing an idle connection for shutdown"
@@ -288,7 +286,7 @@ impl<S: Stream> Conn<S> {
                 biased;
                 r = self.read_packet() => r?,
                 // Only an idle connection outside a transaction is closed here.
-                _ = reached(&mut phase, Phase::Closing), if !in_txn => return Ok(()),
+                _ = inst.reached(Phase::Closing), if !in_txn => return Ok(()),
             };
             let Some(pkt) = pkt else { return Ok(()) };
             if !self.command(pkt.data.freeze()).await? {

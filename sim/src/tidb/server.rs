@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tiproxy_runtime::net::Network;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -111,7 +111,12 @@ pub struct Instance {
     pub(crate) opts: TidbOptions,
     pub(crate) sql_addr: SocketAddr,
     pub(crate) status_addr: SocketAddr,
-    phase: watch::Sender<Phase>,
+    /// The phase, and a wake-up for its changes. Not a
+    /// `tokio::sync::watch`: that puts each waiter in a randomly chosen
+    /// shard, so waiters woke in a different order in every process and a
+    /// simulated crash replayed differently (seed 4).
+    phase: Mutex<Phase>,
+    phase_changed: Notify,
     processes: Mutex<BTreeMap<u64, ProcessEntry>>,
     /// Open SQL connections, handshaking ones included.
     live: AtomicUsize,
@@ -145,23 +150,46 @@ struct Usage {
 impl Instance {
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Moves to `next` if it is later than the current phase.
     pub(crate) fn advance(&self, next: Phase) {
-        self.phase.send_if_modified(|p| {
-            if next > *p {
-                *p = next;
-                true
-            } else {
-                false
-            }
-        });
+        self.update_phase(|p| (next > p).then_some(next));
     }
 
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
+    /// Sets the phase to what `f` returns for the current one, if anything;
+    /// whether it changed.
+    fn update_phase(&self, f: impl FnOnce(Phase) -> Option<Phase>) -> bool {
+        let changed = {
+            let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            match f(*p) {
+                Some(next) => {
+                    *p = next;
+                    true
+                }
+                None => false,
+            }
+        };
+        if changed {
+            // Waiters wake in the order they started waiting.
+            self.phase_changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// Resolves once the phase is at least `p`.
+    pub(crate) async fn reached(&self, p: Phase) {
+        loop {
+            // Registered before the check: no change slips between.
+            let changed = self.phase_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.phase() >= p {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Authenticated sessions (what `/status` counts).
@@ -266,12 +294,6 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Resolves once the phase is at least `p`.
-pub(crate) async fn reached(rx: &mut watch::Receiver<Phase>, p: Phase) {
-    // Err: the instance is gone, which ends everything too.
-    let _ = rx.wait_for(|x| *x >= p).await.map(|_| ());
-}
-
 /// Starts TiDB instances.
 #[derive(Debug)]
 pub struct TidbServer;
@@ -288,13 +310,13 @@ impl TidbServer {
     ) -> io::Result<TidbHandle> {
         let sql_listener = net.bind(sql_addr).await?;
         let status_listener = net.bind(status_addr).await?;
-        let (tx, _) = watch::channel(Phase::Serving);
         let inst = Arc::new(Instance {
             cluster,
             opts,
             sql_addr: net.listener_addr(&sql_listener)?,
             status_addr: net.listener_addr(&status_listener)?,
-            phase: tx,
+            phase: Mutex::new(Phase::Serving),
+            phase_changed: Notify::new(),
             processes: Mutex::new(BTreeMap::new()),
             live: AtomicUsize::new(0),
             conn_closed: Notify::new(),
@@ -320,12 +342,11 @@ impl TidbServer {
 }
 
 async fn accept_loop<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
-    let mut phase = inst.subscribe();
     loop {
         // Biased: a fixed polling order keeps simulated runs replayable.
         tokio::select! {
             biased;
-            _ = reached(&mut phase, Phase::Closing) => break,
+            _ = inst.reached(Phase::Closing) => break,
             r = net.accept(&listener) => match r {
                 Ok((stream, peer)) => {
                     let guard = ConnGuard::new(&inst, inst.cluster.next_conn_id());
@@ -403,14 +424,9 @@ impl TidbHandle {
 
     /// Moves a serving instance to draining; false if it was not serving.
     fn begin_shutdown(&self) -> bool {
-        let mut began = false;
-        self.inst.phase.send_if_modified(|p| {
-            if *p == Phase::Serving {
-                *p = Phase::Draining;
-                began = true;
-            }
-            began
-        });
+        let began = self
+            .inst
+            .update_phase(|p| (p == Phase::Serving).then_some(Phase::Draining));
         if began {
             tracing::info!(sql = %self.inst.sql_addr, "graceful shutdown: reporting unhealthy");
         }
@@ -441,8 +457,7 @@ impl TidbHandle {
     /// Waits until the instance is stopped or killed and all its tasks and
     /// connections are gone.
     pub async fn stopped(&self) {
-        let mut rx = self.inst.subscribe();
-        reached(&mut rx, Phase::Stopped).await;
+        self.inst.reached(Phase::Stopped).await;
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             let _ = t.await;

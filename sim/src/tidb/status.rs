@@ -16,19 +16,17 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tiproxy_runtime::net::Network;
 
-use super::server::{Instance, Phase, reached};
+use super::server::{Instance, Phase};
 
 pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
-    let mut phase = inst.subscribe();
     loop {
         tokio::select! {
             biased;
-            _ = reached(&mut phase, Phase::Stopped) => break,
+            _ = inst.reached(Phase::Stopped) => break,
             r = net.accept(&listener) => {
                 let Ok((stream, _)) = r else { continue };
                 let inst = Arc::clone(&inst);
                 tokio::spawn(async move {
-                    let mut stop = inst.subscribe();
                     let svc_inst = Arc::clone(&inst);
                     let svc = service_fn(move |req| {
                         let inst = Arc::clone(&svc_inst);
@@ -37,7 +35,7 @@ pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<I
                     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
                         biased;
-                        _ = reached(&mut stop, Phase::Stopped) => {}
+                        _ = inst.reached(Phase::Stopped) => {}
                         _ = conn => {}
                     }
                 });
