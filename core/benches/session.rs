@@ -54,6 +54,7 @@ fn establish(deprecate_eof: bool) -> (Session, Instant) {
         max_packet_size: 1 << 24,
         charset: 45,
         filler: [0; 23],
+        mariadb_capabilities: Default::default(),
         username: Bytes::from_static(b"root"),
         auth_response: Bytes::new(),
         database: None,
@@ -73,6 +74,7 @@ fn establish(deprecate_eof: bool) -> (Session, Instant) {
         charset: 46,
         status: StatusFlags::AUTOCOMMIT,
         reserved: [0; 10],
+        mariadb_capabilities: Default::default(),
         auth_plugin: Bytes::from_static(b"mysql_native_password"),
     }
     .write(&mut g);

@@ -156,3 +156,87 @@ bitflags::bitflags! {
         const SESSION_STATE_CHANGED = 1 << 14;
     }
 }
+
+bitflags::bitflags! {
+    /// MariaDB's extended capability flags: the upper 32 bits of MariaDB's
+    /// 64-bit capability word (`MARIADB_CLIENT_*` in `mysql_com.h`; bit `n`
+    /// here is bit `32 + n` there). A MariaDB server that has them clears
+    /// `CLIENT_MYSQL` (`CapabilityFlags::LONG_PASSWORD`) in its greeting and
+    /// writes them into the last 4 bytes of the greeting's reserved area; a
+    /// client that understands them clears `CLIENT_MYSQL` too and answers in
+    /// the last 4 bytes of the handshake response's (and SSL request's)
+    /// filler.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct MariaDbCapabilities: u32 {
+        /// MARIADB_CLIENT_PROGRESS: the server may send progress reports
+        /// (ERR packets with code 0xFFFF) while a statement runs.
+        const PROGRESS = 1;
+        /// MARIADB_CLIENT_COM_MULTI: several commands in one packet
+        /// (COM_MULTI, 0xFE). Removed from servers since 10.6.
+        const COM_MULTI = 1 << 1;
+        /// MARIADB_CLIENT_STMT_BULK_OPERATIONS: COM_STMT_BULK_EXECUTE (0xFA),
+        /// array binding of prepared statement parameters.
+        const STMT_BULK_OPERATIONS = 1 << 2;
+        /// MARIADB_CLIENT_EXTENDED_METADATA (EXTENDED_TYPE_INFO): column
+        /// definitions carry an extra length-encoded string of type and
+        /// format information (`format=json`, `type=point`).
+        const EXTENDED_METADATA = 1 << 3;
+        /// MARIADB_CLIENT_CACHE_METADATA: a column count packet carries a
+        /// "metadata follows" byte; COM_STMT_EXECUTE results skip the
+        /// column definitions the client already has.
+        const CACHE_METADATA = 1 << 4;
+        /// MARIADB_CLIENT_BULK_UNIT_RESULTS: COM_STMT_BULK_EXECUTE may
+        /// answer with a result set holding one row per parameter set.
+        const BULK_UNIT_RESULTS = 1 << 5;
+    }
+}
+
+impl MariaDbCapabilities {
+    /// What a proxy that forwards result sets raw can relay, decided per
+    /// flag (the command tracker follows each through `TrackerOptions`):
+    /// - PROGRESS: a progress report is one ERR-headed packet the tracker
+    ///   recognises by its code (0xFFFF) and forwards without ending the
+    ///   command.
+    /// - STMT_BULK_OPERATIONS: COM_STMT_BULK_EXECUTE answers like
+    ///   COM_STMT_EXECUTE (OK, ERR or a result set); the request is
+    ///   forwarded raw.
+    /// - EXTENDED_METADATA: only column definitions grow, and those are
+    ///   forwarded without being parsed.
+    /// - CACHE_METADATA: the tracker reads the "metadata follows" byte and
+    ///   follows a result set with or without column definitions.
+    /// - BULK_UNIT_RESULTS: a result set where an OK was expected, which
+    ///   the tracker already accepts after COM_STMT_BULK_EXECUTE.
+    ///
+    /// Not COM_MULTI: one packet carries several commands and the answer
+    /// is several responses, which the tracker does not model (and servers
+    /// since 10.6 no longer offer it).
+    pub const PROXY_SUPPORTED: MariaDbCapabilities = MariaDbCapabilities::PROGRESS
+        .union(MariaDbCapabilities::STMT_BULK_OPERATIONS)
+        .union(MariaDbCapabilities::EXTENDED_METADATA)
+        .union(MariaDbCapabilities::CACHE_METADATA)
+        .union(MariaDbCapabilities::BULK_UNIT_RESULTS);
+
+    /// The 4 bytes as they sit on the wire (little-endian).
+    pub fn to_le_bytes(self) -> [u8; 4] {
+        self.bits().to_le_bytes()
+    }
+
+    /// Reads the 4 wire bytes; unknown bits are kept (a proxy intersects
+    /// with [`Self::PROXY_SUPPORTED`] before it relays anything).
+    pub fn from_le_bytes(b: [u8; 4]) -> Self {
+        Self::from_bits_retain(u32::from_le_bytes(b))
+    }
+}
+
+impl CapabilityFlags {
+    /// MariaDB's name for bit 0 (`LONG_PASSWORD`): set by MySQL peers and
+    /// by MariaDB peers that do not use extended capabilities. When it is
+    /// clear, the 4 bytes of MariaDB capabilities are meaningful.
+    pub const CLIENT_MYSQL: CapabilityFlags = CapabilityFlags::LONG_PASSWORD;
+
+    /// Whether this capability word says MariaDB extended capabilities
+    /// follow (`CLIENT_MYSQL` clear).
+    pub fn has_mariadb_extension(self) -> bool {
+        !self.contains(Self::CLIENT_MYSQL)
+    }
+}

@@ -1,11 +1,13 @@
 //! Connection-phase packets: the server's initial handshake (v10), the
 //! client's handshake response (4.1), the SSL request, auth switch request
 //! and auth more data. Each is parsed in exactly one function and built in
-//! exactly one function.
+//! exactly one function. MariaDB extended capabilities ride in the
+//! greeting's reserved area and the response's filler (see
+//! [`MariaDbCapabilities`]) and are typed fields here.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use crate::wire::{Reader, WireError, put_lenenc_bytes, put_nul_bytes};
 
 /// Auth plugin names the proxy knows by name.
@@ -40,11 +42,55 @@ pub struct InitialHandshake {
     pub charset: u8,
     /// Status flags.
     pub status: StatusFlags,
-    /// The 10 reserved bytes after the auth data length; MariaDB keeps its
-    /// extended capabilities in the last four.
+    /// The 10 reserved bytes after the auth data length, as sent. When
+    /// `CLIENT_MYSQL` is clear the last four are MariaDB's extended
+    /// capabilities: they live in `mariadb_capabilities` and are zero here.
     pub reserved: [u8; 10],
+    /// MariaDB extended capabilities (empty when `CLIENT_MYSQL` is set,
+    /// i.e. from MySQL, TiDB, or a MariaDB server that does not offer any).
+    pub mariadb_capabilities: MariaDbCapabilities,
     /// Default auth plugin name.
     pub auth_plugin: Bytes,
+}
+
+/// Where MariaDB's extended capabilities sit in a greeting's reserved area.
+const GREETING_MARIADB_CAPS: std::ops::Range<usize> = 6..10;
+/// Where they sit in a handshake response's (or SSL request's) filler.
+const RESPONSE_MARIADB_CAPS: std::ops::Range<usize> = 19..23;
+
+/// Takes MariaDB's capabilities out of a reserved/filler area when
+/// `caps` says they are there (`CLIENT_MYSQL` clear), zeroing those bytes.
+fn take_mariadb_caps(
+    caps: CapabilityFlags,
+    area: &mut [u8],
+    at: std::ops::Range<usize>,
+) -> MariaDbCapabilities {
+    if !caps.has_mariadb_extension() {
+        return MariaDbCapabilities::empty();
+    }
+    let word = &mut area[at];
+    let mut b = [0u8; 4];
+    b.copy_from_slice(word);
+    word.fill(0);
+    MariaDbCapabilities::from_le_bytes(b)
+}
+
+/// Writes a reserved/filler area with MariaDB's capabilities in place when
+/// `caps` has `CLIENT_MYSQL` clear (a peer then reads them from there).
+fn put_area_with_mariadb_caps(
+    out: &mut BytesMut,
+    area: &[u8],
+    at: std::ops::Range<usize>,
+    caps: CapabilityFlags,
+    mariadb: MariaDbCapabilities,
+) {
+    if caps.has_mariadb_extension() {
+        out.put_slice(&area[..at.start]);
+        out.put_slice(&mariadb.to_le_bytes());
+        out.put_slice(&area[at.end..]);
+    } else {
+        out.put_slice(area);
+    }
 }
 
 impl InitialHandshake {
@@ -71,6 +117,7 @@ impl InitialHandshake {
             charset: 0,
             status: StatusFlags::empty(),
             reserved: [0; 10],
+            mariadb_capabilities: MariaDbCapabilities::empty(),
             auth_plugin: Bytes::new(),
         };
         if r.is_empty() {
@@ -83,6 +130,8 @@ impl InitialHandshake {
             CapabilityFlags::from_bits_retain(u32::from(cap_lo) | u32::from(cap_hi) << 16);
         let auth_len = r.u8("auth plugin data length")?;
         h.reserved.copy_from_slice(r.take(10, "reserved")?);
+        h.mariadb_capabilities =
+            take_mariadb_caps(h.capabilities, &mut h.reserved, GREETING_MARIADB_CAPS);
         if h.capabilities.contains(CapabilityFlags::SECURE_CONNECTION) {
             // The second part is max(13, len - 8) bytes and ends with a NUL
             // that is not part of the salt.
@@ -120,7 +169,13 @@ impl InitialHandshake {
         } else {
             out.put_u8(0);
         }
-        out.put_slice(&self.reserved);
+        put_area_with_mariadb_caps(
+            out,
+            &self.reserved,
+            GREETING_MARIADB_CAPS,
+            self.capabilities,
+            self.mariadb_capabilities,
+        );
         if self
             .capabilities
             .contains(CapabilityFlags::SECURE_CONNECTION)
@@ -143,9 +198,13 @@ pub struct HandshakeResponse {
     pub max_packet_size: u32,
     /// Collation id.
     pub charset: u8,
-    /// The 23 filler bytes (MariaDB clients keep extended capabilities in the
-    /// last four).
+    /// The 23 filler bytes, as sent. When `CLIENT_MYSQL` is clear the last
+    /// four are MariaDB's extended capabilities: they live in
+    /// `mariadb_capabilities` and are zero here.
     pub filler: [u8; 23],
+    /// MariaDB extended capabilities the client asks for (empty when
+    /// `CLIENT_MYSQL` is set).
+    pub mariadb_capabilities: MariaDbCapabilities,
     /// User name.
     pub username: Bytes,
     /// Auth response computed from the salt.
@@ -197,6 +256,10 @@ pub struct SslRequest {
     pub max_packet_size: u32,
     /// Collation id.
     pub charset: u8,
+    /// MariaDB extended capabilities (empty when `CLIENT_MYSQL` is set); a
+    /// MariaDB server reads them here already, so they must match the
+    /// handshake response that follows over TLS.
+    pub mariadb_capabilities: MariaDbCapabilities,
 }
 
 impl SslRequest {
@@ -208,7 +271,13 @@ impl SslRequest {
         out.put_u32_le((self.capabilities | CapabilityFlags::SSL).bits());
         out.put_u32_le(self.max_packet_size);
         out.put_u8(self.charset);
-        out.put_bytes(0, 23);
+        put_area_with_mariadb_caps(
+            out,
+            &[0; 23],
+            RESPONSE_MARIADB_CAPS,
+            self.capabilities,
+            self.mariadb_capabilities,
+        );
     }
 }
 
@@ -249,11 +318,14 @@ impl ClientHello {
         let charset = r.u8("character set")?;
         let mut filler = [0u8; 23];
         filler.copy_from_slice(r.take(23, "filler")?);
+        let mariadb_capabilities =
+            take_mariadb_caps(capabilities, &mut filler, RESPONSE_MARIADB_CAPS);
         if r.is_empty() && capabilities.contains(CapabilityFlags::SSL) {
             return Ok(Self::Ssl(SslRequest {
                 capabilities,
                 max_packet_size,
                 charset,
+                mariadb_capabilities,
             }));
         }
         let username = owned.slice_ref(r.nul_bytes("user name")?);
@@ -300,6 +372,7 @@ impl ClientHello {
             max_packet_size,
             charset,
             filler,
+            mariadb_capabilities,
             username,
             auth_response,
             database,
@@ -318,7 +391,13 @@ impl HandshakeResponse {
         out.put_u32_le(caps.bits());
         out.put_u32_le(self.max_packet_size);
         out.put_u8(self.charset);
-        out.put_slice(&self.filler);
+        put_area_with_mariadb_caps(
+            out,
+            &self.filler,
+            RESPONSE_MARIADB_CAPS,
+            caps,
+            self.mariadb_capabilities,
+        );
         put_nul_bytes(out, &self.username);
         if caps.contains(CapabilityFlags::PLUGIN_AUTH_LENENC_CLIENT_DATA) {
             put_lenenc_bytes(out, &self.auth_response);
@@ -514,6 +593,7 @@ mod tests {
             charset: 46,
             status: StatusFlags::AUTOCOMMIT,
             reserved: [0; 10],
+            mariadb_capabilities: MariaDbCapabilities::empty(),
             auth_plugin: Bytes::from_static(b"mysql_native_password"),
         }
     }
@@ -533,6 +613,7 @@ mod tests {
             max_packet_size: 1 << 24,
             charset: 45,
             filler: [0; 23],
+            mariadb_capabilities: MariaDbCapabilities::empty(),
             username: Bytes::from_static(b"root"),
             auth_response: Bytes::from(vec![7u8; 20]),
             database: Some(Bytes::from_static(b"test")),
@@ -554,6 +635,7 @@ mod tests {
             capabilities: CapabilityFlags::PROTOCOL_41 | CapabilityFlags::SSL,
             max_packet_size: 16 << 20,
             charset: 33,
+            mariadb_capabilities: MariaDbCapabilities::empty(),
         };
         let mut out = BytesMut::new();
         req.write(&mut out);
@@ -592,6 +674,114 @@ mod tests {
         let mut out = BytesMut::new();
         cu.write(&mut out, caps);
         assert_eq!(ChangeUser::parse(&out, caps).unwrap(), cu);
+    }
+
+    /// A MariaDB 10.11 greeting as the server sends it (captured from
+    /// `mariadbd` 10.11.19): CLIENT_MYSQL clear, extended capabilities
+    /// PROGRESS | STMT_BULK_OPERATIONS | EXTENDED_METADATA | CACHE_METADATA
+    /// | BULK_UNIT_RESULTS (0x3d) in the last 4 reserved bytes.
+    #[test]
+    fn mariadb_greeting_carries_extended_capabilities() {
+        let mut h = sample_handshake();
+        h.capabilities -= CapabilityFlags::CLIENT_MYSQL;
+        h.mariadb_capabilities = MariaDbCapabilities::from_bits_retain(0x3d);
+        let mut out = BytesMut::new();
+        h.write(&mut out);
+        // protocol, version + NUL, id, salt1, filler, caps lo, charset,
+        // status, caps hi, auth len: then the 10 reserved bytes.
+        let at = 1 + h.server_version.len() + 1 + 4 + 8 + 1 + 2 + 1 + 2 + 2 + 1;
+        assert_eq!(&out[at..at + 10], &[0, 0, 0, 0, 0, 0, 0x3d, 0, 0, 0]);
+        let back = InitialHandshake::parse(&out).unwrap();
+        assert_eq!(back, h);
+        assert!(
+            back.mariadb_capabilities
+                .contains(MariaDbCapabilities::CACHE_METADATA)
+        );
+        // The same bytes with CLIENT_MYSQL set mean nothing: a MySQL server.
+        let mut mysql = out.to_vec();
+        mysql[1 + h.server_version.len() + 1 + 4 + 8 + 1] |= 1;
+        let back = InitialHandshake::parse(&mysql).unwrap();
+        assert!(back.mariadb_capabilities.is_empty());
+        assert_eq!(back.reserved[6], 0x3d, "kept raw, not interpreted");
+    }
+
+    #[test]
+    fn mariadb_client_answers_in_the_filler() {
+        let caps = (CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::CLIENT_MYSQL)
+            | CapabilityFlags::SSL;
+        let ext = MariaDbCapabilities::EXTENDED_METADATA | MariaDbCapabilities::PROGRESS;
+        let req = SslRequest {
+            capabilities: caps,
+            max_packet_size: 1 << 24,
+            charset: 45,
+            mariadb_capabilities: ext,
+        };
+        let mut out = BytesMut::new();
+        req.write(&mut out);
+        assert_eq!(&out[28..32], &[0x09, 0, 0, 0]);
+        assert_eq!(ClientHello::parse(&out).unwrap(), ClientHello::Ssl(req));
+    }
+
+    fn mariadb_caps() -> impl proptest::strategy::Strategy<Value = MariaDbCapabilities> {
+        use proptest::strategy::Strategy;
+        proptest::prelude::any::<u32>().prop_map(MariaDbCapabilities::from_bits_retain)
+    }
+
+    proptest::proptest! {
+        /// Any greeting round-trips; the MariaDB word is only there when
+        /// CLIENT_MYSQL is clear.
+        #[test]
+        fn greeting_round_trips_with_mariadb_caps(
+            caps in proptest::prelude::any::<u32>(),
+            ext in mariadb_caps(),
+            reserved in proptest::prelude::any::<[u8; 6]>(),
+            tail in proptest::prelude::any::<[u8; 4]>(),
+        ) {
+            use proptest::prelude::*;
+            let caps = CapabilityFlags::from_bits_retain(caps)
+                | CapabilityFlags::SECURE_CONNECTION
+                | CapabilityFlags::PLUGIN_AUTH;
+            let mut h = sample_handshake();
+            h.capabilities = caps;
+            h.reserved[..6].copy_from_slice(&reserved);
+            if caps.has_mariadb_extension() {
+                h.mariadb_capabilities = ext;
+            } else {
+                h.reserved[6..].copy_from_slice(&tail);
+            }
+            let mut out = BytesMut::new();
+            h.write(&mut out);
+            prop_assert_eq!(InitialHandshake::parse(&out).unwrap(), h);
+        }
+
+        /// Any handshake response round-trips with its MariaDB word.
+        #[test]
+        fn response_round_trips_with_mariadb_caps(
+            mysql in proptest::prelude::any::<bool>(),
+            ext in mariadb_caps(),
+            filler in proptest::prelude::any::<[u8; 19]>(),
+        ) {
+            use proptest::prelude::*;
+            let mut caps = CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::SSL;
+            caps.set(CapabilityFlags::CLIENT_MYSQL, mysql);
+            let mut resp = HandshakeResponse {
+                capabilities: caps,
+                max_packet_size: 1 << 24,
+                charset: 45,
+                filler: [0; 23],
+                mariadb_capabilities: if mysql { MariaDbCapabilities::empty() } else { ext },
+                username: Bytes::from_static(b"app"),
+                auth_response: Bytes::from(vec![9u8; 20]),
+                database: Some(Bytes::from_static(b"db")),
+                auth_plugin: Some(Bytes::from_static(b"mysql_native_password")),
+                attributes: ConnectAttributes::default(),
+                zstd_level: Some(3),
+            };
+            resp.filler[..19].copy_from_slice(&filler);
+            let mut out = BytesMut::new();
+            resp.write(&mut out);
+            prop_assert_eq!(ClientHello::parse(&out).unwrap(), ClientHello::Response(resp));
+        }
     }
 
     #[test]

@@ -483,6 +483,7 @@ impl Session {
             charset: s.cfg.charset,
             status: StatusFlags::AUTOCOMMIT,
             reserved: [0; 10],
+            mariadb_capabilities: Default::default(),
             auth_plugin: Bytes::from_static(plugin::NATIVE_PASSWORD.as_bytes()),
         };
         let mut payload = BytesMut::with_capacity(96);
@@ -1342,6 +1343,7 @@ impl Session {
             capabilities: self.backend_caps | CapabilityFlags::SSL,
             max_packet_size: hello.max_packet_size,
             charset: hello.charset,
+            mariadb_capabilities: Default::default(),
         };
         let mut b = BytesMut::with_capacity(SslRequest::LEN);
         req.write(&mut b);
@@ -1364,6 +1366,7 @@ impl Session {
             max_packet_size: hello.max_packet_size,
             charset: hello.charset,
             filler: [0; 23],
+            mariadb_capabilities: Default::default(),
             username: hello.username.clone(),
             auth_response: Bytes::new(),
             database: hello.database.clone(),
@@ -1693,6 +1696,7 @@ impl Session {
             max_packet_size: hello.max_packet_size,
             charset: hello.charset,
             filler: [0; 23],
+            mariadb_capabilities: Default::default(),
             username: self.user.clone(),
             auth_response: session.token.clone(),
             database: None,

@@ -315,6 +315,7 @@ async fn peer_cert(addr: SocketAddr) -> Vec<u8> {
                 | tiproxy_core::CapabilityFlags::SECURE_CONNECTION,
             max_packet_size: 1 << 24,
             charset: 45,
+            mariadb_capabilities: Default::default(),
         }
         .write(&mut payload);
         let mut pkt = vec![payload.len() as u8, 0, 0, 1];

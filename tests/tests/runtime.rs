@@ -386,6 +386,7 @@ async fn proxy_protocol_v2_is_accepted_and_forwarded() {
         max_packet_size: 1 << 24,
         charset: 45,
         filler: [0; 23],
+        mariadb_capabilities: Default::default(),
         username: bytes::Bytes::from_static(b"u"),
         auth_response: bytes::Bytes::new(),
         database: None,

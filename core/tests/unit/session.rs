@@ -140,6 +140,7 @@ impl Harness {
             max_packet_size: 1 << 24,
             charset: 45,
             filler: [0; 23],
+            mariadb_capabilities: Default::default(),
             username: Bytes::from_static(b"app"),
             auth_response: Bytes::from(vec![9u8; 20]),
             database: Some(Bytes::from_static(b"shop")),
@@ -164,6 +165,7 @@ impl Harness {
             charset: 46,
             status: StatusFlags::AUTOCOMMIT,
             reserved: [0; 10],
+            mariadb_capabilities: Default::default(),
             auth_plugin: Bytes::from_static(b"mysql_native_password"),
         };
         let mut b = BytesMut::new();
@@ -417,6 +419,7 @@ fn client_tls_then_backend_sequences_are_rewritten() {
         capabilities: CLIENT_CAPS | CapabilityFlags::SSL,
         max_packet_size: 1 << 24,
         charset: 45,
+        mariadb_capabilities: Default::default(),
     }
     .write(&mut ssl);
     let mut wire = BytesMut::new();

@@ -255,6 +255,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
             max_packet_size: 0,
             charset: 46,
             filler: [0; 23],
+            mariadb_capabilities: Default::default(),
             username: Bytes::copy_from_slice(opts.user.as_bytes()),
             auth_response: Bytes::from(auth),
             database: opts

@@ -310,6 +310,7 @@ impl<S: Stream> Conn<S> {
             charset: GREETING_COLLATION,
             status: StatusFlags::AUTOCOMMIT,
             reserved: [0; 10],
+            mariadb_capabilities: Default::default(),
             auth_plugin: Bytes::from_static(opts.default_auth_plugin.as_bytes()),
         }
         .write(&mut p);
