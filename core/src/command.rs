@@ -67,6 +67,10 @@ pub enum Command {
     BinlogDumpGtid,
     /// COM_RESET_CONNECTION.
     ResetConnection,
+    /// COM_STMT_BULK_EXECUTE (MariaDB, 0xFA): execute a prepared statement
+    /// once per parameter set of an array, with
+    /// `MariaDbCapabilities::STMT_BULK_OPERATIONS`.
+    StmtBulkExecute,
     /// Any other byte; forwarded, the server answers it with an error.
     Unknown(u8),
 }
@@ -107,6 +111,7 @@ impl Command {
             0x1d => Self::Daemon,
             0x1e => Self::BinlogDumpGtid,
             0x1f => Self::ResetConnection,
+            0xfa => Self::StmtBulkExecute,
             other => Self::Unknown(other),
         }
     }
@@ -146,6 +151,7 @@ impl Command {
             Self::Daemon => 0x1d,
             Self::BinlogDumpGtid => 0x1e,
             Self::ResetConnection => 0x1f,
+            Self::StmtBulkExecute => 0xfa,
             Self::Unknown(b) => b,
         }
     }
@@ -185,6 +191,7 @@ impl Command {
             Self::Daemon => "daemon",
             Self::BinlogDumpGtid => "binlog_dump_gtid",
             Self::ResetConnection => "reset_connection",
+            Self::StmtBulkExecute => "stmt_bulk_execute",
             Self::Unknown(_) => "unknown",
         }
     }

@@ -216,6 +216,16 @@ impl MariaDbCapabilities {
         .union(MariaDbCapabilities::CACHE_METADATA)
         .union(MariaDbCapabilities::BULK_UNIT_RESULTS);
 
+    /// Flags a client and the backend serving it must agree on, because
+    /// they change the layout of what the proxy forwards raw: column
+    /// definitions (EXTENDED_METADATA), column count packets and skipped
+    /// definitions (CACHE_METADATA), the answer to a bulk request
+    /// (BULK_UNIT_RESULTS). The others only let one side send or ask for
+    /// more, which a peer without them never does.
+    pub const SHAPE: MariaDbCapabilities = MariaDbCapabilities::EXTENDED_METADATA
+        .union(MariaDbCapabilities::CACHE_METADATA)
+        .union(MariaDbCapabilities::BULK_UNIT_RESULTS);
+
     /// The 4 bytes as they sit on the wire (little-endian).
     pub fn to_le_bytes(self) -> [u8; 4] {
         self.bits().to_le_bytes()

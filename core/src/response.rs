@@ -1,5 +1,6 @@
 //! Generic response packets: OK, ERR, EOF (old and the DEPRECATE_EOF
-//! OK-as-terminator), LOCAL INFILE request and column count.
+//! OK-as-terminator), LOCAL INFILE request, column count (with MariaDB's
+//! "metadata follows" byte) and MariaDB progress reports.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -254,6 +255,67 @@ pub fn parse_column_count(payload: &[u8]) -> Result<u64, WireError> {
     Ok(n)
 }
 
+/// A column count packet as MariaDB sends it to a client that negotiated
+/// `CACHE_METADATA`: the count, then whether column definitions follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnCount {
+    /// Number of columns.
+    pub columns: u64,
+    /// Whether column definitions follow (always, without `CACHE_METADATA`;
+    /// with it, a COM_STMT_EXECUTE result of a statement whose metadata the
+    /// client already holds says 0).
+    pub metadata_follows: bool,
+}
+
+impl ColumnCount {
+    /// Parses a column count packet; `cache_metadata` is whether
+    /// `MariaDbCapabilities::CACHE_METADATA` was negotiated, in which case
+    /// the "metadata follows" byte (0 or 1) must be there.
+    pub fn parse(payload: &[u8], cache_metadata: bool) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload);
+        let columns = r.lenenc_int("column count")?;
+        if columns == 0 {
+            return Err(WireError::Invalid {
+                field: "column count",
+                detail: "a result set has at least one column",
+            });
+        }
+        let metadata_follows = if cache_metadata {
+            match r.u8("metadata follows")? {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Err(WireError::Invalid {
+                        field: "metadata follows",
+                        detail: "expected 0 or 1",
+                    });
+                }
+            }
+        } else {
+            true
+        };
+        Ok(Self {
+            columns,
+            metadata_follows,
+        })
+    }
+
+    /// Builds the payload (the flag byte only with `cache_metadata`).
+    pub fn write(&self, out: &mut BytesMut, cache_metadata: bool) {
+        put_lenenc_int(out, self.columns);
+        if cache_metadata {
+            out.put_u8(u8::from(self.metadata_follows));
+        }
+    }
+}
+
+/// A MariaDB progress report (sent with `MariaDbCapabilities::PROGRESS`
+/// while a statement runs): an ERR-headed packet with error code 0xFFFF,
+/// which no real error uses.
+pub fn is_progress_report(payload: &[u8]) -> bool {
+    payload.len() >= 3 && payload[0] == ERR_HEADER && payload[1] == 0xff && payload[2] == 0xff
+}
+
 /// COM_STMT_PREPARE's first response packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrepareOk {
@@ -385,6 +447,46 @@ mod tests {
         assert_eq!(PrepareOk::parse(&out).unwrap(), p);
     }
 
+    #[test]
+    fn column_count_with_and_without_metadata_flag() {
+        for (cache, follows) in [(false, true), (true, true), (true, false)] {
+            let c = ColumnCount {
+                columns: 300,
+                metadata_follows: follows,
+            };
+            let mut out = BytesMut::new();
+            c.write(&mut out, cache);
+            assert_eq!(out.len(), 3 + usize::from(cache));
+            assert_eq!(ColumnCount::parse(&out, cache).unwrap(), c);
+        }
+        assert!(ColumnCount::parse(&[1], true).is_err(), "flag byte missing");
+        assert!(
+            ColumnCount::parse(&[1, 2], true).is_err(),
+            "flag byte is 0/1"
+        );
+    }
+
+    #[test]
+    fn progress_report_is_err_ffff() {
+        // What mariadbd's net_send_progress_packet writes: 0xFF, 0xFFFF,
+        // one string, stage 1 of 2, 50.000%, "copy".
+        let report = b"\xff\xff\xff\x01\x01\x02\x50\xc3\x00\x04copy";
+        assert!(is_progress_report(report));
+        assert!(!is_progress_report(&err_bytes(1146)));
+        assert!(!is_progress_report(&[0xff, 0xff]));
+    }
+
+    fn err_bytes(code: u16) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        ErrPacket {
+            code,
+            sql_state: *b"42S02",
+            message: Bytes::from_static(b"x"),
+        }
+        .write(&mut out);
+        out.to_vec()
+    }
+
     proptest! {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
@@ -394,6 +496,7 @@ mod tests {
             let _ = EofPacket::parse(&bytes);
             let _ = terminator_status(&bytes);
             let _ = parse_column_count(&bytes);
+            let _ = ColumnCount::parse(&bytes, true);
             let _ = PrepareOk::parse(&bytes);
         }
     }

@@ -2,17 +2,85 @@
 //! shape the backend will send, where in that response the stream is, the
 //! server status flags, prepared statements, open cursors and pending long
 //! data. Pure: fed packet headers and the few payload bytes it asks for.
+//!
+//! The negotiated options that change response shapes travel in
+//! [`TrackerOptions`]: DEPRECATE_EOF and MariaDB's extended capabilities.
+//! - CACHE_METADATA: every column count packet carries a "metadata
+//!   follows" byte; when it is 0 (a COM_STMT_EXECUTE result whose columns
+//!   the client already has), no column definitions follow, only the EOF
+//!   that ends them when DEPRECATE_EOF is off.
+//! - PROGRESS: an ERR-headed packet with code 0xFFFF while a command runs
+//!   is a progress report: forwarded, the command goes on.
+//! - STMT_BULK_OPERATIONS: COM_STMT_BULK_EXECUTE (0xFA) answers like
+//!   COM_STMT_EXECUTE: OK, ERR, or (BULK_UNIT_RESULTS, RETURNING) a result
+//!   set.
+//! - EXTENDED_METADATA: column definitions carry one more length-encoded
+//!   string; they are forwarded without being parsed, so nothing changes
+//!   here.
+//!
+//! An idle tracker exports what it keeps between commands and a fresh one
+//! imports it (`export.rs`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::Command;
-use crate::flags::StatusFlags;
+use crate::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use crate::packet::MAX_PAYLOAD;
 use crate::response::{
-    ERR_HEADER, LOCAL_INFILE_HEADER, OK_HEADER, PrepareOk, is_eof, is_row_terminator,
-    parse_column_count, terminator_status,
+    ColumnCount, ERR_HEADER, LOCAL_INFILE_HEADER, OK_HEADER, PrepareOk, is_eof, is_progress_report,
+    is_row_terminator, terminator_status,
 };
 use crate::wire::{Reader, WireError};
+
+mod export;
+
+/// The statement id MariaDB reads as "the statement prepared last" (lets a
+/// client pipeline COM_STMT_PREPARE and COM_STMT_EXECUTE).
+pub const LAST_PREPARED_ID: u32 = u32::MAX;
+
+/// COM_SET_OPTION's option values.
+const MULTI_STATEMENTS_ON: u16 = 0;
+const MULTI_STATEMENTS_OFF: u16 = 1;
+
+/// What was negotiated for a session that changes the shape of responses,
+/// plus the one protocol option a client can change later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrackerOptions {
+    /// CLIENT_DEPRECATE_EOF on both legs: OK packets (0xFE header) end row
+    /// streams and no EOF follows column definitions.
+    pub deprecate_eof: bool,
+    /// MariaDB extended capabilities in effect on both legs.
+    pub mariadb: MariaDbCapabilities,
+    /// Whether COM_QUERY may carry several statements: CLIENT_MULTI_STATEMENTS
+    /// at connect, then whatever COM_SET_OPTION last set (the tracker keeps
+    /// it current).
+    pub multi_statements: bool,
+}
+
+impl TrackerOptions {
+    /// The options of a session whose legs agreed on `caps` and `mariadb`.
+    pub fn negotiated(caps: CapabilityFlags, mariadb: MariaDbCapabilities) -> Self {
+        Self {
+            deprecate_eof: caps.contains(CapabilityFlags::DEPRECATE_EOF),
+            mariadb,
+            multi_statements: caps.contains(CapabilityFlags::MULTI_STATEMENTS),
+        }
+    }
+
+    fn cache_metadata(&self) -> bool {
+        self.mariadb.contains(MariaDbCapabilities::CACHE_METADATA)
+    }
+}
+
+/// A prepared statement the backend holds for the session, as its
+/// COM_STMT_PREPARE response described it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedStatement {
+    /// Number of parameters.
+    pub params: u16,
+    /// Number of result columns.
+    pub columns: u16,
+}
 
 /// Where the tracker is in the current exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,14 +180,17 @@ pub enum TrackError {
 }
 
 /// The per-session command tracker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandTracker {
-    deprecate_eof: bool,
+    options: TrackerOptions,
     status: StatusFlags,
     state: State,
     command: Option<Command>,
     statement: u32,
-    prepared: BTreeSet<u32>,
+    /// COM_SET_OPTION in flight: the multi-statements value its OK sets.
+    set_option: Option<bool>,
+    prepared: BTreeMap<u32, PreparedStatement>,
+    last_prepared: Option<u32>,
     cursors: BTreeSet<u32>,
     long_data: BTreeSet<u32>,
     backend_continues: bool,
@@ -128,20 +199,40 @@ pub struct CommandTracker {
 
 impl CommandTracker {
     /// A tracker for a session whose client and backend agreed on
-    /// `deprecate_eof`, starting from the status the handshake's OK reported.
+    /// `deprecate_eof` (and nothing else that changes shapes), starting
+    /// from the status the handshake's OK reported.
     pub fn new(deprecate_eof: bool, status: StatusFlags) -> Self {
+        Self::with_options(
+            TrackerOptions {
+                deprecate_eof,
+                ..TrackerOptions::default()
+            },
+            status,
+        )
+    }
+
+    /// A tracker for a session with the given negotiated options, starting
+    /// from the status the handshake's OK reported.
+    pub fn with_options(options: TrackerOptions, status: StatusFlags) -> Self {
         Self {
-            deprecate_eof,
+            options,
             status,
             state: State::Idle,
             command: None,
             statement: 0,
-            prepared: BTreeSet::new(),
+            set_option: None,
+            prepared: BTreeMap::new(),
+            last_prepared: None,
             cursors: BTreeSet::new(),
             long_data: BTreeSet::new(),
             backend_continues: false,
             client_continues: false,
         }
+    }
+
+    /// The options in effect (`multi_statements` as last set).
+    pub fn options(&self) -> TrackerOptions {
+        self.options
     }
 
     /// Current state.
@@ -169,8 +260,8 @@ impl CommandTracker {
         self.status.contains(StatusFlags::IN_TRANS)
     }
 
-    /// Prepared statement ids the backend holds for this session.
-    pub fn prepared(&self) -> &BTreeSet<u32> {
+    /// Prepared statements the backend holds for this session, by id.
+    pub fn prepared(&self) -> &BTreeMap<u32, PreparedStatement> {
         &self.prepared
     }
 
@@ -245,10 +336,10 @@ impl CommandTracker {
             return ClientPacket::Forward;
         };
         let cmd = Command::from_byte(first);
-        let stmt = if prefix.len() >= 5 {
-            u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]])
-        } else {
-            0
+        let stmt = match statement_id(prefix) {
+            Some(LAST_PREPARED_ID) => self.last_prepared.unwrap_or(LAST_PREPARED_ID),
+            Some(id) => id,
+            None => 0,
         };
         match cmd {
             Command::Quit => {
@@ -266,6 +357,9 @@ impl CommandTracker {
                 self.prepared.remove(&stmt);
                 self.cursors.remove(&stmt);
                 self.long_data.remove(&stmt);
+                if self.last_prepared == Some(stmt) {
+                    self.last_prepared = None;
+                }
                 return ClientPacket::ForwardNoResponse;
             }
             Command::StmtSendLongData => {
@@ -283,6 +377,21 @@ impl CommandTracker {
                 // Executing a statement closes its previous cursor.
                 self.cursors.remove(&stmt);
                 State::Result { infile: false }
+            }
+            // Answers like COM_STMT_EXECUTE. Long data and cursors are left
+            // as they are: bulk execution uses neither, and keeping them
+            // only delays a move.
+            Command::StmtBulkExecute => State::Result { infile: false },
+            Command::SetOption => {
+                self.set_option = match prefix.get(1..3) {
+                    Some(&[lo, hi]) => match u16::from_le_bytes([lo, hi]) {
+                        MULTI_STATEMENTS_ON => Some(true),
+                        MULTI_STATEMENTS_OFF => Some(false),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                State::Simple
             }
             Command::StmtFetch => State::FetchRows,
             Command::StmtPrepare => State::PrepareFirst,
@@ -322,7 +431,7 @@ impl CommandTracker {
                 false
             }
             State::Rows | State::FetchRows | State::FieldList => {
-                first == ERR_HEADER || is_row_terminator(first, len, self.deprecate_eof)
+                first == ERR_HEADER || is_row_terminator(first, len, self.options.deprecate_eof)
             }
             _ => true,
         }
@@ -341,6 +450,14 @@ impl CommandTracker {
             return Ok(BackendPacket::Progress);
         }
         let first = payload.first().copied().unwrap_or(0);
+        if first == ERR_HEADER
+            && self.options.mariadb.contains(MariaDbCapabilities::PROGRESS)
+            && self.progress_possible()
+            && is_progress_report(payload)
+        {
+            // Forwarded to the client as it came; the command goes on.
+            return Ok(BackendPacket::Progress);
+        }
         match self.state {
             State::Idle => Err(TrackError::Unexpected("no command was in flight")),
             State::InfileUpload => Err(TrackError::Unexpected("the client was uploading a file")),
@@ -355,18 +472,22 @@ impl CommandTracker {
                     Ok(BackendPacket::AwaitClient)
                 }
                 _ => {
-                    let n = parse_column_count(payload)?;
-                    self.state = State::Columns { left: n };
+                    let count = ColumnCount::parse(payload, self.options.cache_metadata())?;
+                    self.state = if count.metadata_follows {
+                        State::Columns {
+                            left: count.columns,
+                        }
+                    } else {
+                        self.after_column_definitions()
+                    };
                     Ok(BackendPacket::Progress)
                 }
             },
             State::Columns { left } => {
                 self.state = if left > 1 {
                     State::Columns { left: left - 1 }
-                } else if self.deprecate_eof {
-                    State::Rows
                 } else {
-                    State::ColumnsEof
+                    self.after_column_definitions()
                 };
                 Ok(BackendPacket::Progress)
             }
@@ -394,7 +515,7 @@ impl CommandTracker {
                 if first == ERR_HEADER {
                     return Ok(self.finish(false));
                 }
-                if is_row_terminator(first, len, self.deprecate_eof) {
+                if is_row_terminator(first, len, self.options.deprecate_eof) {
                     let status = terminator_status(payload)?;
                     if status.contains(StatusFlags::CURSOR_EXISTS)
                         && self.command == Some(Command::StmtExecute)
@@ -409,7 +530,7 @@ impl CommandTracker {
                 if first == ERR_HEADER {
                     return Ok(self.finish(false));
                 }
-                if is_row_terminator(first, len, self.deprecate_eof) {
+                if is_row_terminator(first, len, self.options.deprecate_eof) {
                     let status = terminator_status(payload)?;
                     if status.contains(StatusFlags::LAST_ROW_SENT)
                         || !status.contains(StatusFlags::CURSOR_EXISTS)
@@ -426,7 +547,14 @@ impl CommandTracker {
                     return Ok(self.finish(false));
                 }
                 let p = PrepareOk::parse(payload)?;
-                self.prepared.insert(p.statement_id);
+                self.prepared.insert(
+                    p.statement_id,
+                    PreparedStatement {
+                        params: p.params,
+                        columns: p.columns,
+                    },
+                );
+                self.last_prepared = Some(p.statement_id);
                 self.state = self.after_prepare_params(p.params, p.columns);
                 Ok(self.progress_or_done())
             }
@@ -436,7 +564,7 @@ impl CommandTracker {
                         left: left - 1,
                         columns,
                     }
-                } else if self.deprecate_eof {
+                } else if self.options.deprecate_eof {
                     self.prepare_columns(columns)
                 } else {
                     State::PrepareParamsEof { columns }
@@ -455,7 +583,7 @@ impl CommandTracker {
             State::PrepareColumns { left } => {
                 self.state = if left > 1 {
                     State::PrepareColumns { left: left - 1 }
-                } else if self.deprecate_eof {
+                } else if self.options.deprecate_eof {
                     State::Idle
                 } else {
                     State::PrepareColumnsEof
@@ -475,7 +603,7 @@ impl CommandTracker {
                 if first == ERR_HEADER {
                     return Ok(self.finish(false));
                 }
-                if is_row_terminator(first, len, self.deprecate_eof) {
+                if is_row_terminator(first, len, self.options.deprecate_eof) {
                     self.status = terminator_status(payload)?;
                     return Ok(self.finish(true));
                 }
@@ -488,8 +616,10 @@ impl CommandTracker {
                     Ok(self.finish(true))
                 }
                 ERR_HEADER => Ok(self.finish(false)),
-                _ if is_row_terminator(first, len, self.deprecate_eof) => {
+                _ if is_row_terminator(first, len, self.options.deprecate_eof) => {
+                    // COM_SET_OPTION and COM_DEBUG answer with EOF on some servers.
                     self.status = terminator_status(payload)?;
+                    self.after_simple_ok();
                     Ok(self.finish(true))
                 }
                 _ => Err(TrackError::Unexpected("expecting OK or ERR")),
@@ -508,6 +638,31 @@ impl CommandTracker {
                 )),
             },
         }
+    }
+
+    /// Where a result set goes once its column definitions (sent or
+    /// skipped) are done.
+    fn after_column_definitions(&self) -> State {
+        if self.options.deprecate_eof {
+            State::Rows
+        } else {
+            State::ColumnsEof
+        }
+    }
+
+    /// Whether a MariaDB progress report can arrive now: while a statement
+    /// runs, before or between its results (and while LOAD DATA LOCAL reads
+    /// the client's file). Only states that look at a whole ERR packet.
+    fn progress_possible(&self) -> bool {
+        matches!(
+            self.state,
+            State::Result { .. }
+                | State::Simple
+                | State::Rows
+                | State::FetchRows
+                | State::PrepareFirst
+                | State::InfileUpload
+        )
     }
 
     fn after_prepare_params(&self, params: u16, columns: u16) -> State {
@@ -552,13 +707,20 @@ impl CommandTracker {
     }
 
     fn after_simple_ok(&mut self) {
-        if self.command == Some(Command::ResetConnection) {
-            self.forget_statements();
+        match self.command {
+            Some(Command::ResetConnection) => self.forget_statements(),
+            Some(Command::SetOption) => {
+                if let Some(on) = self.set_option {
+                    self.options.multi_statements = on;
+                }
+            }
+            _ => {}
         }
     }
 
     fn forget_statements(&mut self) {
         self.prepared.clear();
+        self.last_prepared = None;
         self.cursors.clear();
         self.long_data.clear();
     }
@@ -566,6 +728,7 @@ impl CommandTracker {
     fn finish(&mut self, ok: bool) -> BackendPacket {
         self.state = State::Idle;
         self.backend_continues = false;
+        self.set_option = None;
         BackendPacket::Done { ok }
     }
 }

@@ -37,6 +37,39 @@ pub enum WireError {
     },
 }
 
+/// Why a sub-machine's state (tracker, compressed framing) could not be
+/// exported, or an exported byte string could not be imported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Export was asked for in the middle of an exchange: only an idle
+    /// state is complete without the bytes in flight.
+    #[error("cannot export the {machine} state: {why}")]
+    Busy {
+        /// Which sub-machine.
+        machine: &'static str,
+        /// What is in progress.
+        why: &'static str,
+    },
+    /// The byte string was written by another format version.
+    #[error("{machine} state version {got} is not supported (expected {expected})")]
+    Version {
+        /// Which sub-machine.
+        machine: &'static str,
+        /// Version found.
+        got: u8,
+        /// Version this build reads.
+        expected: u8,
+    },
+    /// The byte string is truncated or a field does not decode.
+    #[error("{machine} state is malformed: {source}")]
+    Malformed {
+        /// Which sub-machine.
+        machine: &'static str,
+        /// The decoding error.
+        source: WireError,
+    },
+}
+
 /// A cursor over a packet payload.
 #[derive(Debug, Clone)]
 pub struct Reader<'a> {

@@ -46,6 +46,7 @@ pub fn cmd_type(c: Command) -> &'static str {
         Command::Daemon => "Daemon",
         Command::BinlogDumpGtid => "BinlogDumpGtid",
         Command::ResetConnection => "ResetConnect",
+        Command::StmtBulkExecute => "StmtBulkExecute",
         Command::Unknown(_) => "Unknown",
     }
 }

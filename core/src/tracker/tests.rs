@@ -1,10 +1,10 @@
 use bytes::BytesMut;
 
 use super::*;
-use crate::flags::CapabilityFlags;
+use crate::flags::{CapabilityFlags, MariaDbCapabilities};
 use crate::response::{EofPacket, ErrPacket, OkPacket, PrepareOk};
 
-fn ok(status: StatusFlags) -> Vec<u8> {
+pub(super) fn ok(status: StatusFlags) -> Vec<u8> {
     let mut b = BytesMut::new();
     OkPacket {
         status,
@@ -14,13 +14,13 @@ fn ok(status: StatusFlags) -> Vec<u8> {
     b.to_vec()
 }
 
-fn ok_terminator(status: StatusFlags) -> Vec<u8> {
+pub(super) fn ok_terminator(status: StatusFlags) -> Vec<u8> {
     let mut v = ok(status);
     v[0] = 0xfe;
     v
 }
 
-fn eof(status: StatusFlags) -> Vec<u8> {
+pub(super) fn eof(status: StatusFlags) -> Vec<u8> {
     let mut b = BytesMut::new();
     EofPacket {
         warnings: 0,
@@ -30,7 +30,7 @@ fn eof(status: StatusFlags) -> Vec<u8> {
     b.to_vec()
 }
 
-fn err() -> Vec<u8> {
+pub(super) fn err() -> Vec<u8> {
     let mut b = BytesMut::new();
     ErrPacket {
         code: 1146,
@@ -41,13 +41,13 @@ fn err() -> Vec<u8> {
     b.to_vec()
 }
 
-fn column_def() -> Vec<u8> {
+pub(super) fn column_def() -> Vec<u8> {
     // A plausible column definition: catalog "def", then other fields.
     b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00"
         .to_vec()
 }
 
-fn row(text: &str) -> Vec<u8> {
+pub(super) fn row(text: &str) -> Vec<u8> {
     let mut v = vec![text.len() as u8];
     v.extend_from_slice(text.as_bytes());
     v
@@ -55,7 +55,7 @@ fn row(text: &str) -> Vec<u8> {
 
 /// Feeds one backend packet the way the session does: first byte, then the
 /// whole payload only if the tracker asks for it.
-fn feed(t: &mut CommandTracker, payload: &[u8]) -> BackendPacket {
+pub(super) fn feed(t: &mut CommandTracker, payload: &[u8]) -> BackendPacket {
     let first = payload.first().copied().unwrap_or(0);
     let view = if t.backend_needs_whole(payload.len(), first) {
         payload
@@ -65,16 +65,16 @@ fn feed(t: &mut CommandTracker, payload: &[u8]) -> BackendPacket {
     t.on_backend_packet(payload.len(), view).unwrap()
 }
 
-fn command(t: &mut CommandTracker, payload: &[u8]) -> ClientPacket {
+pub(super) fn command(t: &mut CommandTracker, payload: &[u8]) -> ClientPacket {
     let n = t.client_prefix_needed(payload.len());
     t.on_client_packet(payload.len(), &payload[..n])
 }
 
-fn tracker(deprecate_eof: bool) -> CommandTracker {
+pub(super) fn tracker(deprecate_eof: bool) -> CommandTracker {
     CommandTracker::new(deprecate_eof, StatusFlags::AUTOCOMMIT)
 }
 
-const DONE: BackendPacket = BackendPacket::Done { ok: true };
+pub(super) const DONE: BackendPacket = BackendPacket::Done { ok: true };
 const FAILED: BackendPacket = BackendPacket::Done { ok: false };
 const MORE: BackendPacket = BackendPacket::Progress;
 
@@ -191,7 +191,7 @@ fn prepare_execute_fetch_close() {
         if !deprecate {
             assert_eq!(feed(&mut t, &eof(StatusFlags::AUTOCOMMIT)), DONE);
         }
-        assert!(t.prepared().contains(&7));
+        assert!(t.prepared().contains_key(&7));
 
         // Long data makes the session unsafe to move until executed.
         assert_eq!(
@@ -386,4 +386,216 @@ fn unexpected_backend_packets_are_errors() {
         t.on_backend_packet(1, &[0xfc]),
         Err(TrackError::Malformed(_))
     ));
+}
+
+pub(super) fn mariadb_tracker(deprecate_eof: bool, mariadb: MariaDbCapabilities) -> CommandTracker {
+    CommandTracker::with_options(
+        TrackerOptions {
+            deprecate_eof,
+            mariadb,
+            multi_statements: false,
+        },
+        StatusFlags::AUTOCOMMIT,
+    )
+}
+
+pub(super) fn prepare_ok(id: u32, params: u16, columns: u16) -> Vec<u8> {
+    let mut p = BytesMut::new();
+    PrepareOk {
+        statement_id: id,
+        columns,
+        params,
+        warnings: 0,
+    }
+    .write(&mut p);
+    p.to_vec()
+}
+
+/// Feeds a whole prepare response: PREPARE_OK, definitions, EOFs.
+pub(super) fn prepare(t: &mut CommandTracker, id: u32, params: u16, columns: u16) {
+    command(t, b"\x16select ?");
+    let mut last = feed(t, &prepare_ok(id, params, columns));
+    let deprecate = t.options().deprecate_eof;
+    for n in [params, columns] {
+        if n == 0 {
+            continue;
+        }
+        for _ in 0..n {
+            last = feed(t, &column_def());
+        }
+        if !deprecate {
+            last = feed(t, &eof(StatusFlags::AUTOCOMMIT));
+        }
+    }
+    assert_eq!(last, DONE);
+}
+
+pub(super) fn terminator(deprecate: bool, status: StatusFlags) -> Vec<u8> {
+    if deprecate {
+        ok_terminator(status)
+    } else {
+        eof(status)
+    }
+}
+
+#[test]
+fn cache_metadata_execute_without_column_definitions() {
+    let cache = MariaDbCapabilities::CACHE_METADATA;
+    for deprecate in [false, true] {
+        let mut t = mariadb_tracker(deprecate, cache);
+        prepare(&mut t, 1, 0, 2);
+        // First execute: metadata follows (flag 1), two definitions.
+        command(&mut t, b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00");
+        assert_eq!(feed(&mut t, &[2, 1]), MORE);
+        assert_eq!(feed(&mut t, &column_def()), MORE);
+        assert_eq!(feed(&mut t, &column_def()), MORE);
+        if !deprecate {
+            assert_eq!(feed(&mut t, &eof(StatusFlags::AUTOCOMMIT)), MORE);
+        }
+        assert_eq!(feed(&mut t, &[0, 0, 1, 2]), MORE);
+        let end = terminator(deprecate, StatusFlags::AUTOCOMMIT);
+        assert_eq!(feed(&mut t, &end), DONE);
+        // Second execute: flag 0, rows come straight after the count (and
+        // the column EOF without DEPRECATE_EOF).
+        command(&mut t, b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00");
+        assert_eq!(feed(&mut t, &[2, 0]), MORE);
+        if !deprecate {
+            assert_eq!(t.state(), State::ColumnsEof);
+            assert_eq!(feed(&mut t, &eof(StatusFlags::AUTOCOMMIT)), MORE);
+        }
+        assert_eq!(t.state(), State::Rows);
+        assert_eq!(feed(&mut t, &[0, 0, 1, 2]), MORE);
+        assert_eq!(feed(&mut t, &end), DONE, "deprecate_eof={deprecate}");
+        assert!(t.is_idle());
+    }
+}
+
+#[test]
+fn cache_metadata_text_results_carry_the_flag() {
+    let mut t = mariadb_tracker(true, MariaDbCapabilities::CACHE_METADATA);
+    command(&mut t, b"\x03select 1");
+    // Without the flag byte the packet is malformed for this session.
+    assert!(matches!(
+        t.on_backend_packet(1, &[1]),
+        Err(TrackError::Malformed(_))
+    ));
+    let mut t = mariadb_tracker(true, MariaDbCapabilities::CACHE_METADATA);
+    command(&mut t, b"\x03select 1");
+    assert_eq!(feed(&mut t, &[1, 1]), MORE);
+    assert_eq!(feed(&mut t, &column_def()), MORE);
+    assert_eq!(feed(&mut t, &row("1")), MORE);
+    assert_eq!(feed(&mut t, &ok_terminator(StatusFlags::AUTOCOMMIT)), DONE);
+}
+
+/// What mariadbd sends while ALTER TABLE copies rows: stage 1 of 2, 50%.
+pub(super) const PROGRESS: &[u8] = b"\xff\xff\xff\x01\x01\x02\x50\xc3\x00\x08copy rows";
+
+#[test]
+fn progress_reports_do_not_end_the_command() {
+    let mut t = mariadb_tracker(false, MariaDbCapabilities::PROGRESS);
+    command(&mut t, b"\x03alter table t add column c int");
+    for _ in 0..3 {
+        assert_eq!(feed(&mut t, PROGRESS), MORE);
+        assert_eq!(t.state(), State::Result { infile: true });
+    }
+    assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE);
+    // A real error still ends it.
+    command(&mut t, b"\x03alter table missing add column c int");
+    assert_eq!(feed(&mut t, PROGRESS), MORE);
+    assert_eq!(feed(&mut t, &err()), FAILED);
+    // LOAD DATA LOCAL: reports may come while the file is read.
+    command(&mut t, b"\x03load data local infile 'x' into table t");
+    assert_eq!(feed(&mut t, b"\xfbx"), BackendPacket::AwaitClient);
+    assert_eq!(feed(&mut t, PROGRESS), MORE);
+    assert_eq!(command(&mut t, b"1\n"), ClientPacket::Forward);
+    assert_eq!(command(&mut t, b""), ClientPacket::Forward);
+    assert_eq!(feed(&mut t, PROGRESS), MORE);
+    assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE);
+    // Without PROGRESS negotiated the same packet is an ERR: the end.
+    let mut t = mariadb_tracker(false, MariaDbCapabilities::empty());
+    command(&mut t, b"\x03alter table t add column c int");
+    assert_eq!(feed(&mut t, PROGRESS), FAILED);
+}
+
+#[test]
+fn bulk_execute_answers_ok_err_or_a_result_set() {
+    let caps = MariaDbCapabilities::STMT_BULK_OPERATIONS | MariaDbCapabilities::BULK_UNIT_RESULTS;
+    for deprecate in [false, true] {
+        let mut t = mariadb_tracker(deprecate, caps);
+        prepare(&mut t, 3, 2, 0);
+        // 0xFA, statement id, flags (SEND_TYPES_TO_SERVER), types, rows.
+        let bulk = b"\xfa\x03\x00\x00\x00\x80\x00\x03\x00\x03\x00\x00\x01\x00\x00\x00";
+        assert_eq!(command(&mut t, bulk), ClientPacket::Forward);
+        assert_eq!(t.command(), Some(Command::StmtBulkExecute));
+        assert_eq!(feed(&mut t, &ok(StatusFlags::AUTOCOMMIT)), DONE);
+        command(&mut t, bulk);
+        assert_eq!(feed(&mut t, &err()), FAILED);
+        // Unit results: one row per parameter set (id, affected rows).
+        command(&mut t, b"\xfa\x03\x00\x00\x00\xc0\x00");
+        assert_eq!(feed(&mut t, &[2]), MORE);
+        feed(&mut t, &column_def());
+        feed(&mut t, &column_def());
+        if !deprecate {
+            feed(&mut t, &eof(StatusFlags::AUTOCOMMIT));
+        }
+        feed(&mut t, &[0, 0, 1, 1]);
+        feed(&mut t, &[0, 0, 2, 1]);
+        let end = terminator(deprecate, StatusFlags::AUTOCOMMIT);
+        assert_eq!(feed(&mut t, &end), DONE);
+        assert!(t.at_safe_point());
+    }
+}
+
+/// With EXTENDED_METADATA a column definition carries one more string
+/// after the original column name (`\x01` format `json` here, as MariaDB
+/// sends for a JSON column). The tracker forwards definitions unparsed and
+/// follows the result exactly as without it.
+#[test]
+fn extended_metadata_column_definitions_are_followed() {
+    let ext_def = b"\x03def\x00\x00\x00\x11JSON_OBJECT('a',1)\x00\x06\x01\x04json\x0c\x21\x00\x00\x00\x00\x00\xfc\x80\x00\x27\x00\x00";
+    for deprecate in [false, true] {
+        let mut t = mariadb_tracker(deprecate, MariaDbCapabilities::EXTENDED_METADATA);
+        command(&mut t, b"\x03SELECT JSON_OBJECT('a',1)");
+        feed(&mut t, &[1]);
+        assert_eq!(feed(&mut t, ext_def), MORE);
+        if !deprecate {
+            feed(&mut t, &eof(StatusFlags::AUTOCOMMIT));
+        }
+        assert_eq!(feed(&mut t, &row("{\"a\": 1}")), MORE);
+        let end = terminator(deprecate, StatusFlags::AUTOCOMMIT);
+        assert_eq!(feed(&mut t, &end), DONE);
+    }
+}
+
+#[test]
+fn statement_id_minus_one_means_the_last_prepared() {
+    let mut t = tracker(true);
+    prepare(&mut t, 9, 0, 1);
+    // Execute "-1" with a cursor: the cursor belongs to statement 9.
+    command(&mut t, b"\x17\xff\xff\xff\xff\x01\x01\x00\x00\x00");
+    feed(&mut t, &[1]);
+    feed(&mut t, &column_def());
+    let cursor = StatusFlags::AUTOCOMMIT | StatusFlags::CURSOR_EXISTS;
+    assert_eq!(feed(&mut t, &ok_terminator(cursor)), DONE);
+    assert!(t.cursors().contains(&9));
+    command(&mut t, b"\x19\xff\xff\xff\xff");
+    assert!(t.prepared().is_empty() && t.cursors().is_empty());
+}
+
+#[test]
+fn set_option_tracks_multi_statements() {
+    let mut t = tracker(false);
+    assert!(!t.options().multi_statements);
+    command(&mut t, b"\x1b\x00\x00");
+    feed(&mut t, &eof(StatusFlags::AUTOCOMMIT));
+    assert!(t.options().multi_statements);
+    command(&mut t, b"\x1b\x01\x00");
+    feed(&mut t, &err());
+    assert!(
+        t.options().multi_statements,
+        "a failed SET_OPTION changes nothing"
+    );
+    command(&mut t, b"\x1b\x01\x00");
+    feed(&mut t, &ok(StatusFlags::AUTOCOMMIT));
+    assert!(!t.options().multi_statements);
 }
