@@ -121,20 +121,26 @@ fn read_v1(r: &mut Reader<'_>) -> Result<CommandTracker, WireError> {
     let last = r.u32("last prepared statement")?;
     let mut t = CommandTracker::with_options(options, status);
     t.last_prepared = (flags & HAS_LAST_PREPARED != 0).then_some(last);
+    if t.last_prepared.is_none() && last != 0 {
+        return Err(WireError::Invalid {
+            field: "last prepared statement",
+            detail: "set without its flag",
+        });
+    }
     let n = count(r, PREPARED_LEN, "prepared statement count")?;
     let mut prepared = BTreeMap::new();
+    let mut prev = None;
     for _ in 0..n {
-        let id = r.u32("prepared statement id")?;
+        let id = ascending(
+            r.u32("prepared statement id")?,
+            &mut prev,
+            "prepared statement id",
+        )?;
         let p = PreparedStatement {
             params: r.u16("parameter count")?,
             columns: r.u16("column count")?,
         };
-        if prepared.insert(id, p).is_some() {
-            return Err(WireError::Invalid {
-                field: "prepared statement id",
-                detail: "listed twice",
-            });
-        }
+        prepared.insert(id, p);
     }
     t.prepared = prepared;
     t.cursors = id_set(r, "cursor")?;
@@ -157,15 +163,24 @@ fn count(r: &mut Reader<'_>, each: usize, field: &'static str) -> Result<usize, 
 fn id_set(r: &mut Reader<'_>, field: &'static str) -> Result<BTreeSet<u32>, WireError> {
     let n = count(r, 4, field)?;
     let mut set = BTreeSet::new();
+    let mut prev = None;
     for _ in 0..n {
-        if !set.insert(r.u32(field)?) {
-            return Err(WireError::Invalid {
-                field,
-                detail: "statement id listed twice",
-            });
-        }
+        set.insert(ascending(r.u32(field)?, &mut prev, field)?);
     }
     Ok(set)
+}
+
+/// Ids are written in ascending order; anything else was not written by
+/// [`CommandTracker::export`] (so one state has exactly one encoding).
+fn ascending(id: u32, prev: &mut Option<u32>, field: &'static str) -> Result<u32, WireError> {
+    if prev.is_some_and(|p| id <= p) {
+        return Err(WireError::Invalid {
+            field,
+            detail: "statement ids out of order",
+        });
+    }
+    *prev = Some(id);
+    Ok(id)
 }
 
 /// Collections here are bounded by u32 statement ids.
