@@ -599,3 +599,65 @@ fn set_option_tracks_multi_statements() {
     feed(&mut t, &ok(StatusFlags::AUTOCOMMIT));
     assert!(!t.options().multi_statements);
 }
+
+/// Answers captured from MariaDB 10.11.19 by conformance/tests/mariadb_ext.rs
+/// (payloads, in order; the ALTER's closing OK is shortened to a bare OK):
+/// the tracker ends each on its last packet.
+#[test]
+fn real_mariadb_answers_are_followed() {
+    const JSON_DEF: &[u8] = b"\x03def\x00\x00\x00\x12JSON_OBJECT('a',1)\x00\x06\x01\x04json\x0c\x2d\x00\x48\x00\x00\x00\xfd\x00\x00\x27\x00\x00";
+    const ROW: &[u8] = b"\x08{\"a\": 1}";
+    const EOF: &[u8] = b"\xfe\x00\x00\x02\x00";
+    const OK_TERM: &[u8] = b"\xfe\x00\x00\x02\x00\x00\x00";
+    const PROGRESS_REAL: &[u8] = b"\xff\xff\xff\x01\x01\x02\x82\x06\x00\x11copy to tmp table";
+    let ext = MariaDbCapabilities::EXTENDED_METADATA;
+    let cache = MariaDbCapabilities::CACHE_METADATA;
+    let cases: [(bool, MariaDbCapabilities, &[u8], Vec<&[u8]>); 5] = [
+        (
+            false,
+            ext,
+            b"\x03SELECT JSON_OBJECT('a',1)",
+            vec![b"\x01", JSON_DEF, EOF, ROW, EOF],
+        ),
+        (
+            true,
+            ext,
+            b"\x03SELECT JSON_OBJECT('a',1)",
+            vec![b"\x01", JSON_DEF, ROW, OK_TERM],
+        ),
+        // COM_STMT_EXECUTE with metadata skipped: count, [EOF], row, end.
+        (
+            false,
+            cache,
+            b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00",
+            vec![b"\x02\x00", EOF, b"\x00\x00\x01\x00\x00\x00\x01x", EOF],
+        ),
+        (
+            true,
+            cache,
+            b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00",
+            vec![b"\x02\x00", b"\x00\x00\x01\x00\x00\x00\x01x", OK_TERM],
+        ),
+        (
+            false,
+            MariaDbCapabilities::PROGRESS,
+            b"\x03ALTER TABLE big ADD COLUMN c INT",
+            vec![
+                PROGRESS_REAL,
+                PROGRESS_REAL,
+                b"\x00\x00\x00\x02\x00\x00\x00",
+            ],
+        ),
+    ];
+    for (deprecate, caps, cmd, answer) in cases {
+        let mut t = mariadb_tracker(deprecate, caps);
+        command(&mut t, cmd);
+        let (last, rest) = answer.split_last().unwrap();
+        for p in rest {
+            assert_eq!(feed(&mut t, p), MORE, "{caps:?} {p:?}");
+        }
+        assert_eq!(feed(&mut t, last), DONE, "{caps:?} deprecate={deprecate}");
+        assert!(t.is_idle());
+        assert_eq!(t.status(), StatusFlags::AUTOCOMMIT);
+    }
+}
