@@ -600,6 +600,9 @@ fn set_option_tracks_multi_statements() {
     assert!(!t.options().multi_statements);
 }
 
+/// deprecate_eof, negotiated flags, command, the answer's payloads.
+type Captured = (bool, MariaDbCapabilities, &'static [u8], Vec<&'static [u8]>);
+
 /// Answers captured from MariaDB 10.11.19 by conformance/tests/mariadb_ext.rs
 /// (payloads, in order; the ALTER's closing OK is shortened to a bare OK):
 /// the tracker ends each on its last packet.
@@ -612,7 +615,7 @@ fn real_mariadb_answers_are_followed() {
     const PROGRESS_REAL: &[u8] = b"\xff\xff\xff\x01\x01\x02\x82\x06\x00\x11copy to tmp table";
     let ext = MariaDbCapabilities::EXTENDED_METADATA;
     let cache = MariaDbCapabilities::CACHE_METADATA;
-    let cases: [(bool, MariaDbCapabilities, &[u8], Vec<&[u8]>); 5] = [
+    let cases: [Captured; 5] = [
         (
             false,
             ext,
