@@ -402,7 +402,22 @@ impl<T: Clone> Session<T> {
     /// every write.
     #[must_use]
     pub fn wants_read(&self, leg: Leg) -> bool {
-        self.phase != Phase::Closed && self.relay.held_towards(leg) < self.cfg.buffer_limit.max(1)
+        self.read_budget(leg) > 0
+    }
+
+    /// How many bytes the driver may read from `leg` now: what is left of
+    /// [`SessionConfig::buffer_limit`] (0: do not read). Reading no more
+    /// than this keeps what the session holds within the limit (a
+    /// compressed frame may still decompress to more).
+    #[must_use]
+    pub fn read_budget(&self, leg: Leg) -> usize {
+        if self.phase == Phase::Closed {
+            return 0;
+        }
+        self.cfg
+            .buffer_limit
+            .max(1)
+            .saturating_sub(self.relay.held_towards(leg))
     }
 
     // ----------------------------------------------------------------
