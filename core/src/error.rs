@@ -42,7 +42,10 @@ pub enum ProxyError {
     /// Backend TLS is required but the backend does not support it.
     #[error("backend {0} does not support TLS but security.require-backend-tls is set")]
     BackendTlsRequired(String),
-    /// The backend connection was lost in the middle of a command.
+    /// A command the proxy held (a move was under way) cannot run: the
+    /// backend was lost or stopped answering. A command that reached the
+    /// backend never gets this: its client connection closes as the
+    /// backend's did.
     #[error("lost connection to the TiDB backend during the query: {0}")]
     BackendLost(String),
     /// The backend sent bytes the proxy cannot follow.

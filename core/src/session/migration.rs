@@ -428,10 +428,11 @@ impl<T: Clone> Session<T> {
             Phase::Backend(_) => self.refuse(ProxyError::NoBackend(format!(
                 "backend closed the connection during the handshake: {reason}"
             ))),
-            Phase::Command if !self.tracker.is_idle() && !self.response_started => {
-                self.close_client_with(ProxyError::BackendLost(reason.to_string()))
-            }
-            Phase::Command if !self.relay.held.is_empty() => {
+            // Client bytes the proxy held while a move ran never reached a
+            // server: the client hears they did not run. A command that
+            // did reach the backend gets what the backend sent, nothing
+            // more: the connection then closes as the server's did.
+            Phase::Command if self.tracker.is_idle() && !self.relay.held.is_empty() => {
                 self.close_client_with(ProxyError::BackendLost(reason.to_string()))
             }
             _ => self.close(SessionError::BackendLost(reason.to_string())),

@@ -1397,3 +1397,48 @@ fn client_bytes_parked_during_a_move_count() {
     }
     assert!(h.s.wants_read(Leg::Client));
 }
+
+#[test]
+fn backend_gone_mid_command_closes_the_client_with_what_the_backend_sent() {
+    // Killed before answering: the client connection just closes, as it
+    // would directly; no error of the proxy's invention.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select * from t for update");
+    h.recv_one(Leg::Backend);
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert!(h.recv(Leg::Client).is_empty());
+    assert!(h.s.is_closed());
+    assert!(h.take_actions().contains(&Action::Close));
+    assert!(matches!(
+        closed_reason(&h.events),
+        Some(SessionError::BackendLost(_))
+    ));
+
+    // The backend's last word (MariaDB's 1927 for a killed connection) is
+    // relayed as is, then the connection closes.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select sleep(100)");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &err(1927, "Connection was killed"));
+    h.s.handle_closed(h.now, Leg::Backend, "connection closed by peer");
+    h.pump();
+    let p = h.recv_one(Leg::Client);
+    assert_eq!((p.seq, ErrPacket::parse(&p.data).unwrap().code), (1, 1927));
+    assert!(h.s.is_closed());
+
+    // Mid-result: the rows that arrived are relayed, nothing is appended.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &[1]);
+    h.send(
+        Leg::Backend,
+        2,
+        b"\x03def\x00\x00\x00\x011\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x81\x00\x00\x00\x00",
+    );
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert_eq!(h.recv(Leg::Client).len(), 2);
+    assert!(h.s.is_closed());
+}
