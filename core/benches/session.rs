@@ -38,7 +38,7 @@ fn packet(seq: u8, payload: &[u8]) -> BytesMut {
 
 fn establish(deprecate_eof: bool) -> (Session, Instant) {
     let now = Instant::now();
-    let mut s = Session::new(SessionConfig::default(), now, &mut StdRng::seed_from_u64(1));
+    let mut s: Session = Session::new(SessionConfig::default(), now, &mut StdRng::seed_from_u64(1));
     drain(&mut s);
     let mut caps = CapabilityFlags::PROTOCOL_41
         | CapabilityFlags::SECURE_CONNECTION

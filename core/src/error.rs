@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::packet::FramingError;
 use crate::response::ErrPacket;
+use crate::session::Leg;
 use crate::wire::WireError;
 
 /// An error the proxy reports to a client as a MySQL ERR packet.
@@ -41,7 +42,10 @@ pub enum ProxyError {
     /// Backend TLS is required but the backend does not support it.
     #[error("backend {0} does not support TLS but security.require-backend-tls is set")]
     BackendTlsRequired(String),
-    /// The backend connection was lost in the middle of a command.
+    /// A command the proxy held (a move was under way) cannot run: the
+    /// backend was lost or stopped answering. A command that reached the
+    /// backend never gets this: its client connection closes as the
+    /// backend's did.
     #[error("lost connection to the TiDB backend during the query: {0}")]
     BackendLost(String),
     /// The backend sent bytes the proxy cannot follow.
@@ -189,6 +193,40 @@ pub enum SessionError {
     Closed(String),
 }
 
+/// A packet the proxy did not expect at this point of the protocol. Built
+/// by [`UnexpectedPacket::new`] wherever a state machine meets one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected packet from the {leg}: expected {expected}, got {}", describe_first_byte(*.got))]
+pub struct UnexpectedPacket {
+    /// The leg it came from.
+    pub leg: Leg,
+    /// What the state machine expected, in words.
+    pub expected: &'static str,
+    /// The packet's first payload byte (`None`: an empty packet).
+    pub got: Option<u8>,
+}
+
+impl UnexpectedPacket {
+    /// The error for `payload`, read from `leg` when `expected` was due.
+    pub fn new(leg: Leg, expected: &'static str, payload: &[u8]) -> Self {
+        Self {
+            leg,
+            expected,
+            got: payload.first().copied(),
+        }
+    }
+}
+
+fn describe_first_byte(b: Option<u8>) -> String {
+    match b {
+        None => "an empty packet".into(),
+        Some(0x00) => "OK (0x00)".into(),
+        Some(0xff) => "ERR (0xff)".into(),
+        Some(0xfe) => "EOF or auth switch (0xfe)".into(),
+        Some(b) => format!("a packet starting with 0x{b:02x}"),
+    }
+}
+
 impl From<WireError> for ProxyError {
     fn from(e: WireError) -> Self {
         Self::BadHandshake(e)
@@ -213,5 +251,16 @@ mod tests {
         .to_err_packet();
         assert_eq!(e.code, 1153);
         assert!(!e.message_text().to_lowercase().contains("unknown error"));
+    }
+
+    #[test]
+    fn unexpected_packet_names_leg_expectation_and_packet() {
+        let e = UnexpectedPacket::new(Leg::NewBackend, "the reply to SET SESSION_STATES", &[0x05]);
+        assert_eq!(
+            e.to_string(),
+            "unexpected packet from the new backend: expected the reply to SET SESSION_STATES, got a packet starting with 0x05"
+        );
+        let e = UnexpectedPacket::new(Leg::Backend, "OK", &[]);
+        assert!(e.to_string().ends_with("got an empty packet"), "{e}");
     }
 }

@@ -20,5 +20,7 @@ pub mod wire;
 
 pub use command::Command;
 pub use flags::{CapabilityFlags, StatusFlags};
-pub mod migration;
 pub mod session;
+
+/// The move sequence's data: [`session::migration`] under its old path.
+pub use session::migration;

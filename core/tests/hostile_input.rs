@@ -127,7 +127,7 @@ proptest! {
     #[test]
     fn sessions(packets in proptest::collection::vec((0u8..3, bytes()), 1..16), seed in any::<u64>()) {
         let now = Instant::now();
-        let mut s = Session::new(SessionConfig::default(), now, &mut StdRng::seed_from_u64(seed));
+        let mut s: Session = Session::new(SessionConfig::default(), now, &mut StdRng::seed_from_u64(seed));
         for (i, (leg, p)) in packets.iter().enumerate() {
             let leg = [Leg::Client, Leg::Backend, Leg::NewBackend][*leg as usize];
             if i == 1 {

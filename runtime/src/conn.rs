@@ -393,6 +393,7 @@ fn session_config<N: Network>(
             _ => None,
         },
         handshake_timeout: shared.handshake_timeout,
+        buffer_limit: shared.buffer_limit,
         ..SessionConfig::default()
     }
 }
@@ -888,17 +889,15 @@ impl<N: Network> Driver<N> {
             }
             None => self.timer = None,
         }
-        // Reads, unless the other side is backed up.
-        let limit = self.shared.buffer_limit;
+        // Reads, within the session's read budget: a leg left unread makes
+        // TCP push back on its peer. The budget is asked again after every
+        // input (this function returns) and every write (above).
         for leg in [Leg::Client, Leg::Backend, Leg::NewBackend] {
-            let dest_full = match leg {
-                Leg::Client => self.session.transmit(Leg::Backend).len() >= limit,
-                _ => self.session.transmit(Leg::Client).len() >= limit,
-            };
-            if dest_full {
+            let budget = self.session.read_budget(leg);
+            if budget == 0 {
                 continue;
             }
-            if let Poll::Ready(closed) = self.poll_read_leg(cx, leg) {
+            if let Poll::Ready(closed) = self.poll_read_leg(cx, leg, budget) {
                 // A backend socket that hit its end is of no more use: keep
                 // polling it and it answers EOF forever, a busy loop (found
                 // by simulation: the old TiDB closed a session whose move was
@@ -949,9 +948,9 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// Reads once from `leg` into the session; ready with whether the leg
-    /// reached its end (EOF or an error).
-    fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> Poll<bool> {
+    /// Reads once from `leg` into the session, at most `budget` bytes;
+    /// ready with whether the leg reached its end (EOF or an error).
+    fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg, budget: usize) -> Poll<bool> {
         let Some(io) = (match leg {
             Leg::Client => Some(&mut self.client),
             Leg::Backend => self.backend.as_mut(),
@@ -961,7 +960,8 @@ impl<N: Network> Driver<N> {
         };
         let session = &mut self.session;
         SCRATCH.with_borrow_mut(|scratch| {
-            let mut rb = ReadBuf::new(scratch);
+            let n = budget.min(scratch.len());
+            let mut rb = ReadBuf::new(&mut scratch[..n]);
             match io.poll_read(cx, &mut rb) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(())) => {

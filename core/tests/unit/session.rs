@@ -10,11 +10,16 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use super::migration::MigrationFailure;
 use super::*;
-use crate::compress::CompressedFraming;
-use crate::handshake::{AuthMoreData, AuthSwitchRequest};
-use crate::packet::{PacketDecoder, Payload};
-use crate::response::{EofPacket, PrepareOk};
+use crate::Command;
+use crate::compress::{Algorithm, CompressedFraming};
+use crate::handshake::{
+    AuthMoreData, AuthSwitchRequest, ChangeUser, ClientHello, HandshakeResponse, InitialHandshake,
+    SslRequest, plugin,
+};
+use crate::packet::{PacketDecoder, Payload, write_packet};
+use crate::response::{EofPacket, ErrPacket, OkPacket, PrepareOk};
 use crate::wire::put_lenenc_bytes;
 
 const CLIENT_CAPS: CapabilityFlags = CapabilityFlags::LONG_PASSWORD
@@ -1264,19 +1269,24 @@ fn failed_implicit_commit_is_the_begins_answer() {
     // The BEGIN was not run anywhere; the move still waits for a status
     // that shows no transaction, which the next answer brings.
     assert!(h.recv(Leg::Backend).is_empty());
-    assert_eq!(h.s.migration_target(), Some("tidb-2:4000"));
+    assert_eq!(
+        h.s.migration_target().map(String::as_str),
+        Some("tidb-2:4000")
+    );
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
     export(&mut h);
 }
 
 #[test]
 fn begin_variants_are_recognised_narrowly() {
-    assert!(super::is_begin(b"\x03BEGIN"));
-    assert!(super::is_begin(b"\x03  start   transaction ; "));
-    assert!(super::is_begin(b"\x03begin work"));
-    assert!(!super::is_begin(b"\x03START TRANSACTION READ ONLY"));
-    assert!(!super::is_begin(b"\x03BEGIN; SELECT 1"));
-    assert!(!super::is_begin(b"\x03SELECT 'BEGIN'"));
+    assert!(super::command::is_begin(b"\x03BEGIN"));
+    assert!(super::command::is_begin(b"\x03  start   transaction ; "));
+    assert!(super::command::is_begin(b"\x03begin work"));
+    assert!(!super::command::is_begin(
+        b"\x03START TRANSACTION READ ONLY"
+    ));
+    assert!(!super::command::is_begin(b"\x03BEGIN; SELECT 1"));
+    assert!(!super::command::is_begin(b"\x03SELECT 'BEGIN'"));
 }
 
 #[test]
@@ -1295,4 +1305,143 @@ fn set_session_states_follows_the_new_sessions_sql_mode() {
     let expected = crate::migration::set_session_states_query(STATES, true);
     assert_eq!(&set.data[..], &expected[..]);
     assert!(String::from_utf8_lossy(&set.data).contains("it''s"));
+}
+
+/// Pipelines `n` COM_QUERY packets of `len` bytes each in one write.
+fn pipeline(h: &mut Harness, n: usize, len: usize) {
+    let mut q = vec![b'x'; len];
+    q[0] = 0x03;
+    let mut wire = BytesMut::new();
+    for _ in 0..n {
+        write_packet(&mut wire, 0, &q);
+    }
+    h.s.handle_data(h.now, Leg::Client, &wire);
+    h.pump();
+}
+
+#[test]
+fn parked_client_bytes_pause_reading_until_they_drain() {
+    let mut c = cfg();
+    c.buffer_limit = 1000;
+    let mut h = Harness::established(c, CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select sleep(5)");
+    h.recv_one(Leg::Backend);
+    assert!(h.s.wants_read(Leg::Client));
+    // Ten 200-byte queries behind the sleeping one: all parked.
+    pipeline(&mut h, 10, 200);
+    assert!(h.recv(Leg::Backend).is_empty());
+    assert!(!h.s.wants_read(Leg::Client), "2 KB parked, limit 1 KB");
+    assert!(
+        h.s.wants_read(Leg::Backend),
+        "the response must still come in"
+    );
+    assert!(h.s.buffered() >= 2000);
+    // Every answer lets one parked query through; reading resumes once
+    // what is parked falls under the limit.
+    let mut answered = 0;
+    while !h.s.wants_read(Leg::Client) {
+        h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+        assert_eq!(h.recv_one(Leg::Client).seq, 1);
+        assert_eq!(h.recv_one(Leg::Backend).data.len(), 200);
+        answered += 1;
+    }
+    assert_eq!(answered, 6, "reading resumes below 1000 parked bytes");
+    for _ in 0..5 {
+        h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+        h.recv_one(Leg::Client);
+        h.recv(Leg::Backend);
+    }
+    assert!(h.s.wants_read(Leg::Client));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn unwritten_bytes_pause_reading_the_other_side() {
+    let mut c = cfg();
+    c.buffer_limit = 1000;
+    let mut h = Harness::established(c, CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.recv_one(Leg::Backend);
+    // The client does not read: a large result waits in the transmit
+    // buffer, so the backend leg is not read.
+    let mut b = BytesMut::new();
+    write_packet(&mut b, 1, &[1]);
+    write_packet(&mut b, 2, &[b'c'; 40]);
+    write_packet(&mut b, 3, &[0xfe, 0, 0, 2, 0]);
+    for i in 0..20u8 {
+        write_packet(&mut b, 4 + i, &[b'r'; 100]);
+    }
+    h.s.handle_data(h.now, Leg::Backend, &b);
+    assert!(!h.s.wants_read(Leg::Backend));
+    assert!(h.s.wants_read(Leg::Client));
+    let n = h.s.transmit(Leg::Client).len();
+    h.s.advance_transmit(Leg::Client, n - 500);
+    assert!(h.s.wants_read(Leg::Backend), "500 bytes left to write");
+    assert_eq!(h.s.transmit(Leg::Client).len(), 500);
+}
+
+#[test]
+fn client_bytes_parked_during_a_move_count() {
+    let mut c = cfg();
+    c.buffer_limit = 1000;
+    let mut h = Harness::established(c, CLIENT_CAPS);
+    h.s.handle_redirect(h.now, "tidb-2:4000");
+    h.pump();
+    // SHOW SESSION_STATES is out; the client's queries wait for the move.
+    h.recv_one(Leg::Backend);
+    pipeline(&mut h, 6, 200);
+    assert!(!h.s.wants_read(Leg::Client));
+    // The move fails at the old backend: the parked queries run there.
+    h.send(Leg::Backend, 1, &err(8146, "cannot migrate"));
+    assert_eq!(h.recv_one(Leg::Backend).data.len(), 200);
+    for _ in 0..5 {
+        h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+        h.recv(Leg::Backend);
+    }
+    assert!(h.s.wants_read(Leg::Client));
+}
+
+#[test]
+fn backend_gone_mid_command_closes_the_client_with_what_the_backend_sent() {
+    // Killed before answering: the client connection just closes, as it
+    // would directly; no error of the proxy's invention.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select * from t for update");
+    h.recv_one(Leg::Backend);
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert!(h.recv(Leg::Client).is_empty());
+    assert!(h.s.is_closed());
+    assert!(h.take_actions().contains(&Action::Close));
+    assert!(matches!(
+        closed_reason(&h.events),
+        Some(SessionError::BackendLost(_))
+    ));
+
+    // The backend's last word (MariaDB's 1927 for a killed connection) is
+    // relayed as is, then the connection closes.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select sleep(100)");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &err(1927, "Connection was killed"));
+    h.s.handle_closed(h.now, Leg::Backend, "connection closed by peer");
+    h.pump();
+    let p = h.recv_one(Leg::Client);
+    assert_eq!((p.seq, ErrPacket::parse(&p.data).unwrap().code), (1, 1927));
+    assert!(h.s.is_closed());
+
+    // Mid-result: the rows that arrived are relayed, nothing is appended.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 1, &[1]);
+    h.send(
+        Leg::Backend,
+        2,
+        b"\x03def\x00\x00\x00\x011\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x81\x00\x00\x00\x00",
+    );
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert_eq!(h.recv(Leg::Client).len(), 2);
+    assert!(h.s.is_closed());
 }

@@ -3,7 +3,7 @@
 //! proxy consumes it; the client never sees it), and building the
 //! `SET SESSION_STATES '<json>'` statement for the new backend.
 //!
-//! The state machine that sequences a move lives in [`crate::session`].
+//! The state machine that sequences a move is [`super::migration`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 

@@ -1,0 +1,441 @@
+//! The move sequence: a session waits for a safe point, exports its state
+//! from the old backend (`SHOW SESSION_STATES`), authenticates on the new
+//! backend with the session token (the shared backend handshake in
+//! `backend`), imports the state (`SET SESSION_STATES`) and swaps the legs.
+//! Every stage owns the data it needs; the target is the driver's opaque
+//! handle `T`. The SESSION_STATES data transformations live in `states`.
+
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::backend::Expect;
+use super::{Action, Event, Leg, Phase, Session};
+use crate::command::Command;
+use crate::error::{ProxyError, SessionError, UnexpectedPacket};
+use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::packet::write_packet;
+use crate::response::{ERR_HEADER, ErrPacket, OK_HEADER, OkPacket};
+
+#[cfg(feature = "sim-mutations")]
+pub use super::states::forget_first_user_variable;
+pub use super::states::{
+    ExportedSession, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader,
+    set_session_states_query,
+};
+
+/// The stage of a move.
+#[derive(Debug)]
+pub(super) enum Migration<T> {
+    /// No move asked for.
+    None,
+    /// Requested; waiting for a safe point.
+    Pending {
+        /// Where to.
+        target: T,
+    },
+    /// Under way: client input waits.
+    Running(Move<T>),
+}
+
+/// A move under way.
+#[derive(Debug)]
+pub(super) struct Move<T> {
+    target: T,
+    /// The move fails (or, still on the old backend, the session closes)
+    /// at this instant.
+    deadline: Instant,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// The client sent BEGIN inside a transaction while a move was pending:
+    /// its implicit commit was sent as a COMMIT of the proxy's own; the
+    /// BEGIN (`begin_len` bytes at the front of the held bytes) runs after
+    /// the move.
+    HiddenCommit { begin_len: usize },
+    /// SHOW SESSION_STATES sent to the old backend.
+    Export { reader: StatesReader },
+    /// The new backend's handshake, authenticating with `token`.
+    Handshake {
+        expect: Expect,
+        states: Bytes,
+        token: Bytes,
+        /// The old backend was lost; the move finishes without it.
+        old_lost: bool,
+    },
+    /// SET SESSION_STATES sent; expecting OK.
+    Import { old_lost: bool },
+}
+
+impl<T> Migration<T> {
+    /// The target of a pending or running move.
+    pub(super) fn target(&self) -> Option<&T> {
+        match self {
+            Migration::None => None,
+            Migration::Pending { target } | Migration::Running(Move { target, .. }) => Some(target),
+        }
+    }
+
+    /// A move is under way (client input waits).
+    pub(super) fn active(&self) -> bool {
+        matches!(self, Migration::Running(_))
+    }
+
+    /// When the running move times out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self {
+            Migration::Running(m) => Some(m.deadline),
+            _ => None,
+        }
+    }
+
+    /// The move is talking to the old backend (its replies belong to the
+    /// proxy, whole packets).
+    pub(super) fn on_old_backend(&self) -> bool {
+        matches!(
+            self,
+            Migration::Running(Move {
+                stage: Stage::HiddenCommit { .. } | Stage::Export { .. },
+                ..
+            })
+        )
+    }
+
+    /// The new backend's handshake stage, if the move is in it.
+    pub(super) fn handshake_mut(&mut self) -> Option<&mut Expect> {
+        match self {
+            Migration::Running(Move {
+                stage: Stage::Handshake { expect, .. },
+                ..
+            }) => Some(expect),
+            _ => None,
+        }
+    }
+
+    /// The session token, during the new backend's handshake.
+    pub(super) fn token(&self) -> Option<&Bytes> {
+        match self {
+            Migration::Running(Move {
+                stage: Stage::Handshake { token, .. },
+                ..
+            }) => Some(token),
+            _ => None,
+        }
+    }
+
+    /// A new backend leg is open.
+    fn has_new_leg(&self) -> bool {
+        matches!(
+            self,
+            Migration::Running(Move {
+                stage: Stage::Handshake { .. } | Stage::Import { .. },
+                ..
+            })
+        )
+    }
+}
+
+impl<T: Clone> Session<T> {
+    /// Called whenever an exchange ends: starts a pending move or closes a
+    /// session waiting for its safe point.
+    pub(super) fn at_boundary(&mut self, now: Instant) {
+        if self.phase != Phase::Command || !self.tracker.at_safe_point() || self.migration.active()
+        {
+            return;
+        }
+        if self.close_at_safe_point {
+            self.events.push_back(Event::SafePoint);
+            self.close(SessionError::Closed("graceful shutdown".into()));
+            return;
+        }
+        if let Migration::Pending { target } = &self.migration {
+            let target = target.clone();
+            self.events.push_back(Event::SafePoint);
+            self.start_migration(now, target);
+        }
+    }
+
+    /// Whether a BEGIN from the client now would get TiProxy's treatment:
+    /// a move is pending and only the open transaction stands in its way.
+    pub(super) fn begin_trick_applies(&self) -> bool {
+        matches!(self.migration, Migration::Pending { .. })
+            && self.tracker.is_idle()
+            && self.tracker.in_transaction()
+            && self.tracker.cursors().is_empty()
+            && self.tracker.long_data().is_empty()
+            && !self.close_at_safe_point
+    }
+
+    /// TiProxy's BEGIN trick: the client's BEGIN (`payload`) would commit
+    /// the open transaction anyway, so commit it now, move, and run BEGIN
+    /// on the new backend; a session that chains transactions with BEGIN
+    /// would otherwise never reach a safe point.
+    pub(super) fn start_hidden_commit(&mut self, now: Instant, payload: &[u8]) {
+        let Migration::Pending { target } = std::mem::replace(&mut self.migration, Migration::None)
+        else {
+            return;
+        };
+        let mut held = BytesMut::with_capacity(4 + payload.len() + self.relay.held.len());
+        write_packet(&mut held, 0, payload);
+        let begin_len = held.len();
+        held.extend_from_slice(&self.relay.held);
+        self.relay.held = held;
+        self.migration = Migration::Running(Move {
+            target,
+            deadline: now + self.cfg.migration_timeout,
+            stage: Stage::HiddenCommit { begin_len },
+        });
+        self.relay.legs[1].seq = 0;
+        self.relay.legs[1].reset_out_seq = true;
+        self.send(Leg::Backend, b"\x03COMMIT");
+    }
+
+    /// A packet from the old backend while the move talks to it.
+    pub(super) fn on_old_backend_packet(&mut self, now: Instant, payload: &[u8]) {
+        let Migration::Running(m) = &mut self.migration else {
+            return;
+        };
+        match &mut m.stage {
+            Stage::HiddenCommit { begin_len } => {
+                let begin_len = *begin_len;
+                self.on_hidden_commit_reply(now, begin_len, payload)
+            }
+            Stage::Export { reader } => match reader.feed(payload) {
+                StatesProgress::More => {}
+                StatesProgress::Failed(reason) => self.fail_migration(now, reason),
+                StatesProgress::Done(exported) => {
+                    self.actions.push_back(Action::ConnectNewBackend {
+                        target: m.target.clone(),
+                    });
+                    m.stage = Stage::Handshake {
+                        expect: Expect::Connect,
+                        states: exported.states,
+                        token: exported.token,
+                        old_lost: false,
+                    };
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// The old backend answered the proxy's COMMIT.
+    fn on_hidden_commit_reply(&mut self, now: Instant, begin_len: usize, payload: &[u8]) {
+        let Migration::Running(m) = std::mem::replace(&mut self.migration, Migration::None) else {
+            return;
+        };
+        self.migration = Migration::Pending { target: m.target };
+        match payload.first().copied() {
+            Some(OK_HEADER) => {
+                if let Ok(status) = OkPacket::status_of(payload) {
+                    self.tracker.set_status(status);
+                }
+                self.at_boundary(now);
+            }
+            _ => {
+                // The commit failed: that is the client's BEGIN's answer (its
+                // implicit commit failed), and the BEGIN does not run.
+                let n = begin_len.min(self.relay.held.len());
+                self.relay.held.advance(n);
+                self.relay.legs[0].seq = 1;
+                if payload.first() == Some(&ERR_HEADER) {
+                    self.send(Leg::Client, payload);
+                } else {
+                    let e = UnexpectedPacket::new(Leg::Backend, "the reply to COMMIT", payload);
+                    self.send_error(Leg::Client, &ProxyError::BackendProtocol(e.to_string()));
+                }
+                self.at_boundary(now);
+                self.drain_held(now);
+            }
+        }
+    }
+
+    fn start_migration(&mut self, now: Instant, target: T) {
+        self.events.push_back(Event::MigrationStarted {
+            target: target.clone(),
+        });
+        let deprecate_eof = self.backend_caps.contains(CapabilityFlags::DEPRECATE_EOF);
+        self.migration = Migration::Running(Move {
+            target,
+            deadline: now + self.cfg.migration_timeout,
+            stage: Stage::Export {
+                reader: StatesReader::new(deprecate_eof),
+            },
+        });
+        self.relay.legs[1].seq = 0;
+        self.relay.legs[1].reset_out_seq = true;
+        let mut q = BytesMut::with_capacity(1 + SHOW_SESSION_STATES.len());
+        q.put_u8(Command::Query.to_byte());
+        q.put_slice(SHOW_SESSION_STATES.as_bytes());
+        self.send(Leg::Backend, &q);
+    }
+
+    /// The new backend accepted the token (its OK's `payload`): send the
+    /// session's state.
+    pub(super) fn start_import(&mut self, payload: &[u8]) {
+        let Migration::Running(m) = &mut self.migration else {
+            return;
+        };
+        let Stage::Handshake {
+            states, old_lost, ..
+        } = &mut m.stage
+        else {
+            return;
+        };
+        let states = std::mem::take(states);
+        m.stage = Stage::Import {
+            old_lost: *old_lost,
+        };
+        self.switch_on_compression(Leg::NewBackend);
+        self.relay.legs[2].seq = 0;
+        self.relay.legs[2].reset_out_seq = true;
+        // The literal is parsed by the new session, under its own sql_mode
+        // (the global default), which its OK reports.
+        let no_backslash = OkPacket::status_of(payload)
+            .map(|s| s.contains(StatusFlags::NO_BACKSLASH_ESCAPES))
+            .unwrap_or(false);
+        #[cfg(feature = "sim-mutations")]
+        let states = if self.planted(super::PlantedBug::ForgetUserVariable) {
+            forget_first_user_variable(&states)
+        } else {
+            states
+        };
+        let q = set_session_states_query(&states, no_backslash);
+        self.send(Leg::NewBackend, &q);
+    }
+
+    /// The new backend answered SET SESSION_STATES.
+    pub(super) fn on_import_reply(&mut self, now: Instant, payload: &[u8]) {
+        match payload.first().copied() {
+            Some(OK_HEADER) => self.finish_migration(now),
+            Some(ERR_HEADER) => {
+                let (code, message) = ErrPacket::parse(payload)
+                    .map(|e| (e.code, e.message_text()))
+                    .unwrap_or((0, String::new()));
+                self.fail_migration(now, MigrationFailure::SetStatesRefused { code, message });
+            }
+            _ => {
+                let e = UnexpectedPacket::new(
+                    Leg::NewBackend,
+                    "the reply to SET SESSION_STATES",
+                    payload,
+                );
+                self.fail_migration(now, MigrationFailure::Handshake(e.to_string()));
+            }
+        }
+    }
+
+    /// Whether the move is importing (the new backend's replies go to
+    /// [`Session::on_import_reply`]).
+    pub(super) fn importing(&self) -> bool {
+        matches!(
+            self.migration,
+            Migration::Running(Move {
+                stage: Stage::Import { .. },
+                ..
+            })
+        )
+    }
+
+    fn finish_migration(&mut self, now: Instant) {
+        let Migration::Running(m) = std::mem::replace(&mut self.migration, Migration::None) else {
+            return;
+        };
+        let old_lost = matches!(m.stage, Stage::Import { old_lost: true });
+        let mut farewell = self.relay.legs[1].out.take();
+        if old_lost {
+            farewell.clear();
+        } else {
+            // Tell the old backend the session is over, so it frees it at once.
+            let mut quit = BytesMut::with_capacity(5);
+            write_packet(&mut quit, 0, &[Command::Quit.to_byte()]);
+            if let Some(f) = self.relay.legs[1].framing.as_mut() {
+                f.reset_seq();
+                f.encode(&quit, &mut farewell);
+            } else {
+                farewell.extend_from_slice(&quit);
+            }
+        }
+        let new = std::mem::take(&mut self.relay.legs[2]);
+        self.relay.legs[1] = new;
+        self.actions.push_back(Action::SwapBackends {
+            farewell: farewell.freeze(),
+        });
+        self.events.push_back(Event::Migrated { target: m.target });
+        self.at_boundary(now);
+        self.drain_held(now);
+    }
+
+    pub(super) fn fail_migration(&mut self, now: Instant, reason: MigrationFailure) {
+        let had_new_leg = self.migration.has_new_leg();
+        let old_lost = matches!(
+            self.migration,
+            Migration::Running(Move {
+                stage: Stage::Handshake { old_lost: true, .. } | Stage::Import { old_lost: true },
+                ..
+            })
+        );
+        let Migration::Running(m) = std::mem::replace(&mut self.migration, Migration::None) else {
+            return;
+        };
+        if had_new_leg {
+            self.relay.legs[2] = Default::default();
+            self.actions.push_back(Action::CloseLeg(Leg::NewBackend));
+        }
+        self.events.push_back(Event::MigrationFailed {
+            target: m.target,
+            reason: reason.clone(),
+        });
+        if old_lost {
+            // Nowhere left to run the session.
+            self.close_client_with(ProxyError::BackendLost(reason.to_string()));
+            return;
+        }
+        self.at_boundary(now);
+        self.drain_held(now);
+    }
+
+    /// The old backend's connection ended (EOF or reset). What the backend
+    /// sent has been relayed; the client connection closes as the server's
+    /// did. Nothing is invented for a command in flight.
+    pub(super) fn backend_lost(&mut self, now: Instant, reason: &str) {
+        let _ = now;
+        if let Migration::Running(m) = &mut self.migration {
+            match &mut m.stage {
+                Stage::Handshake { old_lost, .. } | Stage::Import { old_lost } => {
+                    // The session's state is already exported: finish the
+                    // move without the old backend.
+                    *old_lost = true;
+                    self.relay.legs[1].out.clear();
+                    return;
+                }
+                Stage::Export { .. } | Stage::HiddenCommit { .. } => {
+                    let Migration::Running(m) =
+                        std::mem::replace(&mut self.migration, Migration::None)
+                    else {
+                        return;
+                    };
+                    self.events.push_back(Event::MigrationFailed {
+                        target: m.target,
+                        reason: MigrationFailure::OldBackendLost(reason.to_string()),
+                    });
+                }
+            }
+        }
+        match self.phase {
+            Phase::Backend(_) => self.refuse(ProxyError::NoBackend(format!(
+                "backend closed the connection during the handshake: {reason}"
+            ))),
+            // Client bytes the proxy held while a move ran never reached a
+            // server: the client hears they did not run. A command that
+            // did reach the backend gets what the backend sent, nothing
+            // more: the connection then closes as the server's did.
+            Phase::Command if self.tracker.is_idle() && !self.relay.held.is_empty() => {
+                self.close_client_with(ProxyError::BackendLost(reason.to_string()))
+            }
+            _ => self.close(SessionError::BackendLost(reason.to_string())),
+        }
+    }
+}

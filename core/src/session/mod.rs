@@ -1,0 +1,778 @@
+//! One client session: the frontend handshake (the proxy as server), the
+//! backend handshake (the proxy as client), the command phase with its
+//! tracker, and live migration to another backend.
+//!
+//! # Driving a session
+//!
+//! A session has up to three legs ([`Leg`]): the client, the current
+//! backend, and during a move the new backend. The driver:
+//!
+//! 1. feeds input with the `handle_*` methods: bytes read from a leg
+//!    ([`Session::handle_data`]), a finished connect or TLS upgrade, a closed
+//!    socket, an expired timer, or an operator command such as a redirect;
+//! 2. after every input, drains the outputs: [`Session::poll_action`] until
+//!    `None` (connects, TLS upgrades, closes), [`Session::poll_event`] until
+//!    `None` (notifications for the router and metrics),
+//!    [`Session::transmit`] for each leg (bytes to write; acknowledge with
+//!    [`Session::advance_transmit`]) and [`Session::poll_timeout`] (the one
+//!    timer to arm).
+//!
+//! The session never blocks, never reads a clock and never touches a socket.
+//! Bytes between client and backend flow through without being joined into
+//! whole packets unless the proxy must look inside them.
+//!
+//! # Read budget
+//!
+//! The driver reads a leg only while [`Session::wants_read`] says so: once
+//! what the session holds towards the other side (client bytes parked while
+//! a response or a move runs, bytes queued for the destination's socket,
+//! bytes staged for compression) reaches [`SessionConfig::buffer_limit`],
+//! the leg is left unread and TCP pushes back on its peer. The driver
+//! re-asks after every input and every write, so a parked client resumes as
+//! soon as the held bytes drain.
+//!
+//! # Layout
+//!
+//! `Session` is an orchestrator over sub-machines that own their state:
+//! - `relay`: per-leg framing, sequence rewrite, compression staging,
+//!   transmit buffers and the read budget;
+//! - `backend`: the one backend handshake (proxy as client), used for the
+//!   first backend (credentials relayed from the client) and for a move
+//!   target (a session token);
+//! - `command`: the client's commands and the backend's responses in the
+//!   command phase;
+//! - [`migration`]: the move sequence and the SESSION_STATES data it carries.
+//!
+//! The session is generic over `T`, the driver's handle for a backend it
+//! asks the session to move to; the session only clones it into actions
+//! and events.
+
+mod backend;
+mod command;
+pub mod migration;
+mod output;
+mod relay;
+mod states;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rand_core::RngCore;
+
+use self::backend::Expect;
+use self::migration::{Migration, MigrationFailure};
+pub use self::output::{Action, Event};
+use self::relay::Relay;
+use crate::error::{ProxyError, SessionError};
+use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::handshake::{HandshakeResponse, InitialHandshake, plugin};
+use crate::proxy_protocol::ProxyHeader;
+use crate::response::ERR_HEADER;
+use crate::tracker::CommandTracker;
+
+/// A connection of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// The client.
+    Client,
+    /// The backend currently serving the session.
+    Backend,
+    /// The backend the session is moving to.
+    NewBackend,
+}
+
+impl Leg {
+    fn idx(self) -> usize {
+        match self {
+            Leg::Client => 0,
+            Leg::Backend => 1,
+            Leg::NewBackend => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Leg::Client => "client",
+            Leg::Backend => "backend",
+            Leg::NewBackend => "new backend",
+        })
+    }
+}
+
+/// When the proxy uses TLS towards backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendTls {
+    /// Never.
+    #[default]
+    Off,
+    /// When the client used TLS and the backend offers it (TiProxy's default).
+    MatchClient,
+    /// Always; a backend without TLS is an error (`require-backend-tls`).
+    Required,
+}
+
+/// Settings of one session, fixed at creation.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Connection id shown to the client (allocated by the proxy).
+    pub connection_id: u32,
+    /// Server version announced to the client; taken from a backend.
+    pub server_version: Bytes,
+    /// Capabilities announced to the client. Intersected with
+    /// [`CapabilityFlags::PROXY_SUPPORTED`]; the driver removes what the
+    /// backends lack (learned from their greetings) and `SSL` when no server
+    /// certificate is configured.
+    pub capabilities: CapabilityFlags,
+    /// Collation announced in the greeting.
+    pub charset: u8,
+    /// Whether the client may upgrade to TLS.
+    pub server_tls: bool,
+    /// TLS towards backends.
+    pub backend_tls: BackendTls,
+    /// PROXY v2 header written before every backend handshake.
+    pub proxy_header: Option<ProxyHeader>,
+    /// Largest handshake packet accepted from a client.
+    pub max_handshake_len: usize,
+    /// Time allowed from accept to an authenticated session.
+    pub handshake_timeout: Duration,
+    /// Time allowed for one move.
+    pub migration_timeout: Duration,
+    /// Use zlib compression towards backends that support it.
+    pub compress_backend: bool,
+    /// Read budget: a leg is not read while the session holds this many
+    /// bytes towards the other side (`proxy.conn-buffer-size`).
+    pub buffer_limit: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            connection_id: 1,
+            server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
+            capabilities: CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::SSL,
+            charset: 46,
+            server_tls: false,
+            backend_tls: BackendTls::Off,
+            proxy_header: None,
+            max_handshake_len: 64 * 1024,
+            handshake_timeout: Duration::from_secs(15),
+            migration_timeout: Duration::from_secs(10),
+            compress_backend: false,
+            buffer_limit: 32 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Greeting sent; expecting an SSL request or a handshake response.
+    ClientHello,
+    /// Waiting for the driver to finish TLS with the client.
+    ClientTls,
+    /// The handshake with the first backend; in
+    /// [`Expect::AuthResult`] the client's auth packets are relayed.
+    Backend(Expect),
+    /// Command phase.
+    Command,
+    /// Closed.
+    Closed,
+}
+
+/// A client session. See the module documentation for how to drive it.
+#[derive(Debug)]
+pub struct Session<T = String> {
+    cfg: SessionConfig,
+    phase: Phase,
+    salt: [u8; 20],
+    /// Framing, sequence ids, transmit buffers and parked client bytes.
+    relay: Relay,
+    /// The client's handshake response, kept to re-authenticate on moves
+    /// (empty until the client sends it).
+    hello: HandshakeResponse,
+    /// Capabilities agreed with the client.
+    client_caps: CapabilityFlags,
+    /// Capabilities sent to the backend (without SSL and compression).
+    backend_caps: CapabilityFlags,
+    user: Bytes,
+    database: Option<Bytes>,
+    /// COM_CHANGE_USER in flight: the user and database it asked for.
+    pending_user: Option<(Bytes, Bytes)>,
+    tracker: CommandTracker,
+    /// The move sequence; owns its target, deadline and exported state.
+    migration: Migration<T>,
+    close_at_safe_point: bool,
+    /// Whether any byte of the current response reached the client.
+    response_started: bool,
+    command_started: Option<Instant>,
+    handshake_deadline: Option<Instant>,
+    /// A TLS upgrade to request once the current input stops.
+    tls_request: Option<Leg>,
+    /// A response just ended: act on the boundary once it is forwarded.
+    boundary_pending: bool,
+    actions: VecDeque<Action<T>>,
+    events: VecDeque<Event<T>>,
+    /// The last finished command, not yet polled.
+    command_done: Option<Event<T>>,
+    /// The bug planted by the simulation's mutation test.
+    #[cfg(feature = "sim-mutations")]
+    planted: Option<PlantedBug>,
+}
+
+/// A deliberate bug the simulation plants in a session to prove that its
+/// seed sweeps catch it (mutation testing). Planting needs the
+/// `sim-mutations` feature; without it nothing can plant one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A pending move does not wait for the transaction to end: at the
+    /// client's next statement the proxy commits the open transaction
+    /// behind its back and moves (TiProxy's BEGIN trick applied to any
+    /// statement). TiDB refuses to export a session inside a transaction,
+    /// so ending it first is the only way a proxy can get this wrong.
+    MoveInsideTransaction,
+    /// `SET SESSION_STATES` loses the session's first user variable.
+    ForgetUserVariable,
+}
+
+/// The handshake response slot before the client sent one.
+fn no_hello() -> HandshakeResponse {
+    HandshakeResponse {
+        capabilities: CapabilityFlags::empty(),
+        max_packet_size: 0,
+        charset: 0,
+        filler: [0; 23],
+        mariadb_capabilities: Default::default(),
+        username: Bytes::new(),
+        auth_response: Bytes::new(),
+        database: None,
+        auth_plugin: None,
+        attributes: Default::default(),
+        zstd_level: None,
+    }
+}
+
+impl<T: Clone> Session<T> {
+    /// A new session for a client that just connected: the greeting is
+    /// queued on the client leg. The salt comes from `rng`.
+    pub fn new(cfg: SessionConfig, now: Instant, rng: &mut impl RngCore) -> Self {
+        let mut salt = [0u8; 20];
+        rng.fill_bytes(&mut salt);
+        // Printable ASCII without '$', as MySQL servers generate: no NUL can
+        // end the salt early and every client parses it.
+        for b in &mut salt {
+            *b = 0x21 + (*b % 0x5e);
+            if *b == b'$' {
+                *b = b'%';
+            }
+        }
+        let mut s = Self {
+            phase: Phase::ClientHello,
+            salt,
+            relay: Relay::default(),
+            hello: no_hello(),
+            client_caps: CapabilityFlags::empty(),
+            backend_caps: CapabilityFlags::empty(),
+            user: Bytes::new(),
+            database: None,
+            pending_user: None,
+            tracker: CommandTracker::new(false, StatusFlags::AUTOCOMMIT),
+            migration: Migration::None,
+            close_at_safe_point: false,
+            response_started: false,
+            command_started: None,
+            handshake_deadline: Some(now + cfg.handshake_timeout),
+            tls_request: None,
+            boundary_pending: false,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            command_done: None,
+            #[cfg(feature = "sim-mutations")]
+            planted: None,
+            cfg,
+        };
+        s.cfg.capabilities &= CapabilityFlags::PROXY_SUPPORTED;
+        if !s.cfg.server_tls {
+            s.cfg.capabilities -= CapabilityFlags::SSL;
+        }
+        let greeting = InitialHandshake {
+            server_version: s.cfg.server_version.clone(),
+            connection_id: s.cfg.connection_id,
+            auth_data: Bytes::copy_from_slice(&s.salt),
+            capabilities: s.cfg.capabilities,
+            charset: s.cfg.charset,
+            status: StatusFlags::AUTOCOMMIT,
+            reserved: [0; 10],
+            mariadb_capabilities: Default::default(),
+            auth_plugin: Bytes::from_static(plugin::NATIVE_PASSWORD.as_bytes()),
+        };
+        let mut payload = BytesMut::with_capacity(96);
+        greeting.write(&mut payload);
+        s.send(Leg::Client, &payload);
+        s
+    }
+
+    // ----------------------------------------------------------------
+    // Queries
+    // ----------------------------------------------------------------
+
+    /// Whether the session is authenticated and in the command phase.
+    pub fn is_established(&self) -> bool {
+        self.phase == Phase::Command
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// The authenticated user (after COM_CHANGE_USER, the new one).
+    pub fn user(&self) -> &[u8] {
+        &self.user
+    }
+
+    /// The database named at connect, by COM_INIT_DB or COM_CHANGE_USER.
+    pub fn database(&self) -> Option<&[u8]> {
+        self.database.as_deref()
+    }
+
+    /// [`Session::database`] as a shared buffer (no copy).
+    pub fn database_bytes(&self) -> Option<Bytes> {
+        self.database.clone()
+    }
+
+    /// Last known server status flags.
+    pub fn status(&self) -> StatusFlags {
+        self.tracker.status()
+    }
+
+    /// Plants `bug` (the simulation's mutation test).
+    #[cfg(feature = "sim-mutations")]
+    pub fn plant(&mut self, bug: PlantedBug) {
+        self.planted = Some(bug);
+    }
+
+    /// Whether `bug` was planted; always false without `sim-mutations`.
+    #[inline]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        #[cfg(feature = "sim-mutations")]
+        {
+            self.planted == Some(bug)
+        }
+        #[cfg(not(feature = "sim-mutations"))]
+        {
+            let _ = bug;
+            false
+        }
+    }
+
+    /// Whether a transaction is open.
+    pub fn in_transaction(&self) -> bool {
+        self.tracker.in_transaction()
+    }
+
+    /// The command tracker (prepared statements, cursors, state).
+    pub fn tracker(&self) -> &CommandTracker {
+        &self.tracker
+    }
+
+    /// Capabilities agreed with the client.
+    pub fn client_capabilities(&self) -> CapabilityFlags {
+        self.client_caps
+    }
+
+    /// Whether the session could move right now: authenticated, no
+    /// exchange in progress, not in a transaction, no open cursor, no
+    /// pending long data, no move already under way.
+    pub fn may_migrate(&self) -> bool {
+        self.phase == Phase::Command
+            && self.tracker.at_safe_point()
+            && !self.migration.active()
+            && self.relay.held.is_empty()
+            && !self.close_at_safe_point
+    }
+
+    /// The target of a pending or running move.
+    pub fn migration_target(&self) -> Option<&T> {
+        self.migration.target()
+    }
+
+    /// Whether the driver may read `leg` now (the read budget): false once
+    /// what the session holds towards the other side of `leg` reaches
+    /// [`SessionConfig::buffer_limit`]. Ask again after every input and
+    /// every write.
+    #[must_use]
+    pub fn wants_read(&self, leg: Leg) -> bool {
+        self.read_budget(leg) > 0
+    }
+
+    /// How many bytes the driver may read from `leg` now: what is left of
+    /// [`SessionConfig::buffer_limit`] (0: do not read). Reading no more
+    /// than this keeps what the session holds within the limit (a
+    /// compressed frame may still decompress to more).
+    #[must_use]
+    pub fn read_budget(&self, leg: Leg) -> usize {
+        if self.phase == Phase::Closed {
+            return 0;
+        }
+        self.cfg
+            .buffer_limit
+            .max(1)
+            .saturating_sub(self.relay.held_towards(leg))
+    }
+
+    // ----------------------------------------------------------------
+    // Outputs
+    // ----------------------------------------------------------------
+
+    /// The next action for the driver.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action<T>> {
+        let a = self.actions.pop_front();
+        if a.is_none() && self.actions.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely act: give the memory back.
+            self.actions = VecDeque::new();
+        }
+        a
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event<T>> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        if self.events.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely have events besides finished
+            // commands (which use a slot): give the memory back.
+            self.events = VecDeque::new();
+        }
+        self.command_done.take()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.handshake_deadline, self.migration.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Bytes to write to `leg`.
+    #[must_use]
+    pub fn transmit(&self, leg: Leg) -> &[u8] {
+        self.relay.legs[leg.idx()].out.pending()
+    }
+
+    /// Marks `n` bytes of [`Session::transmit`] as written.
+    pub fn advance_transmit(&mut self, leg: Leg, n: usize) {
+        self.relay.legs[leg.idx()].out.advance(n);
+    }
+
+    /// Bytes held in the session's buffers (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.relay.buffered()
+    }
+
+    // ----------------------------------------------------------------
+    // Inputs
+    // ----------------------------------------------------------------
+
+    /// Bytes read from `leg` (after TLS).
+    pub fn handle_data(&mut self, now: Instant, leg: Leg, data: &[u8]) {
+        if self.phase == Phase::Closed || data.is_empty() {
+            return;
+        }
+        if self.relay.legs[leg.idx()].framing.is_some() {
+            // One frame at a time: a client may send several commands in one
+            // write (COM_STMT_SEND_LONG_DATA then COM_STMT_EXECUTE), and each
+            // new command restarts the compressed sequence at 0.
+            let mut input = data;
+            // One decompression buffer per session, reused across reads.
+            let mut plain = std::mem::take(&mut self.relay.plain);
+            while !input.is_empty() && self.phase != Phase::Closed {
+                let starts = leg == Leg::Client && self.client_starts_command();
+                let Some(f) = self.relay.legs[leg.idx()].framing.as_mut() else {
+                    break;
+                };
+                if starts && f.buffered() == 0 {
+                    f.reset_seq();
+                }
+                match f.decode_one(input, &mut plain) {
+                    Ok((used, _)) => {
+                        input = &input[used..];
+                        if !plain.is_empty() {
+                            self.process(now, leg, &plain);
+                            plain.clear();
+                        }
+                    }
+                    Err(e) => {
+                        self.protocol_error(leg, e.to_string());
+                        break;
+                    }
+                }
+            }
+            plain.clear();
+            self.relay.keep_plain(plain);
+        } else {
+            self.process(now, leg, data);
+        }
+        self.flush();
+    }
+
+    /// The driver connected `leg` ([`Leg::Backend`] or [`Leg::NewBackend`]).
+    pub fn handle_connected(&mut self, now: Instant, leg: Leg) {
+        let _ = now;
+        if let Some(expect) = self.backend_handshake(leg)
+            && *expect == Expect::Connect
+        {
+            *expect = Expect::Greeting;
+            if let Some(h) = self.cfg.proxy_header {
+                let mut b = BytesMut::with_capacity(52);
+                h.write(&mut b);
+                self.relay.legs[leg.idx()].out.put(&b);
+            }
+        }
+        self.flush();
+    }
+
+    /// The driver could not connect `leg`.
+    pub fn handle_connect_failed(&mut self, now: Instant, leg: Leg, reason: &str) {
+        if self
+            .backend_handshake(leg)
+            .is_some_and(|e| *e == Expect::Connect)
+        {
+            match leg {
+                Leg::NewBackend => {
+                    self.fail_migration(now, MigrationFailure::Connect(reason.to_string()))
+                }
+                _ => self.refuse(ProxyError::NoBackend(reason.to_string())),
+            }
+        }
+        self.flush();
+    }
+
+    /// The driver finished the TLS upgrade requested by [`Action::StartTls`].
+    pub fn handle_tls_established(&mut self, now: Instant, leg: Leg) {
+        self.relay.legs[leg.idx()].tls = true;
+        if leg == Leg::Client {
+            if self.phase == Phase::ClientTls {
+                self.phase = Phase::ClientHello;
+                self.drain_held(now);
+            }
+        } else if self
+            .backend_handshake(leg)
+            .is_some_and(|e| *e == Expect::Tls)
+        {
+            self.send_backend_response(leg);
+        }
+        self.flush();
+    }
+
+    /// `leg`'s socket closed or failed (`reason` for logs).
+    pub fn handle_closed(&mut self, now: Instant, leg: Leg, reason: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        match leg {
+            Leg::Client => self.close(SessionError::ClientClosed),
+            Leg::Backend => self.backend_lost(now, reason),
+            Leg::NewBackend => {
+                if self.migration.active() {
+                    self.fail_migration(now, MigrationFailure::NewBackendLost(reason.to_string()));
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// A timer armed from [`Session::poll_timeout`] fired.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.handshake_deadline
+            && now >= d
+        {
+            self.handshake_deadline = None;
+            if self.phase != Phase::Command && self.phase != Phase::Closed {
+                self.refuse(ProxyError::HandshakeTimeout(
+                    self.cfg.handshake_timeout.as_millis() as u64,
+                ));
+            }
+        }
+        if let Some(d) = self.migration.deadline()
+            && now >= d
+        {
+            if self.migration.on_old_backend() {
+                // The old backend is not answering its own session: its reply
+                // may still come and could not be told apart from the next
+                // response, so the session cannot continue there.
+                self.migration = Migration::None;
+                self.close_client_with(ProxyError::BackendLost(
+                    "TiDB did not answer SHOW SESSION_STATES".into(),
+                ));
+            } else if self.migration.active() {
+                self.fail_migration(now, MigrationFailure::TimedOut);
+            }
+        }
+        self.flush();
+    }
+
+    /// Asks the session to move to `target` at its next safe point. Returns
+    /// false when a move is already under way.
+    pub fn handle_redirect(&mut self, now: Instant, target: impl Into<T>) -> bool {
+        if self.migration.active() || self.phase == Phase::Closed {
+            return false;
+        }
+        self.migration = Migration::Pending {
+            target: target.into(),
+        };
+        self.at_boundary(now);
+        self.flush();
+        true
+    }
+
+    /// Withdraws a pending move (one not yet started).
+    pub fn handle_cancel_redirect(&mut self) {
+        if matches!(self.migration, Migration::Pending { .. }) {
+            self.migration = Migration::None;
+        }
+    }
+
+    /// Closes the session at its next safe point (graceful shutdown).
+    pub fn handle_close_at_safe_point(&mut self, now: Instant) {
+        self.close_at_safe_point = true;
+        if self.phase != Phase::Command {
+            // Not authenticated yet: nothing to protect.
+            self.refuse(ProxyError::ShuttingDown);
+        } else {
+            self.at_boundary(now);
+        }
+        self.flush();
+    }
+
+    /// Closes the session now (operator, forced shutdown).
+    pub fn handle_close(&mut self, reason: &str) {
+        self.close(SessionError::Closed(reason.to_string()));
+    }
+
+    // ----------------------------------------------------------------
+    // Helpers
+    // ----------------------------------------------------------------
+
+    /// Processes client bytes that waited. Bytes that must wait again stay
+    /// where they are (parked bytes are copied once, on arrival).
+    fn drain_held(&mut self, now: Instant) {
+        if self.relay.held.is_empty() || !self.client_packet_allowed() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.relay.held);
+        self.relay.draining = true;
+        let left = self.process(now, Leg::Client, &held);
+        self.relay.draining = false;
+        held.advance(held.len() - left);
+        self.relay.rehold(held);
+    }
+
+    fn command_done(&mut self, now: Instant, ok: bool) {
+        if let (Some(cmd), Some(start)) = (self.tracker.command(), self.command_started) {
+            let done = Event::CommandDone {
+                command: cmd,
+                ok,
+                elapsed: now.saturating_duration_since(start),
+            };
+            // One slot for the common case keeps the event queue (and its
+            // allocation) for rare events only.
+            if let Some(older) = self.command_done.replace(done) {
+                self.events.push_back(older);
+            }
+        }
+    }
+
+    /// Writes a whole packet payload to `leg` with the leg's next sequence id.
+    fn send(&mut self, leg: Leg, payload: &[u8]) {
+        self.relay.legs[leg.idx()].send(payload);
+    }
+
+    fn send_error(&mut self, leg: Leg, err: &ProxyError) {
+        let mut b = BytesMut::with_capacity(128);
+        if self.client_caps.contains(CapabilityFlags::PROTOCOL_41)
+            || self.phase != Phase::ClientHello
+        {
+            err.write(&mut b);
+        } else {
+            // Pre-4.1 clients read no SQL state.
+            let e = err.to_err_packet();
+            b.put_u8(ERR_HEADER);
+            b.put_u16_le(e.code);
+            b.put_slice(&e.message);
+        }
+        self.send(leg, &b);
+    }
+
+    /// Refuses the client during the handshake: ERR, then close.
+    fn refuse(&mut self, err: ProxyError) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.send_error(Leg::Client, &err);
+        self.close(SessionError::Refused(err));
+    }
+
+    /// Sends the client an error for its pending command and closes.
+    fn close_client_with(&mut self, err: ProxyError) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if self.phase == Phase::Command {
+            if self.tracker.is_idle() && self.relay.held.is_empty() {
+                // No command is waiting for an answer: an error now would be
+                // read as the answer to the next one. Just close.
+                self.close(SessionError::BackendLost(err.to_string()));
+                return;
+            }
+            if self.tracker.is_idle() {
+                // The error answers the held command.
+                self.relay.legs[0].seq = 1;
+            }
+        }
+        self.send_error(Leg::Client, &err);
+        self.close(SessionError::Refused(err));
+    }
+
+    fn close(&mut self, reason: SessionError) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        self.handshake_deadline = None;
+        self.migration = Migration::None;
+        self.relay.held = BytesMut::new();
+        self.events.push_back(Event::Closed { reason });
+        self.actions.push_back(Action::Close);
+        self.flush();
+    }
+
+    fn protocol_error(&mut self, leg: Leg, why: String) {
+        match leg {
+            Leg::Client => self.close(SessionError::ClientProtocol(why)),
+            Leg::Backend => self.backend_protocol_error(why),
+            Leg::NewBackend => {}
+        }
+    }
+
+    fn backend_protocol_error(&mut self, why: String) {
+        if self.phase == Phase::Command && !self.response_started {
+            self.close_client_with(ProxyError::BackendProtocol(why));
+        } else if self.phase != Phase::Command {
+            self.refuse(ProxyError::BackendProtocol(why));
+        } else {
+            self.close(SessionError::BackendProtocol(why));
+        }
+    }
+}
+
+// outside core/src, which must not.
+#[cfg(test)]
+#[path = "../../tests/unit/session.rs"]
+mod tests;

@@ -1,0 +1,102 @@
+//! What a session hands its driver: actions to carry out (connects, TLS
+//! upgrades, closes, the swap of backends) and events to report (for the
+//! router, metrics and logs). `T` is the driver's handle for a move target.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::Leg;
+use super::migration::MigrationFailure;
+use crate::command::Command;
+use crate::error::SessionError;
+use crate::flags::CapabilityFlags;
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<T = String> {
+    /// Connect the session's first backend (the driver's router picks it),
+    /// then call [`Session::handle_connected`] or
+    /// [`Session::handle_connect_failed`] with [`Leg::Backend`].
+    ConnectBackend,
+    /// Connect the backend the session moves to, then report on
+    /// [`Leg::NewBackend`].
+    ConnectNewBackend {
+        /// The backend chosen by [`Session::handle_redirect`].
+        target: T,
+    },
+    /// Upgrade a leg to TLS (server side on the client leg, client side on
+    /// backend legs): first write what [`Session::transmit`] holds for the
+    /// leg (the SSL request), then run the TLS handshake using `early_data`
+    /// as the first bytes read, then call [`Session::handle_tls_established`].
+    StartTls {
+        /// The leg to upgrade.
+        leg: Leg,
+        /// Bytes already read that belong to the TLS stream.
+        early_data: Bytes,
+    },
+    /// Write what is pending on this leg, then close it.
+    CloseLeg(Leg),
+    /// The new backend becomes the backend. Write `farewell` to the old
+    /// backend's socket (best effort) and close it.
+    SwapBackends {
+        /// Last bytes for the old backend (COM_QUIT).
+        farewell: Bytes,
+    },
+    /// Write what is pending to the client, then close every leg.
+    Close,
+}
+
+/// Something the router, metrics or logs may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<T = String> {
+    /// The client authenticated through the backend.
+    Authenticated {
+        /// User name.
+        user: Bytes,
+    },
+    /// A backend greeted the proxy: what it is and what it supports. The
+    /// driver uses it to greet later clients like its backends would.
+    BackendGreeting {
+        /// Server version string.
+        server_version: Bytes,
+        /// Capabilities.
+        capabilities: CapabilityFlags,
+        /// Default collation.
+        charset: u8,
+    },
+    /// A command finished.
+    CommandDone {
+        /// The command.
+        command: Command,
+        /// False when the backend answered with ERR.
+        ok: bool,
+        /// Time from the command's first byte to its last response byte.
+        elapsed: Duration,
+    },
+    /// A session that was waiting to move or close reached a safe point.
+    SafePoint,
+    /// The session began to move.
+    MigrationStarted {
+        /// Where to.
+        target: T,
+    },
+    /// The session now runs on `target`.
+    Migrated {
+        /// The new backend.
+        target: T,
+    },
+    /// A move failed; the session stays where it was (unless it is closed
+    /// with [`Event::Closed`]).
+    MigrationFailed {
+        /// Where it tried to go.
+        target: T,
+        /// Why.
+        reason: MigrationFailure,
+    },
+    /// The session ended.
+    Closed {
+        /// Why.
+        reason: SessionError,
+    },
+}

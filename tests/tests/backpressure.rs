@@ -1,0 +1,274 @@
+//! The read budget end to end: a client that pipelines commands behind a
+//! slow one and never reads cannot grow the proxy's memory. Directly,
+//! MariaDB accepts what fits in the kernel's socket buffers and then stops
+//! reading; through the proxy it must be the same: the proxy holds at most
+//! `conn-buffer-size` towards the backend, leaves the client unread, and
+//! TCP pushes back.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tiproxy_core::CapabilityFlags as C;
+use tiproxy_core::compress::{Algorithm, CompressedFraming};
+use tiproxy_core::handshake::HandshakeResponse;
+use tiproxy_core::packet::write_packet;
+use tiproxy_tests::{ProxyProcess, mariadb};
+
+/// A user without a password: a raw client can log in without scrambling.
+const USER: &str = "pipeliner";
+
+/// What one writer tries to send before giving up: 1 GiB.
+const ATTEMPT: u64 = 1 << 30;
+
+/// One pipelined COM_QUERY: 64 KiB.
+const PACKET: usize = 64 * 1024;
+
+/// A write blocked this long means the proxy stopped reading.
+const BLOCKED: Duration = Duration::from_secs(2);
+
+fn create_user() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        mariadb()
+            .run_sql(&format!(
+                "CREATE USER IF NOT EXISTS '{USER}'@'%';
+                 GRANT ALL PRIVILEGES ON *.* TO '{USER}'@'%';"
+            ))
+            .expect("create the pipelining user");
+    });
+}
+
+fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).expect("packet header");
+    let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
+    let mut p = vec![0; len];
+    s.read_exact(&mut p).expect("packet payload");
+    (h[3], p)
+}
+
+/// A raw client, logged in through the proxy; with `compress`, the
+/// command phase uses the zlib compressed protocol.
+struct RawClient {
+    s: TcpStream,
+    framing: Option<CompressedFraming>,
+}
+
+impl RawClient {
+    fn login(addr: SocketAddr, compress: bool) -> RawClient {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        s.set_nodelay(true).ok();
+        let (_, greeting) = read_packet(&mut s);
+        assert_eq!(greeting[0], 10, "a v10 greeting");
+        let mut caps = C::LONG_PASSWORD
+            | C::PROTOCOL_41
+            | C::SECURE_CONNECTION
+            | C::PLUGIN_AUTH
+            | C::TRANSACTIONS
+            | C::MULTI_RESULTS;
+        if compress {
+            caps |= C::COMPRESS;
+        }
+        let mut resp = BytesMut::new();
+        HandshakeResponse {
+            capabilities: caps,
+            max_packet_size: 16 * 1024 * 1024,
+            charset: 45,
+            filler: [0; 23],
+            username: bytes::Bytes::from_static(USER.as_bytes()),
+            auth_response: bytes::Bytes::new(),
+            database: None,
+            auth_plugin: Some(bytes::Bytes::from_static(b"mysql_native_password")),
+            attributes: Default::default(),
+            zstd_level: None,
+        }
+        .write(&mut resp);
+        let mut pkt = BytesMut::new();
+        write_packet(&mut pkt, 1, &resp);
+        s.write_all(&pkt).expect("handshake response");
+        loop {
+            let (seq, p) = read_packet(&mut s);
+            match p.first() {
+                Some(0x00) => break,
+                // Auth switch: an empty password scrambles to nothing.
+                Some(0xfe) => {
+                    let mut pkt = BytesMut::new();
+                    write_packet(&mut pkt, seq.wrapping_add(1), &[]);
+                    s.write_all(&pkt).expect("auth switch answer");
+                }
+                _ => panic!("login failed: {:?}", String::from_utf8_lossy(&p)),
+            }
+        }
+        RawClient {
+            s,
+            framing: compress.then(|| CompressedFraming::new(Algorithm::Zlib)),
+        }
+    }
+
+    /// The bytes of one command (a new command: sequence 0).
+    fn command(&mut self, payload: &[u8]) -> BytesMut {
+        let mut plain = BytesMut::new();
+        write_packet(&mut plain, 0, payload);
+        match self.framing.as_mut() {
+            None => plain,
+            Some(f) => {
+                f.reset_seq();
+                let mut out = BytesMut::new();
+                f.encode(&plain, &mut out);
+                out
+            }
+        }
+    }
+
+    /// The whole answer to a command that returns one row of one column.
+    fn query_scalar(&mut self, sql: &str) -> Duration {
+        assert!(self.framing.is_none(), "plain clients only");
+        let mut q = vec![0x03];
+        q.extend_from_slice(sql.as_bytes());
+        let wire = self.command(&q);
+        let start = Instant::now();
+        self.s.write_all(&wire).expect("query");
+        // Column count, column, EOF, row, EOF.
+        for _ in 0..5 {
+            let (_, p) = read_packet(&mut self.s);
+            assert_ne!(p.first(), Some(&0xff), "{}", String::from_utf8_lossy(&p));
+        }
+        start.elapsed()
+    }
+
+    /// Sends `sql` and, without reading, pipelines 64 KiB COM_QUERY
+    /// packets until 1 GiB went out or a write blocked for [`BLOCKED`].
+    /// Returns the bytes written.
+    fn pipeline_behind(mut self, sql: &str) -> (u64, RawClient) {
+        let mut q = vec![0x03];
+        q.extend_from_slice(sql.as_bytes());
+        let first = self.command(&q);
+        self.s.write_all(&first).expect("slow query");
+        let mut filler = vec![b' '; PACKET];
+        filler[0] = 0x03;
+        filler[1..5].copy_from_slice(b"DO 1");
+        let wire = self.command(&filler);
+        self.s.set_write_timeout(Some(BLOCKED)).ok();
+        let mut sent = 0u64;
+        'send: while sent < ATTEMPT {
+            let mut at = 0;
+            while at < wire.len() {
+                let began = Instant::now();
+                match self.s.write(&wire[at..]) {
+                    Ok(0) => break 'send,
+                    Ok(n) => {
+                        at += n;
+                        sent += n as u64;
+                        // A timed-out write returns what it got out.
+                        if began.elapsed() >= BLOCKED {
+                            break 'send;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break 'send;
+                    }
+                    Err(e) => panic!("write failed: {e}"),
+                }
+            }
+        }
+        (sent, self)
+    }
+}
+
+fn proxy(conn_buffer_size: usize) -> ProxyProcess {
+    create_user();
+    ProxyProcess::start(
+        &[mariadb().addr()],
+        &format!("conn-buffer-size = {conn_buffer_size}"),
+    )
+}
+
+/// RSS noise a quiet proxy shows between two reads (allocator arenas of
+/// the worker threads, their 64 KiB read scratch buffers, tokio's task
+/// bookkeeping), measured on this machine well under this.
+const NOISE_KIB: u64 = 1024;
+
+fn one_client_is_bounded(compress: bool) {
+    let limit = 256 * 1024;
+    let p = proxy(limit);
+    // Warm up: every worker thread has served a connection.
+    for _ in 0..4 {
+        let mut c = RawClient::login(p.sql, false);
+        c.query_scalar("SELECT 1");
+    }
+    let c = RawClient::login(p.sql, compress);
+    let before = p.rss_kib();
+    let (sent, _c) = c.pipeline_behind("SELECT SLEEP(5)");
+    let grown = p.rss_kib().saturating_sub(before);
+    let bound = (2 * limit as u64 + (1 << 20)) / 1024 + NOISE_KIB;
+    eprintln!(
+        "compress={compress}: the client got {} KiB out before blocking; proxy RSS grew {grown} KiB (bound {bound} KiB)",
+        sent / 1024
+    );
+    assert!(
+        sent < ATTEMPT,
+        "the proxy kept reading: {sent} bytes accepted"
+    );
+    assert!(
+        grown <= bound,
+        "proxy RSS grew {grown} KiB, more than 2 x conn-buffer-size + 1 MiB"
+    );
+}
+
+#[test]
+fn a_client_pipelining_behind_a_slow_query_cannot_grow_the_proxy() {
+    one_client_is_bounded(false);
+}
+
+#[test]
+fn a_compressed_client_pipelining_behind_a_slow_query_cannot_grow_the_proxy() {
+    one_client_is_bounded(true);
+}
+
+#[test]
+fn two_hundred_such_clients_stay_bounded_and_others_are_served() {
+    let limit = 32 * 1024;
+    let clients = 200;
+    let p = proxy(limit);
+    for _ in 0..4 {
+        RawClient::login(p.sql, false).query_scalar("SELECT 1");
+    }
+    let logged_in: Vec<RawClient> = (0..clients)
+        .map(|_| RawClient::login(p.sql, false))
+        .collect();
+    let before = p.rss_kib();
+    let start = Instant::now();
+    let writers: Vec<_> = logged_in
+        .into_iter()
+        .map(|c| std::thread::spawn(move || c.pipeline_behind("SELECT SLEEP(15)")))
+        .collect();
+    let done: Vec<(u64, RawClient)> = writers
+        .into_iter()
+        .map(|w| w.join().expect("writer"))
+        .collect();
+    let grown = p.rss_kib().saturating_sub(before);
+    let bound = (clients as u64 * 2 * limit as u64 + (1 << 20)) / 1024 + NOISE_KIB;
+    let sent: u64 = done.iter().map(|(n, _)| n).sum();
+    eprintln!(
+        "{clients} clients got {} MiB out in {:?}; proxy RSS grew {grown} KiB (bound {bound} KiB)",
+        sent >> 20,
+        start.elapsed()
+    );
+    assert!(done.iter().all(|(n, _)| *n < ATTEMPT));
+    assert!(
+        grown <= bound,
+        "proxy RSS grew {grown} KiB for {clients} clients"
+    );
+    // Everyone else is still served at once.
+    let mut fresh = RawClient::login(p.sql, false);
+    let took = fresh.query_scalar("SELECT 1");
+    assert!(
+        took < Duration::from_millis(100),
+        "SELECT 1 took {took:?} next to {clients} blocked clients"
+    );
+    assert!(start.elapsed() < Duration::from_secs(15), "still sleeping");
+}
