@@ -19,7 +19,7 @@ pub mod tracker;
 pub mod wire;
 
 pub use command::Command;
-pub use flags::{CapabilityFlags, StatusFlags};
+pub use flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 pub mod session;
 
 /// The move sequence's data: [`session::migration`] under its old path.

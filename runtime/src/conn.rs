@@ -382,6 +382,8 @@ fn session_config<N: Network>(
         connection_id: conn_id,
         server_version: profile.server_version.clone(),
         capabilities: caps,
+        // The core clears CLIENT_MYSQL in the greeting when any remain.
+        mariadb_capabilities: profile.mariadb_capabilities,
         charset: profile.charset,
         server_tls: shared.server_tls.is_some(),
         backend_tls,
@@ -518,12 +520,14 @@ impl<N: Network> Driver<N> {
             Event::BackendGreeting {
                 server_version,
                 capabilities,
+                mariadb_capabilities,
                 charset,
             } => {
                 if !self.shared.router.has_profile() {
                     self.shared.router.set_profile(BackendProfile {
                         server_version,
                         capabilities,
+                        mariadb_capabilities,
                         charset,
                     });
                 }

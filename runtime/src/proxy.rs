@@ -1035,6 +1035,7 @@ async fn probe<N: Network>(
                 return Ok(BackendProfile {
                     server_version: g.server_version,
                     capabilities: g.capabilities,
+                    mariadb_capabilities: g.mariadb_capabilities,
                     charset: g.charset,
                 });
             }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use tiproxy_core::CapabilityFlags;
 use tiproxy_core::balance::{BackendLoad, CpuSample, Policy, choose};
+use tiproxy_core::{CapabilityFlags, MariaDbCapabilities};
 use tokio::time::Instant;
 
 use crate::config::BackendEntry;
@@ -320,6 +320,9 @@ pub struct BackendProfile {
     pub server_version: Bytes,
     /// Capabilities.
     pub capabilities: CapabilityFlags,
+    /// MariaDB extended capabilities (empty for TiDB and MySQL, whose
+    /// greetings keep `CLIENT_MYSQL` set).
+    pub mariadb_capabilities: MariaDbCapabilities,
     /// Default collation.
     pub charset: u8,
 }
@@ -331,6 +334,7 @@ impl Default for BackendProfile {
         Self {
             server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
             capabilities: CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::DEPRECATE_EOF,
+            mariadb_capabilities: MariaDbCapabilities::empty(),
             charset: 46,
         }
     }

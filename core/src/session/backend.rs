@@ -14,11 +14,11 @@ use super::relay::Disposition;
 use super::{BackendTls, Event, Leg, Phase, Session};
 use crate::compress::Algorithm;
 use crate::error::{ProxyError, SessionError, UnexpectedPacket};
-use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use crate::handshake::{HandshakeResponse, InitialHandshake, SslRequest, plugin};
 use crate::packet::PacketHeader;
 use crate::response::{ERR_HEADER, ErrPacket, OK_HEADER, OkPacket};
-use crate::tracker::CommandTracker;
+use crate::tracker::{CommandTracker, TrackerOptions};
 
 /// What a backend leg's handshake expects next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +138,7 @@ impl<T: Clone> Session<T> {
             self.events.push_back(Event::BackendGreeting {
                 server_version: greeting.server_version.clone(),
                 capabilities: greeting.capabilities,
+                mariadb_capabilities: greeting.mariadb_capabilities,
                 charset: greeting.charset,
             });
         }
@@ -145,6 +146,17 @@ impl<T: Clone> Session<T> {
         if !missing.is_empty() {
             let e = ProxyError::Incompatible(format!(
                 "the backend lacks capabilities the client negotiated: {missing:?}"
+            ));
+            return self.handshake_failed(now, leg, e);
+        }
+        // The same for MariaDB's extended word: responses are forwarded as
+        // the backend writes them, so one without the client's layout
+        // (extended metadata, cached metadata) cannot serve it.
+        let missing_mariadb =
+            (self.client_mariadb & MariaDbCapabilities::SHAPE) - greeting.mariadb_capabilities;
+        if !missing_mariadb.is_empty() {
+            let e = ProxyError::Incompatible(format!(
+                "the backend lacks MariaDB capabilities the client negotiated: {missing_mariadb:?}"
             ));
             return self.handshake_failed(now, leg, e);
         }
@@ -163,9 +175,13 @@ impl<T: Clone> Session<T> {
         let offers_compress = greeting.capabilities.contains(CapabilityFlags::COMPRESS);
         if leg == Leg::Backend {
             self.negotiate_first_backend(greeting.capabilities);
-        } else if self.relay.legs[1].compression.is_some() && offers_compress {
-            // A move keeps the session's compression where the target has it.
-            self.relay.legs[2].compression = Some(Algorithm::Zlib);
+            self.backend_mariadb = self.client_mariadb & greeting.mariadb_capabilities;
+        } else {
+            self.target_mariadb = greeting.mariadb_capabilities;
+            if self.relay.legs[1].compression.is_some() && offers_compress {
+                // A move keeps the session's compression where the target has it.
+                self.relay.legs[2].compression = Some(Algorithm::Zlib);
+            }
         }
         if use_tls {
             self.send_ssl_request(leg);
@@ -201,12 +217,23 @@ impl<T: Clone> Session<T> {
         self.backend_caps = caps;
     }
 
+    /// The MariaDB extended capabilities asked of `leg`: the session's,
+    /// within what a move target offers (it has every SHAPE flag of them,
+    /// checked at its greeting; it may lack progress reports or bulk
+    /// operations, which only let a side send or ask for more).
+    fn mariadb_towards(&self, leg: Leg) -> MariaDbCapabilities {
+        match leg {
+            Leg::NewBackend => self.backend_mariadb & self.target_mariadb,
+            _ => self.backend_mariadb,
+        }
+    }
+
     fn send_ssl_request(&mut self, leg: Leg) {
         let req = SslRequest {
             capabilities: self.backend_caps | CapabilityFlags::SSL,
             max_packet_size: self.hello.max_packet_size,
             charset: self.hello.charset,
-            mariadb_capabilities: Default::default(),
+            mariadb_capabilities: self.mariadb_towards(leg),
         };
         let mut b = BytesMut::with_capacity(SslRequest::LEN);
         req.write(&mut b);
@@ -245,7 +272,7 @@ impl<T: Clone> Session<T> {
             max_packet_size: hello.max_packet_size,
             charset: hello.charset,
             filler: [0; 23],
-            mariadb_capabilities: Default::default(),
+            mariadb_capabilities: self.mariadb_towards(leg),
             username,
             auth_response,
             database,
@@ -275,8 +302,8 @@ impl<T: Clone> Session<T> {
         match payload.first().copied() {
             Some(OK_HEADER) => {
                 let status = OkPacket::status_of(payload).unwrap_or(StatusFlags::AUTOCOMMIT);
-                self.tracker = CommandTracker::new(
-                    self.client_caps.contains(CapabilityFlags::DEPRECATE_EOF),
+                self.tracker = CommandTracker::with_options(
+                    TrackerOptions::negotiated(self.client_caps, self.backend_mariadb),
                     status,
                 );
                 self.phase = Phase::Command;

@@ -80,6 +80,9 @@ impl<T: Clone> Session<T> {
                     ));
                 }
                 self.client_caps = resp.capabilities & self.cfg.capabilities;
+                // The hello carries the extended word only with CLIENT_MYSQL
+                // clear; a MySQL client's is empty.
+                self.client_mariadb = resp.mariadb_capabilities & self.cfg.mariadb_capabilities;
                 self.user = resp.username.clone();
                 self.database = resp.database.clone().filter(|d| !d.is_empty());
                 self.hello = resp;

@@ -65,7 +65,7 @@ use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event};
 use self::relay::Relay;
 use crate::error::{ProxyError, SessionError};
-use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use crate::handshake::{HandshakeResponse, InitialHandshake, plugin};
 use crate::proxy_protocol::ProxyHeader;
 use crate::response::ERR_HEADER;
@@ -126,6 +126,12 @@ pub struct SessionConfig {
     /// backends lack (learned from their greetings) and `SSL` when no server
     /// certificate is configured.
     pub capabilities: CapabilityFlags,
+    /// MariaDB extended capabilities announced to the client (the backends'
+    /// as their greetings offered them). Intersected with
+    /// [`MariaDbCapabilities::PROXY_SUPPORTED`]; when any remain the
+    /// greeting clears `CLIENT_MYSQL` so that clients read them. Empty for
+    /// TiDB and MySQL backends, whose greetings keep `CLIENT_MYSQL` set.
+    pub mariadb_capabilities: MariaDbCapabilities,
     /// Collation announced in the greeting.
     pub charset: u8,
     /// Whether the client may upgrade to TLS.
@@ -153,6 +159,7 @@ impl Default for SessionConfig {
             connection_id: 1,
             server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
             capabilities: CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::SSL,
+            mariadb_capabilities: MariaDbCapabilities::empty(),
             charset: 46,
             server_tls: false,
             backend_tls: BackendTls::Off,
@@ -196,6 +203,15 @@ pub struct Session<T = String> {
     client_caps: CapabilityFlags,
     /// Capabilities sent to the backend (without SSL and compression).
     backend_caps: CapabilityFlags,
+    /// MariaDB extended capabilities agreed with the client (what it asked
+    /// for within what the greeting announced).
+    client_mariadb: MariaDbCapabilities,
+    /// MariaDB extended capabilities in effect with the backend: the
+    /// client's, within what the first backend offered. A move target gets
+    /// these within its own offer (`target_mariadb`).
+    backend_mariadb: MariaDbCapabilities,
+    /// What the move target's greeting offered.
+    target_mariadb: MariaDbCapabilities,
     user: Bytes,
     database: Option<Bytes>,
     /// COM_CHANGE_USER in flight: the user and database it asked for.
@@ -274,6 +290,9 @@ impl<T: Clone> Session<T> {
             hello: no_hello(),
             client_caps: CapabilityFlags::empty(),
             backend_caps: CapabilityFlags::empty(),
+            client_mariadb: MariaDbCapabilities::empty(),
+            backend_mariadb: MariaDbCapabilities::empty(),
+            target_mariadb: MariaDbCapabilities::empty(),
             user: Bytes::new(),
             database: None,
             pending_user: None,
@@ -296,6 +315,12 @@ impl<T: Clone> Session<T> {
         if !s.cfg.server_tls {
             s.cfg.capabilities -= CapabilityFlags::SSL;
         }
+        s.cfg.mariadb_capabilities &= MariaDbCapabilities::PROXY_SUPPORTED;
+        if !s.cfg.mariadb_capabilities.is_empty() {
+            // MariaDB clients read the extended word only when CLIENT_MYSQL
+            // is clear, as MariaDB's own greeting has it.
+            s.cfg.capabilities -= CapabilityFlags::CLIENT_MYSQL;
+        }
         let greeting = InitialHandshake {
             server_version: s.cfg.server_version.clone(),
             connection_id: s.cfg.connection_id,
@@ -304,7 +329,7 @@ impl<T: Clone> Session<T> {
             charset: s.cfg.charset,
             status: StatusFlags::AUTOCOMMIT,
             reserved: [0; 10],
-            mariadb_capabilities: Default::default(),
+            mariadb_capabilities: s.cfg.mariadb_capabilities,
             auth_plugin: Bytes::from_static(plugin::NATIVE_PASSWORD.as_bytes()),
         };
         let mut payload = BytesMut::with_capacity(96);
@@ -380,6 +405,17 @@ impl<T: Clone> Session<T> {
     /// Capabilities agreed with the client.
     pub fn client_capabilities(&self) -> CapabilityFlags {
         self.client_caps
+    }
+
+    /// MariaDB extended capabilities agreed with the client.
+    pub fn client_mariadb_capabilities(&self) -> MariaDbCapabilities {
+        self.client_mariadb
+    }
+
+    /// MariaDB extended capabilities in effect with the backend (those the
+    /// command tracker follows).
+    pub fn backend_mariadb_capabilities(&self) -> MariaDbCapabilities {
+        self.backend_mariadb
     }
 
     /// Whether the session could move right now: authenticated, no

@@ -10,7 +10,7 @@ use super::Leg;
 use super::migration::MigrationFailure;
 use crate::command::Command;
 use crate::error::SessionError;
-use crate::flags::CapabilityFlags;
+use crate::flags::{CapabilityFlags, MariaDbCapabilities};
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub enum Event<T = String> {
         server_version: Bytes,
         /// Capabilities.
         capabilities: CapabilityFlags,
+        /// MariaDB extended capabilities (empty unless `CLIENT_MYSQL` is
+        /// clear in `capabilities`).
+        mariadb_capabilities: MariaDbCapabilities,
         /// Default collation.
         charset: u8,
     },

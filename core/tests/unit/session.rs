@@ -1445,3 +1445,6 @@ fn backend_gone_mid_command_closes_the_client_with_what_the_backend_sent() {
     assert_eq!(h.recv(Leg::Client).len(), 2);
     assert!(h.s.is_closed());
 }
+
+#[path = "session_mariadb.rs"]
+mod mariadb;
