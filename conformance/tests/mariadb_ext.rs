@@ -9,14 +9,22 @@
 //!
 //! These are the bytes the proxy relays raw, so they are what its tracker
 //! must follow once the session relays the flags.
+//!
+//! The `*_through_the_proxy` tests run the same raw client through the
+//! proxy (which then announces MariaDB's word in its own greeting and
+//! relays the client's choice) and compare its answers with the direct
+//! ones; `mariadb_cli_shows_format_json` does the same with the `mariadb`
+//! command-line client's `--column-type-info`.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tiproxy_conformance::MariaDb;
+use tiproxy_conformance::mariadb::client_binary;
+use tiproxy_conformance::proxy::REAL_PROXY;
+use tiproxy_conformance::{MariaDb, Proxy, ProxyOptions};
 use tiproxy_core::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use tiproxy_core::handshake::{ConnectAttributes, HandshakeResponse, InitialHandshake};
 use tiproxy_core::response::{OkPacket, PrepareOk, is_progress_report};
@@ -25,6 +33,9 @@ use tiproxy_core::tracker::{BackendPacket, ClientPacket, CommandTracker, State, 
 /// A passwordless user, so the raw client needs no scramble.
 const RAW_USER: &str = "raw_ext";
 const DB: &str = "mariadb_ext";
+/// How the `mariadb` client (10.11) prints a JSON column's extended type
+/// information under `--column-type-info`.
+const JSON_FORMAT: &str = "Type:       VAR_STRING (format=json)";
 
 fn mariadb() -> &'static MariaDb {
     static SERVER: OnceLock<Result<MariaDb, String>> = OnceLock::new();
@@ -41,6 +52,40 @@ fn mariadb() -> &'static MariaDb {
         })
         .as_ref()
         .unwrap_or_else(|err| panic!("starting the test MariaDB: {err}"))
+}
+
+/// The proxy in front of [`mariadb()`], started once for the binary on a
+/// runtime of its own (the raw client is blocking), after it has learned
+/// the backend's greeting: until then it announces no extended word.
+fn proxy() -> SocketAddr {
+    static PROXY: OnceLock<(tokio::runtime::Runtime, Proxy)> = OnceLock::new();
+    let (_, p) = PROXY.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the proxy");
+        let p = rt
+            .block_on(Proxy::start(mariadb().addr(), ProxyOptions::default()))
+            .expect("starting the proxy");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut s = TcpStream::connect(p.sql_addr()).expect("connect to the proxy");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let g = read_packet(&mut s).expect("the proxy's greeting");
+            let g = InitialHandshake::parse(&g.payload).expect("greeting parses");
+            if !g.mariadb_capabilities.is_empty() || !REAL_PROXY {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy never announced MariaDB's extended capabilities: {g:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (rt, p)
+    });
+    p.sql_addr()
 }
 
 /// Standard capabilities the raw client asks for (CLIENT_MYSQL clear).
@@ -71,7 +116,12 @@ struct Raw {
 
 impl Raw {
     fn connect(deprecate_eof: bool, want: MariaDbCapabilities) -> Raw {
-        let mut s = TcpStream::connect(mariadb().addr()).expect("connect to MariaDB");
+        Raw::connect_to(mariadb().addr(), deprecate_eof, want)
+    }
+
+    /// [`Raw::connect`] to `addr`: MariaDB itself or the proxy in front.
+    fn connect_to(addr: SocketAddr, deprecate_eof: bool, want: MariaDbCapabilities) -> Raw {
+        let mut s = TcpStream::connect(addr).expect("connect to MariaDB");
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let g = read_packet(&mut s).expect("greeting");
         let greeting = InitialHandshake::parse(&g.payload).expect("greeting parses");
@@ -102,7 +152,13 @@ impl Raw {
         let mut b = BytesMut::new();
         resp.write(&mut b);
         write_packet(&mut s, 1, &b);
-        let ok = read_packet(&mut s).expect("auth answer");
+        let mut ok = read_packet(&mut s).expect("auth answer");
+        if ok.payload.first() == Some(&0xfe) {
+            // An auth switch (the proxy relays MariaDB's own salt): the
+            // password is empty, so is the answer.
+            write_packet(&mut s, ok.seq.wrapping_add(1), &[]);
+            ok = read_packet(&mut s).expect("auth answer after the switch");
+        }
         assert_eq!(
             ok.payload[0],
             0,
@@ -319,12 +375,23 @@ fn cache_metadata_executes_skip_definitions() {
 /// tracker forwards them and ends at the OK.
 #[test]
 fn progress_reports_during_alter_table() {
-    let mut raw = Raw::connect(false, MariaDbCapabilities::PROGRESS);
-    raw.query("CREATE TABLE big (id INT PRIMARY KEY, pad CHAR(200)) ENGINE=InnoDB");
-    raw.query("INSERT INTO big SELECT seq, REPEAT('x', 200) FROM seq_1_to_600000");
+    progress_reports(mariadb().addr(), "big");
+}
+
+/// The progress scenario on `addr`, with its own table.
+fn progress_reports(addr: SocketAddr, big: &str) {
+    let mut raw = Raw::connect_to(addr, false, MariaDbCapabilities::PROGRESS);
+    raw.query(&format!(
+        "CREATE TABLE {big} (id INT PRIMARY KEY, pad CHAR(200)) ENGINE=InnoDB"
+    ));
+    raw.query(&format!(
+        "INSERT INTO {big} SELECT seq, REPEAT('x', 200) FROM seq_1_to_600000"
+    ));
     raw.query("SET SESSION progress_report_time = 1");
     let started = Instant::now();
-    let answer = raw.query("ALTER TABLE big ADD COLUMN c INT, ALGORITHM=COPY");
+    let answer = raw.query(&format!(
+        "ALTER TABLE {big} ADD COLUMN c INT, ALGORITHM=COPY"
+    ));
     let took = started.elapsed();
     let reports = answer.iter().filter(|p| is_progress_report(p)).count();
     eprintln!("ALTER TABLE took {took:?} and sent {reports} progress reports");
@@ -336,7 +403,7 @@ fn progress_reports_during_alter_table() {
     assert_eq!(answer.len(), reports + 1, "reports, then one OK");
     assert_eq!(answer.last().unwrap()[0], 0);
     assert_eq!(raw.tracker.state(), State::Idle);
-    raw.query("DROP TABLE big");
+    raw.query(&format!("DROP TABLE {big}"));
 }
 
 /// COM_STMT_BULK_EXECUTE: one OK for an array of parameter sets, or a
@@ -345,9 +412,14 @@ fn progress_reports_during_alter_table() {
 /// inserts).
 #[test]
 fn bulk_execute_ok_and_returning() {
+    bulk_execute(mariadb().addr(), "bulk");
+}
+
+/// The bulk scenario on `addr`, with tables named from `prefix`.
+fn bulk_execute(addr: SocketAddr, prefix: &str) {
     for deprecate in [false, true] {
-        let mut raw = Raw::connect(deprecate, MariaDbCapabilities::STMT_BULK_OPERATIONS);
-        let table = format!("bulk_{}", u8::from(deprecate));
+        let mut raw = Raw::connect_to(addr, deprecate, MariaDbCapabilities::STMT_BULK_OPERATIONS);
+        let table = format!("{prefix}_{}", u8::from(deprecate));
         raw.query(&format!(
             "CREATE TABLE {table} (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
         ));
@@ -384,4 +456,108 @@ fn bulk_execute_ok_and_returning() {
             "6 rows inserted: {rows:?}"
         );
     }
+}
+
+// ------------------------------------------------------ through the proxy
+
+/// The proxy greets like MariaDB: CLIENT_MYSQL clear, the extended word
+/// MariaDB offers within what the proxy relays.
+#[test]
+fn the_proxy_announces_the_extended_capabilities() {
+    let direct = Raw::connect(true, MariaDbCapabilities::empty());
+    let proxied = Raw::connect_to(proxy(), true, MariaDbCapabilities::empty());
+    assert!(proxied.greeting.capabilities.has_mariadb_extension());
+    assert_eq!(
+        proxied.greeting.mariadb_capabilities,
+        direct.greeting.mariadb_capabilities & MariaDbCapabilities::PROXY_SUPPORTED
+    );
+}
+
+/// EXTENDED_METADATA through the proxy: the JSON column's definition says
+/// format=json, byte for byte as MariaDB sends it directly.
+#[test]
+fn extended_metadata_json_column_through_the_proxy() {
+    for deprecate in [false, true] {
+        let want = MariaDbCapabilities::EXTENDED_METADATA;
+        let direct = Raw::connect(deprecate, want).query("SELECT JSON_OBJECT('a',1)");
+        let mut raw = Raw::connect_to(proxy(), deprecate, want);
+        let proxied = raw.query("SELECT JSON_OBJECT('a',1)");
+        assert!(
+            proxied[1].windows(6).any(|w| w == b"\x01\x04json"),
+            "format=json in {:?}",
+            proxied[1]
+        );
+        assert_eq!(proxied, direct, "deprecate_eof={deprecate}");
+    }
+}
+
+/// CACHE_METADATA through the proxy: executes come without column
+/// definitions, as directly, and the proxy ends each where MariaDB did
+/// (the raw client's tracker and the COM_PING after each answer check it).
+#[test]
+fn cache_metadata_executes_through_the_proxy() {
+    for deprecate in [false, true] {
+        let want = MariaDbCapabilities::CACHE_METADATA;
+        let sql = "SELECT 1 AS a, 'x' AS b UNION SELECT 2, 'y'";
+        let mut answers = Vec::new();
+        for addr in [mariadb().addr(), proxy()] {
+            let mut raw = Raw::connect_to(addr, deprecate, want);
+            let text = raw.query(sql);
+            assert_eq!(text[0], [2, 1], "text results carry metadata follows = 1");
+            let stmt = raw.prepare(sql);
+            let first = raw.run(&execute(stmt.statement_id));
+            let second = raw.run(&execute(stmt.statement_id));
+            for answer in [&first, &second] {
+                assert_eq!(answer[0], [2, 0], "metadata skipped: {answer:?}");
+            }
+            // A statement run after the executes is answered in full.
+            let after = raw.query("SELECT 3");
+            answers.push((text, first, second, after));
+        }
+        assert_eq!(
+            answers[1], answers[0],
+            "proxied vs direct, deprecate_eof={deprecate}"
+        );
+    }
+}
+
+/// PROGRESS through the proxy: the client receives the 0xFFFF reports,
+/// then the OK.
+#[test]
+fn progress_reports_through_the_proxy() {
+    progress_reports(proxy(), "big_through_proxy");
+}
+
+/// COM_STMT_BULK_EXECUTE through the proxy.
+#[test]
+fn bulk_execute_through_the_proxy() {
+    bulk_execute(proxy(), "bulk_through_proxy");
+}
+
+/// The `mariadb` client with `--column-type-info` shows a JSON column's
+/// format through the proxy as it does directly.
+#[test]
+fn mariadb_cli_shows_format_json() {
+    let run = |addr: SocketAddr| {
+        let out = std::process::Command::new(client_binary())
+            .arg("--no-defaults")
+            .arg(format!("-h{}", addr.ip()))
+            .arg(format!("-P{}", addr.port()))
+            .arg(format!("-u{RAW_USER}"))
+            .arg(format!("-D{DB}"))
+            .args([
+                "--table",
+                "--column-type-info",
+                "-e",
+                "SELECT JSON_OBJECT('a',1) AS j",
+            ])
+            .output()
+            .expect("running the mariadb client");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let direct = run(mariadb().addr());
+    assert!(direct.contains(JSON_FORMAT), "direct: {direct}");
+    let proxied = run(proxy());
+    assert_eq!(proxied, direct, "left proxied, right direct");
 }
