@@ -43,6 +43,17 @@ enum Credentials {
 }
 
 impl<T: Clone> Session<T> {
+    /// MariaDB extended capabilities agreed with the client.
+    pub fn client_mariadb_capabilities(&self) -> MariaDbCapabilities {
+        self.client_mariadb
+    }
+
+    /// MariaDB extended capabilities in effect with the backend (those the
+    /// command tracker follows).
+    pub fn backend_mariadb_capabilities(&self) -> MariaDbCapabilities {
+        self.backend_mariadb
+    }
+
     /// The handshake state of `leg`, while it handshakes.
     pub(super) fn backend_handshake(&mut self, leg: Leg) -> Option<&mut Expect> {
         match leg {

@@ -127,10 +127,8 @@ pub struct SessionConfig {
     /// certificate is configured.
     pub capabilities: CapabilityFlags,
     /// MariaDB extended capabilities announced to the client (the backends'
-    /// as their greetings offered them). Intersected with
-    /// [`MariaDbCapabilities::PROXY_SUPPORTED`]; when any remain the
-    /// greeting clears `CLIENT_MYSQL` so that clients read them. Empty for
-    /// TiDB and MySQL backends, whose greetings keep `CLIENT_MYSQL` set.
+    /// offer), within [`MariaDbCapabilities::PROXY_SUPPORTED`]; when any
+    /// remain the greeting clears `CLIENT_MYSQL`. Empty for TiDB and MySQL.
     pub mariadb_capabilities: MariaDbCapabilities,
     /// Collation announced in the greeting.
     pub charset: u8,
@@ -203,12 +201,9 @@ pub struct Session<T = String> {
     client_caps: CapabilityFlags,
     /// Capabilities sent to the backend (without SSL and compression).
     backend_caps: CapabilityFlags,
-    /// MariaDB extended capabilities agreed with the client (what it asked
-    /// for within what the greeting announced).
+    /// MariaDB extended capabilities agreed with the client.
     client_mariadb: MariaDbCapabilities,
-    /// MariaDB extended capabilities in effect with the backend: the
-    /// client's, within what the first backend offered. A move target gets
-    /// these within its own offer (`target_mariadb`).
+    /// Those in effect with the backend (within the first one's offer).
     backend_mariadb: MariaDbCapabilities,
     /// What the move target's greeting offered.
     target_mariadb: MariaDbCapabilities,
@@ -405,17 +400,6 @@ impl<T: Clone> Session<T> {
     /// Capabilities agreed with the client.
     pub fn client_capabilities(&self) -> CapabilityFlags {
         self.client_caps
-    }
-
-    /// MariaDB extended capabilities agreed with the client.
-    pub fn client_mariadb_capabilities(&self) -> MariaDbCapabilities {
-        self.client_mariadb
-    }
-
-    /// MariaDB extended capabilities in effect with the backend (those the
-    /// command tracker follows).
-    pub fn backend_mariadb_capabilities(&self) -> MariaDbCapabilities {
-        self.backend_mariadb
     }
 
     /// Whether the session could move right now: authenticated, no
