@@ -1670,3 +1670,25 @@ fn an_imported_compressed_session_continues_byte_for_byte() {
         assert_eq!(exchange(&mut b, sql), a, "{sql}");
     }
 }
+
+proptest! {
+    /// Import reads bytes from another process: damaged or foreign input is
+    /// a typed error, never a panic.
+    #[test]
+    fn import_never_panics(
+        cut in any::<usize>(),
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        junk in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut h = Harness::established(cfg(), CLIENT_CAPS);
+        h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+        let mut bytes = h.s.export().unwrap().to_vec();
+        for (at, x) in flips {
+            let i = at % bytes.len();
+            bytes[i] ^= x;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        let _ = Session::<String>::import(cfg(), &bytes, h.now);
+        let _ = Session::<String>::import(cfg(), &junk, h.now);
+    }
+}
