@@ -669,7 +669,7 @@ impl<T: Clone> Session<T> {
     /// Processes client bytes that waited. Bytes that must wait again stay
     /// where they are (parked bytes are copied once, on arrival).
     fn drain_held(&mut self, now: Instant) {
-        if self.relay.held.is_empty() || !self.client_packet_allowed() {
+        if self.relay.draining || self.relay.held.is_empty() || !self.client_packet_allowed() {
             return;
         }
         let mut held = std::mem::take(&mut self.relay.held);
