@@ -7,7 +7,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -41,7 +41,74 @@ fn create_user() {
     });
 }
 
-fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+/// A client connection: plain TCP or TLS over it.
+trait Wire: Read + Write + Send {}
+impl<S: Read + Write + Send> Wire for S {}
+
+/// How a raw client talks to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Compressed,
+    Tls,
+}
+
+/// Accepts the proxy's self-signed auto-certs.
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn tls_over(s: TcpStream) -> Box<dyn Wire> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("TLS client");
+    Box::new(rustls::StreamOwned::new(conn, s))
+}
+
+fn read_packet(s: &mut dyn Wire) -> (u8, Vec<u8>) {
     let mut h = [0u8; 4];
     s.read_exact(&mut h).expect("packet header");
     let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
@@ -53,16 +120,19 @@ fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
 /// A raw client, logged in through the proxy; with `compress`, the
 /// command phase uses the zlib compressed protocol.
 struct RawClient {
-    s: TcpStream,
+    s: Box<dyn Wire>,
+    /// The TCP socket under `s`, for its write timeout.
+    sock: TcpStream,
     framing: Option<CompressedFraming>,
 }
 
 impl RawClient {
-    fn login(addr: SocketAddr, compress: bool) -> RawClient {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        s.set_nodelay(true).ok();
-        let (_, greeting) = read_packet(&mut s);
+    fn login(addr: SocketAddr, mode: Mode) -> RawClient {
+        let mut tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        tcp.set_nodelay(true).ok();
+        let sock = tcp.try_clone().expect("clone the socket");
+        let (_, greeting) = read_packet(&mut tcp);
         assert_eq!(greeting[0], 10, "a v10 greeting");
         let mut caps = C::LONG_PASSWORD
             | C::PROTOCOL_41
@@ -70,8 +140,25 @@ impl RawClient {
             | C::PLUGIN_AUTH
             | C::TRANSACTIONS
             | C::MULTI_RESULTS;
-        if compress {
+        let mut seq = 1;
+        let mut s: Box<dyn Wire> = Box::new(tcp);
+        if mode == Mode::Compressed {
             caps |= C::COMPRESS;
+        }
+        if mode == Mode::Tls {
+            caps |= C::SSL;
+            let mut req = BytesMut::new();
+            tiproxy_core::handshake::SslRequest {
+                capabilities: caps,
+                max_packet_size: 16 * 1024 * 1024,
+                charset: 45,
+            }
+            .write(&mut req);
+            let mut pkt = BytesMut::new();
+            write_packet(&mut pkt, seq, &req);
+            s.write_all(&pkt).expect("SSL request");
+            seq += 1;
+            s = tls_over(sock.try_clone().expect("clone the socket"));
         }
         let mut resp = BytesMut::new();
         HandshakeResponse {
@@ -88,10 +175,11 @@ impl RawClient {
         }
         .write(&mut resp);
         let mut pkt = BytesMut::new();
-        write_packet(&mut pkt, 1, &resp);
+        write_packet(&mut pkt, seq, &resp);
         s.write_all(&pkt).expect("handshake response");
+        s.flush().expect("flush");
         loop {
-            let (seq, p) = read_packet(&mut s);
+            let (seq, p) = read_packet(&mut *s);
             match p.first() {
                 Some(0x00) => break,
                 // Auth switch: an empty password scrambles to nothing.
@@ -99,13 +187,15 @@ impl RawClient {
                     let mut pkt = BytesMut::new();
                     write_packet(&mut pkt, seq.wrapping_add(1), &[]);
                     s.write_all(&pkt).expect("auth switch answer");
+                    s.flush().expect("flush");
                 }
                 _ => panic!("login failed: {:?}", String::from_utf8_lossy(&p)),
             }
         }
         RawClient {
             s,
-            framing: compress.then(|| CompressedFraming::new(Algorithm::Zlib)),
+            sock,
+            framing: (mode == Mode::Compressed).then(|| CompressedFraming::new(Algorithm::Zlib)),
         }
     }
 
@@ -132,9 +222,10 @@ impl RawClient {
         let wire = self.command(&q);
         let start = Instant::now();
         self.s.write_all(&wire).expect("query");
+        self.s.flush().expect("flush");
         // Column count, column, EOF, row, EOF.
         for _ in 0..5 {
-            let (_, p) = read_packet(&mut self.s);
+            let (_, p) = read_packet(&mut *self.s);
             assert_ne!(p.first(), Some(&0xff), "{}", String::from_utf8_lossy(&p));
         }
         start.elapsed()
@@ -148,11 +239,12 @@ impl RawClient {
         q.extend_from_slice(sql.as_bytes());
         let first = self.command(&q);
         self.s.write_all(&first).expect("slow query");
+        self.s.flush().expect("flush");
         let mut filler = vec![b' '; PACKET];
         filler[0] = 0x03;
         filler[1..5].copy_from_slice(b"DO 1");
         let wire = self.command(&filler);
-        self.s.set_write_timeout(Some(BLOCKED)).ok();
+        self.sock.set_write_timeout(Some(BLOCKED)).ok();
         let mut sent = 0u64;
         'send: while sent < ATTEMPT {
             let mut at = 0;
@@ -183,7 +275,9 @@ fn proxy(conn_buffer_size: usize) -> ProxyProcess {
     create_user();
     ProxyProcess::start(
         &[mariadb().addr()],
-        &format!("conn-buffer-size = {conn_buffer_size}"),
+        &format!(
+            "conn-buffer-size = {conn_buffer_size}\n[security]\nserver-tls = {{ auto-certs = true }}"
+        ),
     )
 }
 
@@ -192,21 +286,21 @@ fn proxy(conn_buffer_size: usize) -> ProxyProcess {
 /// bookkeeping), measured on this machine well under this.
 const NOISE_KIB: u64 = 1024;
 
-fn one_client_is_bounded(compress: bool) {
+fn one_client_is_bounded(mode: Mode) {
     let limit = 256 * 1024;
     let p = proxy(limit);
     // Warm up: every worker thread has served a connection.
     for _ in 0..4 {
-        let mut c = RawClient::login(p.sql, false);
+        let mut c = RawClient::login(p.sql, Mode::Plain);
         c.query_scalar("SELECT 1");
     }
-    let c = RawClient::login(p.sql, compress);
+    let c = RawClient::login(p.sql, mode);
     let before = p.rss_kib();
     let (sent, _c) = c.pipeline_behind("SELECT SLEEP(5)");
     let grown = p.rss_kib().saturating_sub(before);
     let bound = (2 * limit as u64 + (1 << 20)) / 1024 + NOISE_KIB;
     eprintln!(
-        "compress={compress}: the client got {} KiB out before blocking; proxy RSS grew {grown} KiB (bound {bound} KiB)",
+        "{mode:?}: the client got {} KiB out before blocking; proxy RSS grew {grown} KiB (bound {bound} KiB)",
         sent / 1024
     );
     assert!(
@@ -221,12 +315,17 @@ fn one_client_is_bounded(compress: bool) {
 
 #[test]
 fn a_client_pipelining_behind_a_slow_query_cannot_grow_the_proxy() {
-    one_client_is_bounded(false);
+    one_client_is_bounded(Mode::Plain);
 }
 
 #[test]
 fn a_compressed_client_pipelining_behind_a_slow_query_cannot_grow_the_proxy() {
-    one_client_is_bounded(true);
+    one_client_is_bounded(Mode::Compressed);
+}
+
+#[test]
+fn a_tls_client_pipelining_behind_a_slow_query_cannot_grow_the_proxy() {
+    one_client_is_bounded(Mode::Tls);
 }
 
 #[test]
@@ -235,10 +334,10 @@ fn two_hundred_such_clients_stay_bounded_and_others_are_served() {
     let clients = 200;
     let p = proxy(limit);
     for _ in 0..4 {
-        RawClient::login(p.sql, false).query_scalar("SELECT 1");
+        RawClient::login(p.sql, Mode::Plain).query_scalar("SELECT 1");
     }
     let logged_in: Vec<RawClient> = (0..clients)
-        .map(|_| RawClient::login(p.sql, false))
+        .map(|_| RawClient::login(p.sql, Mode::Plain))
         .collect();
     let before = p.rss_kib();
     let start = Instant::now();
@@ -264,7 +363,7 @@ fn two_hundred_such_clients_stay_bounded_and_others_are_served() {
         "proxy RSS grew {grown} KiB for {clients} clients"
     );
     // Everyone else is still served at once.
-    let mut fresh = RawClient::login(p.sql, false);
+    let mut fresh = RawClient::login(p.sql, Mode::Plain);
     let took = fresh.query_scalar("SELECT 1");
     assert!(
         took < Duration::from_millis(100),

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use super::backend::Expect;
 use super::relay::Disposition;
 use super::{Action, Leg, Phase, PlantedBug, Session};
+use crate::command::Command;
 use crate::error::{ProxyError, SessionError};
 use crate::flags::CapabilityFlags;
 use crate::handshake::{ChangeUser, ClientHello, plugin};
@@ -109,7 +110,13 @@ impl<T: Clone> Session<T> {
         match self.tracker.on_client_packet(header.len, payload) {
             ClientPacket::Forward => Disposition::Forward(Leg::Backend),
             ClientPacket::ForwardNoResponse => {
-                self.command_done(now, true);
+                // The tracker keeps the last command with a response; a
+                // command without one (COM_STMT_CLOSE) is reported as itself.
+                let command = match payload.first() {
+                    Some(&b) if starting => Some(Command::from_byte(b)),
+                    _ => self.tracker.command(),
+                };
+                self.command_done_as(now, true, command);
                 Disposition::Forward(Leg::Backend)
             }
             ClientPacket::Quit => {

@@ -41,7 +41,10 @@
 //!   target (a session token);
 //! - `command`: the client's commands and the backend's responses in the
 //!   command phase;
-//! - [`migration`]: the move sequence and the SESSION_STATES data it carries.
+//! - [`migration`]: the move sequence and the SESSION_STATES data it carries;
+//! - `export`: [`Session::export`] and [`Session::import`] of an idle
+//!   session, a versioned byte string;
+//! - `output`: the [`Action`]s and [`Event`]s handed to the driver.
 //!
 //! The session is generic over `T`, the driver's handle for a backend it
 //! asks the session to move to; the session only clones it into actions
@@ -49,6 +52,7 @@
 
 mod backend;
 mod command;
+mod export;
 pub mod migration;
 mod output;
 mod relay;
@@ -61,9 +65,13 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand_core::RngCore;
 
 use self::backend::Expect;
+pub use self::export::{
+    EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError, export_tracker, import_tracker,
+};
 use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event};
 use self::relay::Relay;
+use crate::command::Command;
 use crate::error::{ProxyError, SessionError};
 use crate::flags::{CapabilityFlags, MariaDbCapabilities, StatusFlags};
 use crate::handshake::{HandshakeResponse, InitialHandshake, plugin};
@@ -683,7 +691,7 @@ impl<T: Clone> Session<T> {
     /// Processes client bytes that waited. Bytes that must wait again stay
     /// where they are (parked bytes are copied once, on arrival).
     fn drain_held(&mut self, now: Instant) {
-        if self.relay.held.is_empty() || !self.client_packet_allowed() {
+        if self.relay.draining || self.relay.held.is_empty() || !self.client_packet_allowed() {
             return;
         }
         let mut held = std::mem::take(&mut self.relay.held);
@@ -695,7 +703,13 @@ impl<T: Clone> Session<T> {
     }
 
     fn command_done(&mut self, now: Instant, ok: bool) {
-        if let (Some(cmd), Some(start)) = (self.tracker.command(), self.command_started) {
+        self.command_done_as(now, ok, self.tracker.command());
+    }
+
+    /// Reports a finished command; `command` when the tracker does not
+    /// record it (commands without a response).
+    fn command_done_as(&mut self, now: Instant, ok: bool, command: Option<Command>) {
+        if let (Some(cmd), Some(start)) = (command, self.command_started) {
             let done = Event::CommandDone {
                 command: cmd,
                 ok,

@@ -16,19 +16,19 @@ use crate::flags::{CapabilityFlags, MariaDbCapabilities};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action<T = String> {
     /// Connect the session's first backend (the driver's router picks it),
-    /// then call [`Session::handle_connected`] or
-    /// [`Session::handle_connect_failed`] with [`Leg::Backend`].
+    /// then call [`Session::handle_connected`](super::Session::handle_connected) or
+    /// [`Session::handle_connect_failed`](super::Session::handle_connect_failed) with [`Leg::Backend`].
     ConnectBackend,
     /// Connect the backend the session moves to, then report on
     /// [`Leg::NewBackend`].
     ConnectNewBackend {
-        /// The backend chosen by [`Session::handle_redirect`].
+        /// The backend chosen by [`Session::handle_redirect`](super::Session::handle_redirect).
         target: T,
     },
     /// Upgrade a leg to TLS (server side on the client leg, client side on
-    /// backend legs): first write what [`Session::transmit`] holds for the
+    /// backend legs): first write what [`Session::transmit`](super::Session::transmit) holds for the
     /// leg (the SSL request), then run the TLS handshake using `early_data`
-    /// as the first bytes read, then call [`Session::handle_tls_established`].
+    /// as the first bytes read, then call [`Session::handle_tls_established`](super::Session::handle_tls_established).
     StartTls {
         /// The leg to upgrade.
         leg: Leg,

@@ -223,10 +223,7 @@ impl Relay {
         if !self.held.is_empty() {
             self.held.extend_from_slice(&rest);
         } else if !rest.is_empty() || rest.capacity() <= RELEASE_CAPACITY {
-            let mut rest = rest;
-            if rest.is_empty() {
-                rest.clear();
-            }
+            // Drained (or not): the allocation is kept unless it grew large.
             self.held = rest;
         }
     }

@@ -1446,5 +1446,255 @@ fn backend_gone_mid_command_closes_the_client_with_what_the_backend_sent() {
     assert!(h.s.is_closed());
 }
 
+// ---------------------------------------------------------------- export
+
+/// One client command and the backend's answer, for the export property.
+#[derive(Debug, Clone)]
+enum Step {
+    Query(u8),
+    Rows(u8),
+    Prepare,
+    Close(usize),
+    Begin,
+    Commit,
+}
+
+fn any_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        any::<u8>().prop_map(Step::Query),
+        any::<u8>().prop_map(Step::Rows),
+        Just(Step::Prepare),
+        any::<usize>().prop_map(Step::Close),
+        Just(Step::Begin),
+        Just(Step::Commit),
+    ]
+}
+
+/// What the scripted peers of [`run_step`] remember between steps.
+#[derive(Debug, Clone, Default)]
+struct Peers {
+    next_id: u32,
+    prepared: Vec<u32>,
+    in_txn: bool,
+}
+
+/// Feeds `bytes` from `leg` and returns every output: bytes per leg,
+/// actions and events (their debug form).
+fn feed(s: &mut Session, now: Instant, leg: Leg, bytes: &[u8]) -> Vec<u8> {
+    s.handle_data(now, leg, bytes);
+    let mut out = Vec::new();
+    for l in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+        let t = s.transmit(l).to_vec();
+        s.advance_transmit(l, t.len());
+        out.push(l as u8);
+        out.extend_from_slice(&t);
+    }
+    while let Some(a) = s.poll_action() {
+        out.extend_from_slice(format!("{a:?}").as_bytes());
+    }
+    while let Some(e) = s.poll_event() {
+        out.extend_from_slice(format!("{e:?}").as_bytes());
+    }
+    out
+}
+
+fn run_step(s: &mut Session, now: Instant, peers: &mut Peers, step: &Step) -> Vec<u8> {
+    let status = |in_txn: bool| {
+        if in_txn {
+            StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS
+        } else {
+            StatusFlags::AUTOCOMMIT
+        }
+    };
+    let packets = |payloads: &[Vec<u8>]| {
+        let mut b = BytesMut::new();
+        for (i, p) in payloads.iter().enumerate() {
+            write_packet(&mut b, i as u8 + 1, p);
+        }
+        b.to_vec()
+    };
+    let (client, backend): (Vec<u8>, Option<Vec<u8>>) = match step {
+        Step::Query(n) => (
+            format!("\x03select {n}").into_bytes(),
+            Some(packets(&[ok(status(peers.in_txn))])),
+        ),
+        Step::Rows(n) => {
+            let st = status(peers.in_txn).bits().to_le_bytes();
+            let eof = vec![0xfe, 0, 0, st[0], st[1]];
+            let mut row = Vec::new();
+            put_lenenc_bytes(&mut row, n.to_string().as_bytes());
+            (
+                format!("\x03select {n}").into_bytes(),
+                Some(packets(&[
+                    vec![1],
+                    b"\x03def\x00\x00\x00\x011\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x81\x00\x00\x00\x00"
+                        .to_vec(),
+                    eof.clone(),
+                    row,
+                    eof,
+                ])),
+            )
+        }
+        Step::Prepare => {
+            peers.next_id += 1;
+            peers.prepared.push(peers.next_id);
+            let mut p = BytesMut::new();
+            PrepareOk {
+                statement_id: peers.next_id,
+                columns: 0,
+                params: 0,
+                warnings: 0,
+            }
+            .write(&mut p);
+            (b"\x16select 1".to_vec(), Some(packets(&[p.to_vec()])))
+        }
+        Step::Close(k) if !peers.prepared.is_empty() => {
+            let id = peers.prepared.remove(k % peers.prepared.len());
+            let mut c = vec![0x19];
+            c.extend_from_slice(&id.to_le_bytes());
+            (c, None)
+        }
+        Step::Close(_) => (
+            b"\x03select 0".to_vec(),
+            Some(packets(&[ok(status(peers.in_txn))])),
+        ),
+        Step::Begin => {
+            peers.in_txn = true;
+            (b"\x03BEGIN".to_vec(), Some(packets(&[ok(status(true))])))
+        }
+        Step::Commit => {
+            peers.in_txn = false;
+            (b"\x03COMMIT".to_vec(), Some(packets(&[ok(status(false))])))
+        }
+    };
+    let mut wire = BytesMut::new();
+    write_packet(&mut wire, 0, &client);
+    let mut out = feed(s, now, Leg::Client, &wire);
+    if let Some(b) = backend {
+        out.extend(feed(s, now, Leg::Backend, &b));
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Export at every safe point of a random command stream, import into
+    /// a fresh session: from there on it writes exactly what the original
+    /// wrote, and exports the same bytes.
+    #[test]
+    fn an_imported_session_continues_byte_for_byte(
+        steps in proptest::collection::vec(any_step(), 1..24),
+    ) {
+        let mut h = Harness::established(cfg(), CLIENT_CAPS);
+        let now = h.now;
+        let mut peers = Peers::default();
+        let mut outputs = Vec::new();
+        let mut exports = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            if let Ok(e) = h.s.export() {
+                prop_assert!(h.s.may_export());
+                exports.push((i, e, peers.clone()));
+            } else {
+                prop_assert!(peers.in_txn, "idle outside a transaction but not exportable");
+            }
+            outputs.push(run_step(&mut h.s, now, &mut peers, step));
+        }
+        prop_assert!(!exports.is_empty());
+        for (at, bytes, peers_then) in exports {
+            let mut b: Session = Session::import(cfg(), &bytes, now).unwrap();
+            prop_assert_eq!(b.export().unwrap(), bytes.clone());
+            let mut peers = peers_then;
+            for (i, step) in steps.iter().enumerate().skip(at) {
+                let out = run_step(&mut b, now, &mut peers, step);
+                prop_assert_eq!(&out, &outputs[i], "step {} ({:?}) after import at {}", i, step, at);
+            }
+        }
+    }
+}
+
+#[test]
+fn export_refuses_a_busy_session_and_import_refuses_foreign_bytes() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.send(Leg::Client, 0, b"\x03select sleep(1)");
+    assert_eq!(
+        h.s.export(),
+        Err(ExportError::NotIdle("a command is in flight"))
+    );
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    let bytes = h.s.export().unwrap();
+    assert_eq!(&bytes[..5], b"TPXS\x01");
+    let now = h.now;
+    let import = |b: &[u8]| Session::<String>::import(cfg(), b, now).map(|_| ());
+    assert_eq!(import(b"HTTP/1.1 200 OK"), Err(ImportError::BadMagic));
+    let mut v2 = bytes.to_vec();
+    v2[4] = 2;
+    assert_eq!(import(&v2), Err(ImportError::UnknownVersion(2)));
+    for cut in 5..bytes.len() {
+        assert!(import(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut long = bytes.to_vec();
+    long.push(0);
+    assert_eq!(import(&long), Err(ImportError::Trailing(1)));
+    let imported: Session = Session::import(cfg(), &bytes, now).unwrap();
+    assert_eq!(imported.user(), h.s.user());
+    assert!(imported.is_established());
+}
+
+#[test]
+fn an_imported_compressed_session_continues_byte_for_byte() {
+    let mut h = Harness::new(cfg());
+    h.greeting();
+    h.client_response(1, CLIENT_CAPS | CapabilityFlags::COMPRESS);
+    h.s.handle_connected(h.now, Leg::Backend);
+    h.backend_greeting(Leg::Backend, TIDB_CAPS);
+    h.recv_one(Leg::Backend);
+    h.send(Leg::Backend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::Client);
+    let now = h.now;
+    let command = |sql: &str| {
+        let mut plain = BytesMut::new();
+        write_packet(&mut plain, 0, sql.as_bytes());
+        let mut enc = CompressedFraming::new(Algorithm::Zlib);
+        let mut wire = BytesMut::new();
+        enc.encode(&plain, &mut wire);
+        wire
+    };
+    let exchange = |s: &mut Session, sql: &str| {
+        let mut out = feed(s, now, Leg::Client, &command(sql));
+        out.extend(feed(s, now, Leg::Backend, &result_set_wire(30, 1)));
+        out
+    };
+    exchange(&mut h.s, "\x03select 1");
+    let bytes = h.s.export().unwrap();
+    let mut b: Session = Session::import(cfg(), &bytes, now).unwrap();
+    for sql in ["\x03select 2", "\x03select 3"] {
+        let a = exchange(&mut h.s, sql);
+        assert_eq!(exchange(&mut b, sql), a, "{sql}");
+    }
+}
+
+proptest! {
+    /// Import reads bytes from another process: damaged or foreign input is
+    /// a typed error, never a panic.
+    #[test]
+    fn import_never_panics(
+        cut in any::<usize>(),
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        junk in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut h = Harness::established(cfg(), CLIENT_CAPS);
+        h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+        let mut bytes = h.s.export().unwrap().to_vec();
+        for (at, x) in flips {
+            let i = at % bytes.len();
+            bytes[i] ^= x;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        let _ = Session::<String>::import(cfg(), &bytes, h.now);
+        let _ = Session::<String>::import(cfg(), &junk, h.now);
+    }
+}
+
 #[path = "session_mariadb.rs"]
 mod mariadb;

@@ -1,0 +1,349 @@
+//! Export and import of an idle session: everything a fresh [`Session`]
+//! needs to continue byte for byte on the same client and backend
+//! connections (handed over with the bytes, e.g. to a new proxy process).
+//!
+//! A session is exportable when it is idle at a point where a move would
+//! be allowed, and quiet on the wire:
+//! - authenticated, not closing, no move pending or running, no
+//!   COM_CHANGE_USER in flight;
+//! - the tracker is at a safe point (no exchange, no transaction, no open
+//!   cursor, no pending long data);
+//! - no client bytes parked, no partial packet or compressed frame read,
+//!   nothing queued or staged for any socket, no TLS upgrade pending.
+//!
+//! # Format (version 1)
+//!
+//! `"TPXS"`, version byte, then: connection id (u32), salt (20 bytes),
+//! client capabilities (u32), backend capabilities (u32), MariaDB extended
+//! capabilities (u32; written 0 until the session negotiates them), the
+//! client's handshake response as sent on the wire (length-encoded), user
+//! (length-encoded), database (flag byte, then length-encoded), the
+//! tracker (length-encoded, see [`export_tracker`]), then the client and
+//! backend legs: flags (TLS, compression on, restart the compressed
+//! sequence), packet sequence id, compression (0 none, 1 zlib, 2 zstd)
+//! with its level, compressed sequence id. Integers are little-endian.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::migration::Migration;
+use super::relay::{LegState, Relay};
+use super::{Leg, Phase, Session, SessionConfig};
+use crate::compress::{Algorithm, CompressedFraming};
+use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::handshake::{ClientHello, HandshakeResponse};
+use crate::response::PrepareOk;
+use crate::tracker::{BackendPacket, CommandTracker};
+use crate::wire::{Reader, WireError, put_lenenc_bytes};
+
+/// The first bytes of an exported session.
+pub const EXPORT_MAGIC: &[u8; 4] = b"TPXS";
+
+/// The format version this build writes and reads.
+pub const EXPORT_VERSION: u8 = 1;
+
+/// Why a session cannot be exported now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// The session is not at an exportable point (see the module docs);
+    /// the reason names what stands in the way.
+    #[error("session is not idle at a safe point: {0}")]
+    NotIdle(&'static str),
+}
+
+/// Why bytes could not be imported as a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    /// The bytes are not an exported session.
+    #[error("not an exported tiproxy session (bad magic)")]
+    BadMagic,
+    /// An exported session in a format this build does not know.
+    #[error(
+        "exported session format version {0} is not supported (this build reads {EXPORT_VERSION})"
+    )]
+    UnknownVersion(u8),
+    /// The bytes end early or a field is malformed.
+    #[error("malformed exported session: {0}")]
+    Malformed(#[from] WireError),
+    /// A field holds a value no exporter writes.
+    #[error("malformed exported session: invalid {0}")]
+    Invalid(&'static str),
+    /// Bytes follow the last field.
+    #[error("malformed exported session: {0} bytes after the end")]
+    Trailing(usize),
+}
+
+impl<T: Clone> Session<T> {
+    /// An established session rebuilt from an export.
+    fn resumed(cfg: SessionConfig, salt: [u8; 20], relay: Relay, r: Resumed) -> Self {
+        Self {
+            cfg,
+            phase: Phase::Command,
+            salt,
+            relay,
+            hello: r.hello,
+            client_caps: r.client_caps,
+            backend_caps: r.backend_caps,
+            user: r.user,
+            database: r.database,
+            pending_user: None,
+            tracker: r.tracker,
+            migration: Migration::None,
+            close_at_safe_point: false,
+            response_started: false,
+            command_started: None,
+            handshake_deadline: None,
+            tls_request: None,
+            boundary_pending: false,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            command_done: None,
+            #[cfg(feature = "sim-mutations")]
+            planted: None,
+        }
+    }
+
+    /// Why the session cannot be exported now, if it cannot.
+    fn export_blocker(&self) -> Option<&'static str> {
+        let quiet = |l: &LegState| {
+            l.out.len() == 0
+                && l.staging.is_empty()
+                && l.rx.stash.is_empty()
+                && l.rx.pass == 0
+                && l.framing.as_ref().is_none_or(|f| f.buffered() == 0)
+        };
+        Some(if self.phase != Phase::Command {
+            "not authenticated, or closed"
+        } else if !matches!(self.migration, Migration::None) {
+            "a move is pending or running"
+        } else if self.close_at_safe_point {
+            "closing"
+        } else if self.pending_user.is_some() || !self.tracker.is_idle() {
+            "a command is in flight"
+        } else if !self.tracker.at_safe_point() {
+            "in a transaction, or a cursor or long data is open"
+        } else if !self.relay.held.is_empty() || self.boundary_pending {
+            "client bytes are waiting"
+        } else if self.tls_request.is_some() {
+            "a TLS upgrade is pending"
+        } else if !self.relay.legs.iter().all(quiet) {
+            "bytes are buffered on a leg"
+        } else {
+            return None;
+        })
+    }
+
+    /// Whether [`Session::export`] would succeed now.
+    pub fn may_export(&self) -> bool {
+        self.export_blocker().is_none()
+    }
+
+    /// The session's state as versioned bytes (see the module docs for
+    /// when a session can be exported and the format).
+    pub fn export(&self) -> Result<Bytes, ExportError> {
+        if let Some(why) = self.export_blocker() {
+            return Err(ExportError::NotIdle(why));
+        }
+        let mut b = BytesMut::with_capacity(256);
+        b.put_slice(EXPORT_MAGIC);
+        b.put_u8(EXPORT_VERSION);
+        b.put_u32_le(self.cfg.connection_id);
+        b.put_slice(&self.salt);
+        b.put_u32_le(self.client_caps.bits());
+        b.put_u32_le(self.backend_caps.bits());
+        // MariaDB extended capabilities: none negotiated yet.
+        b.put_u32_le(0);
+        let mut hello = BytesMut::new();
+        self.hello.write(&mut hello);
+        put_lenenc_bytes(&mut b, &hello);
+        put_lenenc_bytes(&mut b, &self.user);
+        match &self.database {
+            None => b.put_u8(0),
+            Some(db) => {
+                b.put_u8(1);
+                put_lenenc_bytes(&mut b, db);
+            }
+        }
+        let deprecate_eof = self.client_caps.contains(CapabilityFlags::DEPRECATE_EOF);
+        put_lenenc_bytes(&mut b, &export_tracker(&self.tracker, deprecate_eof));
+        for leg in [Leg::Client, Leg::Backend] {
+            put_leg(&mut b, &self.relay.legs[leg.idx()]);
+        }
+        Ok(b.freeze())
+    }
+
+    /// A session continuing from `bytes` (made by [`Session::export`]) on
+    /// the same connections. `cfg` is this process's configuration; the
+    /// connection id is the exported one.
+    pub fn import(mut cfg: SessionConfig, bytes: &[u8], now: Instant) -> Result<Self, ImportError> {
+        let _ = now;
+        let mut r = Reader::new(bytes);
+        if r.take(4, "magic").ok() != Some(&EXPORT_MAGIC[..]) {
+            return Err(ImportError::BadMagic);
+        }
+        let version = r.u8("version")?;
+        if version != EXPORT_VERSION {
+            return Err(ImportError::UnknownVersion(version));
+        }
+        cfg.connection_id = r.u32("connection id")?;
+        let mut salt = [0u8; 20];
+        salt.copy_from_slice(r.take(20, "salt")?);
+        let client_caps = CapabilityFlags::from_bits_retain(r.u32("client capabilities")?);
+        let backend_caps = CapabilityFlags::from_bits_retain(r.u32("backend capabilities")?);
+        let _mariadb_caps = r.u32("MariaDB capabilities")?;
+        let hello = match ClientHello::parse(r.lenenc_bytes("handshake response")?)? {
+            ClientHello::Response(h) => h,
+            ClientHello::Ssl(_) => return Err(ImportError::Invalid("handshake response")),
+        };
+        let user = Bytes::copy_from_slice(r.lenenc_bytes("user")?);
+        let database = match r.u8("database flag")? {
+            0 => None,
+            1 => Some(Bytes::copy_from_slice(r.lenenc_bytes("database")?)),
+            _ => return Err(ImportError::Invalid("database flag")),
+        };
+        let tracker = import_tracker(r.lenenc_bytes("tracker")?)?;
+        let mut relay = Relay::default();
+        for leg in [Leg::Client, Leg::Backend] {
+            relay.legs[leg.idx()] = take_leg(&mut r)?;
+        }
+        if !r.is_empty() {
+            return Err(ImportError::Trailing(r.remaining()));
+        }
+        Ok(Self::resumed(
+            cfg,
+            salt,
+            relay,
+            Resumed {
+                hello,
+                client_caps,
+                backend_caps,
+                user,
+                database,
+                tracker,
+            },
+        ))
+    }
+}
+
+/// The handshake outcome an imported session resumes with.
+pub(super) struct Resumed {
+    pub(super) hello: HandshakeResponse,
+    pub(super) client_caps: CapabilityFlags,
+    pub(super) backend_caps: CapabilityFlags,
+    pub(super) user: Bytes,
+    pub(super) database: Option<Bytes>,
+    pub(super) tracker: CommandTracker,
+}
+
+const LEG_TLS: u8 = 1;
+const LEG_FRAMING: u8 = 2;
+const LEG_RESET_OUT_SEQ: u8 = 4;
+
+fn put_leg(b: &mut BytesMut, l: &LegState) {
+    let mut flags = 0;
+    if l.tls {
+        flags |= LEG_TLS;
+    }
+    if l.framing.is_some() {
+        flags |= LEG_FRAMING;
+    }
+    if l.reset_out_seq {
+        flags |= LEG_RESET_OUT_SEQ;
+    }
+    b.put_u8(flags);
+    b.put_u8(l.seq);
+    match l.compression {
+        None => b.put_slice(&[0, 0]),
+        Some(Algorithm::Zlib) => b.put_slice(&[1, 0]),
+        Some(Algorithm::Zstd(level)) => b.put_slice(&[2, level]),
+    }
+    b.put_u8(l.framing.as_ref().map_or(0, |f| f.seq()));
+}
+
+fn take_leg(r: &mut Reader<'_>) -> Result<LegState, ImportError> {
+    let flags = r.u8("leg flags")?;
+    if flags & !(LEG_TLS | LEG_FRAMING | LEG_RESET_OUT_SEQ) != 0 {
+        return Err(ImportError::Invalid("leg flags"));
+    }
+    let seq = r.u8("leg sequence")?;
+    let compression = match (r.u8("compression")?, r.u8("compression level")?) {
+        (0, _) => None,
+        (1, _) => Some(Algorithm::Zlib),
+        (2, level) => Some(Algorithm::Zstd(level)),
+        _ => return Err(ImportError::Invalid("compression")),
+    };
+    let framing_seq = r.u8("compressed sequence")?;
+    let framing = match (flags & LEG_FRAMING != 0, compression) {
+        (false, _) => None,
+        (true, Some(alg)) => {
+            let mut f = CompressedFraming::new(alg);
+            f.set_seq(framing_seq);
+            Some(Box::new(f))
+        }
+        (true, None) => return Err(ImportError::Invalid("compressed leg without algorithm")),
+    };
+    Ok(LegState {
+        framing,
+        compression,
+        reset_out_seq: flags & LEG_RESET_OUT_SEQ != 0,
+        seq,
+        tls: flags & LEG_TLS != 0,
+        ..LegState::default()
+    })
+}
+
+/// The tracker's state at a safe point: the EOF style, the status flags
+/// and the prepared statement ids (cursors and long data are empty there).
+/// Written with the tracker's public accessors; `CommandTracker`'s own
+/// export replaces this when it exists.
+pub fn export_tracker(t: &CommandTracker, deprecate_eof: bool) -> Bytes {
+    let mut b = BytesMut::with_capacity(8 + 4 * t.prepared().len());
+    b.put_u8(u8::from(deprecate_eof));
+    b.put_u16_le(t.status().bits());
+    b.put_u32_le(t.prepared().len() as u32);
+    for id in t.prepared() {
+        b.put_u32_le(*id);
+    }
+    b.freeze()
+}
+
+/// Rebuilds a tracker written by [`export_tracker`]: the prepared ids are
+/// registered by replaying a minimal COM_STMT_PREPARE exchange for each.
+pub fn import_tracker(bytes: &[u8]) -> Result<CommandTracker, ImportError> {
+    let mut r = Reader::new(bytes);
+    let deprecate_eof = match r.u8("tracker EOF style")? {
+        0 => false,
+        1 => true,
+        _ => return Err(ImportError::Invalid("tracker EOF style")),
+    };
+    let status = StatusFlags::from_bits_retain(r.u16("tracker status")?);
+    let n = r.u32("prepared count")? as usize;
+    if n > r.remaining() / 4 {
+        return Err(ImportError::Invalid("prepared count"));
+    }
+    let mut t = CommandTracker::new(deprecate_eof, status);
+    for _ in 0..n {
+        let id = r.u32("prepared id")?;
+        let prepare = [crate::Command::StmtPrepare.to_byte()];
+        let _ = t.on_client_packet(prepare.len(), &prepare);
+        let mut ok = BytesMut::with_capacity(12);
+        PrepareOk {
+            statement_id: id,
+            columns: 0,
+            params: 0,
+            warnings: 0,
+        }
+        .write(&mut ok);
+        match t.on_backend_packet(ok.len(), &ok) {
+            Ok(BackendPacket::Done { ok: true }) => {}
+            _ => return Err(ImportError::Invalid("prepared id")),
+        }
+    }
+    if !r.is_empty() {
+        return Err(ImportError::Trailing(r.remaining()));
+    }
+    t.set_status(status);
+    Ok(t)
+}
