@@ -41,8 +41,9 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
+        // `[health-check] failure-threshold` defaults to 1, as TiProxy's.
         Self {
-            failure_threshold: 3,
+            failure_threshold: 1,
             failed_pause: FAILED_BACKEND_PAUSE,
         }
     }
@@ -420,13 +421,13 @@ impl fmt::Display for LocalExhaustion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::ProcessFds { limit: Some(n) } => {
-                write!(f, "tiproxy is out of file descriptors (RLIMIT_NOFILE {n})")
+                write!(f, "out of file descriptors (RLIMIT_NOFILE {n})")
             }
             Self::ProcessFds { limit: None } => {
-                f.write_str("tiproxy is out of file descriptors (RLIMIT_NOFILE)")
+                f.write_str("out of file descriptors (RLIMIT_NOFILE)")
             }
             Self::SystemFds => f.write_str("the system is out of file descriptors (fs.file-max)"),
-            Self::Memory => f.write_str("tiproxy's host is out of socket memory"),
+            Self::Memory => f.write_str("the host is out of socket memory"),
         }
     }
 }

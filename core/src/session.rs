@@ -721,6 +721,18 @@ impl Session {
         self.flush();
     }
 
+    /// Like [`Session::handle_connect_failed`], when the proxy itself could
+    /// not dial (out of file descriptors, say): the client of a first
+    /// backend dial is refused with `err` (1040), not told that no backend
+    /// is available.
+    pub fn handle_connect_refused(&mut self, now: Instant, leg: Leg, err: ProxyError) {
+        match leg {
+            Leg::Backend if self.phase == Phase::ConnectingBackend => self.refuse(err),
+            _ => return self.handle_connect_failed(now, leg, &err.to_string()),
+        }
+        self.flush();
+    }
+
     /// The driver finished the TLS upgrade requested by [`Action::StartTls`].
     pub fn handle_tls_established(&mut self, now: Instant, leg: Leg) {
         self.legs[leg.idx()].tls = true;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tiproxy_core::error::ProxyError;
 use tiproxy_core::handshake::InitialHandshake;
+use tiproxy_core::health::{CheckFailure, LocalExhaustion, Transition};
 use tiproxy_core::packet::{PacketDecoder, write_packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -20,7 +21,7 @@ use crate::config::{Config, split_list};
 use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
-use crate::router::{BackendProfile, Check, MetricsReading, Router};
+use crate::router::{BackendProfile, MetricsReading, Router};
 use crate::tls;
 
 /// Why the proxy could not start.
@@ -521,6 +522,9 @@ impl<N: Network> Proxy<N> {
 
 async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
+    // Read while descriptors are free: the refusal message names the limit.
+    let _ = crate::net::fd_limit();
+    let mut spare = crate::net::SpareFd::new();
     loop {
         // Biased: a fixed polling order keeps simulated runs replayable.
         let accepted = tokio::select! {
@@ -531,12 +535,17 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                match crate::net::local_exhaustion(&e) {
+                    Some(what) => refuse_exhausted(&st, &listener, &mut spare, what).await,
+                    None => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
                 continue;
             }
         };
+        st.shared.router.flush_refusals();
         if st.draining.load(Ordering::Relaxed) {
             tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
             continue;
@@ -567,6 +576,32 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             st2.count.fetch_sub(1, Ordering::Relaxed);
             metrics().connections.dec();
         });
+    }
+}
+
+/// `accept` failed for lack of descriptors or memory: the connection is
+/// still in the backlog. With the reserve descriptor closed, accept it,
+/// tell the client why (1040) and close it, then take the reserve back;
+/// without a reserve, wait a little rather than spin on a readable
+/// listener. Logged at most once a second, with a count.
+async fn refuse_exhausted<N: Network>(
+    st: &State<N>,
+    listener: &N::Listener,
+    spare: &mut crate::net::SpareFd,
+    what: LocalExhaustion,
+) {
+    st.shared.router.refused_locally(what);
+    if spare.release() {
+        let net = &st.shared.net;
+        if let Ok(Ok((s, _))) =
+            tokio::time::timeout(Duration::from_millis(10), net.accept(listener)).await
+        {
+            refuse(s, ProxyError::LocalExhaustion(what)).await;
+        }
+        spare.restore();
+    } else {
+        spare.restore();
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -601,6 +636,7 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
             generation = st.config_generation();
             hc = st.live_config().health_check;
             d = hc.durations();
+            st.shared.router.set_failure_threshold(hc.failure_threshold);
         }
         // Until some backend has greeted the proxy, clients are greeted
         // with the conservative default profile: probe at once, not a
@@ -629,13 +665,7 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                     continue;
                 }
                 let addr = b.addr.clone();
-                let h = checks.spawn(check_backend(
-                    st.clone(),
-                    b,
-                    hc.failure_threshold,
-                    d,
-                    probe_due,
-                ));
+                let h = checks.spawn(check_backend(st.clone(), b, d, probe_due));
                 in_flight.insert(addr, h.id());
             }
         }
@@ -647,65 +677,55 @@ async fn probe_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-/// One round of [`probe_loop`]'s checks of `b`.
+/// One round of [`probe_loop`]'s checks of `b`: gathers the answers, feeds
+/// them to the backend's health (`tiproxy_core::health`, where the rules
+/// are) and logs the transitions it reports.
 async fn check_backend<N: Network>(
     st: Arc<State<N>>,
     b: Arc<crate::router::Backend>,
-    failure_threshold: u32,
     d: crate::config::HealthCheckDurations,
     mut probe_due: bool,
 ) {
+    let router = &st.shared.router;
     if let Some(status) = &b.status_addr {
-        match http_status(&st.shared.net, status, "/status", d.dial_timeout).await {
-            Ok(code) => {
-                b.check_ok(Check::Status);
-                b.set_known();
-                if b.check_passing(Check::Probe) {
-                    st.shared.router.mark_ok(&b.addr);
-                } else {
-                    // Answering again (a restart): check its SQL port now,
-                    // not an `interval` later (seed 1603).
-                    probe_due = true;
-                }
-                if code == 200 {
-                    if b.set_draining(false) {
-                        info!(backend = %b.addr, "backend is serving again (status 200)");
-                    }
-                } else if b.set_draining(true) {
-                    info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
-                }
+        let answer = http_status(&st.shared.net, status, "/status", d.dial_timeout).await;
+        let failure = |e: &String| match crate::net::local_exhaustion_in(e) {
+            Some(what) => CheckFailure::Local(what),
+            None => CheckFailure::Backend,
+        };
+        let out = router.handle_status(&b, answer.as_ref().map(|c| *c).map_err(failure));
+        probe_due |= out.probe_now;
+        match (out.transition, &answer) {
+            (Some(Transition::DrainEnded), _) => {
+                info!(backend = %b.addr, "backend is serving again (status 200)");
             }
-            Err(e) => {
-                // A TiDB whose status port stopped answering is down
-                // (crashed, host gone): no new sessions or moves to it
-                // until it answers again. Found by simulation seed 27:
-                // a drain moved sessions to a TiDB that had crashed.
-                if b.check_failed(Check::Status, failure_threshold) {
-                    if st.shared.router.accepts(&b) {
-                        warn!(backend = %b.addr, "status port unreachable: {e}");
-                    }
-                    st.shared.router.mark_failed(&b.addr);
-                }
+            (Some(Transition::DrainStarted { code }), _) => {
+                info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
             }
+            (Some(Transition::StatusUnreachable), Err(e)) => {
+                warn!(backend = %b.addr, "status port unreachable: {e}");
+            }
+            _ => {}
         }
     }
     if !probe_due {
         return;
     }
-    match probe(&st, &b.addr, d.dial_timeout).await {
-        Ok(profile) => {
-            b.check_ok(Check::Probe);
-            st.shared.router.mark_ok(&b.addr);
-            st.shared.router.set_profile(profile);
+    let answer = probe(&st, &b.addr, d.dial_timeout).await;
+    let out = router.handle_probe(
+        &b,
+        match &answer {
+            Ok(_) => Ok(()),
+            Err(ProbeError::Local(what)) => Err(CheckFailure::Local(*what)),
+            Err(ProbeError::Backend(_)) => Err(CheckFailure::Backend),
+        },
+    );
+    match answer {
+        Ok(profile) => router.set_profile(profile),
+        Err(ProbeError::Backend(e)) if out.transition == Some(Transition::ProbeFailed) => {
+            warn!(backend = %b.addr, "backend probe failed: {e}");
         }
-        Err(e) => {
-            if b.check_failed(Check::Probe, failure_threshold) {
-                if b.is_healthy() {
-                    warn!(backend = %b.addr, "backend probe failed: {e}");
-                }
-                st.shared.router.mark_failed(&b.addr);
-            }
-        }
+        Err(_) => {}
     }
 }
 
@@ -997,18 +1017,34 @@ async fn http_status<N: Network>(
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
+/// Why a probe got no greeting.
+#[derive(Debug)]
+enum ProbeError {
+    /// The backend did not greet (refused, closed, timed out, an ERR).
+    Backend(String),
+    /// The proxy could not dial: out of descriptors or memory.
+    Local(LocalExhaustion),
+}
+
+impl From<String> for ProbeError {
+    fn from(e: String) -> Self {
+        Self::Backend(e)
+    }
+}
+
+/// Dials `addr`'s SQL port and reads its greeting.
 async fn probe<N: Network>(
     st: &State<N>,
     addr: &str,
     timeout: Duration,
-) -> Result<BackendProfile, String> {
+) -> Result<BackendProfile, ProbeError> {
     let work = async {
-        let mut s = st
-            .shared
-            .net
-            .connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = st.shared.net.connect(addr).await.map_err(|e| {
+            match crate::net::local_exhaustion(&e) {
+                Some(what) => ProbeError::Local(what),
+                None => ProbeError::Backend(e.to_string()),
+            }
+        })?;
         if st.shared.proxy_protocol {
             // Backends that expect PROXY headers expect them on every
             // connection; a probe is the proxy's own (LOCAL).
@@ -1021,14 +1057,14 @@ async fn probe<N: Network>(
         loop {
             let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
             if n == 0 {
-                return Err("closed before greeting".to_string());
+                return Err("closed before greeting".to_string().into());
             }
             d.extend(&buf[..n]);
             if let Some(p) = d.next_payload().map_err(|e| e.to_string())? {
                 if p.data.first() == Some(&0xff) {
                     let e = tiproxy_core::response::ErrPacket::parse(&p.data)
                         .map_err(|e| e.to_string())?;
-                    return Err(format!("backend refused: {} {}", e.code, e.message_text()));
+                    return Err(format!("backend refused: {} {}", e.code, e.message_text()).into());
                 }
                 let g = InitialHandshake::parse(&p.data).map_err(|e| e.to_string())?;
                 let _ = s.shutdown().await;
@@ -1042,5 +1078,5 @@ async fn probe<N: Network>(
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("no greeting within {timeout:?}"))?
+        .map_err(|_| ProbeError::Backend(format!("no greeting within {timeout:?}")))?
 }

@@ -1,4 +1,5 @@
 //! One test per rule, with time passed in.
+#![allow(clippy::disallowed_methods)] // tests play the driver: they own the clock
 
 use std::time::{Duration, Instant};
 
