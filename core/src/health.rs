@@ -462,8 +462,17 @@ impl ExhaustionLog {
         self.poll(now)
     }
 
-    /// Time passed (a later accept, say): `Some((count, kind))` when
-    /// refusals are still unreported and a line is due.
+    /// When refusals not yet reported are due for a line (call
+    /// [`ExhaustionLog::poll`] then); `None` when there are none.
+    pub fn next_due(&self) -> Option<Instant> {
+        if self.unreported == 0 {
+            return None;
+        }
+        self.last_line.map(|t| t + EXHAUSTION_LOG_INTERVAL)
+    }
+
+    /// Time passed: `Some((count, kind))` when refusals are still
+    /// unreported and a line is due.
     #[must_use]
     pub fn poll(&mut self, now: Instant) -> Option<(u64, LocalExhaustion)> {
         if self.unreported == 0 {

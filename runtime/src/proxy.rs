@@ -545,7 +545,6 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
                 continue;
             }
         };
-        st.shared.router.flush_refusals();
         if st.draining.load(Ordering::Relaxed) {
             tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
             continue;
@@ -590,12 +589,12 @@ async fn refuse_exhausted<N: Network>(
     spare: &mut crate::net::SpareFd,
     what: LocalExhaustion,
 ) {
-    st.shared.router.refused_locally(what);
     if spare.release() {
         let net = &st.shared.net;
         if let Ok(Ok((s, _))) =
             tokio::time::timeout(Duration::from_millis(10), net.accept(listener)).await
         {
+            st.shared.router.refused_locally(what);
             refuse(s, ProxyError::LocalExhaustion(what)).await;
         }
         spare.restore();

@@ -378,6 +378,8 @@ pub struct Router {
     /// Connections refused because the proxy ran out of descriptors or
     /// memory (accepts and dials share it: one line a second at most).
     exhaustion: Mutex<ExhaustionLog>,
+    /// A task will write the refusals the last line did not cover.
+    refusals_flush: AtomicBool,
 }
 
 impl Router {
@@ -531,25 +533,29 @@ impl Router {
 
     /// A connection was refused (at accept, or at its backend dial) because
     /// the proxy is out of `what`: one warning a second at most, with a
-    /// count.
-    pub fn refused_locally(&self, what: LocalExhaustion) {
+    /// count; refusals a line did not cover are told when the next is due.
+    pub fn refused_locally(self: &Arc<Self>, what: LocalExhaustion) {
         let now = Instant::now().into_std();
-        let line = self
-            .exhaustion
-            .lock()
-            .expect("router lock")
-            .refused(now, what);
+        let (line, due) = {
+            let mut log = self.exhaustion.lock().expect("router lock");
+            (log.refused(now, what), log.next_due())
+        };
         if let Some((n, what)) = line {
             warn!("{n} connection(s) refused: {what}; {}", what.hint());
         }
-    }
-
-    /// Writes the count of refusals not yet logged, when a line is due.
-    pub fn flush_refusals(&self) {
-        let now = Instant::now().into_std();
-        let line = self.exhaustion.lock().expect("router lock").poll(now);
-        if let Some((n, what)) = line {
-            warn!("{n} connection(s) refused: {what}; {}", what.hint());
+        if let Some(due) = due
+            && !self.refusals_flush.swap(true, Ordering::Relaxed)
+        {
+            let router = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(Instant::from_std(due)).await;
+                router.refusals_flush.store(false, Ordering::Relaxed);
+                let now = Instant::now().into_std();
+                let line = router.exhaustion.lock().expect("router lock").poll(now);
+                if let Some((n, what)) = line {
+                    warn!("{n} connection(s) refused: {what}; {}", what.hint());
+                }
+            });
         }
     }
 

@@ -253,6 +253,7 @@ fn a_flood_of_refusals_is_one_line_a_second_with_a_count() {
         Some((1, EMFILE)),
         "the first at once"
     );
+    assert_eq!(log.next_due(), None, "nothing unreported");
     let mut lines = 0;
     let mut counted = 1;
     for i in 1..=3000u64 {
@@ -263,6 +264,12 @@ fn a_flood_of_refusals_is_one_line_a_second_with_a_count() {
         }
     }
     assert_eq!(lines, 3);
+    assert_eq!(
+        log.next_due(),
+        Some(t0 + ms(4000)),
+        "the rest a second later"
+    );
+    assert_eq!(log.poll(t0 + ms(3999)), None);
     let rest = log.poll(t0 + ms(5000)).map_or(0, |(n, _)| n);
     assert_eq!(counted + rest, 3001, "every refusal counted once");
     assert_eq!(log.poll(t0 + ms(9000)), None, "nothing left to say");
