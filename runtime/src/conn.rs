@@ -797,7 +797,11 @@ impl<N: Network> Driver<N> {
                         self.session.handle_connect_failed(now, leg, &e)
                     }
                     Err(ConnectError::Local(what)) => {
-                        self.shared.router.refused_locally(what);
+                        // A client refused (a move that could not dial just
+                        // fails and is retried later).
+                        if leg == Leg::Backend {
+                            self.shared.router.refused_locally(what);
+                        }
                         let err = ProxyError::LocalExhaustion(what);
                         self.session.handle_connect_refused(now, leg, err)
                     }
