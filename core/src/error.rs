@@ -63,6 +63,10 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("tiproxy is shutting down")]
     ShuttingDown,
+    /// The proxy itself is out of file descriptors or socket memory (an
+    /// accept or a backend dial failed with EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    #[error("{0}")]
+    LocalExhaustion(crate::health::LocalExhaustion),
 }
 
 impl ProxyError {
@@ -88,8 +92,8 @@ impl ProxyError {
             Self::BackendLost(_) => 1158,
             // ER_MALFORMED_PACKET
             Self::BackendProtocol(_) => 1835,
-            // ER_CON_COUNT_ERROR
-            Self::TooManyConnections(_) => 1040,
+            // ER_CON_COUNT_ERROR: as a server out of descriptors answers.
+            Self::TooManyConnections(_) | Self::LocalExhaustion(_) => 1040,
             // ER_SERVER_SHUTDOWN
             Self::ShuttingDown => 1053,
         }
@@ -104,7 +108,7 @@ impl ProxyError {
             Self::BadHandshake(_) | Self::HandshakeTimeout(_) => *b"08S01",
             Self::OutOfOrder(_) | Self::BackendLost(_) => *b"08S01",
             Self::NoBackend(_) => *b"08S01",
-            Self::TooManyConnections(_) => *b"08004",
+            Self::TooManyConnections(_) | Self::LocalExhaustion(_) => *b"08004",
             Self::ShuttingDown => *b"08S01",
             _ => *b"HY000",
         }
@@ -140,6 +144,7 @@ impl ProxyError {
             Self::TooManyConnections(_) => "raise proxy.max-connections or close idle connections",
             Self::HandshakeTimeout(_) => "check the network between the client and tiproxy",
             Self::ShuttingDown => "reconnect; another tiproxy instance will serve you",
+            Self::LocalExhaustion(e) => e.hint(),
         }
     }
 

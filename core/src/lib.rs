@@ -11,6 +11,7 @@ pub mod compress;
 pub mod error;
 pub mod flags;
 pub mod handshake;
+pub mod health;
 pub mod packet;
 pub mod prom;
 pub mod proxy_protocol;

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tiproxy_core::error::{ProxyError, SessionError};
+use tiproxy_core::health::{Dial, LocalExhaustion};
 use tiproxy_core::proxy_protocol::ProxyHeader;
 use tiproxy_core::session::{Action, Event, Leg, Session, SessionConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -249,10 +250,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The one asynchronous operation a connection may have in flight.
+/// Why a backend dial found no backend.
+enum ConnectError {
+    /// No backend could be reached: what the last attempt said.
+    Unreachable(String),
+    /// The proxy itself is out of descriptors or memory.
+    Local(LocalExhaustion),
+}
+
 enum Op<S> {
     Connect {
         leg: Leg,
-        fut: BoxFut<Result<(S, Lease), String>>,
+        fut: BoxFut<Result<(S, Lease), ConnectError>>,
     },
     AcceptTls(BoxFut<io::Result<tokio_rustls::server::TlsStream<Prefixed<S>>>>),
     ConnectTls {
@@ -653,39 +662,50 @@ impl<N: Network> Driver<N> {
                 let backend = match &target {
                     Some(t) => {
                         if !tried.is_empty() {
-                            return Err(last_err);
+                            return Err(ConnectError::Unreachable(last_err));
                         }
                         match shared.router.backends().into_iter().find(|b| &b.addr == t) {
                             Some(b) => b,
-                            None => return Err(format!("backend {t} is not in the backend list")),
+                            None => {
+                                return Err(ConnectError::Unreachable(format!(
+                                    "backend {t} is not in the backend list"
+                                )));
+                            }
                         }
                     }
                     None => match shared.router.pick(&tried) {
                         Some(b) => b,
-                        None => return Err(last_err),
+                        None => return Err(ConnectError::Unreachable(last_err)),
                     },
                 };
                 tried.push(backend.addr.clone());
-                match tokio::time::timeout(shared.dial_timeout, shared.net.connect(&backend.addr))
-                    .await
+                let dial = match tokio::time::timeout(
+                    shared.dial_timeout,
+                    shared.net.connect(&backend.addr),
+                )
+                .await
                 {
                     Ok(Ok(s)) => {
-                        shared.router.mark_ok(&backend.addr);
+                        let _ = shared.router.handle_dial(&backend, Dial::Connected);
                         return Ok((s, Lease::new(backend)));
                     }
-                    Ok(Err(e)) => {
-                        last_err = format!("cannot connect to {}: {e}", backend.addr);
-                        shared.router.mark_failed(&backend.addr);
-                    }
-                    Err(_) => {
-                        last_err = format!(
-                            "cannot connect to {}: timed out after {:?}",
-                            backend.addr, shared.dial_timeout
-                        );
-                        shared.router.mark_failed(&backend.addr);
-                    }
-                }
-                warn!("{last_err}");
+                    // Out of descriptors: the proxy's condition, not the
+                    // backend's; other backends would fail the same way.
+                    Ok(Err(e)) => match crate::net::local_exhaustion(&e) {
+                        Some(what) => {
+                            let _ = shared.router.handle_dial(&backend, Dial::Local(what));
+                            return Err(ConnectError::Local(what));
+                        }
+                        None => format!("cannot connect to {}: {e}", backend.addr),
+                    },
+                    Err(_) => format!(
+                        "cannot connect to {}: timed out after {:?}",
+                        backend.addr, shared.dial_timeout
+                    ),
+                };
+                let _ = shared.router.handle_dial(&backend, Dial::Failed);
+                warn!("{dial}");
+                last_err = dial;
             }
         };
         self.op = Some(Op::Connect {
@@ -778,7 +798,18 @@ impl<N: Network> Driver<N> {
                         }
                         self.session.handle_connected(now, leg);
                     }
-                    Err(e) => self.session.handle_connect_failed(now, leg, &e),
+                    Err(ConnectError::Unreachable(e)) => {
+                        self.session.handle_connect_failed(now, leg, &e)
+                    }
+                    Err(ConnectError::Local(what)) => {
+                        // A client refused (a move that could not dial just
+                        // fails and is retried later).
+                        if leg == Leg::Backend {
+                            self.shared.router.refused_locally(what);
+                        }
+                        let err = ProxyError::LocalExhaustion(what);
+                        self.session.handle_connect_refused(now, leg, err)
+                    }
                 }
             }
             Op::AcceptTls(fut) => {

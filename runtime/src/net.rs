@@ -218,3 +218,95 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// The proxy's own resource exhaustion behind `e` (EMFILE, ENFILE, ENOBUFS,
+/// ENOMEM), if that is what it is: then the failure says nothing about the
+/// peer.
+pub fn local_exhaustion(e: &io::Error) -> Option<tiproxy_core::health::LocalExhaustion> {
+    tiproxy_core::health::LocalExhaustion::from_errno(e.raw_os_error()?, fd_limit())
+}
+
+/// [`local_exhaustion`] of an error already turned into text (the health
+/// checks' HTTP client reports strings): std writes an OS error as
+/// `... (os error N)`.
+pub fn local_exhaustion_in(message: &str) -> Option<tiproxy_core::health::LocalExhaustion> {
+    let at = message.rfind("(os error ")? + "(os error ".len();
+    let code = message[at..].split(')').next()?.parse().ok()?;
+    tiproxy_core::health::LocalExhaustion::from_errno(code, fd_limit())
+}
+
+/// This process's soft `RLIMIT_NOFILE`, read once from `/proc/self/limits`
+/// (call it at start: once out of descriptors the file cannot be opened).
+pub fn fd_limit() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line["Max open files".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// One file descriptor kept in reserve (an open `/dev/null`). Out of
+/// descriptors, `accept` fails and leaves the connection in the backlog,
+/// so the listener stays readable and the accept loop would spin; closing
+/// the reserve lets the proxy accept that connection, tell the client why
+/// (1040), close it, and take the reserve back.
+#[derive(Debug)]
+pub struct SpareFd(Option<std::fs::File>);
+
+impl SpareFd {
+    /// Opens the reserve.
+    pub fn new() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Closes the reserve; false if there was none to close.
+    pub fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Takes the reserve back (once a descriptor is free again).
+    pub fn restore(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
+impl Default for SpareFd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiproxy_core::health::LocalExhaustion;
+
+    #[test]
+    fn os_errors_of_the_proxy_itself_are_told_apart_from_the_peers() {
+        let e = io::Error::from_raw_os_error(24);
+        assert!(matches!(
+            local_exhaustion(&e),
+            Some(LocalExhaustion::ProcessFds { .. })
+        ));
+        assert_eq!(local_exhaustion(&io::Error::from_raw_os_error(111)), None);
+        assert_eq!(
+            local_exhaustion(&io::Error::other("no answer within 2s")),
+            None
+        );
+        let text = io::Error::from_raw_os_error(23).to_string();
+        assert_eq!(local_exhaustion_in(&text), Some(LocalExhaustion::SystemFds));
+        assert_eq!(
+            local_exhaustion_in("connection refused (os error 111)"),
+            None
+        );
+        assert_eq!(local_exhaustion_in("no answer within 2s"), None);
+        assert!(fd_limit().is_some_and(|n| n > 0));
+    }
+}

@@ -1,5 +1,6 @@
 //! Starting and stopping the proxy: listeners, the accept loop with
-//! `max-connections`, backend probes, the HTTP API, graceful shutdown.
+//! `max-connections` (and refusals when out of descriptors), the HTTP API,
+//! graceful shutdown. Backend health checks live in [`crate::health`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,8 +10,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tiproxy_core::error::ProxyError;
-use tiproxy_core::handshake::InitialHandshake;
-use tiproxy_core::packet::{PacketDecoder, write_packet};
+use tiproxy_core::health::LocalExhaustion;
+use tiproxy_core::packet::write_packet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -20,7 +21,7 @@ use crate::config::{Config, split_list};
 use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
-use crate::router::{BackendProfile, Check, MetricsReading, Router};
+use crate::router::{MetricsReading, Router};
 use crate::tls;
 
 /// Why the proxy could not start.
@@ -52,7 +53,7 @@ pub struct State<N: Network> {
     next_id: AtomicU32,
     draining: AtomicBool,
     stop_accepting: Notify,
-    stopped: Notify,
+    pub(crate) stopped: Notify,
     max_connections: AtomicU64,
     /// Operator override of the health answer (`PUT /api/debug/health`).
     pub manual_unhealthy: Mutex<Option<String>>,
@@ -424,7 +425,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         tasks.spawn(accept_loop(state.clone(), l));
     }
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
-    tasks.spawn(probe_loop(state.clone()));
+    tasks.spawn(crate::health::probe_loop(state.clone()));
     tasks.spawn(metrics_loop(state.clone()));
     tasks.spawn(balance_loop(state.clone()));
     if !pd.is_empty() {
@@ -521,6 +522,9 @@ impl<N: Network> Proxy<N> {
 
 async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
+    // Read while descriptors are free: the refusal message names the limit.
+    let _ = crate::net::fd_limit();
+    let mut spare = crate::net::SpareFd::new();
     loop {
         // Biased: a fixed polling order keeps simulated runs replayable.
         let accepted = tokio::select! {
@@ -531,9 +535,13 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                match crate::net::local_exhaustion(&e) {
+                    Some(what) => refuse_exhausted(&st, &listener, &mut spare, what).await,
+                    None => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
                 continue;
             }
         };
@@ -570,6 +578,32 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     }
 }
 
+/// `accept` failed for lack of descriptors or memory: the connection is
+/// still in the backlog. With the reserve descriptor closed, accept it,
+/// tell the client why (1040) and close it, then take the reserve back;
+/// without a reserve, wait a little rather than spin on a readable
+/// listener. Logged at most once a second, with a count.
+async fn refuse_exhausted<N: Network>(
+    st: &State<N>,
+    listener: &N::Listener,
+    spare: &mut crate::net::SpareFd,
+    what: LocalExhaustion,
+) {
+    if spare.release() {
+        let net = &st.shared.net;
+        if let Ok(Ok((s, _))) =
+            tokio::time::timeout(Duration::from_millis(10), net.accept(listener)).await
+        {
+            st.shared.router.refused_locally(what);
+            refuse(s, ProxyError::LocalExhaustion(what)).await;
+        }
+        spare.restore();
+    } else {
+        spare.restore();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends a MySQL error as the first packet and closes.
 async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     let mut payload = BytesMut::new();
@@ -581,132 +615,6 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
         let _ = s.shutdown().await;
     })
     .await;
-}
-
-/// Health checks, as `[health-check]` sets them (re-read when the
-/// configuration changes). Every `status-interval`: the TiDB status port of
-/// backends that have one (`GET /status`; 500 means draining). Every
-/// `interval`: the SQL port's greeting. A backend that fails
-/// `failure-threshold` checks in a row gets no new connections; a draining
-/// one also has its sessions moved away by [`balance_loop`].
-async fn probe_loop<N: Network>(st: Arc<State<N>>) {
-    let mut generation = u64::MAX;
-    let mut hc = crate::config::HealthCheckConfig::default();
-    let mut d = hc.durations();
-    let mut next_probe = tokio::time::Instant::now();
-    let mut checks = JoinSet::new();
-    let mut in_flight: BTreeMap<String, tokio::task::Id> = BTreeMap::new();
-    loop {
-        if st.config_generation() != generation {
-            generation = st.config_generation();
-            hc = st.live_config().health_check;
-            d = hc.durations();
-        }
-        // Until some backend has greeted the proxy, clients are greeted
-        // with the conservative default profile: probe at once, not a
-        // whole interval after backends appear (from PD, say).
-        let probe_due =
-            tokio::time::Instant::now() >= next_probe || !st.shared.router.has_profile();
-        if probe_due {
-            next_probe = tokio::time::Instant::now() + d.interval;
-        }
-        // Each backend on its own: one that does not answer (a partition, a
-        // dead host) must not delay the checks of the others by its
-        // timeouts; its next round starts when its last one ended. Found by
-        // simulation seed 2224: while a partitioned TiDB's checks timed
-        // out, the proxy missed another TiDB's drain for longer than its
-        // graceful wait, and that TiDB closed a session.
-        while let Some(done) = checks.try_join_next_with_id() {
-            let id = match done {
-                Ok((id, ())) => id,
-                Err(e) => e.id(),
-            };
-            in_flight.retain(|_, v| *v != id);
-        }
-        if hc.enable {
-            for b in st.shared.router.backends() {
-                if in_flight.contains_key(&b.addr) {
-                    continue;
-                }
-                let addr = b.addr.clone();
-                let h = checks.spawn(check_backend(
-                    st.clone(),
-                    b,
-                    hc.failure_threshold,
-                    d,
-                    probe_due,
-                ));
-                in_flight.insert(addr, h.id());
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = st.stopped.notified() => return,
-            _ = tokio::time::sleep(d.status_interval) => {}
-        }
-    }
-}
-
-/// One round of [`probe_loop`]'s checks of `b`.
-async fn check_backend<N: Network>(
-    st: Arc<State<N>>,
-    b: Arc<crate::router::Backend>,
-    failure_threshold: u32,
-    d: crate::config::HealthCheckDurations,
-    mut probe_due: bool,
-) {
-    if let Some(status) = &b.status_addr {
-        match http_status(&st.shared.net, status, "/status", d.dial_timeout).await {
-            Ok(code) => {
-                b.check_ok(Check::Status);
-                b.set_known();
-                if b.check_passing(Check::Probe) {
-                    st.shared.router.mark_ok(&b.addr);
-                } else {
-                    // Answering again (a restart): check its SQL port now,
-                    // not an `interval` later (seed 1603).
-                    probe_due = true;
-                }
-                if code == 200 {
-                    if b.set_draining(false) {
-                        info!(backend = %b.addr, "backend is serving again (status 200)");
-                    }
-                } else if b.set_draining(true) {
-                    info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
-                }
-            }
-            Err(e) => {
-                // A TiDB whose status port stopped answering is down
-                // (crashed, host gone): no new sessions or moves to it
-                // until it answers again. Found by simulation seed 27:
-                // a drain moved sessions to a TiDB that had crashed.
-                if b.check_failed(Check::Status, failure_threshold) {
-                    if st.shared.router.accepts(&b) {
-                        warn!(backend = %b.addr, "status port unreachable: {e}");
-                    }
-                    st.shared.router.mark_failed(&b.addr);
-                }
-            }
-        }
-    }
-    if !probe_due {
-        return;
-    }
-    match probe(&st, &b.addr, d.dial_timeout).await {
-        Ok(profile) => {
-            b.check_ok(Check::Probe);
-            st.shared.router.mark_ok(&b.addr);
-            st.shared.router.set_profile(profile);
-        }
-        Err(e) => {
-            if b.check_failed(Check::Probe, failure_threshold) {
-                if b.is_healthy() {
-                    warn!(backend = %b.addr, "backend probe failed: {e}");
-                }
-                st.shared.router.mark_failed(&b.addr);
-            }
-        }
-    }
 }
 
 /// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
@@ -961,7 +869,7 @@ async fn http_get<N: Network>(
 }
 
 /// GET `path` on `addr` over plain HTTP/1.0; the status code.
-async fn http_status<N: Network>(
+pub(crate) async fn http_status<N: Network>(
     net: &N,
     addr: &str,
     path: &str,
@@ -995,53 +903,4 @@ async fn http_status<N: Network>(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
-}
-
-async fn probe<N: Network>(
-    st: &State<N>,
-    addr: &str,
-    timeout: Duration,
-) -> Result<BackendProfile, String> {
-    let work = async {
-        let mut s = st
-            .shared
-            .net
-            .connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        if st.shared.proxy_protocol {
-            // Backends that expect PROXY headers expect them on every
-            // connection; a probe is the proxy's own (LOCAL).
-            let mut h = BytesMut::new();
-            tiproxy_core::proxy_protocol::ProxyHeader::Local.write(&mut h);
-            s.write_all(&h).await.map_err(|e| e.to_string())?;
-        }
-        let mut d = PacketDecoder::with_limit(64 * 1024);
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("closed before greeting".to_string());
-            }
-            d.extend(&buf[..n]);
-            if let Some(p) = d.next_payload().map_err(|e| e.to_string())? {
-                if p.data.first() == Some(&0xff) {
-                    let e = tiproxy_core::response::ErrPacket::parse(&p.data)
-                        .map_err(|e| e.to_string())?;
-                    return Err(format!("backend refused: {} {}", e.code, e.message_text()));
-                }
-                let g = InitialHandshake::parse(&p.data).map_err(|e| e.to_string())?;
-                let _ = s.shutdown().await;
-                return Ok(BackendProfile {
-                    server_version: g.server_version,
-                    capabilities: g.capabilities,
-                    mariadb_capabilities: g.mariadb_capabilities,
-                    charset: g.charset,
-                });
-            }
-        }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("no greeting within {timeout:?}"))?
 }

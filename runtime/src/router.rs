@@ -1,9 +1,11 @@
 //! The router: the set of backends, their health and connection counts,
 //! and the choice of a backend for a new connection.
 //!
-//! Discovery (static list here; PD in a later issue) replaces the set with
-//! [`Router::set_backends`]; health probes and failed dials mark backends
-//! down; sessions hold a [`Lease`] on their backend so counts stay exact.
+//! Discovery replaces the set with [`Router::set_backends`]; each backend's
+//! health is a [`BackendHealth`] (the rules live in the core) that the
+//! health checks and dials feed through [`Router::handle_status`],
+//! [`Router::handle_probe`] and [`Router::handle_dial`]; sessions hold a
+//! [`Lease`] on their backend so counts stay exact.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,7 +16,12 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use tiproxy_core::balance::{BackendLoad, CpuSample, Policy, choose};
 use tiproxy_core::{CapabilityFlags, MariaDbCapabilities};
+pub use tiproxy_core::health::FAILED_BACKEND_PAUSE;
+use tiproxy_core::health::{
+    BackendHealth, CheckFailure, Dial, ExhaustionLog, HealthConfig, LocalExhaustion, Outcome,
+};
 use tokio::time::Instant;
+use tracing::warn;
 
 use crate::config::BackendEntry;
 use crate::metrics::metrics;
@@ -29,39 +36,16 @@ pub struct Backend {
     conns: AtomicI64,
     /// Sessions asked to move here that have not arrived yet.
     incoming: AtomicI64,
-    /// Its status port said it is shutting down (HTTP 500).
-    draining: AtomicBool,
-    /// An operator drained it (`POST /api/backends/<addr>/drain`).
-    manual_drain: AtomicBool,
     /// SHOW SESSION_STATES failed as on a server that is not TiDB (or has
     /// no session token cert): its sessions cannot move.
     no_migration: AtomicBool,
-    healthy: AtomicBool,
-    /// When a failed backend may be tried again.
-    retry_at: Mutex<Option<Instant>>,
-    /// Removed from the set (its sessions should move or end).
-    removed: AtomicBool,
-    /// Its state is known: its status port answered at least once, it has
-    /// none, or it was in the configuration the proxy started with. Until
-    /// then it takes no moves, and new sessions only when no known backend
-    /// can (simulation seed 2957: a TiDB that PD announced late, already
-    /// draining, was chosen as a move target before its first status check).
-    known: AtomicBool,
+    /// Its health: drain, failures, whether its state is known, operator
+    /// drain, removal (the rules are the core's).
+    health: Mutex<BackendHealth>,
     /// Its `zone` label.
     zone: Option<String>,
     /// CPU and memory use from its `/metrics`.
     resources: Mutex<Resources>,
-    /// Consecutive failed checks, per kind (status port, SQL probe).
-    failures: [std::sync::atomic::AtomicU32; 2],
-}
-
-/// A kind of health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// `GET /status` on the status port.
-    Status = 0,
-    /// A greeting on the SQL port.
-    Probe = 1,
 }
 
 /// What a backend's `/metrics` said.
@@ -120,46 +104,38 @@ impl Backend {
         metrics().backend_status.with_label_values(&[&addr]).set(1);
         Self {
             addr,
+            health: Mutex::new(BackendHealth::new(status_addr.is_some())),
             status_addr,
             conns: AtomicI64::new(0),
             incoming: AtomicI64::new(0),
-            draining: AtomicBool::new(false),
-            manual_drain: AtomicBool::new(false),
             no_migration: AtomicBool::new(false),
-            healthy: AtomicBool::new(true),
-            retry_at: Mutex::new(None),
-            removed: AtomicBool::new(false),
-            known: AtomicBool::new(true),
             zone,
             resources: Mutex::new(Resources::default()),
-            failures: Default::default(),
         }
     }
 
-    /// Its status port answered: its state is known.
-    pub fn set_known(&self) {
-        self.known.store(true, Ordering::Relaxed);
+    /// A copy of its health, for queries.
+    pub fn health(&self) -> BackendHealth {
+        self.health.lock().expect("backend lock").clone()
     }
 
-    /// Whether its state is known (see the field).
+    /// Feeds its health and keeps the `backend_status` gauge in step.
+    fn update_health(&self, f: impl FnOnce(&mut BackendHealth) -> Outcome) -> Outcome {
+        let mut h = self.health.lock().expect("backend lock");
+        let was_failed = h.is_failed();
+        let out = f(&mut h);
+        if h.is_failed() != was_failed {
+            metrics()
+                .backend_status
+                .with_label_values(&[&self.addr])
+                .set(i64::from(!h.is_failed()));
+        }
+        out
+    }
+
+    /// Whether its state is known (see [`BackendHealth::is_known`]).
     pub fn is_known(&self) -> bool {
-        self.known.load(Ordering::Relaxed)
-    }
-
-    /// Records a check's outcome; true when failures reached `threshold`
-    /// (the backend should be marked failed).
-    pub fn check_failed(&self, kind: Check, threshold: u32) -> bool {
-        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed) + 1 >= threshold
-    }
-
-    /// Whether the last check of this kind succeeded (or none ran yet).
-    pub fn check_passing(&self, kind: Check) -> bool {
-        self.failures[kind as usize].load(Ordering::Relaxed) == 0
-    }
-
-    /// A check of this kind succeeded.
-    pub fn check_ok(&self, kind: Check) {
-        self.failures[kind as usize].store(0, Ordering::Relaxed);
+        self.health().is_known()
     }
 
     /// Its `zone` label.
@@ -211,47 +187,45 @@ impl Backend {
         self.conns.load(Ordering::Relaxed)
     }
 
-    /// Whether the backend takes new connections.
+    /// Whether it is neither draining nor removed.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-            && !self.removed.load(Ordering::Relaxed)
-            && !self.is_draining()
+        let h = self.health();
+        !h.is_removed() && !h.is_draining() && !h.is_manually_drained()
     }
 
     /// Whether its sessions should move elsewhere (draining or removed).
     pub fn should_evacuate(&self) -> bool {
-        self.is_draining() || self.removed.load(Ordering::Relaxed)
+        !self.is_healthy()
     }
 
     /// Whether it is draining: its status port reported a shutdown, or an
     /// operator drained it.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed) || self.manual_drain.load(Ordering::Relaxed)
+        let h = self.health();
+        h.is_draining() || h.is_manually_drained()
     }
 
     /// Drains (or undrains) it by operator request.
     pub fn set_manual_drain(&self, d: bool) {
-        self.manual_drain.store(d, Ordering::Relaxed);
+        self.health
+            .lock()
+            .expect("backend lock")
+            .set_manual_drain(d);
     }
 
     /// Whether an operator drained it.
     pub fn is_manually_drained(&self) -> bool {
-        self.manual_drain.load(Ordering::Relaxed)
+        self.health().is_manually_drained()
     }
 
     /// Whether it was removed from the backend set.
     pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
+        self.health().is_removed()
     }
 
-    /// Whether its last probe or dial succeeded.
+    /// Whether it is not marked failed (its last checks or dial passed).
     pub fn probe_ok(&self) -> bool {
-        self.retry_at.lock().expect("backend lock").is_none()
-    }
-
-    /// Records the status port's answer; true when this changed the state.
-    pub fn set_draining(&self, d: bool) -> bool {
-        self.draining.swap(d, Ordering::Relaxed) != d
+        !self.health().is_failed()
     }
 
     /// A session was asked to move here.
@@ -403,10 +377,14 @@ pub struct Router {
     planted: Mutex<Option<PlantedBug>>,
     /// `[balance] policy` and this proxy's `zone` label.
     balance: RwLock<(Policy, Option<String>)>,
+    /// `[health-check]`'s failure threshold (set by the health loop).
+    health: RwLock<HealthConfig>,
+    /// Connections refused because the proxy ran out of descriptors or
+    /// memory (accepts and dials share it: one line a second at most).
+    exhaustion: Mutex<ExhaustionLog>,
+    /// A task will write the refusals the last line did not cover.
+    refusals_flush: AtomicBool,
 }
-
-/// How long a backend that failed a dial gets no new connections.
-pub const FAILED_BACKEND_PAUSE: Duration = Duration::from_secs(3);
 
 impl Router {
     /// A router over `entries`.
@@ -415,7 +393,7 @@ impl Router {
         r.set_backends(entries);
         // The configured set is assumed up, so the proxy serves at once.
         for b in r.backends() {
-            b.set_known();
+            b.health.lock().expect("backend lock").set_known();
         }
         r
     }
@@ -429,25 +407,19 @@ impl Router {
         for e in entries {
             match list.iter().find(|b| b.addr == e.addr()) {
                 Some(b) => {
-                    b.removed.store(false, Ordering::Relaxed);
+                    b.health.lock().expect("backend lock").set_removed(false);
                     next.push(b.clone())
                 }
-                None => {
-                    let b = Backend::new(
-                        e.addr().to_string(),
-                        e.status_addr().map(String::from),
-                        e.zone().map(String::from),
-                    );
-                    if b.status_addr.is_some() {
-                        b.known.store(false, Ordering::Relaxed);
-                    }
-                    next.push(Arc::new(b))
-                }
+                None => next.push(Arc::new(Backend::new(
+                    e.addr().to_string(),
+                    e.status_addr().map(String::from),
+                    e.zone().map(String::from),
+                ))),
             }
         }
         for b in list.iter() {
             if !next.iter().any(|n| n.addr == b.addr) {
-                b.removed.store(true, Ordering::Relaxed);
+                b.health.lock().expect("backend lock").set_removed(true);
                 metrics()
                     .backend_status
                     .with_label_values(&[&b.addr])
@@ -534,18 +506,67 @@ impl Router {
 
     /// Whether `b` takes sessions now if its state is known.
     fn reachable(&self, b: &Backend, now: Instant) -> bool {
-        let healthy = if self.planted(PlantedBug::RouteToDraining) {
-            b.healthy.load(Ordering::Relaxed) && !b.removed.load(Ordering::Relaxed)
-        } else {
-            b.is_healthy()
+        let h = b.health();
+        let now = now.into_std();
+        if self.planted(PlantedBug::RouteToDraining) {
+            return !h.is_removed() && h.paused_until(now).is_none();
+        }
+        h.reachable(now)
+    }
+
+    /// Sets `[health-check]`'s failure threshold (reloadable).
+    pub fn set_failure_threshold(&self, n: u32) {
+        self.health.write().expect("router lock").failure_threshold = n;
+    }
+
+    fn health_config(&self) -> HealthConfig {
+        *self.health.read().expect("router lock")
+    }
+
+    /// `b`'s status port answered (`Ok(http status)`) or failed, now.
+    pub fn handle_status(&self, b: &Backend, answer: Result<u16, CheckFailure>) -> Outcome {
+        let (now, cfg) = (Instant::now().into_std(), self.health_config());
+        b.update_health(|h| h.handle_status(now, answer, &cfg))
+    }
+
+    /// `b`'s SQL port greeted a probe (`Ok`) or failed, now.
+    pub fn handle_probe(&self, b: &Backend, answer: Result<(), CheckFailure>) -> Outcome {
+        let (now, cfg) = (Instant::now().into_std(), self.health_config());
+        b.update_health(|h| h.handle_probe(now, answer, &cfg))
+    }
+
+    /// A connection was refused (at accept, or at its backend dial) because
+    /// the proxy is out of `what`: one warning a second at most, with a
+    /// count; refusals a line did not cover are told when the next is due.
+    pub fn refused_locally(self: &Arc<Self>, what: LocalExhaustion) {
+        let now = Instant::now().into_std();
+        let (line, due) = {
+            let mut log = self.exhaustion.lock().expect("router lock");
+            (log.refused(now, what), log.next_due())
         };
-        if !healthy {
-            return false;
+        if let Some((n, what)) = line {
+            warn!("{n} connection(s) refused: {what}; {}", what.hint());
         }
-        match *b.retry_at.lock().expect("backend lock") {
-            Some(t) => now >= t,
-            None => true,
+        if let Some(due) = due
+            && !self.refusals_flush.swap(true, Ordering::Relaxed)
+        {
+            let router = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(Instant::from_std(due)).await;
+                router.refusals_flush.store(false, Ordering::Relaxed);
+                let now = Instant::now().into_std();
+                let line = router.exhaustion.lock().expect("router lock").poll(now);
+                if let Some((n, what)) = line {
+                    warn!("{n} connection(s) refused: {what}; {}", what.hint());
+                }
+            });
         }
+    }
+
+    /// A session's dial of `b` ended, now.
+    pub fn handle_dial(&self, b: &Backend, dial: Dial) -> Outcome {
+        let (now, cfg) = (Instant::now().into_std(), self.health_config());
+        b.update_health(|h| h.handle_dial(now, dial, &cfg))
     }
 
     /// Sets the balance policy and this proxy's zone (reloadable).
@@ -604,33 +625,6 @@ impl Router {
         choose(&loads, self.policy(), tie).map(|i| list[i].clone())
     }
 
-    /// A dial or handshake to `addr` failed: no new connections for a while.
-    pub fn mark_failed(&self, addr: &str) {
-        if let Some(b) = self.backends().iter().find(|b| b.addr == addr) {
-            *b.retry_at.lock().expect("backend lock") = Some(Instant::now() + FAILED_BACKEND_PAUSE);
-            metrics().backend_status.with_label_values(&[addr]).set(0);
-        }
-    }
-
-    /// A probe or session reached `addr`. A backend whose status port is
-    /// failing stays failed: only `/status` tells whether it is draining.
-    /// Found by simulation seed 88: a partition hid a TiDB's graceful
-    /// shutdown; when it healed, a held SQL probe got through first, the
-    /// TiDB was taken back, and a session moved onto it just before it
-    /// closed its connections.
-    pub fn mark_ok(&self, addr: &str) {
-        if let Some(b) = self.backends().iter().find(|b| b.addr == addr) {
-            if b.status_addr.is_some() && !b.check_passing(Check::Status) {
-                return;
-            }
-            let mut r = b.retry_at.lock().expect("backend lock");
-            if r.is_some() {
-                *r = None;
-                metrics().backend_status.with_label_values(&[addr]).set(1);
-            }
-        }
-    }
-
     /// Records what a backend announced.
     pub fn set_profile(&self, p: BackendProfile) {
         *self.profile.write().expect("router lock") = Some(p);
@@ -662,12 +656,12 @@ mod tests {
         let _lease = Lease::new(a.clone());
         let b = r.pick(&[]).unwrap();
         assert_ne!(a.addr, b.addr, "the idle backend is chosen");
-        r.mark_failed(&b.addr);
+        let _ = r.handle_dial(&b, Dial::Failed);
         assert_eq!(r.pick(&[]).unwrap().addr, a.addr);
-        r.mark_failed(&a.addr);
+        let _ = r.handle_dial(&a, Dial::Failed);
         assert!(r.pick(&[]).is_none());
         assert!(!r.has_healthy());
-        r.mark_ok(&a.addr);
+        let _ = r.handle_dial(&a, Dial::Connected);
         assert!(r.has_healthy());
     }
 
@@ -687,7 +681,7 @@ mod tests {
     async fn draining_backends_take_no_connections_and_targets_count_incoming() {
         let r = Router::new(&["a:1".into(), "b:1".into(), "c:1".into()]);
         let a = r.find("a:1").unwrap();
-        a.set_draining(true);
+        let _ = r.handle_status(&a, Ok(500));
         r.find("b:1").unwrap().incoming_add(5);
         assert_eq!(r.pick(&[]).unwrap().addr, "c:1");
         assert_eq!(r.pick(&["c:1".into()]).unwrap().addr, "b:1");

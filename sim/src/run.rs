@@ -117,6 +117,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         let w = Arc::downgrade(&world);
         PdStore::new(Box::new(move |at, what| {
             if let Some(w) = w.upgrade() {
+                w.pd_changed(at, &what);
                 w.event(at, what);
             }
         }))

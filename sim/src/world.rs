@@ -126,8 +126,13 @@ struct Inner {
     /// TiDBs down or going down after their fault (not valid final homes);
     /// a restarted one leaves the set.
     faulted: BTreeSet<usize>,
-    /// When each TiDB last started.
-    started_at: BTreeMap<usize, Duration>,
+    /// Since when the proxy can know each TiDB's current run: its start if
+    /// PD still listed it then, else its first registration after it (a
+    /// TiDB that starts while PD is down registers only when PD is back:
+    /// seed 20702). Unset until then.
+    known_from: BTreeMap<usize, Duration>,
+    /// TiDBs whose `/topology/tidb/.../info` key is in PD now.
+    listed: BTreeSet<usize>,
     /// Proxy connection ids of the sessions that were on a TiDB when it
     /// broke.
     broken: BTreeSet<u32>,
@@ -243,9 +248,38 @@ impl World {
     /// TiDB `i` started, at `ip`.
     pub fn tidb_started(&self, i: usize, h: TidbHandle, ip: IpAddr) {
         let mut g = self.lock();
-        g.started_at.insert(i, now());
+        if g.listed.contains(&i) {
+            g.known_from.insert(i, now());
+        } else {
+            g.known_from.remove(&i);
+        }
         g.tidbs.insert(i, h);
         g.tidb_ips.insert(ip, i);
+    }
+
+    /// A PD change (the PD double's trace line, `pd: put <key> ...`,
+    /// `pd: deleted <key> ...`, `pd: lease N expired: <key> ...`): keeps
+    /// track of which TiDBs PD lists, and when each was first listed
+    /// since it started.
+    pub fn pd_changed(&self, at: Duration, what: &str) {
+        let Some(rest) = what.split("/topology/tidb/").nth(1) else {
+            return;
+        };
+        let Some(i) = rest
+            .split(':')
+            .next()
+            .and_then(|host| host.strip_prefix("tidb-"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return;
+        };
+        let mut g = self.lock();
+        if what.starts_with("pd: put ") {
+            g.listed.insert(i);
+            g.known_from.entry(i).or_insert(at);
+        } else {
+            g.listed.remove(&i);
+        }
     }
 
     /// TiDB `i` serves again after its fault (a restart).
@@ -344,13 +378,13 @@ impl World {
             return true;
         }
         // A connect while no TiDB could take it: each one is down after its
-        // fault, not started yet or so recently that the proxy cannot know
-        // it yet, or behind a held link (or was, so recently that the proxy
-        // still pauses it).
+        // fault, not started (or registered in PD since it started) yet or
+        // so recently that the proxy cannot know it yet, or behind a held
+        // link (or was, so recently that the proxy still pauses it).
         conn.is_none()
             && (0..self.scenario.total_tidbs()).all(|i| {
                 g.faulted.contains(&i)
-                    || g.started_at
+                    || g.known_from
                         .get(&i)
                         .is_none_or(|t| at <= *t + self.scenario.pd_delay + JOIN_RECOGNITION)
                     || self.scenario.held_links.iter().any(|h| {

@@ -582,6 +582,23 @@ impl<T: Clone> Session<T> {
         self.flush();
     }
 
+    /// Like [`Session::handle_connect_failed`], when the proxy itself could
+    /// not dial (out of file descriptors, say): the client of a first
+    /// backend dial is refused with `err` (1040), not told that no backend
+    /// is available.
+    pub fn handle_connect_refused(&mut self, now: Instant, leg: Leg, err: ProxyError) {
+        if leg == Leg::NewBackend {
+            return self.handle_connect_failed(now, leg, &err.to_string());
+        }
+        if self
+            .backend_handshake(leg)
+            .is_some_and(|e| *e == Expect::Connect)
+        {
+            self.refuse(err);
+        }
+        self.flush();
+    }
+
     /// The driver finished the TLS upgrade requested by [`Action::StartTls`].
     pub fn handle_tls_established(&mut self, now: Instant, leg: Leg) {
         self.relay.legs[leg.idx()].tls = true;

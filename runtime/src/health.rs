@@ -1,0 +1,197 @@
+//! Health checks: the loop that checks every backend's status port and SQL
+//! port as `[health-check]` says, and feeds the answers to the router,
+//! where each backend's [`tiproxy_core::health::BackendHealth`] applies
+//! the rules. This module gathers inputs and logs the transitions the
+//! core reports; it decides nothing itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tiproxy_core::handshake::InitialHandshake;
+use tiproxy_core::health::{CheckFailure, LocalExhaustion, Transition};
+use tiproxy_core::packet::PacketDecoder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::net::Network;
+use crate::proxy::{State, http_status};
+use crate::router::BackendProfile;
+
+/// Health checks, as `[health-check]` sets them (re-read when the
+/// configuration changes). Every `status-interval`: the TiDB status port of
+/// backends that have one (`GET /status`; 500 means draining). Every
+/// `interval`: the SQL port's greeting. A backend that fails
+/// `failure-threshold` checks in a row gets no new connections; a draining
+/// one also has its sessions moved away by `balance_loop`.
+pub(crate) async fn probe_loop<N: Network>(st: Arc<State<N>>) {
+    let mut generation = u64::MAX;
+    let mut hc = crate::config::HealthCheckConfig::default();
+    let mut d = hc.durations();
+    let mut next_probe = tokio::time::Instant::now();
+    let mut checks = JoinSet::new();
+    let mut in_flight: BTreeMap<String, tokio::task::Id> = BTreeMap::new();
+    loop {
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            hc = st.live_config().health_check;
+            d = hc.durations();
+            st.shared.router.set_failure_threshold(hc.failure_threshold);
+        }
+        // Until some backend has greeted the proxy, clients are greeted
+        // with the conservative default profile: probe at once, not a
+        // whole interval after backends appear (from PD, say).
+        let probe_due =
+            tokio::time::Instant::now() >= next_probe || !st.shared.router.has_profile();
+        if probe_due {
+            next_probe = tokio::time::Instant::now() + d.interval;
+        }
+        // Each backend on its own: one that does not answer (a partition, a
+        // dead host) must not delay the checks of the others by its
+        // timeouts; its next round starts when its last one ended. Found by
+        // simulation seed 2224: while a partitioned TiDB's checks timed
+        // out, the proxy missed another TiDB's drain for longer than its
+        // graceful wait, and that TiDB closed a session.
+        while let Some(done) = checks.try_join_next_with_id() {
+            let id = match done {
+                Ok((id, ())) => id,
+                Err(e) => e.id(),
+            };
+            in_flight.retain(|_, v| *v != id);
+        }
+        if hc.enable {
+            for b in st.shared.router.backends() {
+                if in_flight.contains_key(&b.addr) {
+                    continue;
+                }
+                let addr = b.addr.clone();
+                let h = checks.spawn(check_backend(st.clone(), b, d, probe_due));
+                in_flight.insert(addr, h.id());
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(d.status_interval) => {}
+        }
+    }
+}
+
+/// One round of [`probe_loop`]'s checks of `b`: gathers the answers, feeds
+/// them to the backend's health (`tiproxy_core::health`, where the rules
+/// are) and logs the transitions it reports.
+async fn check_backend<N: Network>(
+    st: Arc<State<N>>,
+    b: Arc<crate::router::Backend>,
+    d: crate::config::HealthCheckDurations,
+    mut probe_due: bool,
+) {
+    let router = &st.shared.router;
+    if let Some(status) = &b.status_addr {
+        let answer = http_status(&st.shared.net, status, "/status", d.dial_timeout).await;
+        let failure = |e: &String| match crate::net::local_exhaustion_in(e) {
+            Some(what) => CheckFailure::Local(what),
+            None => CheckFailure::Backend,
+        };
+        let out = router.handle_status(&b, answer.as_ref().map(|c| *c).map_err(failure));
+        probe_due |= out.probe_now;
+        match (out.transition, &answer) {
+            (Some(Transition::DrainEnded), _) => {
+                info!(backend = %b.addr, "backend is serving again (status 200)");
+            }
+            (Some(Transition::DrainStarted { code }), _) => {
+                info!(backend = %b.addr, connections = b.connections(), "backend is draining (status {code}): moving its sessions");
+            }
+            (Some(Transition::StatusUnreachable), Err(e)) => {
+                warn!(backend = %b.addr, "status port unreachable: {e}");
+            }
+            _ => {}
+        }
+    }
+    if !probe_due {
+        return;
+    }
+    let answer = probe(&st, &b.addr, d.dial_timeout).await;
+    let out = router.handle_probe(
+        &b,
+        match &answer {
+            Ok(_) => Ok(()),
+            Err(ProbeError::Local(what)) => Err(CheckFailure::Local(*what)),
+            Err(ProbeError::Backend(_)) => Err(CheckFailure::Backend),
+        },
+    );
+    match answer {
+        Ok(profile) => router.set_profile(profile),
+        Err(ProbeError::Backend(e)) if out.transition == Some(Transition::ProbeFailed) => {
+            warn!(backend = %b.addr, "backend probe failed: {e}");
+        }
+        Err(_) => {}
+    }
+}
+
+/// Why a probe got no greeting.
+#[derive(Debug)]
+enum ProbeError {
+    /// The backend did not greet (refused, closed, timed out, an ERR).
+    Backend(String),
+    /// The proxy could not dial: out of descriptors or memory.
+    Local(LocalExhaustion),
+}
+
+impl From<String> for ProbeError {
+    fn from(e: String) -> Self {
+        Self::Backend(e)
+    }
+}
+
+/// Dials `addr`'s SQL port and reads its greeting.
+async fn probe<N: Network>(
+    st: &State<N>,
+    addr: &str,
+    timeout: Duration,
+) -> Result<BackendProfile, ProbeError> {
+    let work = async {
+        let mut s = st.shared.net.connect(addr).await.map_err(|e| {
+            match crate::net::local_exhaustion(&e) {
+                Some(what) => ProbeError::Local(what),
+                None => ProbeError::Backend(e.to_string()),
+            }
+        })?;
+        if st.shared.proxy_protocol {
+            // Backends that expect PROXY headers expect them on every
+            // connection; a probe is the proxy's own (LOCAL).
+            let mut h = BytesMut::new();
+            tiproxy_core::proxy_protocol::ProxyHeader::Local.write(&mut h);
+            s.write_all(&h).await.map_err(|e| e.to_string())?;
+        }
+        let mut d = PacketDecoder::with_limit(64 * 1024);
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before greeting".to_string().into());
+            }
+            d.extend(&buf[..n]);
+            if let Some(p) = d.next_payload().map_err(|e| e.to_string())? {
+                if p.data.first() == Some(&0xff) {
+                    let e = tiproxy_core::response::ErrPacket::parse(&p.data)
+                        .map_err(|e| e.to_string())?;
+                    return Err(format!("backend refused: {} {}", e.code, e.message_text()).into());
+                }
+                let g = InitialHandshake::parse(&p.data).map_err(|e| e.to_string())?;
+                let _ = s.shutdown().await;
+                return Ok(BackendProfile {
+                    server_version: g.server_version,
+                    capabilities: g.capabilities,
+                    mariadb_capabilities: g.mariadb_capabilities,
+                    charset: g.charset,
+                });
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProbeError::Backend(format!("no greeting within {timeout:?}")))?
+}
