@@ -351,10 +351,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
-    router.set_balance(
-        tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
-        config.labels.get("zone").cloned(),
-    );
+    router.set_balance(config.balance.policy(), config.labels.get("zone").cloned());
     if let Some(seed) = net.rng_seed() {
         router.seed_rng(seed);
     }
@@ -726,8 +723,7 @@ async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
             d = hc.durations();
         }
         let wanted = hc.enable
-            && tiproxy_core::balance::Policy::parse(&st.live_config().balance.policy)
-                .is_some_and(|p| p != tiproxy_core::balance::Policy::Connection);
+            && st.live_config().balance.policy() != tiproxy_core::balance::Policy::Connection;
         if wanted {
             for b in st.shared.router.backends() {
                 let Some(status) = &b.status_addr else {
@@ -750,76 +746,8 @@ async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-/// Move requests per second for evacuating draining or removed backends
-/// (TiProxy's `[balance.status] migrations-per-second`).
-pub const EVACUATION_RATE: u32 = 5000;
-
 /// Most moves under way at once.
 pub const MAX_MOVES_IN_FLIGHT: i64 = 256;
-
-/// Move requests per second for balancing healthy backends (TiProxy's
-/// `[balance.conn-count] migrations-per-second`).
-pub const REBALANCE_RATE: u32 = 100;
-
-/// Reads `[balance.<factor>] <key>` as a number.
-fn balance_knob(cfg: &Config, factor: &str, key: &str) -> Option<f64> {
-    cfg.balance
-        .factors
-        .get(factor)?
-        .get(key)?
-        .as_float()
-        .or_else(|| {
-            cfg.balance
-                .factors
-                .get(factor)?
-                .get(key)?
-                .as_integer()
-                .map(|i| i as f64)
-        })
-}
-
-/// The balance loop's settings from `[balance]`.
-fn balance_config(config: &Config) -> tiproxy_core::balance::BalanceConfig {
-    use tiproxy_core::balance::BalanceConfig;
-    let per_tick = |rate: f64| ((rate / 10.0).ceil() as u32).max(1);
-    let evacuation = balance_knob(config, "status", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(EVACUATION_RATE));
-    let rebalance = balance_knob(config, "conn-count", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(REBALANCE_RATE));
-    let threshold = balance_knob(config, "conn-count", "count-ratio-threshold")
-        .filter(|t| *t > 1.0)
-        .unwrap_or(1.2);
-    let rate = |factor: &str, default: f64| {
-        per_tick(
-            balance_knob(config, factor, "migrations-per-second")
-                .filter(|r| *r > 0.0)
-                .unwrap_or(default),
-        )
-    };
-    BalanceConfig {
-        budget: per_tick(evacuation).max(per_tick(rebalance)),
-        rebalance_budget: per_tick(rebalance),
-        cpu_budget: rate("cpu", f64::from(CPU_RATE)),
-        memory_budget: balance_knob(config, "memory", "migrations-per-second")
-            .filter(|r| *r > 0.0)
-            .map(per_tick),
-        location_budget: rate("location", f64::from(LOCATION_RATE)),
-        count_ratio_threshold: threshold,
-        policy: tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
-        tick_secs: 0.1,
-    }
-}
-
-/// Move requests per second for CPU balancing (TiProxy's `[balance.cpu]
-/// migrations-per-second`).
-pub const CPU_RATE: u32 = 20;
-
-/// Move requests per second into this proxy's zone (TiProxy's
-/// `[balance.location] migrations-per-second`); the planner's floor is one
-/// per 100 ms tick.
-pub const LOCATION_RATE: u32 = 10;
 
 /// Every 100 ms: snapshot the backends, plan the tick's moves with
 /// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
@@ -831,7 +759,7 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     let tick = Duration::from_millis(100);
     // `[balance]` is reloadable: re-read when the configuration changed.
     let mut generation = st.config_generation();
-    let mut cfg = balance_config(&st.live_config());
+    let mut cfg = st.live_config().balance.plan_config();
     loop {
         tokio::select! {
             biased;
@@ -841,7 +769,7 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         if st.config_generation() != generation {
             generation = st.config_generation();
             let live = st.live_config();
-            cfg = balance_config(&live);
+            cfg = live.balance.plan_config();
             st.shared
                 .router
                 .set_balance(cfg.policy, live.labels.get("zone").cloned());
