@@ -27,6 +27,7 @@ use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
+use tiproxy_core::balance::{MoveOutcome, Resolved};
 
 /// A connection's mailbox: requests from the router, the API and shutdown.
 /// Cheaper than a channel (an idle connection holds one of these).
@@ -36,10 +37,10 @@ pub struct Mailbox {
     client: std::sync::Mutex<Option<SocketAddr>>,
     /// The backend the session is on (set by the connection).
     backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
-    /// A move was requested and has not resolved yet.
-    moving: std::sync::atomic::AtomicBool,
-    /// After a failed move: no new request before this instant.
-    retry_at: std::sync::Mutex<Option<Instant>>,
+    /// The connection ended: no move may be recorded for it any more (set
+    /// under the move ledger's lock, so a request racing the end leaves no
+    /// entry behind).
+    closed: std::sync::atomic::AtomicBool,
     waker: atomic_waker::AtomicWaker,
     /// Set when `queue` may be non-empty: the hot path checks this flag, not
     /// the lock.
@@ -82,9 +83,6 @@ pub fn uptime_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// How long a session whose move failed is left alone.
-pub const FAILED_MOVE_COOLDOWN: Duration = Duration::from_secs(3);
-
 impl Mailbox {
     /// The client address, as set by the connection (for the simulation's
     /// bookkeeping).
@@ -101,22 +99,16 @@ impl Mailbox {
         *self.backend.lock().expect("mailbox lock") = b;
     }
 
-    /// Whether a move may be requested now.
-    pub fn can_move(&self, now: Instant) -> bool {
-        !self.moving.load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .retry_at
-                .lock()
-                .expect("mailbox lock")
-                .is_none_or(|t| now >= t)
-    }
-
-    /// Asks the session to move to `target` at its next safe point.
-    pub fn request_move(&self, target: &Arc<crate::router::Backend>) {
-        self.moving
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        target.incoming_add(1);
-        self.send(Control::Redirect(target.addr.clone()));
+    /// Asks session `conn` (this mailbox's) to move to `target` at its
+    /// next safe point, and records the move in the router's ledger.
+    pub fn request_move(&self, router: &Router, conn: u32, target: &Arc<crate::router::Backend>) {
+        router.with_moves(|l| {
+            if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            l.requested(conn, target.addr.clone());
+            self.send(Control::Redirect(target.addr.clone()));
+        });
     }
 
     /// Queues a request and wakes the connection.
@@ -275,8 +267,6 @@ struct Driver<N: Network> {
     conn_id: u32,
     peer: SocketAddr,
     closing: bool,
-    /// Where a requested move goes, until it resolves.
-    moving_to: Option<Arc<crate::router::Backend>>,
     /// The backend a session just left (for metrics).
     moved_from: Option<Arc<crate::router::Backend>>,
     /// When the last command finished, ms since the process started.
@@ -343,7 +333,6 @@ pub async fn serve<N: Network>(
         conn_id,
         peer: source,
         closing: false,
-        moving_to: None,
         moved_from: None,
         last_command_ms: uptime_ms(),
         commands: 0,
@@ -533,7 +522,7 @@ impl<N: Network> Driver<N> {
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
-                self.move_resolved(false);
+                self.move_resolved(MoveOutcome::Moved);
                 let from = self
                     .moved_from
                     .take()
@@ -546,27 +535,13 @@ impl<N: Network> Driver<N> {
                 debug!(conn_id, to = %target, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
-                // An unreachable target is the target's fault (it is now
-                // marked failed): the session may move elsewhere at once. A
-                // cool-down here outlasted short graceful waits (simulation
-                // seed 72: a drain began just after another TiDB crashed).
-                let target_down = matches!(
-                    reason,
-                    tiproxy_core::migration::MigrationFailure::Connect(_)
-                );
-                self.move_resolved(!target_down);
-                if let tiproxy_core::migration::MigrationFailure::StatesRefused { code, message } =
-                    &reason
-                    && *code != 8146
+                let resolved = self.move_resolved(MoveOutcome::of_failure(&reason));
+                if resolved.source_cannot_export
                     && let Some(lease) = &self.lease
-                    && lease.backend().set_no_migration()
                 {
-                    // 8146 is TiDB refusing this session now (a transaction,
-                    // temporary tables); anything else means the server
-                    // cannot export sessions at all.
                     warn!(
                         backend = %lease.backend().addr,
-                        "backend cannot export sessions (SHOW SESSION_STATES: {code} {message}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
+                        "backend cannot export sessions ({reason}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
                     );
                 }
                 let from = self
@@ -620,18 +595,17 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// A requested move ended (moved, failed, or the session closed).
-    fn move_resolved(&mut self, failed: bool) {
-        if let Some(t) = self.moving_to.take() {
-            t.incoming_add(-1);
-        }
-        self.ctl
-            .moving
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        if failed {
-            *self.ctl.retry_at.lock().expect("mailbox lock") =
-                Some(Instant::now() + FAILED_MOVE_COOLDOWN);
-        }
+    /// A requested move ended: the ledger learns how.
+    fn move_resolved(&mut self, outcome: MoveOutcome) -> Resolved {
+        let source = self
+            .lease
+            .as_ref()
+            .map(|l| l.backend().addr.clone())
+            .unwrap_or_default();
+        let now = Instant::now().into_std();
+        self.shared
+            .router
+            .with_moves(|l| l.resolved(self.conn_id, &source, outcome, now))
     }
 
     fn start_connect(&mut self, leg: Leg, target: Option<String>) {
@@ -837,12 +811,8 @@ impl<N: Network> Driver<N> {
             let now = Instant::now().into_std();
             match msg {
                 Control::Redirect(target) => {
-                    if let Some(t) = self.moving_to.take() {
-                        t.incoming_add(-1);
-                    }
-                    self.moving_to = self.shared.router.find(&target);
                     if !self.session.handle_redirect(now, target) {
-                        self.move_resolved(false);
+                        self.move_resolved(MoveOutcome::Dropped);
                     }
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
@@ -984,7 +954,11 @@ impl<N: Network> Driver<N> {
 
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
-        self.move_resolved(false);
+        let (conn_id, ctl) = (self.conn_id, &self.ctl);
+        self.shared.router.with_moves(|l| {
+            ctl.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+            l.closed(conn_id);
+        });
         self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
         let _ = tokio::time::timeout(Duration::from_secs(5), async {

@@ -281,15 +281,8 @@ impl<N: Network> State<N> {
         {
             return Err(format!("unknown backend {f}"));
         }
-        let mailboxes: Vec<Arc<Mailbox>> = self
-            .conns
-            .lock()
-            .expect("conn table")
-            .values()
-            .cloned()
-            .collect();
         let mut n = 0;
-        for m in mailboxes {
+        for (id, m) in self.sessions() {
             let Some(b) = m.backend() else { continue };
             if from.is_some_and(|f| f != b.addr) {
                 continue;
@@ -302,7 +295,7 @@ impl<N: Network> State<N> {
                     None => continue,
                 },
             };
-            m.request_move(&target);
+            m.request_move(router, id, &target);
             n += 1;
         }
         Ok(n)
@@ -746,17 +739,15 @@ async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-/// Most moves under way at once.
-pub const MAX_MOVES_IN_FLIGHT: i64 = 256;
-
 /// Every 100 ms: snapshot the backends, plan the tick's moves with
 /// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
 /// then even out the rest with hysteresis), and ask the chosen sessions to
-/// move. A session moves at its next safe point; one whose move failed is
-/// left alone for a few seconds.
+/// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
+/// sessions may be asked (not moving, not cooling down after a failed
+/// move), how many moves may start, and which backends cannot export.
 async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
-    let tick = Duration::from_millis(100);
+    let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
     // `[balance]` is reloadable: re-read when the configuration changed.
     let mut generation = st.config_generation();
     let mut cfg = st.live_config().balance.plan_config();
@@ -780,47 +771,46 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             continue;
         }
         let now = tokio::time::Instant::now();
-        let mailboxes: Vec<Arc<Mailbox>> = st
-            .conns
-            .lock()
-            .expect("conn table")
-            .values()
-            .cloned()
+        // Movable sessions per backend, by the ledger.
+        let sessions: Vec<(u32, Arc<Mailbox>, usize)> = st
+            .sessions()
+            .into_iter()
+            .filter_map(|(id, m)| {
+                let b = m.backend()?;
+                let i = backends.iter().position(|x| Arc::ptr_eq(x, &b))?;
+                Some((id, m, i))
+            })
             .collect();
-        // Movable sessions per backend.
-        let mut on: Vec<Vec<Arc<Mailbox>>> = vec![Vec::new(); backends.len()];
-        for m in mailboxes {
-            let Some(b) = m.backend() else { continue };
-            if let Some(i) = backends.iter().position(|x| Arc::ptr_eq(x, &b))
-                && m.can_move(now)
-            {
-                on[i].push(m);
+        let mut on: Vec<Vec<(u32, Arc<Mailbox>)>> = vec![Vec::new(); backends.len()];
+        let (room, exports, incoming) = router.with_moves(|l| {
+            l.expire(now.into_std());
+            for (id, m, i) in sessions {
+                if l.can_move(id, now.into_std()) {
+                    on[i].push((id, m));
+                }
             }
-        }
+            let exports: Vec<bool> = backends.iter().map(|b| l.can_export(&b.addr)).collect();
+            let incoming: Vec<u32> = backends.iter().map(|b| l.incoming(&b.addr)).collect();
+            (l.room(), exports, incoming)
+        });
         let snapshot: Vec<BackendLoad> = backends
             .iter()
             .enumerate()
             .map(|(i, b)| BackendLoad {
-                movable: if b.supports_migration() {
-                    on[i].len() as u32
-                } else {
-                    0
-                },
+                movable: if exports[i] { on[i].len() as u32 } else { 0 },
                 evacuate: b.should_evacuate()
                     && !router.planted(crate::router::PlantedBug::NoEvacuation),
                 ..router.load_of(b, now)
             })
             .collect();
-        // Moves in flight hold a third socket each and compete with the
-        // sessions' own traffic: keep their number bounded.
-        let in_flight: i64 = backends.iter().map(|b| b.incoming().max(0)).sum();
-        for b in &backends {
+        for (b, n) in backends.iter().zip(&incoming) {
             crate::metrics::metrics()
                 .pending_migrate
                 .with_label_values(&[&b.addr])
-                .set(b.incoming());
+                .set(i64::from(*n));
         }
-        let room = (MAX_MOVES_IN_FLIGHT - in_flight).max(0) as u32;
+        // Moves in flight hold a third socket each and compete with the
+        // sessions' own traffic: keep their number bounded.
         if room == 0 {
             continue;
         }
@@ -830,8 +820,8 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         };
         for m in plan(&snapshot, &cfg) {
             let n = (m.count as usize).min(on[m.from].len());
-            for mb in on[m.from].drain(..n) {
-                mb.request_move(&backends[m.to]);
+            for (id, mb) in on[m.from].drain(..n) {
+                mb.request_move(router, id, &backends[m.to]);
             }
         }
     }

@@ -169,6 +169,13 @@ impl<B: Ord + Clone> MoveLedger<B> {
         self.cooldown.remove(&conn);
     }
 
+    /// `backend` left the backend set: if a server comes back at its
+    /// address, it is a new one and gets a fresh chance to export sessions.
+    /// (Moves to it still under way resolve as usual.)
+    pub fn forget_backend(&mut self, backend: &B) {
+        self.cannot_export.remove(backend);
+    }
+
     /// Drops cool-downs that ended before `now` (call now and then: they
     /// are the only entries that outlive nothing else).
     pub fn expire(&mut self, now: Instant) {
@@ -272,6 +279,9 @@ mod tests {
         l.requested(3, "b");
         let r = l.resolved(3, &"a", MoveOutcome::SourceCannotExport, t0);
         assert!(!r.source_cannot_export, "not said twice");
+        // A new server at the same address gets a fresh chance.
+        l.forget_backend(&"a");
+        assert!(l.can_export(&"a"));
     }
 
     #[test]
