@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod http_client;
 pub mod logging;
 pub mod metrics;
 pub mod net;

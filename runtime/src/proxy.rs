@@ -830,89 +830,34 @@ async fn balance_loop<N: Network>(st: Arc<State<N>>) {
 /// Largest `/metrics` body read (TiDB's is a few MiB at most).
 const METRICS_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-/// GET `path` on `addr` over plain HTTP/1.0: the status code and the body
-/// (read to the end, at most [`METRICS_BODY_LIMIT`]).
+/// Largest `/status` body read (TiDB's is a short JSON object).
+const STATUS_BODY_LIMIT: usize = 64 * 1024;
+
+/// GET `path` on `addr`: the status code and the body (at most
+/// [`METRICS_BODY_LIMIT`]), all within `timeout`.
 async fn http_get<N: Network>(
     net: &N,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let work = async {
-        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut all = Vec::with_capacity(64 * 1024);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            if all.len() + n > METRICS_BODY_LIMIT {
-                return Err(format!("answer over {METRICS_BODY_LIMIT} bytes"));
-            }
-            all.extend_from_slice(&buf[..n]);
-        }
-        let head_end = all
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or("not an HTTP response (no header end)")?;
-        let head = String::from_utf8_lossy(&all[..head_end]);
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP response: {:?}",
-                    head.lines().next().unwrap_or("")
-                )
-            })?;
-        all.drain(..head_end + 4);
-        Ok((code, all))
-    };
-    tokio::time::timeout(timeout, work)
+    crate::http_client::get(net, addr, path, timeout, METRICS_BODY_LIMIT)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map(|r| (r.status, r.body.into()))
+        .map_err(|e| e.to_string())
 }
 
-/// GET `path` on `addr` over plain HTTP/1.0; the status code.
+/// GET `path` on `addr`; the status code, within `timeout`.
 async fn http_status<N: Network>(
     net: &N,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<u16, String> {
-    let work = async {
-        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !head.windows(2).any(|w| w == b"\r\n") {
-            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        let line = String::from_utf8_lossy(&head);
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP response: {:?}",
-                    line.lines().next().unwrap_or("")
-                )
-            })
-    };
-    tokio::time::timeout(timeout, work)
+    crate::http_client::get(net, addr, path, timeout, STATUS_BODY_LIMIT)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
 }
 
 async fn probe<N: Network>(
