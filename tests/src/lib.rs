@@ -4,7 +4,7 @@
 //! with a generated configuration on free loopback ports, and kills it when
 //! dropped. The scenarios live in `tests/`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
