@@ -422,6 +422,8 @@ async fn request(
     match answer {
         Ok(r) => Ok((r.status, String::from_utf8_lossy(&r.body).into_owned())),
         Err(HttpError::NotHttp(_)) => Err(Failure::NotHttp),
+        // Closed without a word: a TLS server refusing a plain request.
+        Err(HttpError::Http(e)) if e.is_incomplete_message() => Err(Failure::NotHttp),
         Err(e) => match e.io_error() {
             Some(io) => Err(failure(io)),
             None => Err(Failure::Io(e.to_string())),
