@@ -4,6 +4,8 @@
 //! Discovery (static list here; PD in a later issue) replaces the set with
 //! [`Router::set_backends`]; health probes and failed dials mark backends
 //! down; sessions hold a [`Lease`] on their backend so counts stay exact.
+//! Moves under way, cool-downs and backends that cannot export sessions
+//! are the core's move ledger, kept here ([`Router::with_moves`]).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
