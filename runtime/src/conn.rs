@@ -111,6 +111,16 @@ impl Mailbox {
         });
     }
 
+    /// Session `conn` (this mailbox's) ended: its moves leave the ledger,
+    /// and none may be recorded for it from now on.
+    fn close_moves(&self, router: &Router, conn: u32) {
+        router.with_moves(|l| {
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            l.closed(conn);
+        });
+    }
+
     /// Queues a request and wakes the connection.
     pub fn send(&self, c: Control) {
         self.queue.lock().expect("mailbox lock").push(c);
@@ -954,11 +964,7 @@ impl<N: Network> Driver<N> {
 
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
-        let (conn_id, ctl) = (self.conn_id, &self.ctl);
-        self.shared.router.with_moves(|l| {
-            ctl.closed.store(true, std::sync::atomic::Ordering::Relaxed);
-            l.closed(conn_id);
-        });
+        self.ctl.close_moves(&self.shared.router, self.conn_id);
         self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -1023,5 +1029,28 @@ mod size_tests {
             std::mem::size_of::<Driver<TokioNet>>(),
             std::mem::size_of::<Session>()
         );
+    }
+}
+
+#[cfg(test)]
+mod move_tests {
+    use super::*;
+
+    #[test]
+    fn a_move_requested_after_the_end_leaves_nothing_behind() {
+        let router = Router::new(&["a:1".into(), "b:1".into()]);
+        let b = router.find("b:1").unwrap();
+        let mb = Mailbox::default();
+        mb.request_move(&router, 7, &b);
+        assert_eq!(router.incoming(&b), 1);
+        assert!(
+            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t == "b:1")
+        );
+        mb.close_moves(&router, 7);
+        assert_eq!(router.incoming(&b), 0, "the end resolves the move");
+        // The balance loop still held the mailbox: its request is dropped.
+        mb.request_move(&router, 7, &b);
+        assert_eq!(router.incoming(&b), 0);
+        assert_eq!(router.with_moves(|l| l.in_flight()), 0);
     }
 }
