@@ -30,9 +30,23 @@
 //! - a plan never moves more than the tick's budgets and never targets a
 //!   backend that cannot take sessions.
 //!
-//! CPU use between metric reads is estimated from the last read and the
-//! sessions that arrived or left since, at the cluster's average CPU per
-//! session (at least 0.1%), as TiProxy does.
+//! CPU use between metric reads is estimated from the last read
+//! ([`CpuMeter`]) and the sessions that arrived or left since, at the
+//! cluster's average CPU per session (at least 0.1%), as TiProxy does.
+//!
+//! The move ledger ([`MoveLedger`]) keeps what moves are under way, which
+//! sessions cool down after a failed move and which backends cannot export
+//! sessions; the per-second rates of `[balance.<factor>]` and their
+//! defaults ([`Rates`]) become one tick's budgets in [`BalanceConfig::new`].
+
+mod cpu;
+mod ledger;
+
+pub use cpu::{CPU_METRICS_EXPIRY, CPU_MIN_READ_INTERVAL, CpuMeter};
+pub use ledger::{
+    ER_CANNOT_EXPORT_NOW, FAILED_MOVE_COOLDOWN, MAX_MOVES_IN_FLIGHT, MoveLedger, MoveOutcome,
+    Resolved,
+};
 
 /// TiProxy's `[balance] policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -198,16 +212,86 @@ pub struct BalanceConfig {
 }
 
 impl Default for BalanceConfig {
+    /// TiProxy's defaults: [`Rates::default`] under the `resource` policy.
+    fn default() -> Self {
+        Self::new(Policy::Resource, &Rates::default())
+    }
+}
+
+/// Ticks of the rebalance loop per second.
+pub const TICKS_PER_SECOND: u32 = 10;
+/// Seconds between two ticks of the rebalance loop.
+pub const TICK_SECS: f64 = 1.0 / TICKS_PER_SECOND as f64;
+/// Default of `[balance.status] migrations-per-second`: move requests per
+/// second evacuating draining or removed backends (TiProxy: 5000).
+pub const EVACUATION_RATE: f64 = 5000.0;
+/// Default of `[balance.conn-count] migrations-per-second`: move requests
+/// per second evening out session counts (TiProxy: 100).
+pub const REBALANCE_RATE: f64 = 100.0;
+/// Default of `[balance.cpu] migrations-per-second`. TiProxy paces CPU
+/// moves at `1 / cpu-per-session / 600` per second, at most 1.7/s (its
+/// floor of 0.1% CPU per session); 20/s (2 per tick) keeps that order of
+/// magnitude while letting a small cluster settle in seconds.
+pub const CPU_RATE: f64 = 20.0;
+/// Default of `[balance.location] migrations-per-second`. TiProxy moves one
+/// session per second; here the floor is one per tick, 10/s.
+pub const LOCATION_RATE: f64 = 10.0;
+/// Default of `[balance.conn-count] count-ratio-threshold` (TiProxy: 1.2).
+pub const COUNT_RATIO_THRESHOLD: f64 = 1.2;
+
+/// The per-second rates of TiProxy's `[balance.<factor>]` sections; a rate
+/// of 0 (TiProxy's "unset") means the default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    /// `[balance.status] migrations-per-second`.
+    pub evacuation: f64,
+    /// `[balance.conn-count] migrations-per-second`.
+    pub rebalance: f64,
+    /// `[balance.cpu] migrations-per-second`.
+    pub cpu: f64,
+    /// `[balance.memory] migrations-per-second`; `None`: TiProxy's pace
+    /// (see the module documentation).
+    pub memory: Option<f64>,
+    /// `[balance.location] migrations-per-second`.
+    pub location: f64,
+    /// `[balance.conn-count] count-ratio-threshold`.
+    pub count_ratio_threshold: f64,
+}
+
+impl Default for Rates {
     fn default() -> Self {
         Self {
-            budget: 100,
-            rebalance_budget: 100,
-            cpu_budget: 10,
-            memory_budget: None,
-            location_budget: 1,
-            count_ratio_threshold: 1.2,
-            policy: Policy::Resource,
-            tick_secs: 0.1,
+            evacuation: EVACUATION_RATE,
+            rebalance: REBALANCE_RATE,
+            cpu: CPU_RATE,
+            memory: None,
+            location: LOCATION_RATE,
+            count_ratio_threshold: COUNT_RATIO_THRESHOLD,
+        }
+    }
+}
+
+impl BalanceConfig {
+    /// The knobs of one [`TICK_SECS`] tick from per-second rates: each rate
+    /// is spread over the ticks of a second, at least one move per tick.
+    pub fn new(policy: Policy, rates: &Rates) -> Self {
+        let or = |r: f64, default: f64| if r > 0.0 { r } else { default };
+        let per_tick = |rate: f64| ((rate / f64::from(TICKS_PER_SECOND)).ceil() as u32).max(1);
+        let evacuation = per_tick(or(rates.evacuation, EVACUATION_RATE));
+        let rebalance = per_tick(or(rates.rebalance, REBALANCE_RATE));
+        Self {
+            budget: evacuation.max(rebalance),
+            rebalance_budget: rebalance,
+            cpu_budget: per_tick(or(rates.cpu, CPU_RATE)),
+            memory_budget: rates.memory.filter(|r| *r > 0.0).map(per_tick),
+            location_budget: per_tick(or(rates.location, LOCATION_RATE)),
+            count_ratio_threshold: if rates.count_ratio_threshold > 1.0 {
+                rates.count_ratio_threshold
+            } else {
+                COUNT_RATIO_THRESHOLD
+            },
+            policy,
+            tick_secs: TICK_SECS,
         }
     }
 }
@@ -498,338 +582,4 @@ pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn b(sessions: u32, accepts: bool, evacuate: bool) -> BackendLoad {
-        BackendLoad {
-            accepts,
-            evacuate,
-            ..BackendLoad::with_sessions(sessions)
-        }
-    }
-
-    /// A TiDB whose CPU is `background` plus `per_session` for each
-    /// session, read now.
-    fn tidb(sessions: u32, background: f64, per_session: f64, memory: f64) -> BackendLoad {
-        BackendLoad {
-            cpu: Some(CpuSample {
-                usage: (background + f64::from(sessions) * per_session).min(1.0),
-                sessions,
-            }),
-            memory: Some(memory),
-            ..BackendLoad::with_sessions(sessions)
-        }
-    }
-
-    fn apply(backends: &mut [BackendLoad], moves: &[Move]) {
-        for m in moves {
-            backends[m.from].sessions -= m.count;
-            backends[m.from].movable -= m.count;
-            backends[m.to].sessions += m.count;
-            backends[m.to].movable += m.count;
-        }
-    }
-
-    /// The metrics of a cluster whose CPU is `background[i]` plus
-    /// `per_session` per session, re-read after moves.
-    fn reread(bs: &mut [BackendLoad], background: &[f64], per_session: f64) {
-        for (b, bg) in bs.iter_mut().zip(background) {
-            if b.cpu.is_some() {
-                b.cpu = Some(CpuSample {
-                    usage: (bg + f64::from(b.sessions) * per_session).min(1.0),
-                    sessions: b.sessions,
-                });
-            }
-        }
-    }
-
-    fn total(p: &[Move]) -> u32 {
-        p.iter().map(|m| m.count).sum()
-    }
-
-    #[test]
-    fn new_connections_go_to_the_idlest_accepting_backend() {
-        let bs = [b(5, true, false), b(2, true, false), b(0, false, false)];
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(1));
-        let ties = [b(1, true, false), b(1, true, false)];
-        assert_eq!(choose(&ties, Policy::Resource, 0), Some(0));
-        assert_eq!(choose(&ties, Policy::Resource, 1), Some(1));
-        assert_eq!(choose(&[b(0, false, false)], Policy::Resource, 0), None);
-    }
-
-    #[test]
-    fn new_connections_avoid_busy_cpu_memory_risk_and_other_zones() {
-        // B has more sessions but A's CPU is pegged.
-        let bs = [tidb(2, 0.9, 0.01, 0.1), tidb(10, 0.0, 0.01, 0.1)];
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(1));
-        assert_eq!(choose(&bs, Policy::Connection, 0), Some(0));
-        // A is at OOM risk.
-        let bs = [tidb(0, 0.0, 0.01, 0.8), tidb(10, 0.0, 0.01, 0.1)];
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(1));
-        // A is in another zone.
-        let mut bs = [b(0, true, false), b(10, true, false)];
-        bs[0].local = false;
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(1));
-        assert_eq!(choose(&bs, Policy::Location, 0), Some(1));
-        assert_eq!(choose(&bs, Policy::Connection, 0), Some(0));
-    }
-
-    #[test]
-    fn a_factor_some_backend_lacks_is_left_out() {
-        // A fresh TiDB with no metrics yet: CPU is not compared, load is.
-        let mut bs = [tidb(5, 0.9, 0.01, 0.1), b(6, true, false)];
-        bs[1].memory = Some(0.1);
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(0));
-    }
-
-    #[test]
-    fn draining_backend_is_emptied_over_several_targets() {
-        let mut bs = vec![b(10, false, true), b(0, true, false), b(0, true, false)];
-        let p = plan(&bs, &BalanceConfig::default());
-        assert_eq!(total(&p), 10);
-        assert_eq!(p.len(), 2, "spread over both targets: {p:?}");
-        assert!(p.iter().all(|m| m.factor == Factor::Evacuate));
-        apply(&mut bs, &p);
-        assert_eq!((bs[1].sessions, bs[2].sessions), (5, 5));
-    }
-
-    #[test]
-    fn scale_out_spreads_two_sessions() {
-        // The seed experiment: two clients on one TiDB, a second TiDB joins.
-        let mut bs = vec![b(2, true, false), b(0, true, false)];
-        let p = plan(&bs, &BalanceConfig::default());
-        assert_eq!(
-            p,
-            vec![Move {
-                from: 0,
-                to: 1,
-                count: 1,
-                factor: Factor::Load,
-            }]
-        );
-        apply(&mut bs, &p);
-        assert!(
-            plan(&bs, &BalanceConfig::default()).is_empty(),
-            "1/1 is balanced"
-        );
-    }
-
-    #[test]
-    fn small_imbalances_are_left_alone() {
-        let bs = [b(11, true, false), b(10, true, false)];
-        assert!(plan(&bs, &BalanceConfig::default()).is_empty());
-        let bs = [b(2, true, false), b(1, true, false)];
-        assert!(plan(&bs, &BalanceConfig::default()).is_empty());
-        // CPU within two steps: load decides.
-        let bs = [tidb(10, 0.07, 0.0, 0.1), tidb(10, 0.0, 0.0, 0.1)];
-        assert!(plan(&bs, &BalanceConfig::default()).is_empty());
-    }
-
-    #[test]
-    fn cpu_moves_sessions_off_a_pegged_tidb_and_stays_put() {
-        let background = [0.8, 0.0];
-        let mut bs = vec![tidb(20, 0.8, 0.01, 0.1), tidb(20, 0.0, 0.01, 0.1)];
-        let cfg = BalanceConfig::default();
-        let mut moved = 0;
-        for _ in 0..200 {
-            let p = plan(&bs, &cfg);
-            assert!(
-                p.iter().all(|m| m.from == 0 && m.factor == Factor::Cpu),
-                "{p:?}"
-            );
-            moved += total(&p);
-            apply(&mut bs, &p);
-            reread(&mut bs, &background, 0.01);
-        }
-        assert!(moved >= 15, "moved {moved}: {bs:?}");
-        assert!(plan(&bs, &cfg).is_empty(), "settled: {bs:?}");
-        assert_eq!(choose(&bs, Policy::Resource, 0), Some(1));
-    }
-
-    #[test]
-    fn memory_risk_empties_a_backend_at_tiproxys_pace() {
-        let mut bs = vec![tidb(100, 0.0, 0.0, 0.8), tidb(0, 0.0, 0.0, 0.2)];
-        let p = plan(&bs, &BalanceConfig::default());
-        // OOM risk: everything within 10 s, i.e. a hundredth per 0.1 s tick.
-        assert_eq!(total(&p), 1, "{p:?}");
-        assert_eq!(p[0].factor, Factor::Memory);
-        for _ in 0..150 {
-            let p = plan(&bs, &BalanceConfig::default());
-            apply(&mut bs, &p);
-        }
-        assert_eq!(bs[0].sessions, 0, "{bs:?}");
-        assert!(
-            plan(&bs, &BalanceConfig::default()).is_empty(),
-            "no move back"
-        );
-    }
-
-    #[test]
-    fn location_moves_into_the_zone_unless_it_is_busy() {
-        let mut bs = vec![b(10, true, false), b(0, true, false)];
-        bs[0].local = false;
-        let cfg = BalanceConfig {
-            policy: Policy::Location,
-            location_budget: 100,
-            ..BalanceConfig::default()
-        };
-        let p = plan(&bs, &cfg);
-        assert_eq!(total(&p), 10);
-        assert!(p.iter().all(|m| m.factor == Factor::Location && m.to == 1));
-        // The zone's TiDB is at memory risk: stay.
-        bs[0].memory = Some(0.1);
-        bs[1].memory = Some(0.7);
-        assert!(plan(&bs, &cfg).is_empty());
-    }
-
-    fn arb_backends() -> impl Strategy<Value = Vec<BackendLoad>> {
-        proptest::collection::vec(
-            (
-                (
-                    0u32..200,
-                    0u32..20,
-                    any::<bool>(),
-                    any::<bool>(),
-                    0u32..=100,
-                ),
-                (
-                    proptest::option::of(0.0f64..1.0),
-                    proptest::option::of(0.0f64..1.0),
-                    any::<bool>(),
-                ),
-            )
-                .prop_map(
-                    |((sessions, incoming, accepts, evacuate, pct), (cpu, memory, local))| {
-                        BackendLoad {
-                            sessions,
-                            incoming,
-                            movable: sessions * pct / 100,
-                            accepts: accepts && !evacuate,
-                            evacuate,
-                            cpu: cpu.map(|usage| CpuSample { usage, sessions }),
-                            memory,
-                            local,
-                        }
-                    },
-                ),
-            1..8,
-        )
-    }
-
-    fn arb_policy() -> impl Strategy<Value = Policy> {
-        prop_oneof![
-            Just(Policy::Resource),
-            Just(Policy::Location),
-            Just(Policy::Connection)
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn plans_respect_budget_targets_and_sources(
-            bs in arb_backends(),
-            budget in 0u32..300,
-            factor_budget in 0u32..50,
-            policy in arb_policy(),
-        ) {
-            let cfg = BalanceConfig {
-                budget,
-                cpu_budget: factor_budget,
-                location_budget: factor_budget,
-                rebalance_budget: factor_budget,
-                policy,
-                ..BalanceConfig::default()
-            };
-            let p = plan(&bs, &cfg);
-            prop_assert!(total(&p) <= budget);
-            let by = |f: Factor| p.iter().filter(|m| m.factor == f).map(|m| m.count).sum::<u32>();
-            prop_assert!(by(Factor::Cpu) <= factor_budget);
-            prop_assert!(by(Factor::Location) <= factor_budget);
-            prop_assert!(by(Factor::Load) <= factor_budget);
-            if policy == Policy::Connection {
-                prop_assert_eq!(by(Factor::Cpu) + by(Factor::Memory) + by(Factor::Location), 0);
-            }
-            for m in &p {
-                prop_assert!(bs[m.to].accepts, "never targets a backend that cannot take sessions");
-                prop_assert!(m.from != m.to);
-                prop_assert!(m.count > 0);
-                prop_assert!((m.factor == Factor::Evacuate) == bs[m.from].evacuate);
-            }
-            for (i, be) in bs.iter().enumerate() {
-                let out: u32 = p.iter().filter(|m| m.from == i).map(|m| m.count).sum();
-                prop_assert!(out <= be.movable, "moves only movable sessions");
-                let inn = p.iter().any(|m| m.to == i);
-                prop_assert!(!(out > 0 && inn), "a backend is never source and target at once");
-            }
-            if let Some(i) = choose(&bs, policy, 7) {
-                prop_assert!(bs[i].accepts);
-            }
-        }
-
-        #[test]
-        fn repeated_ticks_converge(sessions in proptest::collection::vec(0u32..300, 2..6), drain in any::<bool>()) {
-            let mut bs: Vec<BackendLoad> = sessions.iter().map(|&s| b(s, true, false)).collect();
-            if drain {
-                bs[0].accepts = false;
-                bs[0].evacuate = true;
-            }
-            let cfg = BalanceConfig { budget: 50, ..BalanceConfig::default() };
-            let mut ticks = 0;
-            loop {
-                let p = plan(&bs, &cfg);
-                if p.is_empty() {
-                    break;
-                }
-                apply(&mut bs, &p);
-                ticks += 1;
-                prop_assert!(ticks < 100, "no convergence: {bs:?}");
-            }
-            if drain {
-                prop_assert_eq!(bs[0].sessions, 0);
-            }
-            let acc: Vec<u32> = bs.iter().filter(|b| b.accepts).map(|b| b.sessions).collect();
-            let (max, min) = (*acc.iter().max().unwrap(), *acc.iter().min().unwrap());
-            prop_assert!(max < min + 2 || f64::from(max) <= 1.2 * f64::from(min.max(1)), "spread {acc:?}");
-        }
-
-        /// With CPU, memory and zones in play, and metrics re-read after
-        /// every tick as a cluster whose CPU grows with its sessions would
-        /// report them, the plans settle: no session ping-pongs.
-        #[test]
-        fn resource_balancing_settles(
-            tidbs in proptest::collection::vec((0u32..150, 0.0f64..0.9, 0.0f64..0.9, any::<bool>()), 2..5),
-            per_session in 0.0005f64..0.02,
-            policy in arb_policy(),
-        ) {
-            let background: Vec<f64> = tidbs.iter().map(|t| t.1).collect();
-            let mut bs: Vec<BackendLoad> = tidbs
-                .iter()
-                .map(|&(s, bg, mem, local)| BackendLoad { local, ..tidb(s, bg, per_session, mem) })
-                .collect();
-            let cfg = BalanceConfig {
-                budget: 100,
-                rebalance_budget: 20,
-                cpu_budget: 20,
-                memory_budget: Some(20),
-                location_budget: 20,
-                policy,
-                ..BalanceConfig::default()
-            };
-            let total_sessions: u32 = bs.iter().map(|b| b.sessions).sum();
-            let mut ticks = 0;
-            loop {
-                let p = plan(&bs, &cfg);
-                if p.is_empty() {
-                    break;
-                }
-                apply(&mut bs, &p);
-                reread(&mut bs, &background, per_session);
-                ticks += 1;
-                prop_assert!(ticks < 400, "no convergence after {ticks} ticks: {bs:?}");
-            }
-            prop_assert_eq!(bs.iter().map(|b| b.sessions).sum::<u32>(), total_sessions);
-        }
-    }
-}
+mod tests;

@@ -28,6 +28,7 @@ use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
+use tiproxy_core::balance::{MoveOutcome, Resolved};
 
 /// A connection's mailbox: requests from the router, the API and shutdown.
 /// Cheaper than a channel (an idle connection holds one of these).
@@ -37,10 +38,10 @@ pub struct Mailbox {
     client: std::sync::Mutex<Option<SocketAddr>>,
     /// The backend the session is on (set by the connection).
     backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
-    /// A move was requested and has not resolved yet.
-    moving: std::sync::atomic::AtomicBool,
-    /// After a failed move: no new request before this instant.
-    retry_at: std::sync::Mutex<Option<Instant>>,
+    /// The connection ended: no move may be recorded for it any more (set
+    /// under the move ledger's lock, so a request racing the end leaves no
+    /// entry behind).
+    closed: std::sync::atomic::AtomicBool,
     waker: atomic_waker::AtomicWaker,
     /// Set when `queue` may be non-empty: the hot path checks this flag, not
     /// the lock.
@@ -83,9 +84,6 @@ pub fn uptime_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// How long a session whose move failed is left alone.
-pub const FAILED_MOVE_COOLDOWN: Duration = Duration::from_secs(3);
-
 impl Mailbox {
     /// The client address, as set by the connection (for the simulation's
     /// bookkeeping).
@@ -102,22 +100,26 @@ impl Mailbox {
         *self.backend.lock().expect("mailbox lock") = b;
     }
 
-    /// Whether a move may be requested now.
-    pub fn can_move(&self, now: Instant) -> bool {
-        !self.moving.load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .retry_at
-                .lock()
-                .expect("mailbox lock")
-                .is_none_or(|t| now >= t)
+    /// Asks session `conn` (this mailbox's) to move to `target` at its
+    /// next safe point, and records the move in the router's ledger.
+    pub fn request_move(&self, router: &Router, conn: u32, target: &Arc<crate::router::Backend>) {
+        router.with_moves(|l| {
+            if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            l.requested(conn, target.addr.clone());
+            self.send(Control::Redirect(target.addr.clone()));
+        });
     }
 
-    /// Asks the session to move to `target` at its next safe point.
-    pub fn request_move(&self, target: &Arc<crate::router::Backend>) {
-        self.moving
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        target.incoming_add(1);
-        self.send(Control::Redirect(target.addr.clone()));
+    /// Session `conn` (this mailbox's) ended: its moves leave the ledger,
+    /// and none may be recorded for it from now on.
+    fn close_moves(&self, router: &Router, conn: u32) {
+        router.with_moves(|l| {
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            l.closed(conn);
+        });
     }
 
     /// Queues a request and wakes the connection.
@@ -284,8 +286,6 @@ struct Driver<N: Network> {
     conn_id: u32,
     peer: SocketAddr,
     closing: bool,
-    /// Where a requested move goes, until it resolves.
-    moving_to: Option<Arc<crate::router::Backend>>,
     /// The backend a session just left (for metrics).
     moved_from: Option<Arc<crate::router::Backend>>,
     /// When the last command finished, ms since the process started.
@@ -352,7 +352,6 @@ pub async fn serve<N: Network>(
         conn_id,
         peer: source,
         closing: false,
-        moving_to: None,
         moved_from: None,
         last_command_ms: uptime_ms(),
         commands: 0,
@@ -547,7 +546,7 @@ impl<N: Network> Driver<N> {
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
-                self.move_resolved(false);
+                self.move_resolved(MoveOutcome::Moved);
                 let from = self
                     .moved_from
                     .take()
@@ -560,27 +559,13 @@ impl<N: Network> Driver<N> {
                 debug!(conn_id, to = %target, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
-                // An unreachable target is the target's fault (it is now
-                // marked failed): the session may move elsewhere at once. A
-                // cool-down here outlasted short graceful waits (simulation
-                // seed 72: a drain began just after another TiDB crashed).
-                let target_down = matches!(
-                    reason,
-                    tiproxy_core::migration::MigrationFailure::Connect(_)
-                );
-                self.move_resolved(!target_down);
-                if let tiproxy_core::migration::MigrationFailure::StatesRefused { code, message } =
-                    &reason
-                    && *code != 8146
+                let resolved = self.move_resolved(MoveOutcome::of_failure(&reason));
+                if resolved.source_cannot_export
                     && let Some(lease) = &self.lease
-                    && lease.backend().set_no_migration()
                 {
-                    // 8146 is TiDB refusing this session now (a transaction,
-                    // temporary tables); anything else means the server
-                    // cannot export sessions at all.
                     warn!(
                         backend = %lease.backend().addr,
-                        "backend cannot export sessions (SHOW SESSION_STATES: {code} {message}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
+                        "backend cannot export sessions ({reason}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
                     );
                 }
                 let from = self
@@ -634,18 +619,17 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// A requested move ended (moved, failed, or the session closed).
-    fn move_resolved(&mut self, failed: bool) {
-        if let Some(t) = self.moving_to.take() {
-            t.incoming_add(-1);
-        }
-        self.ctl
-            .moving
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        if failed {
-            *self.ctl.retry_at.lock().expect("mailbox lock") =
-                Some(Instant::now() + FAILED_MOVE_COOLDOWN);
-        }
+    /// A requested move ended: the ledger learns how.
+    fn move_resolved(&mut self, outcome: MoveOutcome) -> Resolved {
+        let source = self
+            .lease
+            .as_ref()
+            .map(|l| l.backend().addr.clone())
+            .unwrap_or_default();
+        let now = Instant::now().into_std();
+        self.shared
+            .router
+            .with_moves(|l| l.resolved(self.conn_id, &source, outcome, now))
     }
 
     fn start_connect(&mut self, leg: Leg, target: Option<String>) {
@@ -873,12 +857,8 @@ impl<N: Network> Driver<N> {
             let now = Instant::now().into_std();
             match msg {
                 Control::Redirect(target) => {
-                    if let Some(t) = self.moving_to.take() {
-                        t.incoming_add(-1);
-                    }
-                    self.moving_to = self.shared.router.find(&target);
                     if !self.session.handle_redirect(now, target) {
-                        self.move_resolved(false);
+                        self.move_resolved(MoveOutcome::Dropped);
                     }
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
@@ -1019,7 +999,7 @@ impl<N: Network> Driver<N> {
 
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
-        self.move_resolved(false);
+        self.ctl.close_moves(&self.shared.router, self.conn_id);
         self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -1084,5 +1064,28 @@ mod size_tests {
             std::mem::size_of::<Driver<TokioNet>>(),
             std::mem::size_of::<Session>()
         );
+    }
+}
+
+#[cfg(test)]
+mod move_tests {
+    use super::*;
+
+    #[test]
+    fn a_move_requested_after_the_end_leaves_nothing_behind() {
+        let router = Router::new(&["a:1".into(), "b:1".into()]);
+        let b = router.find("b:1").unwrap();
+        let mb = Mailbox::default();
+        mb.request_move(&router, 7, &b);
+        assert_eq!(router.incoming(&b), 1);
+        assert!(
+            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t == "b:1")
+        );
+        mb.close_moves(&router, 7);
+        assert_eq!(router.incoming(&b), 0, "the end resolves the move");
+        // The balance loop still held the mailbox: its request is dropped.
+        mb.request_move(&router, 7, &b);
+        assert_eq!(router.incoming(&b), 0);
+        assert_eq!(router.with_moves(|l| l.in_flight()), 0);
     }
 }

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tiproxy_core::error::ProxyError;
 use tiproxy_core::health::LocalExhaustion;
 use tiproxy_core::packet::write_packet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -21,8 +21,10 @@ use crate::config::{Config, split_list};
 use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
-use crate::router::{MetricsReading, Router};
+use crate::router::Router;
 use crate::tls;
+
+mod balance;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -282,15 +284,8 @@ impl<N: Network> State<N> {
         {
             return Err(format!("unknown backend {f}"));
         }
-        let mailboxes: Vec<Arc<Mailbox>> = self
-            .conns
-            .lock()
-            .expect("conn table")
-            .values()
-            .cloned()
-            .collect();
         let mut n = 0;
-        for m in mailboxes {
+        for (id, m) in self.sessions() {
             let Some(b) = m.backend() else { continue };
             if from.is_some_and(|f| f != b.addr) {
                 continue;
@@ -303,7 +298,7 @@ impl<N: Network> State<N> {
                     None => continue,
                 },
             };
-            m.request_move(&target);
+            m.request_move(router, id, &target);
             n += 1;
         }
         Ok(n)
@@ -352,10 +347,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
-    router.set_balance(
-        tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
-        config.labels.get("zone").cloned(),
-    );
+    router.set_balance(config.balance.policy(), config.labels.get("zone").cloned());
     if let Some(seed) = net.rng_seed() {
         router.seed_rng(seed);
     }
@@ -426,8 +418,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     }
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
     tasks.spawn(crate::health::probe_loop(state.clone()));
-    tasks.spawn(metrics_loop(state.clone()));
-    tasks.spawn(balance_loop(state.clone()));
+    tasks.spawn(balance::metrics_loop(state.clone()));
+    tasks.spawn(balance::balance_loop(state.clone()));
     if !pd.is_empty() {
         tasks.spawn(crate::discovery::watch_pd(
             net.pd(),
@@ -617,290 +609,35 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     .await;
 }
 
-/// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
-/// status port, for CPU and memory use (what the `resource` and `location`
-/// policies rank by). A backend without the metrics (not a TiDB, or an
-/// unreachable status port) is simply not ranked by them; its health is
-/// [`probe_loop`]'s business, so failures here are logged at debug only.
-async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
-    let mut generation = u64::MAX;
-    let mut hc = crate::config::HealthCheckConfig::default();
-    let mut d = hc.durations();
-    loop {
-        if st.config_generation() != generation {
-            generation = st.config_generation();
-            let cfg = st.live_config();
-            hc = cfg.health_check;
-            d = hc.durations();
-        }
-        let wanted = hc.enable
-            && tiproxy_core::balance::Policy::parse(&st.live_config().balance.policy)
-                .is_some_and(|p| p != tiproxy_core::balance::Policy::Connection);
-        if wanted {
-            for b in st.shared.router.backends() {
-                let Some(status) = &b.status_addr else {
-                    continue;
-                };
-                match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
-                    Ok((200, body)) => {
-                        b.record_metrics(MetricsReading::parse(&body), tokio::time::Instant::now())
-                    }
-                    Ok((code, _)) => debug!(backend = %b.addr, "/metrics answered {code}"),
-                    Err(e) => debug!(backend = %b.addr, "cannot read /metrics: {e}"),
-                }
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = st.stopped.notified() => return,
-            _ = tokio::time::sleep(d.metrics_interval) => {}
-        }
-    }
-}
-
-/// Move requests per second for evacuating draining or removed backends
-/// (TiProxy's `[balance.status] migrations-per-second`).
-pub const EVACUATION_RATE: u32 = 5000;
-
-/// Most moves under way at once.
-pub const MAX_MOVES_IN_FLIGHT: i64 = 256;
-
-/// Move requests per second for balancing healthy backends (TiProxy's
-/// `[balance.conn-count] migrations-per-second`).
-pub const REBALANCE_RATE: u32 = 100;
-
-/// Reads `[balance.<factor>] <key>` as a number.
-fn balance_knob(cfg: &Config, factor: &str, key: &str) -> Option<f64> {
-    cfg.balance
-        .factors
-        .get(factor)?
-        .get(key)?
-        .as_float()
-        .or_else(|| {
-            cfg.balance
-                .factors
-                .get(factor)?
-                .get(key)?
-                .as_integer()
-                .map(|i| i as f64)
-        })
-}
-
-/// The balance loop's settings from `[balance]`.
-fn balance_config(config: &Config) -> tiproxy_core::balance::BalanceConfig {
-    use tiproxy_core::balance::BalanceConfig;
-    let per_tick = |rate: f64| ((rate / 10.0).ceil() as u32).max(1);
-    let evacuation = balance_knob(config, "status", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(EVACUATION_RATE));
-    let rebalance = balance_knob(config, "conn-count", "migrations-per-second")
-        .filter(|r| *r > 0.0)
-        .unwrap_or(f64::from(REBALANCE_RATE));
-    let threshold = balance_knob(config, "conn-count", "count-ratio-threshold")
-        .filter(|t| *t > 1.0)
-        .unwrap_or(1.2);
-    let rate = |factor: &str, default: f64| {
-        per_tick(
-            balance_knob(config, factor, "migrations-per-second")
-                .filter(|r| *r > 0.0)
-                .unwrap_or(default),
-        )
-    };
-    BalanceConfig {
-        budget: per_tick(evacuation).max(per_tick(rebalance)),
-        rebalance_budget: per_tick(rebalance),
-        cpu_budget: rate("cpu", f64::from(CPU_RATE)),
-        memory_budget: balance_knob(config, "memory", "migrations-per-second")
-            .filter(|r| *r > 0.0)
-            .map(per_tick),
-        location_budget: rate("location", f64::from(LOCATION_RATE)),
-        count_ratio_threshold: threshold,
-        policy: tiproxy_core::balance::Policy::parse(&config.balance.policy).unwrap_or_default(),
-        tick_secs: 0.1,
-    }
-}
-
-/// Move requests per second for CPU balancing (TiProxy's `[balance.cpu]
-/// migrations-per-second`).
-pub const CPU_RATE: u32 = 20;
-
-/// Move requests per second into this proxy's zone (TiProxy's
-/// `[balance.location] migrations-per-second`); the planner's floor is one
-/// per 100 ms tick.
-pub const LOCATION_RATE: u32 = 10;
-
-/// Every 100 ms: snapshot the backends, plan the tick's moves with
-/// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
-/// then even out the rest with hysteresis), and ask the chosen sessions to
-/// move. A session moves at its next safe point; one whose move failed is
-/// left alone for a few seconds.
-async fn balance_loop<N: Network>(st: Arc<State<N>>) {
-    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
-    let tick = Duration::from_millis(100);
-    // `[balance]` is reloadable: re-read when the configuration changed.
-    let mut generation = st.config_generation();
-    let mut cfg = balance_config(&st.live_config());
-    loop {
-        tokio::select! {
-            biased;
-            _ = st.stopped.notified() => return,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        if st.config_generation() != generation {
-            generation = st.config_generation();
-            let live = st.live_config();
-            cfg = balance_config(&live);
-            st.shared
-                .router
-                .set_balance(cfg.policy, live.labels.get("zone").cloned());
-        }
-        let router = &st.shared.router;
-        let backends = router.backends();
-        if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
-            continue;
-        }
-        let now = tokio::time::Instant::now();
-        let mailboxes: Vec<Arc<Mailbox>> = st
-            .conns
-            .lock()
-            .expect("conn table")
-            .values()
-            .cloned()
-            .collect();
-        // Movable sessions per backend.
-        let mut on: Vec<Vec<Arc<Mailbox>>> = vec![Vec::new(); backends.len()];
-        for m in mailboxes {
-            let Some(b) = m.backend() else { continue };
-            if let Some(i) = backends.iter().position(|x| Arc::ptr_eq(x, &b))
-                && m.can_move(now)
-            {
-                on[i].push(m);
-            }
-        }
-        let snapshot: Vec<BackendLoad> = backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| BackendLoad {
-                movable: if b.supports_migration() {
-                    on[i].len() as u32
-                } else {
-                    0
-                },
-                evacuate: b.should_evacuate()
-                    && !router.planted(crate::router::PlantedBug::NoEvacuation),
-                ..router.load_of(b, now)
-            })
-            .collect();
-        // Moves in flight hold a third socket each and compete with the
-        // sessions' own traffic: keep their number bounded.
-        let in_flight: i64 = backends.iter().map(|b| b.incoming().max(0)).sum();
-        for b in &backends {
-            crate::metrics::metrics()
-                .pending_migrate
-                .with_label_values(&[&b.addr])
-                .set(b.incoming());
-        }
-        let room = (MAX_MOVES_IN_FLIGHT - in_flight).max(0) as u32;
-        if room == 0 {
-            continue;
-        }
-        let cfg = BalanceConfig {
-            budget: cfg.budget.min(room),
-            ..cfg
-        };
-        for m in plan(&snapshot, &cfg) {
-            let n = (m.count as usize).min(on[m.from].len());
-            for mb in on[m.from].drain(..n) {
-                mb.request_move(&backends[m.to]);
-            }
-        }
-    }
-}
-
 /// Largest `/metrics` body read (TiDB's is a few MiB at most).
 const METRICS_BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-/// GET `path` on `addr` over plain HTTP/1.0: the status code and the body
-/// (read to the end, at most [`METRICS_BODY_LIMIT`]).
+/// Largest `/status` body read (TiDB's is a short JSON object).
+const STATUS_BODY_LIMIT: usize = 64 * 1024;
+
+/// GET `path` on `addr`: the status code and the body (at most
+/// [`METRICS_BODY_LIMIT`]), all within `timeout`.
 async fn http_get<N: Network>(
     net: &N,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let work = async {
-        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut all = Vec::with_capacity(64 * 1024);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            if all.len() + n > METRICS_BODY_LIMIT {
-                return Err(format!("answer over {METRICS_BODY_LIMIT} bytes"));
-            }
-            all.extend_from_slice(&buf[..n]);
-        }
-        let head_end = all
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or("not an HTTP response (no header end)")?;
-        let head = String::from_utf8_lossy(&all[..head_end]);
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP response: {:?}",
-                    head.lines().next().unwrap_or("")
-                )
-            })?;
-        all.drain(..head_end + 4);
-        Ok((code, all))
-    };
-    tokio::time::timeout(timeout, work)
+    crate::http_client::get(net, addr, path, timeout, METRICS_BODY_LIMIT)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map(|r| (r.status, r.body.into()))
+        .map_err(|e| e.to_string())
 }
 
-/// GET `path` on `addr` over plain HTTP/1.0; the status code.
+/// GET `path` on `addr`; the status code, within `timeout`.
 pub(crate) async fn http_status<N: Network>(
     net: &N,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<u16, String> {
-    let work = async {
-        let mut s = net.connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !head.windows(2).any(|w| w == b"\r\n") {
-            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        let line = String::from_utf8_lossy(&head);
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP response: {:?}",
-                    line.lines().next().unwrap_or("")
-                )
-            })
-    };
-    tokio::time::timeout(timeout, work)
+    crate::http_client::get(net, addr, path, timeout, STATUS_BODY_LIMIT)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
 }

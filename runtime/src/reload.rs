@@ -88,7 +88,9 @@ pub fn classify(old: &Config, new: &Config, pd: bool) -> (Vec<String>, Vec<Strin
         // discovery uses: that needs a restart.
         let zone_matches = under(&key, "labels.zone") && new.balance.label_name == "zone";
         let reloadable = (RELOADABLE.iter().any(|p| under(&key, p))
-            && !under(&key, "balance.label-name")
+            && !crate::config::RESTART_REQUIRED
+                .iter()
+                .any(|p| under(&key, p))
             && !zone_matches)
             || (!pd && under(&key, "proxy.backend-addrs"));
         if reloadable {

@@ -5,7 +5,9 @@
 //! health is a [`BackendHealth`] (the rules live in the core) that the
 //! health checks and dials feed through [`Router::handle_status`],
 //! [`Router::handle_probe`] and [`Router::handle_dial`]; sessions hold a
-//! [`Lease`] on their backend so counts stay exact.
+//! [`Lease`] on their backend so counts stay exact. Moves under way,
+//! cool-downs and backends that cannot export sessions are the core's move
+//! ledger, kept here ([`Router::with_moves`]).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,12 +16,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use tiproxy_core::balance::{BackendLoad, CpuSample, Policy, choose};
-use tiproxy_core::{CapabilityFlags, MariaDbCapabilities};
+use tiproxy_core::balance::{BackendLoad, CpuMeter, CpuSample, MoveLedger, Policy, choose};
 pub use tiproxy_core::health::FAILED_BACKEND_PAUSE;
 use tiproxy_core::health::{
     BackendHealth, CheckFailure, Dial, ExhaustionLog, HealthConfig, LocalExhaustion, Outcome,
 };
+use tiproxy_core::{CapabilityFlags, MariaDbCapabilities};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -34,11 +36,6 @@ pub struct Backend {
     /// `host:port` of its status port, when known.
     pub status_addr: Option<String>,
     conns: AtomicI64,
-    /// Sessions asked to move here that have not arrived yet.
-    incoming: AtomicI64,
-    /// SHOW SESSION_STATES failed as on a server that is not TiDB (or has
-    /// no session token cert): its sessions cannot move.
-    no_migration: AtomicBool,
     /// Its health: drain, failures, whether its state is known, operator
     /// drain, removal (the rules are the core's).
     health: Mutex<BackendHealth>,
@@ -51,16 +48,12 @@ pub struct Backend {
 /// What a backend's `/metrics` said.
 #[derive(Debug, Default)]
 struct Resources {
-    /// The last `process_cpu_seconds_total` and when it was read.
-    cpu_total: Option<(f64, Instant)>,
-    /// CPU use over the last interval, the sessions then, and when.
-    cpu: Option<(CpuSample, Instant)>,
+    /// CPU use between reads of `process_cpu_seconds_total`.
+    cpu: CpuMeter,
     /// Memory use of quota, and when.
     memory: Option<(f64, Instant)>,
 }
 
-/// CPU use older than this is not used (TiProxy's expiry).
-pub const CPU_METRICS_EXPIRY: Duration = Duration::from_secs(120);
 /// Memory use older than this is not used.
 pub const MEMORY_METRICS_EXPIRY: Duration = Duration::from_secs(60);
 
@@ -107,8 +100,6 @@ impl Backend {
             health: Mutex::new(BackendHealth::new(status_addr.is_some())),
             status_addr,
             conns: AtomicI64::new(0),
-            incoming: AtomicI64::new(0),
-            no_migration: AtomicBool::new(false),
             zone,
             resources: Mutex::new(Resources::default()),
         }
@@ -151,18 +142,7 @@ impl Backend {
         let sessions = self.connections().max(0) as u32;
         let mut r = self.resources.lock().expect("backend lock");
         if let (Some(total), Some(procs)) = (m.cpu_seconds, m.maxprocs) {
-            match r.cpu_total {
-                Some((prev, at)) if total >= prev && now >= at + Duration::from_secs(1) => {
-                    let secs = (now - at).as_secs_f64();
-                    let usage = ((total - prev) / secs / procs).clamp(0.0, 1.0);
-                    r.cpu = Some((CpuSample { usage, sessions }, now));
-                    r.cpu_total = Some((total, now));
-                }
-                // Too soon to tell: keep the older point.
-                Some((prev, _)) if total >= prev => {}
-                // First reading, or the counter went back (a restart).
-                _ => r.cpu_total = Some((total, now)),
-            }
+            r.cpu.record(total, procs, sessions, now.into_std());
         }
         if let (Some(rss), Some(quota)) = (m.resident_bytes, m.quota_bytes) {
             r.memory = Some(((rss / quota).clamp(0.0, 1.0), now));
@@ -173,9 +153,7 @@ impl Backend {
     pub fn resources(&self, now: Instant) -> (Option<CpuSample>, Option<f64>) {
         let r = self.resources.lock().expect("backend lock");
         (
-            r.cpu
-                .filter(|(_, at)| now.saturating_duration_since(*at) <= CPU_METRICS_EXPIRY)
-                .map(|(c, _)| c),
+            r.cpu.sample(now.into_std()),
             r.memory
                 .filter(|(_, at)| now.saturating_duration_since(*at) <= MEMORY_METRICS_EXPIRY)
                 .map(|(m, _)| m),
@@ -226,31 +204,6 @@ impl Backend {
     /// Whether it is not marked failed (its last checks or dial passed).
     pub fn probe_ok(&self) -> bool {
         !self.health().is_failed()
-    }
-
-    /// A session was asked to move here.
-    pub fn incoming_add(&self, n: i64) {
-        self.incoming.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Whether sessions on it can be moved.
-    pub fn supports_migration(&self) -> bool {
-        !self.no_migration.load(Ordering::Relaxed)
-    }
-
-    /// Records that sessions on it cannot be moved; true the first time.
-    pub fn set_no_migration(&self) -> bool {
-        !self.no_migration.swap(true, Ordering::Relaxed)
-    }
-
-    /// Sessions on their way here.
-    pub fn incoming(&self) -> i64 {
-        self.incoming.load(Ordering::Relaxed)
-    }
-
-    /// Load used to choose targets: sessions here plus sessions on the way.
-    pub fn load(&self) -> i64 {
-        self.connections() + self.incoming.load(Ordering::Relaxed).max(0)
     }
 }
 
@@ -384,6 +337,9 @@ pub struct Router {
     exhaustion: Mutex<ExhaustionLog>,
     /// A task will write the refusals the last line did not cover.
     refusals_flush: AtomicBool,
+    /// Moves under way, cool-downs, backends that cannot export sessions;
+    /// backends by SQL address.
+    moves: Mutex<MoveLedger<String>>,
 }
 
 impl Router {
@@ -426,6 +382,9 @@ impl Router {
                     .set(0);
                 if b.connections() > 0 {
                     next.push(b.clone());
+                } else {
+                    // Gone: if it comes back, it is a new server.
+                    self.with_moves(|l| l.forget_backend(&b.addr));
                 }
             }
         }
@@ -569,6 +528,23 @@ impl Router {
         b.update_health(|h| h.handle_dial(now, dial, &cfg))
     }
 
+    /// Runs `f` on the move ledger. Never call the router from `f`: the
+    /// ledger's lock is held.
+    pub fn with_moves<R>(&self, f: impl FnOnce(&mut MoveLedger<String>) -> R) -> R {
+        f(&mut self.moves.lock().expect("move ledger lock"))
+    }
+
+    /// Sessions on their way to `b`.
+    pub fn incoming(&self, b: &Backend) -> u32 {
+        self.with_moves(|l| l.incoming(&b.addr))
+    }
+
+    /// Whether sessions on `b` can be moved (its SHOW SESSION_STATES did
+    /// not fail as on a server that cannot export sessions).
+    pub fn can_export(&self, b: &Backend) -> bool {
+        self.with_moves(|l| l.can_export(&b.addr))
+    }
+
     /// Sets the balance policy and this proxy's zone (reloadable).
     pub fn set_balance(&self, policy: Policy, zone: Option<String>) {
         *self.balance.write().expect("router lock") = (policy, zone);
@@ -588,7 +564,7 @@ impl Router {
         };
         BackendLoad {
             sessions: b.connections().max(0) as u32,
-            incoming: b.incoming().max(0) as u32,
+            incoming: self.incoming(b),
             movable: 0,
             accepts: self.usable(b, now),
             evacuate: b.should_evacuate(),
@@ -682,7 +658,7 @@ mod tests {
         let r = Router::new(&["a:1".into(), "b:1".into(), "c:1".into()]);
         let a = r.find("a:1").unwrap();
         let _ = r.handle_status(&a, Ok(500));
-        r.find("b:1").unwrap().incoming_add(5);
+        r.with_moves(|l| (0..5).for_each(|c| l.requested(c, "b:1".into())));
         assert_eq!(r.pick(&[]).unwrap().addr, "c:1");
         assert_eq!(r.pick(&["c:1".into()]).unwrap().addr, "b:1");
     }

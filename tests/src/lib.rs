@@ -4,7 +4,7 @@
 //! with a generated configuration on free loopback ports, and kills it when
 //! dropped. The scenarios live in `tests/`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -237,21 +237,9 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// A minimal HTTP/1.0 GET.
+/// GET on `addr`: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect api");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    http_request(addr, "GET", path)
 }
 
 /// A private etcd (Debian `etcd-server`, installed if missing) on free
@@ -470,34 +458,54 @@ impl Drop for TidbDouble {
     }
 }
 
-/// A minimal HTTP/1.0 request without a body.
+/// A request without a body: (status, body).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     http_request_with_body(addr, method, path, "")
 }
 
-/// A minimal HTTP/1.0 request with `body`.
+/// A request with `body`: (status, body).
 pub fn http_request_with_body(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    let r = http_exchange(addr, method, path, body);
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// How long one test request may take.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest answer body a test reads.
+pub const HTTP_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+/// One request with the proxy's own HTTP client (the one `tiproxyctl` and
+/// the health checks use), from any test, async or not: it runs on its own
+/// thread and runtime. Panics when there is no HTTP answer within
+/// [`HTTP_TIMEOUT`].
+pub fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> tiproxy_runtime::http_client::Response {
+    use tiproxy_runtime::http_client::{send, with_deadline};
+    let (method, path) = (method.to_string(), path.to_string());
+    let body = bytes::Bytes::copy_from_slice(body.as_bytes());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(with_deadline(HTTP_TIMEOUT, async {
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(tiproxy_runtime::http_client::HttpError::Connect)?;
+            send(s, &addr.to_string(), &method, &path, body, HTTP_BODY_LIMIT).await
+        }))
+    })
+    .join()
+    .expect("request thread")
+    .unwrap_or_else(|e| panic!("{addr}: no HTTP answer: {e}"))
 }

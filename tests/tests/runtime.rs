@@ -476,23 +476,7 @@ async fn redirect_to_a_server_without_session_states_keeps_sessions_whole() {
     assert_eq!(status, 404, "{body}");
 }
 
-/// A minimal HTTP/1.0 POST without a body.
+/// A POST without a body: (status, body).
 fn post(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect api");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    tiproxy_tests::http_request(addr, "POST", path)
 }

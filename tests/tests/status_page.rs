@@ -178,25 +178,20 @@ fn post(api: SocketAddr, path: &str) {
     assert_eq!(status, 200, "POST {path}: {body}");
 }
 
-/// A GET with the response head kept: (status, head, body).
+/// A request with the response headers kept: (status, headers as
+/// lower-case `name: value` lines, body).
 fn get_raw(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(addr).expect("connect api");
-    s.set_read_timeout(Some(WAIT)).expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    let r = tiproxy_tests::http_exchange(addr, method, path, "");
+    let head: String = r
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\r\n", String::from_utf8_lossy(v.as_bytes())))
+        .collect();
+    (
+        r.status,
+        head.to_ascii_lowercase(),
+        String::from_utf8_lossy(&r.body).into_owned(),
     )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_ascii_lowercase(), body.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]

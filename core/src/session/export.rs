@@ -15,13 +15,15 @@
 //!
 //! `"TPXS"`, version byte, then: connection id (u32), salt (20 bytes),
 //! client capabilities (u32), backend capabilities (u32), MariaDB extended
-//! capabilities (u32; written 0 until the session negotiates them), the
+//! capabilities agreed with the client (u32) and with the backend (u32), the
 //! client's handshake response as sent on the wire (length-encoded), user
 //! (length-encoded), database (flag byte, then length-encoded), the
-//! tracker (length-encoded, see [`export_tracker`]), then the client and
-//! backend legs: flags (TLS, compression on, restart the compressed
-//! sequence), packet sequence id, compression (0 none, 1 zlib, 2 zstd)
-//! with its level, compressed sequence id. Integers are little-endian.
+//! tracker's own export (length-encoded, [`CommandTracker::export`]), then
+//! the client and backend legs: flags (TLS, compression on, restart the
+//! compressed sequence), packet sequence id, compression (0 none, 1 zlib,
+//! 2 zstd) with its level, and when compression is on the framing's own
+//! export (length-encoded, [`CompressedFraming::export`]). Integers are
+//! little-endian. The sub-machines' exports carry their own versions.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -32,17 +34,16 @@ use super::migration::Migration;
 use super::relay::{LegState, Relay};
 use super::{Leg, Phase, Session, SessionConfig};
 use crate::compress::{Algorithm, CompressedFraming};
-use crate::flags::{CapabilityFlags, StatusFlags};
+use crate::flags::{CapabilityFlags, MariaDbCapabilities};
 use crate::handshake::{ClientHello, HandshakeResponse};
-use crate::response::PrepareOk;
-use crate::tracker::{BackendPacket, CommandTracker};
-use crate::wire::{Reader, WireError, put_lenenc_bytes};
+use crate::tracker::CommandTracker;
+use crate::wire::{Reader, StateError, WireError, put_lenenc_bytes};
 
 /// The first bytes of an exported session.
 pub const EXPORT_MAGIC: &[u8; 4] = b"TPXS";
 
 /// The format version this build writes and reads.
-pub const EXPORT_VERSION: u8 = 1;
+pub const EXPORT_VERSION: u8 = 2;
 
 /// Why a session cannot be exported now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +71,9 @@ pub enum ImportError {
     /// A field holds a value no exporter writes.
     #[error("malformed exported session: invalid {0}")]
     Invalid(&'static str),
+    /// A sub-machine's state (tracker, compressed framing) is unusable.
+    #[error("malformed exported session: {0}")]
+    State(#[from] StateError),
     /// Bytes follow the last field.
     #[error("malformed exported session: {0} bytes after the end")]
     Trailing(usize),
@@ -86,6 +90,9 @@ impl<T: Clone> Session<T> {
             hello: r.hello,
             client_caps: r.client_caps,
             backend_caps: r.backend_caps,
+            client_mariadb: r.client_mariadb,
+            backend_mariadb: r.backend_mariadb,
+            target_mariadb: MariaDbCapabilities::empty(),
             user: r.user,
             database: r.database,
             pending_user: None,
@@ -153,8 +160,8 @@ impl<T: Clone> Session<T> {
         b.put_slice(&self.salt);
         b.put_u32_le(self.client_caps.bits());
         b.put_u32_le(self.backend_caps.bits());
-        // MariaDB extended capabilities: none negotiated yet.
-        b.put_u32_le(0);
+        b.put_u32_le(self.client_mariadb.bits());
+        b.put_u32_le(self.backend_mariadb.bits());
         let mut hello = BytesMut::new();
         self.hello.write(&mut hello);
         put_lenenc_bytes(&mut b, &hello);
@@ -166,10 +173,11 @@ impl<T: Clone> Session<T> {
                 put_lenenc_bytes(&mut b, db);
             }
         }
-        let deprecate_eof = self.client_caps.contains(CapabilityFlags::DEPRECATE_EOF);
-        put_lenenc_bytes(&mut b, &export_tracker(&self.tracker, deprecate_eof));
+        let mut sub = BytesMut::new();
+        self.tracker.export(&mut sub).map_err(busy)?;
+        put_lenenc_bytes(&mut b, &sub);
         for leg in [Leg::Client, Leg::Backend] {
-            put_leg(&mut b, &self.relay.legs[leg.idx()]);
+            put_leg(&mut b, &self.relay.legs[leg.idx()])?;
         }
         Ok(b.freeze())
     }
@@ -192,7 +200,11 @@ impl<T: Clone> Session<T> {
         salt.copy_from_slice(r.take(20, "salt")?);
         let client_caps = CapabilityFlags::from_bits_retain(r.u32("client capabilities")?);
         let backend_caps = CapabilityFlags::from_bits_retain(r.u32("backend capabilities")?);
-        let _mariadb_caps = r.u32("MariaDB capabilities")?;
+        let client_mariadb = MariaDbCapabilities::from_bits(r.u32("client MariaDB capabilities")?)
+            .ok_or(ImportError::Invalid("client MariaDB capabilities"))?;
+        let backend_mariadb =
+            MariaDbCapabilities::from_bits(r.u32("backend MariaDB capabilities")?)
+                .ok_or(ImportError::Invalid("backend MariaDB capabilities"))?;
         let hello = match ClientHello::parse(r.lenenc_bytes("handshake response")?)? {
             ClientHello::Response(h) => h,
             ClientHello::Ssl(_) => return Err(ImportError::Invalid("handshake response")),
@@ -203,7 +215,11 @@ impl<T: Clone> Session<T> {
             1 => Some(Bytes::copy_from_slice(r.lenenc_bytes("database")?)),
             _ => return Err(ImportError::Invalid("database flag")),
         };
-        let tracker = import_tracker(r.lenenc_bytes("tracker")?)?;
+        let mut sub = r.lenenc_bytes("tracker")?;
+        let tracker = CommandTracker::import(&mut sub)?;
+        if !sub.is_empty() {
+            return Err(ImportError::Trailing(sub.len()));
+        }
         let mut relay = Relay::default();
         for leg in [Leg::Client, Leg::Backend] {
             relay.legs[leg.idx()] = take_leg(&mut r)?;
@@ -219,6 +235,8 @@ impl<T: Clone> Session<T> {
                 hello,
                 client_caps,
                 backend_caps,
+                client_mariadb,
+                backend_mariadb,
                 user,
                 database,
                 tracker,
@@ -232,6 +250,8 @@ pub(super) struct Resumed {
     pub(super) hello: HandshakeResponse,
     pub(super) client_caps: CapabilityFlags,
     pub(super) backend_caps: CapabilityFlags,
+    pub(super) client_mariadb: MariaDbCapabilities,
+    pub(super) backend_mariadb: MariaDbCapabilities,
     pub(super) user: Bytes,
     pub(super) database: Option<Bytes>,
     pub(super) tracker: CommandTracker,
@@ -241,7 +261,7 @@ const LEG_TLS: u8 = 1;
 const LEG_FRAMING: u8 = 2;
 const LEG_RESET_OUT_SEQ: u8 = 4;
 
-fn put_leg(b: &mut BytesMut, l: &LegState) {
+fn put_leg(b: &mut BytesMut, l: &LegState) -> Result<(), ExportError> {
     let mut flags = 0;
     if l.tls {
         flags |= LEG_TLS;
@@ -259,7 +279,12 @@ fn put_leg(b: &mut BytesMut, l: &LegState) {
         Some(Algorithm::Zlib) => b.put_slice(&[1, 0]),
         Some(Algorithm::Zstd(level)) => b.put_slice(&[2, level]),
     }
-    b.put_u8(l.framing.as_ref().map_or(0, |f| f.seq()));
+    if let Some(f) = &l.framing {
+        let mut sub = BytesMut::new();
+        f.export(&mut sub).map_err(busy)?;
+        put_lenenc_bytes(b, &sub);
+    }
+    Ok(())
 }
 
 fn take_leg(r: &mut Reader<'_>) -> Result<LegState, ImportError> {
@@ -274,15 +299,18 @@ fn take_leg(r: &mut Reader<'_>) -> Result<LegState, ImportError> {
         (2, level) => Some(Algorithm::Zstd(level)),
         _ => return Err(ImportError::Invalid("compression")),
     };
-    let framing_seq = r.u8("compressed sequence")?;
-    let framing = match (flags & LEG_FRAMING != 0, compression) {
-        (false, _) => None,
-        (true, Some(alg)) => {
-            let mut f = CompressedFraming::new(alg);
-            f.set_seq(framing_seq);
-            Some(Box::new(f))
+    let framing = if flags & LEG_FRAMING != 0 {
+        let mut sub = r.lenenc_bytes("compressed framing")?;
+        let f = CompressedFraming::import(&mut sub)?;
+        if !sub.is_empty() {
+            return Err(ImportError::Trailing(sub.len()));
         }
-        (true, None) => return Err(ImportError::Invalid("compressed leg without algorithm")),
+        if compression != Some(f.algorithm()) {
+            return Err(ImportError::Invalid("compressed framing algorithm"));
+        }
+        Some(Box::new(f))
+    } else {
+        None
     };
     Ok(LegState {
         framing,
@@ -294,56 +322,12 @@ fn take_leg(r: &mut Reader<'_>) -> Result<LegState, ImportError> {
     })
 }
 
-/// The tracker's state at a safe point: the EOF style, the status flags
-/// and the prepared statement ids (cursors and long data are empty there).
-/// Written with the tracker's public accessors; `CommandTracker`'s own
-/// export replaces this when it exists.
-pub fn export_tracker(t: &CommandTracker, deprecate_eof: bool) -> Bytes {
-    let mut b = BytesMut::with_capacity(8 + 4 * t.prepared().len());
-    b.put_u8(u8::from(deprecate_eof));
-    b.put_u16_le(t.status().bits());
-    b.put_u32_le(t.prepared().len() as u32);
-    for id in t.prepared() {
-        b.put_u32_le(*id);
+/// A sub-machine refused to export: the session's own check let a busy
+/// state through, which it must not.
+fn busy(e: StateError) -> ExportError {
+    match e {
+        StateError::Busy { why, .. } => ExportError::NotIdle(why),
+        // Exporting writes, never reads: only `Busy` can come back.
+        other => unreachable!("export cannot fail with {other}"),
     }
-    b.freeze()
-}
-
-/// Rebuilds a tracker written by [`export_tracker`]: the prepared ids are
-/// registered by replaying a minimal COM_STMT_PREPARE exchange for each.
-pub fn import_tracker(bytes: &[u8]) -> Result<CommandTracker, ImportError> {
-    let mut r = Reader::new(bytes);
-    let deprecate_eof = match r.u8("tracker EOF style")? {
-        0 => false,
-        1 => true,
-        _ => return Err(ImportError::Invalid("tracker EOF style")),
-    };
-    let status = StatusFlags::from_bits_retain(r.u16("tracker status")?);
-    let n = r.u32("prepared count")? as usize;
-    if n > r.remaining() / 4 {
-        return Err(ImportError::Invalid("prepared count"));
-    }
-    let mut t = CommandTracker::new(deprecate_eof, status);
-    for _ in 0..n {
-        let id = r.u32("prepared id")?;
-        let prepare = [crate::Command::StmtPrepare.to_byte()];
-        let _ = t.on_client_packet(prepare.len(), &prepare);
-        let mut ok = BytesMut::with_capacity(12);
-        PrepareOk {
-            statement_id: id,
-            columns: 0,
-            params: 0,
-            warnings: 0,
-        }
-        .write(&mut ok);
-        match t.on_backend_packet(ok.len(), &ok) {
-            Ok(BackendPacket::Done { ok: true }) => {}
-            _ => return Err(ImportError::Invalid("prepared id")),
-        }
-    }
-    if !r.is_empty() {
-        return Err(ImportError::Trailing(r.remaining()));
-    }
-    t.set_status(status);
-    Ok(t)
 }

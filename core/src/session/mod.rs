@@ -65,9 +65,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand_core::RngCore;
 
 use self::backend::Expect;
-pub use self::export::{
-    EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError, export_tracker, import_tracker,
-};
+pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError};
 use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event};
 use self::relay::Relay;

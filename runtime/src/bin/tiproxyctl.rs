@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tiproxy_runtime::http_client::{self, HttpError};
 
 #[derive(Parser, Debug)]
 #[command(name = "tiproxyctl", version = tiproxy_runtime::VERSION, about = "Control a running tiproxy through its HTTP API")]
@@ -332,7 +332,7 @@ enum Failure {
     /// The TLS handshake or session failed (with a hint).
     Tls(String),
     /// The connection broke.
-    Io(std::io::Error),
+    Io(String),
     /// The answer was not HTTP.
     NotHttp,
 }
@@ -389,7 +389,10 @@ fn read_certs(flag: &str, path: &std::path::Path) -> Result<Vec<CertificateDer<'
     Ok(certs)
 }
 
-/// A minimal HTTP/1.0 request, over TLS when `tls` is set.
+/// Largest answer body read (the API's listings are a few MiB at most).
+const BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+/// One request with the runtime's HTTP client, over TLS when `tls` is set.
 async fn request(
     addr: &str,
     host: &str,
@@ -401,53 +404,38 @@ async fn request(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(Failure::Connect)?;
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let Some(tls) = tls else {
-        return exchange(tcp, &req).await;
-    };
-    let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-        .map_err(|e| Failure::Tls(format!("--host {host} is not a valid TLS server name: {e}")))?;
-    let s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(failure)?;
-    exchange(s, &req).await
-}
-
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    req: &str,
-) -> Result<(u16, String), Failure> {
-    s.write_all(req.as_bytes()).await.map_err(failure)?;
-    s.flush().await.map_err(failure)?;
-    let mut buf = Vec::new();
-    if let Err(e) = s.read_to_end(&mut buf).await {
-        // A TLS peer that closes without close_notify after a whole answer.
-        if buf.is_empty() || e.kind() != std::io::ErrorKind::UnexpectedEof {
-            return Err(failure(e));
+    let body = bytes::Bytes::copy_from_slice(body.as_bytes());
+    let answer = match tls {
+        None => http_client::send(tcp, addr, method, path, body, BODY_LIMIT).await,
+        Some(tls) => {
+            let name =
+                ServerName::try_from(host.trim_matches(['[', ']']).to_string()).map_err(|e| {
+                    Failure::Tls(format!("--host {host} is not a valid TLS server name: {e}"))
+                })?;
+            let s = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| failure(&e))?;
+            http_client::send(s, addr, method, path, body, BODY_LIMIT).await
         }
+    };
+    match answer {
+        Ok(r) => Ok((r.status, String::from_utf8_lossy(&r.body).into_owned())),
+        Err(HttpError::NotHttp(_)) => Err(Failure::NotHttp),
+        // Closed without a word: a TLS server refusing a plain request.
+        Err(HttpError::Http(e)) if e.is_incomplete_message() => Err(Failure::NotHttp),
+        Err(e) => match e.io_error() {
+            Some(io) => Err(failure(io)),
+            None => Err(Failure::Io(e.to_string())),
+        },
     }
-    let text = String::from_utf8_lossy(&buf);
-    if !text.starts_with("HTTP/") {
-        return Err(Failure::NotHttp);
-    }
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
 }
 
 /// Names a TLS failure and what to check.
-fn failure(e: std::io::Error) -> Failure {
+fn failure(e: &std::io::Error) -> Failure {
     use rustls::AlertDescription as A;
     let Some(t) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return Failure::Io(e);
+        return Failure::Io(e.to_string());
     };
     let hint = match t {
         rustls::Error::InvalidCertificate(_) => {

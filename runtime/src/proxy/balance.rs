@@ -1,0 +1,143 @@
+//! The loops that feed and apply balancing: [`metrics_loop`] reads each
+//! TiDB's CPU and memory use, [`balance_loop`] plans every tick's moves
+//! with the core and asks the chosen sessions to move. Decisions are the
+//! core's ([`tiproxy_core::balance::plan`], the move ledger); these loops
+//! only gather inputs and apply outcomes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::debug;
+
+use super::{State, http_get};
+use crate::conn::Mailbox;
+use crate::net::Network;
+use crate::router::MetricsReading;
+
+/// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
+/// status port, for CPU and memory use (what the `resource` and `location`
+/// policies rank by). A backend without the metrics (not a TiDB, or an
+/// unreachable status port) is simply not ranked by them; its health is
+/// `probe_loop`'s business, so failures here are logged at debug only.
+pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
+    let mut generation = u64::MAX;
+    let mut hc = crate::config::HealthCheckConfig::default();
+    let mut d = hc.durations();
+    loop {
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            let cfg = st.live_config();
+            hc = cfg.health_check;
+            d = hc.durations();
+        }
+        let wanted = hc.enable
+            && st.live_config().balance.policy() != tiproxy_core::balance::Policy::Connection;
+        if wanted {
+            for b in st.shared.router.backends() {
+                let Some(status) = &b.status_addr else {
+                    continue;
+                };
+                match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
+                    Ok((200, body)) => {
+                        b.record_metrics(MetricsReading::parse(&body), tokio::time::Instant::now())
+                    }
+                    Ok((code, _)) => debug!(backend = %b.addr, "/metrics answered {code}"),
+                    Err(e) => debug!(backend = %b.addr, "cannot read /metrics: {e}"),
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(d.metrics_interval) => {}
+        }
+    }
+}
+
+/// Every 100 ms: snapshot the backends, plan the tick's moves with
+/// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
+/// then even out the rest with hysteresis), and ask the chosen sessions to
+/// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
+/// sessions may be asked (not moving, not cooling down after a failed
+/// move), how many moves may start, and which backends cannot export.
+pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
+    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
+    let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
+    // `[balance]` is reloadable: re-read when the configuration changed.
+    let mut generation = st.config_generation();
+    let mut cfg = st.live_config().balance.plan_config();
+    loop {
+        tokio::select! {
+            biased;
+            _ = st.stopped.notified() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if st.config_generation() != generation {
+            generation = st.config_generation();
+            let live = st.live_config();
+            cfg = live.balance.plan_config();
+            st.shared
+                .router
+                .set_balance(cfg.policy, live.labels.get("zone").cloned());
+        }
+        let router = &st.shared.router;
+        let backends = router.backends();
+        if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        // Movable sessions per backend, by the ledger.
+        let sessions: Vec<(u32, Arc<Mailbox>, usize)> = st
+            .sessions()
+            .into_iter()
+            .filter_map(|(id, m)| {
+                let b = m.backend()?;
+                let i = backends.iter().position(|x| Arc::ptr_eq(x, &b))?;
+                Some((id, m, i))
+            })
+            .collect();
+        let mut on: Vec<Vec<(u32, Arc<Mailbox>)>> = vec![Vec::new(); backends.len()];
+        let (room, exports, incoming) = router.with_moves(|l| {
+            l.expire(now.into_std());
+            for (id, m, i) in sessions {
+                if l.can_move(id, now.into_std()) {
+                    on[i].push((id, m));
+                }
+            }
+            let exports: Vec<bool> = backends.iter().map(|b| l.can_export(&b.addr)).collect();
+            let incoming: Vec<u32> = backends.iter().map(|b| l.incoming(&b.addr)).collect();
+            (l.room(), exports, incoming)
+        });
+        let snapshot: Vec<BackendLoad> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BackendLoad {
+                movable: if exports[i] { on[i].len() as u32 } else { 0 },
+                evacuate: b.should_evacuate()
+                    && !router.planted(crate::router::PlantedBug::NoEvacuation),
+                ..router.load_of(b, now)
+            })
+            .collect();
+        for (b, n) in backends.iter().zip(&incoming) {
+            crate::metrics::metrics()
+                .pending_migrate
+                .with_label_values(&[&b.addr])
+                .set(i64::from(*n));
+        }
+        // Moves in flight hold a third socket each and compete with the
+        // sessions' own traffic: keep their number bounded.
+        if room == 0 {
+            continue;
+        }
+        let cfg = BalanceConfig {
+            budget: cfg.budget.min(room),
+            ..cfg
+        };
+        for m in plan(&snapshot, &cfg) {
+            let n = (m.count as usize).min(on[m.from].len());
+            for (id, mb) in on[m.from].drain(..n) {
+                mb.request_move(router, id, &backends[m.to]);
+            }
+        }
+    }
+}
