@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
-use crate::proxy::State;
+use crate::state::State;
 
 type Resp = Response<Full<Bytes>>;
 

@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod balance;
+mod reload_class;
+
+pub use reload_class::{changed_keys, classify};
 
 pub use balance::{
     BalanceConfig, ConnCountFactor, CpuFactor, HealthFactor, LocationFactor, MemoryFactor,

@@ -16,11 +16,11 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tiproxy_core::error::{ProxyError, SessionError};
+use tiproxy_core::error::ProxyError;
 use tiproxy_core::health::{Dial, LocalExhaustion};
 use tiproxy_core::proxy_protocol::ProxyHeader;
-use tiproxy_core::session::{Action, Event, Leg, Session, SessionConfig};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tiproxy_core::session::{Action, Leg, Session, SessionConfig};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
@@ -28,141 +28,14 @@ use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
-use tiproxy_core::balance::{MoveOutcome, Resolved};
 
-/// A connection's mailbox: requests from the router, the API and shutdown.
-/// Cheaper than a channel (an idle connection holds one of these).
-#[derive(Debug, Default)]
-pub struct Mailbox {
-    /// The client's address.
-    client: std::sync::Mutex<Option<SocketAddr>>,
-    /// The backend the session is on (set by the connection).
-    backend: std::sync::Mutex<Option<Arc<crate::router::Backend>>>,
-    /// The connection ended: no move may be recorded for it any more (set
-    /// under the move ledger's lock, so a request racing the end leaves no
-    /// entry behind).
-    closed: std::sync::atomic::AtomicBool,
-    waker: atomic_waker::AtomicWaker,
-    /// Set when `queue` may be non-empty: the hot path checks this flag, not
-    /// the lock.
-    pending: std::sync::atomic::AtomicBool,
-    queue: std::sync::Mutex<Vec<Control>>,
-}
+mod events;
+mod mailbox;
+mod socket;
 
-/// What a listing shows of a session. A connection answers
-/// [`Control::Describe`] with it: nothing is kept per idle connection for
-/// listings.
-#[derive(Debug, Clone, Default)]
-pub struct SessionInfo {
-    /// Connection id.
-    pub connection_id: u32,
-    /// Client address (from the PROXY header when there is one).
-    pub client: String,
-    /// The backend it is on.
-    pub backend: Option<String>,
-    /// Authenticated user.
-    pub user: String,
-    /// Database chosen at connect or by COM_CHANGE_USER.
-    pub db: String,
-    /// Whether it is inside a transaction.
-    pub in_transaction: bool,
-    /// Milliseconds since its last command finished (or since it connected).
-    pub idle_ms: u64,
-    /// Commands it finished (the status page turns this into per-backend QPS).
-    pub commands: u64,
-}
-
-/// Where a connection sends its [`SessionInfo`] (taken once).
-pub type DescribeReply = Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<SessionInfo>>>>;
-
-/// Milliseconds since the process started (monotonic).
-pub fn uptime_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-impl Mailbox {
-    /// The client address, as set by the connection (for the simulation's
-    /// bookkeeping).
-    pub fn client(&self) -> Option<SocketAddr> {
-        *self.client.lock().expect("mailbox lock")
-    }
-
-    /// The backend the session is on.
-    pub fn backend(&self) -> Option<Arc<crate::router::Backend>> {
-        self.backend.lock().expect("mailbox lock").clone()
-    }
-
-    fn set_backend(&self, b: Option<Arc<crate::router::Backend>>) {
-        *self.backend.lock().expect("mailbox lock") = b;
-    }
-
-    /// Asks session `conn` (this mailbox's) to move to `target` at its
-    /// next safe point, and records the move in the router's ledger.
-    pub fn request_move(&self, router: &Router, conn: u32, target: &Arc<crate::router::Backend>) {
-        router.with_moves(|l| {
-            if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
-                return;
-            }
-            l.requested(conn, target.addr.clone());
-            self.send(Control::Redirect(target.addr.clone()));
-        });
-    }
-
-    /// Session `conn` (this mailbox's) ended: its moves leave the ledger,
-    /// and none may be recorded for it from now on.
-    fn close_moves(&self, router: &Router, conn: u32) {
-        router.with_moves(|l| {
-            self.closed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            l.closed(conn);
-        });
-    }
-
-    /// Queues a request and wakes the connection.
-    pub fn send(&self, c: Control) {
-        self.queue.lock().expect("mailbox lock").push(c);
-        self.pending
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.waker.wake();
-    }
-
-    fn poll_take(&self, cx: &mut Context<'_>) -> Option<Control> {
-        use std::sync::atomic::Ordering;
-        self.waker.register(cx.waker());
-        if !self.pending.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut q = self.queue.lock().expect("mailbox lock");
-        if q.len() <= 1 {
-            self.pending.store(false, Ordering::Release);
-        }
-        if q.is_empty() {
-            return None;
-        }
-        let c = q.remove(0);
-        if q.is_empty() {
-            *q = Vec::new();
-        }
-        Some(c)
-    }
-}
-
-/// An operator's or the router's request to a connection.
-#[derive(Debug, Clone)]
-pub enum Control {
-    /// Move to this backend at the next safe point.
-    Redirect(String),
-    /// Close at the next safe point (graceful shutdown).
-    CloseAtSafePoint,
-    /// Close now.
-    Close(&'static str),
-    /// Report what a session listing shows.
-    Describe(DescribeReply),
-}
+pub use self::mailbox::{Control, DescribeReply, Mailbox, SessionInfo, uptime_ms};
+use self::socket::{Io, write_all};
+use tiproxy_core::balance::MoveOutcome;
 
 /// What every connection shares.
 pub struct Shared<N: Network> {
@@ -200,53 +73,6 @@ thread_local! {
     /// Reads land here and go straight into the session: connections own
     /// no read buffers.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
-}
-
-/// A socket, possibly upgraded to TLS.
-enum Io<S> {
-    Plain(S),
-    ServerTls(Box<tokio_rustls::server::TlsStream<Prefixed<S>>>),
-    ClientTls(Box<tokio_rustls::client::TlsStream<S>>),
-    /// Moved into a TLS handshake in progress.
-    Upgrading,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Upgrading => Poll::Pending,
-        }
-    }
-
-    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Io::Upgrading => Poll::Pending,
-        }
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Io::Plain(_) => Poll::Ready(Ok(())),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Upgrading => Poll::Pending,
-        }
-    }
-
-    async fn shutdown(&mut self) {
-        let _ = match self {
-            Io::Plain(s) => s.shutdown().await,
-            Io::ServerTls(s) => s.shutdown().await,
-            Io::ClientTls(s) => s.shutdown().await,
-            Io::Upgrading => Ok(()),
-        };
-    }
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -508,128 +334,6 @@ impl<N: Network> Driver<N> {
         while let Some(e) = self.session.poll_event() {
             self.on_event(e);
         }
-    }
-
-    fn on_event(&mut self, e: Event) {
-        let conn_id = self.conn_id;
-        match e {
-            Event::CommandDone {
-                command,
-                ok,
-                elapsed,
-            } => {
-                metrics().query(command, elapsed.as_secs_f64());
-                if !ok {
-                    metrics().query_error(command);
-                }
-                self.commands = self.commands.wrapping_add(1);
-                self.last_command_ms = uptime_ms();
-            }
-            Event::BackendGreeting {
-                server_version,
-                capabilities,
-                mariadb_capabilities,
-                charset,
-            } => {
-                if !self.shared.router.has_profile() {
-                    self.shared.router.set_profile(BackendProfile {
-                        server_version,
-                        capabilities,
-                        mariadb_capabilities,
-                        charset,
-                    });
-                }
-            }
-            Event::Authenticated { user } => {
-                debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
-                let _ = user;
-            }
-            Event::SafePoint | Event::MigrationStarted { .. } => {}
-            Event::Migrated { target } => {
-                self.move_resolved(MoveOutcome::Moved);
-                let from = self
-                    .moved_from
-                    .take()
-                    .map(|b| b.addr.clone())
-                    .unwrap_or_default();
-                metrics()
-                    .migrate
-                    .with_label_values(&[&from, &target, "", "succeed"])
-                    .inc();
-                debug!(conn_id, to = %target, "session moved");
-            }
-            Event::MigrationFailed { target, reason } => {
-                let resolved = self.move_resolved(MoveOutcome::of_failure(&reason));
-                if resolved.source_cannot_export
-                    && let Some(lease) = &self.lease
-                {
-                    warn!(
-                        backend = %lease.backend().addr,
-                        "backend cannot export sessions ({reason}); its sessions will not be moved. Is it TiDB with security.session-token-signing-cert set?"
-                    );
-                }
-                let from = self
-                    .lease
-                    .as_ref()
-                    .map(|l| l.backend().addr.clone())
-                    .unwrap_or_default();
-                metrics()
-                    .migrate
-                    .with_label_values(&[&from, &target, "", "fail"])
-                    .inc();
-                info!(conn_id, to = %target, "session move failed, staying: {reason}");
-            }
-            Event::Closed { reason } => {
-                let backend = self
-                    .lease
-                    .as_ref()
-                    .map(|l| l.backend().addr.as_str())
-                    .unwrap_or("-");
-                let kind = match &reason {
-                    SessionError::ClientQuit => "success",
-                    SessionError::ClientClosed => "client network break",
-                    SessionError::ClientProtocol(_) => "malformed packet",
-                    SessionError::Refused(ProxyError::NoBackend(_)) => "get backend fail",
-                    SessionError::Refused(ProxyError::HandshakeTimeout(_)) => {
-                        "client handshake fail"
-                    }
-                    SessionError::Refused(_) => "proxy error",
-                    SessionError::AuthFailed { .. } => "auth fail",
-                    SessionError::BackendLost(_) => "backend network break",
-                    SessionError::BackendProtocol(_) => "backend handshake fail",
-                    SessionError::Closed(_) => "proxy shutdown",
-                };
-                metrics().disconnection.with_label_values(&[kind]).inc();
-                match &reason {
-                    SessionError::ClientQuit
-                    | SessionError::ClientClosed
-                    | SessionError::Closed(_) => {
-                        debug!(conn_id, peer = %self.peer, backend, "connection closed: {reason}")
-                    }
-                    SessionError::AuthFailed { .. } => {
-                        debug!(conn_id, peer = %self.peer, backend, "{reason}")
-                    }
-                    SessionError::Refused(ProxyError::NoBackend(_))
-                    | SessionError::BackendLost(_) => {
-                        warn!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
-                    }
-                    _ => info!(conn_id, peer = %self.peer, backend, "connection failed: {reason}"),
-                }
-            }
-        }
-    }
-
-    /// A requested move ended: the ledger learns how.
-    fn move_resolved(&mut self, outcome: MoveOutcome) -> Resolved {
-        let source = self
-            .lease
-            .as_ref()
-            .map(|l| l.backend().addr.clone())
-            .unwrap_or_default();
-        let now = Instant::now().into_std();
-        self.shared
-            .router
-            .with_moves(|l| l.resolved(self.conn_id, &source, outcome, now))
     }
 
     fn start_connect(&mut self, leg: Leg, target: Option<String>) {
@@ -1015,20 +719,6 @@ impl<N: Network> Driver<N> {
     }
 }
 
-async fn write_all<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Io<S>,
-    mut data: &[u8],
-) -> io::Result<()> {
-    while !data.is_empty() {
-        let n = poll_fn(|cx| io.poll_write(cx, data)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        data = &data[n..];
-    }
-    poll_fn(|cx| io.poll_flush(cx)).await
-}
-
 #[cfg(test)]
 mod size_tests {
     use super::*;
@@ -1064,28 +754,5 @@ mod size_tests {
             std::mem::size_of::<Driver<TokioNet>>(),
             std::mem::size_of::<Session>()
         );
-    }
-}
-
-#[cfg(test)]
-mod move_tests {
-    use super::*;
-
-    #[test]
-    fn a_move_requested_after_the_end_leaves_nothing_behind() {
-        let router = Router::new(&["a:1".into(), "b:1".into()]);
-        let b = router.find("b:1").unwrap();
-        let mb = Mailbox::default();
-        mb.request_move(&router, 7, &b);
-        assert_eq!(router.incoming(&b), 1);
-        assert!(
-            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t == "b:1")
-        );
-        mb.close_moves(&router, 7);
-        assert_eq!(router.incoming(&b), 0, "the end resolves the move");
-        // The balance loop still held the mailbox: its request is dropped.
-        mb.request_move(&router, 7, &b);
-        assert_eq!(router.incoming(&b), 0);
-        assert_eq!(router.with_moves(|l| l.in_flight()), 0);
     }
 }

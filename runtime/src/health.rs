@@ -16,9 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::http_client::http_status;
 use crate::net::Network;
-use crate::proxy::{State, http_status};
 use crate::router::BackendProfile;
+use crate::state::State;
 
 /// Health checks, as `[health-check]` sets them (re-read when the
 /// configuration changes). Every `status-interval`: the TiDB status port of

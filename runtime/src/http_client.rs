@@ -161,6 +161,39 @@ pub async fn get<N: Network>(
     .await
 }
 
+/// Largest `/metrics` body read (TiDB's is a few MiB at most).
+const METRICS_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// Largest `/status` body read (TiDB's is a short JSON object).
+const STATUS_BODY_LIMIT: usize = 64 * 1024;
+
+/// GET `path` on `addr`: the status code and the body (at most
+/// [`METRICS_BODY_LIMIT`]), all within `timeout`.
+pub(crate) async fn http_get<N: Network>(
+    net: &N,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    get(net, addr, path, timeout, METRICS_BODY_LIMIT)
+        .await
+        .map(|r| (r.status, r.body.into()))
+        .map_err(|e| e.to_string())
+}
+
+/// GET `path` on `addr`; the status code, within `timeout`.
+pub(crate) async fn http_status<N: Network>(
+    net: &N,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
+    get(net, addr, path, timeout, STATUS_BODY_LIMIT)
+        .await
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

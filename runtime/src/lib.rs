@@ -6,6 +6,7 @@
 //! clock, which turmoil drives in simulation.
 
 pub mod api;
+pub mod balance;
 pub mod config;
 pub mod conn;
 pub mod discovery;
@@ -18,6 +19,7 @@ pub mod pd;
 pub mod proxy;
 pub mod reload;
 pub mod router;
+pub mod state;
 pub mod tls;
 
 pub use proxy::{Proxy, StartError, start, start_on};

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tiproxy_runtime::proxy::State;
 use tiproxy_runtime::router::FAILED_BACKEND_PAUSE;
+use tiproxy_runtime::state::State;
 
 use crate::net::{Links, TurmoilNet};
 use crate::scenario::Scenario;

@@ -152,6 +152,7 @@ impl RawClient {
                 capabilities: caps,
                 max_packet_size: 16 * 1024 * 1024,
                 charset: 45,
+                mariadb_capabilities: Default::default(),
             }
             .write(&mut req);
             let mut pkt = BytesMut::new();
@@ -166,6 +167,7 @@ impl RawClient {
             max_packet_size: 16 * 1024 * 1024,
             charset: 45,
             filler: [0; 23],
+            mariadb_capabilities: Default::default(),
             username: bytes::Bytes::from_static(USER.as_bytes()),
             auth_response: bytes::Bytes::new(),
             database: None,

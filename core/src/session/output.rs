@@ -2,12 +2,13 @@
 //! upgrades, closes, the swap of backends) and events to report (for the
 //! router, metrics and logs). `T` is the driver's handle for a move target.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::Leg;
 use super::migration::MigrationFailure;
+use super::{Leg, Phase, Session};
 use crate::command::Command;
 use crate::error::SessionError;
 use crate::flags::{CapabilityFlags, MariaDbCapabilities};
@@ -102,4 +103,58 @@ pub enum Event<T = String> {
         /// Why.
         reason: SessionError,
     },
+}
+
+/// The outputs: drain them after every input, in this order: actions,
+/// events, bytes to write per leg, then the one timer to arm.
+impl<T: Clone> Session<T> {
+    /// The next action for the driver.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action<T>> {
+        let a = self.actions.pop_front();
+        if a.is_none() && self.actions.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely act: give the memory back.
+            self.actions = VecDeque::new();
+        }
+        a
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event<T>> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        if self.events.capacity() > 0 && self.phase == Phase::Command {
+            // Established sessions rarely have events besides finished
+            // commands (which use a slot): give the memory back.
+            self.events = VecDeque::new();
+        }
+        self.command_done.take()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.handshake_deadline, self.migration.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Bytes to write to `leg`.
+    #[must_use]
+    pub fn transmit(&self, leg: Leg) -> &[u8] {
+        self.relay.legs[leg.idx()].out.pending()
+    }
+
+    /// Marks `n` bytes of [`Session::transmit`] as written.
+    pub fn advance_transmit(&mut self, leg: Leg, n: usize) {
+        self.relay.legs[leg.idx()].out.advance(n);
+    }
+
+    /// Bytes held in the session's buffers (for memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.relay.buffered()
+    }
 }

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use super::{State, http_get};
 use crate::conn::Mailbox;
+use crate::http_client::http_get;
 use crate::net::Network;
 use crate::router::MetricsReading;
+use crate::state::State;
 
 /// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
 /// status port, for CPU and memory use (what the `resource` and `location`
