@@ -100,7 +100,8 @@ enum Op<S> {
 
 struct Driver<N: Network> {
     shared: Arc<Shared<N>>,
-    session: Session,
+    /// The session; a move target is the backend's handle.
+    session: Session<Arc<crate::router::Backend>>,
     client: Io<N::Stream>,
     backend: Option<Io<N::Stream>>,
     new_backend: Option<Io<N::Stream>>,
@@ -336,7 +337,7 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    fn start_connect(&mut self, leg: Leg, target: Option<String>) {
+    fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
         let shared = self.shared.clone();
         let fut = async move {
             let mut tried: Vec<String> = Vec::new();
@@ -352,14 +353,13 @@ impl<N: Network> Driver<N> {
                         if !tried.is_empty() {
                             return Err(ConnectError::Unreachable(last_err));
                         }
-                        match shared.router.backends().into_iter().find(|b| &b.addr == t) {
-                            Some(b) => b,
-                            None => {
-                                return Err(ConnectError::Unreachable(format!(
-                                    "backend {t} is not in the backend list"
-                                )));
-                            }
+                        if t.is_removed() {
+                            return Err(ConnectError::Unreachable(format!(
+                                "backend {} is not in the backend list",
+                                t.addr
+                            )));
                         }
+                        t.clone()
                     }
                     None => match shared.router.pick(&tried) {
                         Some(b) => b,

@@ -1,6 +1,8 @@
 //! What a connection reports of its session's events: metrics, logs, the
 //! router's backend profile and the move ledger.
 
+use std::sync::Arc;
+
 use tiproxy_core::balance::{MoveOutcome, Resolved};
 use tiproxy_core::error::{ProxyError, SessionError};
 use tiproxy_core::session::Event;
@@ -10,10 +12,10 @@ use tracing::{debug, info, warn};
 use super::{Driver, uptime_ms};
 use crate::metrics::metrics;
 use crate::net::Network;
-use crate::router::BackendProfile;
+use crate::router::{Backend, BackendProfile};
 
 impl<N: Network> Driver<N> {
-    pub(super) fn on_event(&mut self, e: Event) {
+    pub(super) fn on_event(&mut self, e: Event<Arc<Backend>>) {
         let conn_id = self.conn_id;
         match e {
             Event::CommandDone {
@@ -57,9 +59,9 @@ impl<N: Network> Driver<N> {
                     .unwrap_or_default();
                 metrics()
                     .migrate
-                    .with_label_values(&[&from, &target, "", "succeed"])
+                    .with_label_values(&[&from, &target.addr, "", "succeed"])
                     .inc();
-                debug!(conn_id, to = %target, "session moved");
+                debug!(conn_id, to = %target.addr, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
                 let resolved = self.move_resolved(MoveOutcome::of_failure(&reason));
@@ -78,9 +80,9 @@ impl<N: Network> Driver<N> {
                     .unwrap_or_default();
                 metrics()
                     .migrate
-                    .with_label_values(&[&from, &target, "", "fail"])
+                    .with_label_values(&[&from, &target.addr, "", "fail"])
                     .inc();
-                info!(conn_id, to = %target, "session move failed, staying: {reason}");
+                info!(conn_id, to = %target.addr, "session move failed, staying: {reason}");
             }
             Event::Closed { reason } => {
                 let backend = self

@@ -86,7 +86,7 @@ impl Mailbox {
                 return;
             }
             l.requested(conn, target.addr.clone());
-            self.send(Control::Redirect(target.addr.clone()));
+            self.send(Control::Redirect(target.clone()));
         });
     }
 
@@ -133,7 +133,7 @@ impl Mailbox {
 #[derive(Debug, Clone)]
 pub enum Control {
     /// Move to this backend at the next safe point.
-    Redirect(String),
+    Redirect(Arc<crate::router::Backend>),
     /// Close at the next safe point (graceful shutdown).
     CloseAtSafePoint,
     /// Close now.
@@ -154,7 +154,7 @@ mod move_tests {
         mb.request_move(&router, 7, &b);
         assert_eq!(router.incoming(&b), 1);
         assert!(
-            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t == "b:1")
+            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t.addr == "b:1")
         );
         mb.close_moves(&router, 7);
         assert_eq!(router.incoming(&b), 0, "the end resolves the move");
