@@ -43,7 +43,7 @@ use crate::wire::{Reader, StateError, WireError, put_lenenc_bytes};
 pub const EXPORT_MAGIC: &[u8; 4] = b"TPXS";
 
 /// The format version this build writes and reads.
-pub const EXPORT_VERSION: u8 = 2;
+pub const EXPORT_VERSION: u8 = 1;
 
 /// Why a session cannot be exported now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
