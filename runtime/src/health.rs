@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::http_client::http_status;
+use crate::http_client::{HttpError, http_status};
 use crate::net::Network;
 use crate::router::BackendProfile;
 use crate::state::State;
@@ -92,9 +92,12 @@ async fn check_backend<N: Network>(
     let router = &st.shared.router;
     if let Some(status) = &b.status_addr {
         let answer = http_status(&st.shared.net, status, "/status", d.dial_timeout).await;
-        let failure = |e: &String| match crate::net::local_exhaustion_in(e) {
-            Some(what) => CheckFailure::Local(what),
-            None => CheckFailure::Backend,
+        // Out of descriptors is the proxy's own state, not the backend's.
+        let failure = |e: &HttpError| match e {
+            HttpError::Connect(io) => {
+                crate::net::local_exhaustion(io).map_or(CheckFailure::Backend, CheckFailure::Local)
+            }
+            _ => CheckFailure::Backend,
         };
         let out = router.handle_status(&b, answer.as_ref().map(|c| *c).map_err(failure));
         probe_due |= out.probe_now;

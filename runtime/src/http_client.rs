@@ -187,11 +187,10 @@ pub(crate) async fn http_status<N: Network>(
     addr: &str,
     path: &str,
     timeout: Duration,
-) -> Result<u16, String> {
+) -> Result<u16, HttpError> {
     get(net, addr, path, timeout, STATUS_BODY_LIMIT)
         .await
         .map(|r| r.status)
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -226,15 +226,6 @@ pub fn local_exhaustion(e: &io::Error) -> Option<tiproxy_core::health::LocalExha
     tiproxy_core::health::LocalExhaustion::from_errno(e.raw_os_error()?, fd_limit())
 }
 
-/// [`local_exhaustion`] of an error already turned into text (the health
-/// checks' HTTP client reports strings): std writes an OS error as
-/// `... (os error N)`.
-pub fn local_exhaustion_in(message: &str) -> Option<tiproxy_core::health::LocalExhaustion> {
-    let at = message.rfind("(os error ")? + "(os error ".len();
-    let code = message[at..].split(')').next()?.parse().ok()?;
-    tiproxy_core::health::LocalExhaustion::from_errno(code, fd_limit())
-}
-
 /// This process's soft `RLIMIT_NOFILE`, read once from `/proc/self/limits`
 /// (call it at start: once out of descriptors the file cannot be opened).
 pub fn fd_limit() -> Option<u64> {
@@ -300,13 +291,10 @@ mod tests {
             local_exhaustion(&io::Error::other("no answer within 2s")),
             None
         );
-        let text = io::Error::from_raw_os_error(23).to_string();
-        assert_eq!(local_exhaustion_in(&text), Some(LocalExhaustion::SystemFds));
         assert_eq!(
-            local_exhaustion_in("connection refused (os error 111)"),
-            None
+            local_exhaustion(&io::Error::from_raw_os_error(23)),
+            Some(LocalExhaustion::SystemFds)
         );
-        assert_eq!(local_exhaustion_in("no answer within 2s"), None);
         assert!(fd_limit().is_some_and(|n| n > 0));
     }
 }
