@@ -129,6 +129,13 @@ impl<T: Clone> Session<T> {
             }
             ClientPacket::ChangeUser => {
                 debug_assert!(starting);
+                if header.len > self.cfg.max_handshake_len {
+                    self.close_client_with(ProxyError::HandshakeTooLarge {
+                        len: header.len,
+                        limit: self.cfg.max_handshake_len,
+                    });
+                    return Disposition::Consumed;
+                }
                 match ChangeUser::parse(payload, self.client_caps) {
                     Ok(mut cu) => {
                         // Same trick as the first handshake: the client computed

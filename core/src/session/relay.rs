@@ -449,9 +449,11 @@ impl<T: Clone> Session<T> {
         {
             return whole;
         }
+        // COM_CHANGE_USER is read whole to rewrite it; one larger than a
+        // handshake may be is refused by its first bytes, never buffered.
         if self.tracker.is_idle()
             && first == Some(Command::ChangeUser.to_byte())
-            && header.len < MAX_PAYLOAD
+            && header.len <= self.cfg.max_handshake_len
         {
             return whole;
         }

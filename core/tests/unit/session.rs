@@ -765,6 +765,30 @@ fn change_user_is_rewritten_to_force_a_switch() {
 }
 
 #[test]
+fn oversize_change_user_gets_1153_without_buffering() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    let limit = cfg().max_handshake_len;
+    // A COM_CHANGE_USER header announcing more than a handshake may be,
+    // and its first bytes: refused at once, the rest never held.
+    let len = limit + 1;
+    let mut b = vec![len as u8, (len >> 8) as u8, (len >> 16) as u8, 0];
+    b.push(Command::ChangeUser.to_byte());
+    b.extend_from_slice(&[b'a'; 1000]);
+    h.s.handle_data(h.now, Leg::Client, &b);
+    h.pump();
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 1, "the error answers the command");
+    let e = ErrPacket::parse(&p.data).unwrap();
+    assert_eq!(e.code, 1153);
+    assert!(h.s.is_closed());
+    assert!(h.s.buffered() < 16 * 1024, "held {}", h.s.buffered());
+    assert!(
+        h.s.transmit(Leg::Backend).is_empty(),
+        "nothing reached the backend"
+    );
+}
+
+#[test]
 fn quit_closes_the_session() {
     let mut h = Harness::established(cfg(), CLIENT_CAPS);
     h.send(Leg::Client, 0, &[0x01]);
