@@ -1499,6 +1499,18 @@ fn feed(s: &mut Session, now: Instant, leg: Leg, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn run_step(s: &mut Session, now: Instant, peers: &mut Peers, step: &Step) -> Vec<u8> {
+    run_step_on(s, now, peers, step, None)
+}
+
+/// [`run_step`] with the client's command sent compressed with
+/// `compression` (a new command: compressed sequence 0).
+fn run_step_on(
+    s: &mut Session,
+    now: Instant,
+    peers: &mut Peers,
+    step: &Step,
+    compression: Option<Algorithm>,
+) -> Vec<u8> {
     let status = |in_txn: bool| {
         if in_txn {
             StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS
@@ -1569,6 +1581,11 @@ fn run_step(s: &mut Session, now: Instant, peers: &mut Peers, step: &Step) -> Ve
     };
     let mut wire = BytesMut::new();
     write_packet(&mut wire, 0, &client);
+    if let Some(alg) = compression {
+        let mut compressed = BytesMut::new();
+        CompressedFraming::new(alg).encode(&wire, &mut compressed);
+        wire = compressed;
+    }
     let mut out = feed(s, now, Leg::Client, &wire);
     if let Some(b) = backend {
         out.extend(feed(s, now, Leg::Backend, &b));
@@ -1623,13 +1640,13 @@ fn export_refuses_a_busy_session_and_import_refuses_foreign_bytes() {
     );
     h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
     let bytes = h.s.export().unwrap();
-    assert_eq!(&bytes[..5], b"TPXS\x01");
+    assert_eq!(&bytes[..5], b"TPXS\x02");
     let now = h.now;
     let import = |b: &[u8]| Session::<String>::import(cfg(), b, now).map(|_| ());
     assert_eq!(import(b"HTTP/1.1 200 OK"), Err(ImportError::BadMagic));
-    let mut v2 = bytes.to_vec();
-    v2[4] = 2;
-    assert_eq!(import(&v2), Err(ImportError::UnknownVersion(2)));
+    let mut v3 = bytes.to_vec();
+    v3[4] = 3;
+    assert_eq!(import(&v3), Err(ImportError::UnknownVersion(3)));
     for cut in 5..bytes.len() {
         assert!(import(&bytes[..cut]).is_err(), "cut at {cut}");
     }
@@ -1698,3 +1715,6 @@ proptest! {
 
 #[path = "session_mariadb.rs"]
 mod mariadb;
+
+#[path = "session_export.rs"]
+mod export_legs;
