@@ -14,7 +14,8 @@ use tiproxy_core::CapabilityFlags;
 use tiproxy_core::compress::{Algorithm, CompressedFraming};
 use tiproxy_core::flags::MariaDbCapabilities;
 use tiproxy_core::handshake::{
-    AuthMoreData, AuthSwitchRequest, ChangeUser, ClientHello, InitialHandshake, client_capabilities,
+    AuthMoreData, AuthSwitchRequest, ChangeUser, ClientHello, HandshakeResponse, InitialHandshake,
+    client_capabilities,
 };
 use tiproxy_core::migration::StatesReader;
 use tiproxy_core::packet::{PacketDecoder, write_packet};
@@ -144,6 +145,92 @@ proptest! {
                 s.handle_data(now, leg, &w);
             } else {
                 s.handle_data(now, leg, p);
+            }
+            while s.poll_action().is_some() {}
+            while s.poll_event().is_some() {}
+            for l in [Leg::Client, Leg::Backend, Leg::NewBackend] {
+                let n = s.transmit(l).len();
+                s.advance_transmit(l, n);
+            }
+        }
+        if let Some(t) = s.poll_timeout() {
+            s.handle_timeout(t);
+        }
+    }
+
+    /// A session announcing MariaDB's extended capabilities (CLIENT_MYSQL
+    /// clear in its greeting) fed hostile client bytes: raw, and after a
+    /// well-formed MariaDB handshake response (CLIENT_MYSQL clear, any
+    /// extended capabilities, even unknown ones) and a MariaDB backend's
+    /// greeting and OK, so they reach the command phase.
+    #[test]
+    fn mariadb_sessions(
+        packets in proptest::collection::vec((any::<bool>(), bytes()), 1..16),
+        caps in any::<u32>(),
+        mariadb in any::<u32>(),
+        offered in any::<u32>(),
+        seed in any::<u64>(),
+    ) {
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            server_version: bytes::Bytes::from_static(b"5.5.5-10.11.6-MariaDB"),
+            capabilities: CapabilityFlags::PROXY_SUPPORTED,
+            mariadb_capabilities: MariaDbCapabilities::from_bits_retain(offered)
+                & MariaDbCapabilities::PROXY_SUPPORTED,
+            ..SessionConfig::default()
+        };
+        let mut s: Session = Session::new(cfg, now, &mut StdRng::seed_from_u64(seed));
+        if seed % 2 == 0 {
+            let resp = HandshakeResponse {
+                capabilities: (CapabilityFlags::from_bits_retain(caps)
+                    | CapabilityFlags::PROTOCOL_41)
+                    - CapabilityFlags::CLIENT_MYSQL
+                    - CapabilityFlags::SSL,
+                max_packet_size: 1 << 24,
+                charset: 45,
+                filler: [0; 23],
+                mariadb_capabilities: MariaDbCapabilities::from_bits_retain(mariadb),
+                username: bytes::Bytes::from_static(b"app"),
+                auth_response: bytes::Bytes::from(vec![9u8; 20]),
+                database: None,
+                auth_plugin: Some(bytes::Bytes::from_static(b"mysql_native_password")),
+                attributes: Default::default(),
+                zstd_level: None,
+            };
+            let mut b = BytesMut::new();
+            resp.write(&mut b);
+            let mut w = BytesMut::new();
+            write_packet(&mut w, 1, &b);
+            s.handle_data(now, Leg::Client, &w);
+            s.handle_connected(now, Leg::Backend);
+            // A MariaDB backend greeting and its OK: the client's bytes
+            // then reach the command phase.
+            let g = InitialHandshake {
+                server_version: bytes::Bytes::from_static(b"5.5.5-10.11.6-MariaDB"),
+                connection_id: 1000,
+                auth_data: bytes::Bytes::from_static(b"BACKENDSALT123456789"),
+                capabilities: CapabilityFlags::from_bits_truncate(0x051B_A6AF)
+                    - CapabilityFlags::CLIENT_MYSQL,
+                charset: 46,
+                status: tiproxy_core::StatusFlags::AUTOCOMMIT,
+                reserved: [0; 10],
+                mariadb_capabilities: MariaDbCapabilities::from_bits_retain(offered),
+                auth_plugin: bytes::Bytes::from_static(b"mysql_native_password"),
+            };
+            let mut b = BytesMut::new();
+            g.write(&mut b);
+            let mut w = BytesMut::new();
+            write_packet(&mut w, 0, &b);
+            write_packet(&mut w, 2, &[0, 0, 0, 2, 0, 0, 0]);
+            s.handle_data(now, Leg::Backend, &w);
+        }
+        for (i, (framed, p)) in packets.iter().enumerate() {
+            if *framed {
+                let mut w = BytesMut::new();
+                write_packet(&mut w, (i % 2) as u8, p);
+                s.handle_data(now, Leg::Client, &w);
+            } else {
+                s.handle_data(now, Leg::Client, p);
             }
             while s.poll_action().is_some() {}
             while s.poll_event().is_some() {}

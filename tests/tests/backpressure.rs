@@ -7,15 +7,17 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tiproxy_core::CapabilityFlags as C;
+use tiproxy_core::MariaDbCapabilities;
 use tiproxy_core::compress::{Algorithm, CompressedFraming};
 use tiproxy_core::handshake::HandshakeResponse;
 use tiproxy_core::packet::write_packet;
-use tiproxy_tests::{ProxyProcess, mariadb};
+use tiproxy_tests::{ProxyProcess, TidbDouble, mariadb};
 
 /// A user without a password: a raw client can log in without scrambling.
 const USER: &str = "pipeliner";
@@ -128,6 +130,11 @@ struct RawClient {
 
 impl RawClient {
     fn login(addr: SocketAddr, mode: Mode) -> RawClient {
+        RawClient::login_as(addr, mode, USER)
+    }
+
+    /// Logs in as `user`, who has no password.
+    fn login_as(addr: SocketAddr, mode: Mode, user: &'static str) -> RawClient {
         let mut tcp = TcpStream::connect(addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
         tcp.set_nodelay(true).ok();
@@ -152,7 +159,7 @@ impl RawClient {
                 capabilities: caps,
                 max_packet_size: 16 * 1024 * 1024,
                 charset: 45,
-                mariadb_capabilities: Default::default(),
+                mariadb_capabilities: MariaDbCapabilities::empty(),
             }
             .write(&mut req);
             let mut pkt = BytesMut::new();
@@ -167,13 +174,13 @@ impl RawClient {
             max_packet_size: 16 * 1024 * 1024,
             charset: 45,
             filler: [0; 23],
-            mariadb_capabilities: Default::default(),
-            username: bytes::Bytes::from_static(USER.as_bytes()),
+            username: bytes::Bytes::from_static(user.as_bytes()),
             auth_response: bytes::Bytes::new(),
             database: None,
             auth_plugin: Some(bytes::Bytes::from_static(b"mysql_native_password")),
             attributes: Default::default(),
             zstd_level: None,
+            mariadb_capabilities: MariaDbCapabilities::empty(),
         }
         .write(&mut resp);
         let mut pkt = BytesMut::new();
@@ -372,4 +379,218 @@ fn two_hundred_such_clients_stay_bounded_and_others_are_served() {
         "SELECT 1 took {took:?} next to {clients} blocked clients"
     );
     assert!(start.elapsed() < Duration::from_secs(15), "still sleeping");
+}
+
+/// What the client pipelines behind the slow statement during a move.
+const MOVE_PIPELINE: u64 = 64 << 20;
+
+/// The peak RSS of `p` until `stop` is set, sampled every 10 ms.
+fn watch_rss(p: &ProxyProcess, stop: &AtomicBool) -> u64 {
+    let mut peak = 0;
+    while !stop.load(Ordering::Relaxed) {
+        peak = peak.max(p.rss_kib());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peak
+}
+
+/// The TiDB instance (index) holding exactly one connection, the others none.
+fn the_one_holding_the_session(tidb: &TidbDouble) -> Option<usize> {
+    let all = tidb.instances();
+    let busy: Vec<_> = all.iter().filter(|i| i.connections > 0).collect();
+    match busy.as_slice() {
+        [one] if one.connections == 1 => Some(one.index),
+        _ => None,
+    }
+}
+
+fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A session asked to move while its client has 64 MiB pipelined behind a
+/// slow statement: the proxy keeps holding at most its read budget (the
+/// client is left unread, TCP pushes back), the move waits for the
+/// statement, and then every pipelined command is answered, in order, and
+/// the session (with its user variable) ends up on the other TiDB.
+#[test]
+fn a_session_asked_to_move_behind_a_pipeline_stays_bounded_and_answers_all_in_order() {
+    let limit = 256 * 1024;
+    let tidb = TidbDouble::start(2, 0, &[]);
+    let backends: Vec<String> = tidb
+        .instances()
+        .iter()
+        .map(TidbDouble::backend_entry)
+        .collect();
+    let p = ProxyProcess::start_with_backends(&backends, &format!("conn-buffer-size = {limit}"));
+    // Warm up: every worker thread has served a connection.
+    for _ in 0..4 {
+        RawClient::login_as(p.sql, Mode::Plain, "root").query_scalar("SELECT 1");
+    }
+    wait_until(
+        "warm-up connections closed",
+        Duration::from_secs(10),
+        || {
+            tidb.instances()
+                .iter()
+                .all(|i| i.connections == 0)
+                .then_some(())
+        },
+    );
+    let c = RawClient::login_as(p.sql, Mode::Plain, "root");
+    let from = wait_until("the session on one TiDB", Duration::from_secs(10), || {
+        the_one_holding_the_session(&tidb)
+    });
+    let to = tidb.instances()[1 - from].sql;
+
+    let mut reader = c.sock.try_clone().expect("clone the socket");
+    reader.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut writer = c.sock.try_clone().expect("clone the socket");
+    let commands = (MOVE_PIPELINE / PACKET as u64) as usize;
+    // The slow statement, then commands padded to 64 KiB, i = 1..=commands:
+    // `SET @n = i` for odd i (an OK), `SELECT i` for even i (a row
+    // showing i, so the order of the answers shows).
+    let mut pipeline = Vec::with_capacity(commands);
+    let mut q = vec![0x03];
+    q.extend_from_slice(b"SELECT SLEEP(5)");
+    let mut first = BytesMut::new();
+    write_packet(&mut first, 0, &q);
+    for i in 1..=commands {
+        let mut sql = vec![b' '; PACKET];
+        sql[0] = 0x03;
+        let stmt = if i % 2 == 1 {
+            format!("SET @n = {i}")
+        } else {
+            format!("SELECT {i}")
+        };
+        sql[1..1 + stmt.len()].copy_from_slice(stmt.as_bytes());
+        let mut pkt = BytesMut::new();
+        write_packet(&mut pkt, 0, &sql);
+        pipeline.push(pkt);
+    }
+
+    let before = p.rss_kib();
+    let stop = AtomicBool::new(false);
+    let sent = AtomicU64::new(0);
+    let start = Instant::now();
+    let (peak, answers, last) = std::thread::scope(|t| {
+        let rss = t.spawn(|| watch_rss(&p, &stop));
+        let w = t.spawn(|| {
+            writer.write_all(&first).expect("slow statement");
+            for pkt in &pipeline {
+                writer.write_all(pkt).expect("pipelined command");
+                sent.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+            }
+            writer
+                .write_all(&{
+                    let mut b = BytesMut::new();
+                    write_packet(&mut b, 0, b"\x03SELECT @n");
+                    b
+                })
+                .expect("last query");
+        });
+        // The client is blocked: its writes stopped progressing.
+        let mut last_sent = u64::MAX;
+        wait_until(
+            "the client's writes blocked",
+            Duration::from_secs(4),
+            || {
+                std::thread::sleep(Duration::from_millis(300));
+                let now = sent.load(Ordering::Relaxed);
+                let blocked = now == last_sent;
+                last_sent = now;
+                blocked.then_some(())
+            },
+        );
+        let blocked_at = sent.load(Ordering::Relaxed);
+        assert!(
+            blocked_at < MOVE_PIPELINE / 4,
+            "the proxy kept reading behind the slow statement: {blocked_at} bytes"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "the statement ended too soon"
+        );
+        let r = tiproxy_tests::http_exchange(
+            p.api,
+            "POST",
+            &format!("/api/debug/redirect?to={to}"),
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        // Column count, column, EOF, row, EOF of the slow statement.
+        for _ in 0..5 {
+            let (_, a) = read_packet(&mut reader);
+            assert_ne!(a.first(), Some(&0xff), "{}", String::from_utf8_lossy(&a));
+        }
+        let slept = start.elapsed();
+        let mut answers = 0usize;
+        for i in 1..=commands {
+            let (_, a) = read_packet(&mut reader);
+            if i % 2 == 1 {
+                assert_eq!(
+                    a.first(),
+                    Some(&0x00),
+                    "answer {i}: {}",
+                    String::from_utf8_lossy(&a)
+                );
+            } else {
+                assert_eq!(a, [1], "answer {i}: a one-column result set");
+                // Column, EOF, row, EOF.
+                let set: Vec<Vec<u8>> = (0..4).map(|_| read_packet(&mut reader).1).collect();
+                assert_eq!(
+                    &set[2][1..],
+                    i.to_string().as_bytes(),
+                    "answer {i} out of order: {}",
+                    String::from_utf8_lossy(&set[2])
+                );
+            }
+            answers += 1;
+        }
+        // SELECT @n: the last value set, after the move.
+        let mut rows = Vec::new();
+        for _ in 0..5 {
+            rows.push(read_packet(&mut reader).1);
+        }
+        w.join().expect("writer");
+        stop.store(true, Ordering::Relaxed);
+        let peak = rss.join().expect("rss watcher");
+        eprintln!(
+            "client blocked after {} KiB; statement answered after {slept:?}; {answers} answers in {:?}",
+            blocked_at / 1024,
+            start.elapsed()
+        );
+        (peak, answers, rows)
+    });
+    assert_eq!(answers, commands, "every pipelined command answered");
+    let row = &last[3];
+    let last_set = if commands % 2 == 1 {
+        commands
+    } else {
+        commands - 1
+    };
+    assert_eq!(
+        &row[1..],
+        last_set.to_string().as_bytes(),
+        "SELECT @n after the pipeline: {}",
+        String::from_utf8_lossy(row)
+    );
+    let grown = peak.saturating_sub(before);
+    let bound = (2 * limit as u64 + (2 << 20)) / 1024;
+    eprintln!("proxy RSS peak grew {grown} KiB over {before} KiB (bound {bound} KiB)");
+    assert!(
+        grown <= bound,
+        "proxy RSS grew {grown} KiB during the move, more than 2 x conn-buffer-size + 2 MiB"
+    );
+    let now = wait_until("the session moved", Duration::from_secs(10), || {
+        the_one_holding_the_session(&tidb)
+    });
+    assert_eq!(now, 1 - from, "the session is on the other TiDB");
 }

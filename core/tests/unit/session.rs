@@ -1523,6 +1523,18 @@ fn feed(s: &mut Session, now: Instant, leg: Leg, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn run_step(s: &mut Session, now: Instant, peers: &mut Peers, step: &Step) -> Vec<u8> {
+    run_step_on(s, now, peers, step, None)
+}
+
+/// [`run_step`] with the client's command sent compressed with
+/// `compression` (a new command: compressed sequence 0).
+fn run_step_on(
+    s: &mut Session,
+    now: Instant,
+    peers: &mut Peers,
+    step: &Step,
+    compression: Option<Algorithm>,
+) -> Vec<u8> {
     let status = |in_txn: bool| {
         if in_txn {
             StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS
@@ -1593,6 +1605,11 @@ fn run_step(s: &mut Session, now: Instant, peers: &mut Peers, step: &Step) -> Ve
     };
     let mut wire = BytesMut::new();
     write_packet(&mut wire, 0, &client);
+    if let Some(alg) = compression {
+        let mut compressed = BytesMut::new();
+        CompressedFraming::new(alg).encode(&wire, &mut compressed);
+        wire = compressed;
+    }
     let mut out = feed(s, now, Leg::Client, &wire);
     if let Some(b) = backend {
         out.extend(feed(s, now, Leg::Backend, &b));
@@ -1722,3 +1739,6 @@ proptest! {
 
 #[path = "session_mariadb.rs"]
 mod mariadb;
+
+#[path = "session_export.rs"]
+mod export_legs;

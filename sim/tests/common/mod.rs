@@ -7,7 +7,6 @@ use std::time::Duration;
 use tiproxy_runtime::net::TokioNet;
 use tiproxy_sim::tidb::client::{ConnectOptions, RawClient};
 use tiproxy_sim::tidb::{Cluster, ClusterOptions, LocalCluster, TidbOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A cluster with `n` instances on free loopback ports.
@@ -62,32 +61,30 @@ pub fn code(e: &mysql_async::Error) -> Option<u16> {
     }
 }
 
-/// A minimal HTTP/1.1 request; returns (status code, body).
+/// One HTTP/1.1 request with the proxy's own client (the one `tiproxyctl`
+/// and the health checks use); returns (status code, body). Any failure
+/// (no connection, no answer within 10 s, not HTTP) is an I/O error.
 pub async fn http(
     method: &str,
     addr: &str,
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    use tiproxy_runtime::http_client::{HttpError, send, with_deadline};
+    let body = bytes::Bytes::copy_from_slice(body.as_bytes());
+    let r = with_deadline(Duration::from_secs(10), async {
+        let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .map_err(|_| HttpError::Timeout(Duration::from_secs(5)))?
+            .map_err(HttpError::Connect)?;
+        send(s, addr, method, path, body, 16 << 20).await
+    })
+    .await
+    .map_err(|e| match e {
+        HttpError::Connect(e) => e,
+        e => std::io::Error::other(e),
+    })?;
+    Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
 }
 
 /// Escapes a JSON document the way TiProxy builds `SET SESSION_STATES`.
