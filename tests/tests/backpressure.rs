@@ -55,47 +55,6 @@ enum Mode {
     Tls,
 }
 
-/// Accepts the proxy's self-signed auto-certs.
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 fn tls_over(s: TcpStream) -> Box<dyn Wire> {
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -103,7 +62,7 @@ fn tls_over(s: TcpStream) -> Box<dyn Wire> {
     .with_safe_default_protocol_versions()
     .expect("versions")
     .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_custom_certificate_verifier(Arc::new(tiproxy_tests::AnyCert))
     .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("TLS client");
