@@ -16,7 +16,7 @@ use tiproxy_runtime::router::FAILED_BACKEND_PAUSE;
 use tiproxy_runtime::state::State;
 
 use crate::net::{Links, TurmoilNet};
-use crate::scenario::Scenario;
+use crate::scenario::{PD_RECONNECT, Scenario};
 use crate::tidb::{Cluster, TidbHandle};
 
 /// The invariants, each a named check.
@@ -386,7 +386,7 @@ impl World {
                 g.faulted.contains(&i)
                     || g.known_from
                         .get(&i)
-                        .is_none_or(|t| at <= *t + self.scenario.pd_delay + JOIN_RECOGNITION)
+                        .is_none_or(|t| at <= self.recognised_by(*t))
                     || self.scenario.held_links.iter().any(|h| {
                         h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY
                     })
@@ -394,6 +394,30 @@ impl World {
                         p.tidb == Some(i) && p.at <= at && at <= p.at + p.len + HELD_LINK_RECOVERY
                     })
             })
+    }
+
+    /// When the proxy can have taken in a TiDB that PD listed at `t`: PD's
+    /// watchers hear of it `pd_delay` later, unless the proxy's link to PD
+    /// is held or partitioned then; it hears once the link is back and its
+    /// watch reconnected (seeds 22856 and 23109: a TiDB registered during a
+    /// held proxy <-> PD link while the only other TiDB was partitioned).
+    fn recognised_by(&self, t: Duration) -> Duration {
+        let heard = t + self.scenario.pd_delay;
+        let pd_cut = self
+            .scenario
+            .pd_held
+            .into_iter()
+            .chain(
+                self.scenario
+                    .partitions
+                    .iter()
+                    .filter(|p| p.tidb.is_none())
+                    .map(|p| (p.at, p.len)),
+            )
+            .filter(|(from, len)| *from <= heard && heard <= *from + *len)
+            .map(|(from, len)| from + len + PD_RECONNECT)
+            .max();
+        pd_cut.unwrap_or(heard) + JOIN_RECOGNITION
     }
 
     /// The schema exists.

@@ -66,7 +66,11 @@ impl Registration {
         c.put(&self.key("ttl"), now.as_nanos().to_string(), lease)
             .await?;
         tracing::info!(sql = %self.sql, "registered in PD");
-        let every = Duration::from_secs((ttl as u64 / 3).max(1));
+        // A third of the TTL, as etcd's session keep-alive (what TiDB uses)
+        // sends them. Whole seconds made it 1 s for a 1 s TTL, so a
+        // keep-alive a millisecond late let the lease expire under a live
+        // TiDB (simulation seed 22601).
+        let every = Duration::from_secs(ttl as u64) / 3;
         loop {
             tokio::time::sleep(every).await;
             if c.keep_alive(lease).await? <= 0 {
