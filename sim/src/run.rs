@@ -295,7 +295,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
         let restart_after = match f.kind {
             FaultKind::GracefulShutdown { restart_after, .. } => {
                 h.graceful_shutdown().await;
-                world.event(now(), format_args!("tidb-{i} shut down"));
+                world.tidb_shut_down(i, now());
                 keeper.abort();
                 // As TiDB: one try; if PD is down, the lease ends it.
                 if let Err(e) = reg.deregister(&pd).await {

@@ -377,23 +377,67 @@ impl World {
         {
             return true;
         }
-        // A connect while no TiDB could take it: each one is down after its
-        // fault, not started (or registered in PD since it started) yet or
-        // so recently that the proxy cannot know it yet, or behind a held
-        // link (or was, so recently that the proxy still pauses it).
-        conn.is_none()
-            && (0..self.scenario.total_tidbs()).all(|i| {
-                g.faulted.contains(&i)
-                    || g.known_from
-                        .get(&i)
-                        .is_none_or(|t| at <= self.recognised_by(*t))
-                    || self.scenario.held_links.iter().any(|h| {
-                        h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY
-                    })
-                    || self.scenario.partitions.iter().any(|p| {
-                        p.tidb == Some(i) && p.at <= at && at <= p.at + p.len + HELD_LINK_RECOVERY
-                    })
-            })
+        // A connect while no TiDB could take it.
+        conn.is_none() && self.no_tidb_could_take(&g, at)
+    }
+
+    /// Whether no TiDB could take a session at `at`: each one is down after
+    /// its fault, not started (or registered in PD since it started) yet or
+    /// so recently that the proxy cannot know it yet, or behind a held link
+    /// or partition (or was, so recently that the proxy still pauses it).
+    fn no_tidb_could_take(&self, g: &Inner, at: Duration) -> bool {
+        (0..self.scenario.total_tidbs()).all(|i| {
+            g.faulted.contains(&i)
+                || g.known_from
+                    .get(&i)
+                    .is_none_or(|t| at <= self.recognised_by(*t))
+                || self
+                    .scenario
+                    .held_links
+                    .iter()
+                    .any(|h| h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY)
+                || self.scenario.partitions.iter().any(|p| {
+                    p.tidb == Some(i) && p.at <= at && at <= p.at + p.len + HELD_LINK_RECOVERY
+                })
+        })
+    }
+
+    /// TiDB `i` ended its graceful shutdown. Sessions still on it had to
+    /// move during its graceful wait; if at its end no other TiDB could take
+    /// them (seed 25333: the only other TiDB was behind held links for the
+    /// whole wait, so the move could not connect), or its own link was cut
+    /// off, their errors are unavoidable. Otherwise they stay a failure to
+    /// evacuate.
+    pub fn tidb_shut_down(&self, i: usize, at: Duration) {
+        // Or its own link was held or partitioned: a move needs the old
+        // TiDB to answer SHOW SESSION_STATES (seed 26189: its link was held
+        // from before its shutdown until after it).
+        let cut_off = self
+            .scenario
+            .held_links
+            .iter()
+            .any(|h| h.tidb == i && h.at <= at && at <= h.at + h.len)
+            || self
+                .scenario
+                .partitions
+                .iter()
+                .any(|p| p.tidb == Some(i) && p.at <= at && at <= p.at + p.len);
+        let nowhere = cut_off || self.no_tidb_could_take(&self.lock(), at);
+        let stranded = if nowhere {
+            self.sessions_on(i)
+        } else {
+            Vec::new()
+        };
+        let n = stranded.len();
+        self.lock().broken.extend(stranded);
+        if n > 0 {
+            self.event(
+                at,
+                format_args!("tidb-{i} shut down: {n} session(s) on it had nowhere to go"),
+            );
+        } else {
+            self.event(at, format_args!("tidb-{i} shut down"));
+        }
     }
 
     /// When the proxy can have taken in a TiDB that PD listed at `t`: PD's
