@@ -353,9 +353,19 @@ impl<N: Network> Driver<N> {
                         if !tried.is_empty() {
                             return Err(ConnectError::Unreachable(last_err));
                         }
-                        if t.is_removed() {
+                        // Chosen when the move was asked, maybe long ago
+                        // (the session waited for its safe point): a target
+                        // that began to drain, failed or left since is not
+                        // dialled (seed 26189 moved two sessions onto a
+                        // draining TiDB). The move fails without a cool-down
+                        // and the balance loop picks again.
+                        if !shared.router.accepts(t) {
+                            let why = t.health().why_not(Instant::now().into_std()).map_or_else(
+                                || "it takes no sessions now".to_string(),
+                                |w| w.to_string(),
+                            );
                             return Err(ConnectError::Unreachable(format!(
-                                "backend {} is not in the backend list",
+                                "backend {} cannot take the session: {why}",
                                 t.addr
                             )));
                         }
