@@ -28,6 +28,9 @@ BENCH_PHASES=${BENCH_PHASES:-"throughput latency idle"}
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 TIPROXY_BIN=${TIPROXY_BIN:-$ROOT/target/release/tiproxy}
+# Another tiproxy build (say the previous commit's) measured in the same run,
+# alternating with the others: the report then gives this build / baseline.
+TIPROXY_BASELINE_BIN=${TIPROXY_BASELINE_BIN:-}
 RESULTS_DIR=$BENCH_DIR/results
 RESULTS=$RESULTS_DIR/latest.md
 START_TS=$(date +%s)
@@ -59,6 +62,7 @@ if [ ! -x "$TIPROXY_BIN" ]; then
     (cd "$ROOT" && cargo build --release -p tiproxy-runtime) >&2
 fi
 [ -x "$TIPROXY_BIN" ] || die "no tiproxy binary at $TIPROXY_BIN"
+[ -z "$TIPROXY_BASELINE_BIN" ] || [ -x "$TIPROXY_BASELINE_BIN" ] || die "no baseline tiproxy binary at $TIPROXY_BASELINE_BIN"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 FD_LIMIT=$(ulimit -n)
@@ -99,11 +103,12 @@ cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-free_port DB_PORT; free_port HA_PORT; free_port TP_PORT; free_port TP_API
+free_port DB_PORT; free_port HA_PORT; free_port TP_PORT; free_port TP_API; free_port BL_PORT; free_port BL_API
 SOCK=$TMP/mariadb.sock
 DB_USER=bench DB_PASS=benchpw DB_NAME=sbtest
 declare -A PORT=([direct]=$DB_PORT [haproxy]=$HA_PORT [tiproxy]=$TP_PORT)
 TARGETS=(direct haproxy tiproxy)
+if [ -n "$TIPROXY_BASELINE_BIN" ]; then PORT[baseline]=$BL_PORT; TARGETS+=(baseline); fi
 
 gcc -O2 -o "$TMP/myclient" "$BENCH_DIR/myclient.c" $(mariadb_config --cflags --libs)
 
@@ -170,7 +175,9 @@ addr = "127.0.0.1:$TP_API"
 level = "warn"
 EOF
 
-HA_PID= TP_PID=
+sed -e "s/:$TP_PORT\"/:$BL_PORT\"/" -e "s/:$TP_API\"/:$BL_API\"/" "$TMP/tiproxy.toml" >"$TMP/baseline.toml"
+
+HA_PID= TP_PID= BL_PID=
 check_sql() { # port
     mariadb --no-defaults -h127.0.0.1 -P"$1" -u"$DB_USER" -p"$DB_PASS" -N -e 'SELECT 1' 2>&1
 }
@@ -191,6 +198,17 @@ start_tiproxy() {
     done
     [ $ok = 1 ] || die "query through tiproxy failed: $out"
 }
+start_baseline() {
+    "$TIPROXY_BASELINE_BIN" --config "$TMP/baseline.toml" >>"$TMP/baseline.log" 2>&1 &
+    BL_PID=$!; PIDS+=("$BL_PID")
+    wait_port "$BL_PORT" 20 "$BL_PID" || { tail -20 "$TMP/baseline.log" >&2; die "baseline tiproxy did not start"; }
+    local out ok=0
+    for _ in $(seq 50); do
+        if out=$(check_sql "$BL_PORT"); then ok=1; break; fi
+        sleep 0.2
+    done
+    [ $ok = 1 ] || die "query through the baseline tiproxy failed: $out"
+}
 untrack() { local keep=() p; for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; PIDS=("${keep[@]}"); }
 stop_pid() { # pid
     untrack "$1"
@@ -203,6 +221,11 @@ start_haproxy
 start_tiproxy
 log "HAProxy on :$HA_PORT (pid $HA_PID), tiproxy on :$TP_PORT (pid $TP_PID)"
 declare -A PROXY_PID=([haproxy]=$HA_PID [tiproxy]=$TP_PID)
+if [ -n "$TIPROXY_BASELINE_BIN" ]; then
+    start_baseline
+    PROXY_PID[baseline]=$BL_PID
+    log "baseline tiproxy ($TIPROXY_BASELINE_BIN) on :$BL_PORT (pid $BL_PID)"
+fi
 THREADS_INFO="haproxy $(awk '/^Threads:/ {print $2}' "/proc/$HA_PID/status") threads, tiproxy $(awk '/^Threads:/ {print $2}' "/proc/$TP_PID/status") threads"
 NOTES=()
 note() { NOTES+=("$*"); log "NOTE: $*"; }
@@ -374,6 +397,41 @@ mkdir -p "$RESULTS_DIR"
         }' "$RUNS"
         echo
     fi
+    if [ -s "$RUNS" ] && [ -n "$TIPROXY_BASELINE_BIN" ]; then
+        echo "## This build vs the baseline build ($TIPROXY_BASELINE_BIN)"
+        echo
+        echo "Same run, rounds alternating; ratio = this build / baseline over all rounds, with the range of the per-round ratios."
+        echo
+        awk -F'\t' -v wls="$BENCH_WORKLOADS" '
+        $4 != "NA" && ($2 == "tiproxy" || $2 == "baseline") {
+          k = $1 SUBSEP $2; q[k] += $6; tm[k] += $6 / $4
+          if ($7 != "NA") { c[k] += $7; cq[k] += $6 }
+          rq[$1 SUBSEP $3 SUBSEP $2] = $4; rc[$1 SUBSEP $3 SUBSEP $2] = ($7 != "NA" && $6 > 0) ? $7 / $6 : -1
+          rounds[$3] = 1
+        }
+        END {
+          printf "| workload | metric | this build | baseline | ratio | per-round range |\n| --- | --- | ---: | ---: | ---: | --- |\n"
+          split(wls, W, " ")
+          for (i = 1; i in W; i++) {
+            w = W[i]; t = w SUBSEP "tiproxy"; b = w SUBSEP "baseline"
+            if (!tm[t] || !tm[b]) continue
+            lo = 1e9; hi = -1; clo = 1e9; chi = -1
+            for (r in rounds) {
+              x = rq[w SUBSEP r SUBSEP "tiproxy"]; y = rq[w SUBSEP r SUBSEP "baseline"]
+              if (x > 0 && y > 0) { v = x / y; if (v < lo) lo = v; if (v > hi) hi = v }
+              x = rc[w SUBSEP r SUBSEP "tiproxy"]; y = rc[w SUBSEP r SUBSEP "baseline"]
+              if (x > 0 && y > 0) { v = x / y; if (v < clo) clo = v; if (v > chi) chi = v }
+            }
+            qt = q[t] / tm[t]; qb = q[b] / tm[b]
+            printf "| %s | QPS | %.0f | %.0f | %.2fx | %.2f-%.2f |\n", w, qt, qb, qt / qb, lo, hi
+            if (cq[t] && cq[b]) {
+              ct = c[t] / cq[t] * 1e6; cb = c[b] / cq[b] * 1e6
+              printf "| %s | proxy CPU µs / query | %.1f | %.1f | %.2fx | %.2f-%.2f |\n", w, ct, cb, ct / cb, clo, chi
+            }
+          }
+        }' "$RUNS"
+        echo
+    fi
     if [ -s "$LAT" ]; then
         echo "## Latency (one connection, $BENCH_LAT_QUERIES sequential SELECT 1, $BENCH_LAT_ROUNDS rounds alternating)"
         echo
@@ -429,7 +487,7 @@ mkdir -p "$RESULTS_DIR"
         awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$LAT"
         echo
     fi
-    echo "Total benchmark time: $(($(date +%s) - START_TS)) s. Re-run: \`bench/run.sh\` (env: BENCH_SECONDS, BENCH_ROUNDS, BENCH_THREADS, BENCH_IDLE_CONNS, BENCH_LAT_QUERIES, BENCH_PHASES, BENCH_KEEP_TMP=1)."
+    echo "Total benchmark time: $(($(date +%s) - START_TS)) s. Re-run: \`bench/run.sh\` (env: TIPROXY_BIN, TIPROXY_BASELINE_BIN, BENCH_SECONDS, BENCH_ROUNDS, BENCH_THREADS, BENCH_IDLE_CONNS, BENCH_LAT_QUERIES, BENCH_PHASES, BENCH_KEEP_TMP=1)."
 } >"$RESULTS.tmp"
 mv "$RESULTS.tmp" "$RESULTS"
 echo
