@@ -49,6 +49,13 @@ pub trait Network: Clone + Send + Sync + 'static {
         None
     }
 
+    /// How many sessions this process's file descriptors hold, measured
+    /// when the proxy starts accepting ([`session_fd_budget`]); `None`
+    /// (the default, and the simulation) sets no such bound.
+    fn session_fd_budget(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs an accepted connection's task. By default on the current runtime.
     fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
     where
@@ -135,6 +142,10 @@ impl Network for TokioNet {
 
     fn listener_addr(&self, l: &Self::Listener) -> io::Result<SocketAddr> {
         l.local_addr()
+    }
+
+    fn session_fd_budget(&self) -> Option<usize> {
+        session_fd_budget()
     }
 
     async fn connect(&self, addr: &str) -> io::Result<Self::Stream> {
@@ -241,11 +252,30 @@ pub fn fd_limit() -> Option<u64> {
     })
 }
 
+/// The sessions that fit in the descriptors left now: each holds two (its
+/// client and its backend), and a headroom of an eighth of the limit, 8 to
+/// 64 descriptors, stays free for what the proxy opens besides: health probes, API
+/// clients, PD, a moving session's second backend, the config file. A
+/// client beyond it is refused with 1040 while a descriptor is still free
+/// to say so; without it the accept itself fails, and telling that client
+/// anything depends on the reserve below. `None` when the limit or the
+/// open descriptors cannot be read.
+pub fn session_fd_budget() -> Option<usize> {
+    let limit = usize::try_from(fd_limit()?).ok()?;
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    let headroom = (limit / 8).clamp(8, 64);
+    Some(limit.saturating_sub(open + headroom) / 2)
+}
+
 /// One file descriptor kept in reserve (an open `/dev/null`). Out of
 /// descriptors, `accept` fails and leaves the connection in the backlog,
 /// so the listener stays readable and the accept loop would spin; closing
 /// the reserve lets the proxy accept that connection, tell the client why
-/// (1040), close it, and take the reserve back.
+/// (1040), close it, and take the reserve back. The reserve comes before
+/// new sessions: another task may take the descriptor it freed (a health
+/// probe, the config poll) and sessions may fill the rest, so while it is
+/// missing every accepted connection is refused and its descriptor, once
+/// closed, becomes the reserve again.
 #[derive(Debug)]
 pub struct SpareFd(Option<std::fs::File>);
 
@@ -260,11 +290,13 @@ impl SpareFd {
         self.0.take().is_some()
     }
 
-    /// Takes the reserve back (once a descriptor is free again).
-    pub fn restore(&mut self) {
+    /// Takes the reserve back (once a descriptor is free again). The error
+    /// says why it could not be (EMFILE: still out of descriptors).
+    pub fn restore(&mut self) -> io::Result<()> {
         if self.0.is_none() {
-            self.0 = std::fs::File::open("/dev/null").ok();
+            self.0 = Some(std::fs::File::open("/dev/null")?);
         }
+        Ok(())
     }
 }
 

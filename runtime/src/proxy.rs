@@ -249,6 +249,19 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     // Read while descriptors are free: the refusal message names the limit.
     let _ = crate::net::fd_limit();
     let mut spare = crate::net::SpareFd::new();
+    let fd_budget = net.session_fd_budget();
+    if let Some(budget) = fd_budget {
+        let max = st.max_connections.load(Ordering::Relaxed) as usize;
+        let limit = crate::net::fd_limit().unwrap_or_default();
+        if max > budget {
+            warn!(
+                "proxy.max-connections is {max} but RLIMIT_NOFILE {limit} leaves descriptors for \
+                 {budget} sessions; more clients get 1040 (raise ulimit -n / LimitNOFILE)"
+            );
+        } else {
+            debug!("RLIMIT_NOFILE {limit} leaves descriptors for {budget} sessions");
+        }
+    }
     loop {
         // Biased: a fixed polling order keeps simulated runs replayable.
         let accepted = tokio::select! {
@@ -269,6 +282,17 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
                 continue;
             }
         };
+        // The reserve was taken by another task while released: get it
+        // back before admitting anyone, or refuse this client (its
+        // descriptor becomes the reserve once closed).
+        if let Err(e) = spare.restore() {
+            let what = crate::net::local_exhaustion(&e).unwrap_or(LocalExhaustion::ProcessFds {
+                limit: crate::net::fd_limit(),
+            });
+            st.shared.router.refused_locally(what);
+            refuse(stream, ProxyError::LocalExhaustion(what)).await;
+            continue;
+        }
         if st.draining.load(Ordering::Relaxed) {
             tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
             continue;
@@ -278,6 +302,14 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             metrics().reject_max_connections.inc();
             debug!(%peer, "refusing connection: max-connections reached");
             tokio::spawn(refuse(stream, ProxyError::TooManyConnections(max)));
+            continue;
+        }
+        if fd_budget.is_some_and(|b| st.count.load(Ordering::Relaxed) as usize >= b) {
+            let what = LocalExhaustion::ProcessFds {
+                limit: crate::net::fd_limit(),
+            };
+            st.shared.router.refused_locally(what);
+            tokio::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
             continue;
         }
         let id = loop {
@@ -321,9 +353,8 @@ async fn refuse_exhausted<N: Network>(
             st.shared.router.refused_locally(what);
             refuse(s, ProxyError::LocalExhaustion(what)).await;
         }
-        spare.restore();
-    } else {
-        spare.restore();
+        let _ = spare.restore();
+    } else if spare.restore().is_err() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
