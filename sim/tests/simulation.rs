@@ -80,7 +80,9 @@ fn every_seed_keeps_every_invariant() {
 /// TiDB that restarts while PD is down).
 #[test]
 fn seeds_that_found_bugs_pass() {
-    for seed in [27, 72, 88, 2957, 20702, 22601, 22856, 23109, 25333, 26189] {
+    for seed in [
+        27, 72, 88, 2957, 20702, 21465, 22601, 22856, 23109, 25333, 26189,
+    ] {
         let o = run_seed(seed);
         assert!(
             o.passed(),
