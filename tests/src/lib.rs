@@ -140,7 +140,34 @@ impl ProxyProcess {
         Self::spawn(dir, sql, api, &cfg, None)
     }
 
+    /// Like [`ProxyProcess::start`], with `tiproxy` run by a wrapper
+    /// command: `wrapper` is the program and its arguments, followed by the
+    /// tiproxy binary and its own (`["prlimit", "--nofile=64:64", "--"]`).
+    pub fn start_wrapped(wrapper: &[&str], backends: &[SocketAddr], extra: &str) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let cfg = format!(
+            "[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\nbackend-addrs = [{}]\n{extra}\n\
+             [api]\naddr = \"{api}\"\n",
+            list.join(", ")
+        );
+        Self::spawn_cmd(wrapper, dir, sql, api, &cfg, Some("info"))
+    }
+
     fn spawn(
+        dir: tempfile::TempDir,
+        sql: SocketAddr,
+        api: SocketAddr,
+        cfg: &str,
+        rust_log: Option<&str>,
+    ) -> ProxyProcess {
+        Self::spawn_cmd(&[], dir, sql, api, cfg, rust_log)
+    }
+
+    fn spawn_cmd(
+        wrapper: &[&str],
         dir: tempfile::TempDir,
         sql: SocketAddr,
         api: SocketAddr,
@@ -149,7 +176,14 @@ impl ProxyProcess {
     ) -> ProxyProcess {
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, cfg).expect("write config");
-        let mut cmd = Command::new(binary("tiproxy"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary("tiproxy"));
+                c
+            }
+            None => Command::new(binary("tiproxy")),
+        };
         cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
         if let Some(l) = rust_log {
             cmd.env("RUST_LOG", l);

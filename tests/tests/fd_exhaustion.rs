@@ -6,14 +6,11 @@
 //! says so at most about once a second; and once clients leave, new ones
 //! work at once.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use tiproxy_tests::{binary, free_port, http_get, mariadb, opts};
+use tiproxy_tests::{ProxyProcess, http_get, mariadb, opts};
 
 /// The descriptor limits the proxy runs under: a few dozen sessions. Two
 /// of them, one apart: each session holds two descriptors, so with one the
@@ -22,76 +19,15 @@ use tiproxy_tests::{binary, free_port, http_get, mariadb, opts};
 /// lost for good when another task took the descriptor it freed).
 const NOFILE: [u32; 2] = [64, 65];
 
-/// `tiproxy` started by `prlimit --nofile=N`, killed when dropped.
-struct LimitedProxy {
-    child: Child,
-    sql: SocketAddr,
-    api: SocketAddr,
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
+/// `tiproxy` in front of `backend`, started by `prlimit --nofile=N`.
+fn limited_proxy(backend: SocketAddr, nofile: u32) -> ProxyProcess {
+    let limit = format!("--nofile={nofile}:{nofile}");
+    ProxyProcess::start_wrapped(&["prlimit", &limit, "--"], &[backend], "")
 }
 
-impl LimitedProxy {
-    fn start(backend: SocketAddr, nofile: u32) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let cfg = format!(
-            "[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\nbackend-addrs = [\"{backend}\"]\n\
-             [api]\naddr = \"{api}\"\n"
-        );
-        let path = dir.path().join("proxy.toml");
-        std::fs::write(&path, cfg).expect("write config");
-        let tiproxy = binary("tiproxy");
-        let mut child = Command::new("prlimit")
-            .arg(format!("--nofile={nofile}:{nofile}"))
-            .arg("--")
-            .arg(tiproxy)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn prlimit tiproxy (util-linux)");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("piped");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(sql).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("tiproxy exited with {status}:\n{}", log.lock().unwrap());
-            }
-            assert!(Instant::now() < deadline, "tiproxy did not listen on {sql}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            sql,
-            api,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl Drop for LimitedProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Everything the proxy logged so far.
+fn log(p: &ProxyProcess) -> String {
+    p.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// A client that logs in and runs a statement (a client left waiting for
@@ -109,7 +45,7 @@ async fn working_client(addr: SocketAddr) -> Result<mysql_async::Conn, mysql_asy
 }
 
 /// What `/api/backends` says of the one backend: (state, accepts).
-fn backend_state(p: &LimitedProxy) -> (String, bool) {
+fn backend_state(p: &ProxyProcess) -> (String, bool) {
     let (code, body) = http_get(p.api, "/api/backends");
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -134,7 +70,7 @@ async fn out_of_descriptors_refuses_with_1040_keeps_the_backend_and_recovers() {
 async fn exhaust(nofile: u32) {
     let t0 = Instant::now();
     let db = mariadb();
-    let p = LimitedProxy::start(db.addr(), nofile);
+    let p = limited_proxy(db.addr(), nofile);
     eprintln!(
         "RLIMIT_NOFILE {nofile}: MariaDB and the proxy up in {:?}",
         t0.elapsed()
@@ -230,7 +166,7 @@ async fn exhaust(nofile: u32) {
     // The log: the episode in a few lines with counts, at most about one a
     // second, and no backend warnings.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let log = p.log();
+    let log = log(&p);
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("refused: out of file descriptors"))

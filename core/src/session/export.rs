@@ -25,7 +25,6 @@
 //! export (length-encoded, [`CompressedFraming::export`]). Integers are
 //! little-endian. The sub-machines' exports carry their own versions.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -83,32 +82,15 @@ impl<T: Clone> Session<T> {
     /// An established session rebuilt from an export.
     fn resumed(cfg: SessionConfig, salt: [u8; 20], relay: Relay, r: Resumed) -> Self {
         Self {
-            cfg,
-            phase: Phase::Command,
-            salt,
-            relay,
             hello: r.hello,
             client_caps: r.client_caps,
             backend_caps: r.backend_caps,
             client_mariadb: r.client_mariadb,
             backend_mariadb: r.backend_mariadb,
-            target_mariadb: MariaDbCapabilities::empty(),
             user: r.user,
             database: r.database,
-            pending_user: None,
             tracker: r.tracker,
-            migration: Migration::None,
-            close_at_safe_point: false,
-            response_started: false,
-            command_started: None,
-            handshake_deadline: None,
-            tls_request: None,
-            boundary_pending: false,
-            actions: VecDeque::new(),
-            events: VecDeque::new(),
-            command_done: None,
-            #[cfg(feature = "sim-mutations")]
-            planted: None,
+            ..Self::blank(cfg, Phase::Command, salt, relay)
         }
     }
 

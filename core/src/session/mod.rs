@@ -271,23 +271,13 @@ fn no_hello() -> HandshakeResponse {
 }
 
 impl<T: Clone> Session<T> {
-    /// A new session for a client that just connected: the greeting is
-    /// queued on the client leg. The salt comes from `rng`.
-    pub fn new(cfg: SessionConfig, now: Instant, rng: &mut impl RngCore) -> Self {
-        let mut salt = [0u8; 20];
-        rng.fill_bytes(&mut salt);
-        // Printable ASCII without '$', as MySQL servers generate: no NUL can
-        // end the salt early and every client parses it.
-        for b in &mut salt {
-            *b = 0x21 + (*b % 0x5e);
-            if *b == b'$' {
-                *b = b'%';
-            }
-        }
-        let mut s = Self {
-            phase: Phase::ClientHello,
+    /// A session in `phase` with nothing negotiated, tracked or queued yet:
+    /// what [`Session::new`] and an import start from.
+    fn blank(cfg: SessionConfig, phase: Phase, salt: [u8; 20], relay: Relay) -> Self {
+        Self {
+            phase,
             salt,
-            relay: Relay::default(),
+            relay,
             hello: no_hello(),
             client_caps: CapabilityFlags::empty(),
             backend_caps: CapabilityFlags::empty(),
@@ -302,7 +292,7 @@ impl<T: Clone> Session<T> {
             close_at_safe_point: false,
             response_started: false,
             command_started: None,
-            handshake_deadline: Some(now + cfg.handshake_timeout),
+            handshake_deadline: None,
             tls_request: None,
             boundary_pending: false,
             actions: VecDeque::new(),
@@ -311,7 +301,25 @@ impl<T: Clone> Session<T> {
             #[cfg(feature = "sim-mutations")]
             planted: None,
             cfg,
-        };
+        }
+    }
+
+    /// A new session for a client that just connected: the greeting is
+    /// queued on the client leg. The salt comes from `rng`.
+    pub fn new(cfg: SessionConfig, now: Instant, rng: &mut impl RngCore) -> Self {
+        let mut salt = [0u8; 20];
+        rng.fill_bytes(&mut salt);
+        // Printable ASCII without '$', as MySQL servers generate: no NUL can
+        // end the salt early and every client parses it.
+        for b in &mut salt {
+            *b = 0x21 + (*b % 0x5e);
+            if *b == b'$' {
+                *b = b'%';
+            }
+        }
+        let deadline = now + cfg.handshake_timeout;
+        let mut s = Self::blank(cfg, Phase::ClientHello, salt, Relay::default());
+        s.handshake_deadline = Some(deadline);
         s.cfg.capabilities &= CapabilityFlags::PROXY_SUPPORTED;
         if !s.cfg.server_tls {
             s.cfg.capabilities -= CapabilityFlags::SSL;
