@@ -92,6 +92,8 @@ impl ProxyError {
             Self::BackendLost(_) => 1158,
             // ER_MALFORMED_PACKET
             Self::BackendProtocol(_) => 1835,
+            // ER_OUT_OF_RESOURCES: as a server out of memory answers.
+            Self::LocalExhaustion(crate::health::LocalExhaustion::MemoryThreshold { .. }) => 1041,
             // ER_CON_COUNT_ERROR: as a server out of descriptors answers.
             Self::TooManyConnections(_) | Self::LocalExhaustion(_) => 1040,
             // ER_SERVER_SHUTDOWN
@@ -108,6 +110,9 @@ impl ProxyError {
             Self::BadHandshake(_) | Self::HandshakeTimeout(_) => *b"08S01",
             Self::OutOfOrder(_) | Self::BackendLost(_) => *b"08S01",
             Self::NoBackend(_) => *b"08S01",
+            Self::LocalExhaustion(crate::health::LocalExhaustion::MemoryThreshold { .. }) => {
+                *b"HY000"
+            }
             Self::TooManyConnections(_) | Self::LocalExhaustion(_) => *b"08004",
             Self::ShuttingDown => *b"08S01",
             _ => *b"HY000",
@@ -160,6 +165,12 @@ impl ProxyError {
     /// Writes the ERR payload.
     pub fn write(&self, out: &mut BytesMut) {
         self.to_err_packet().write(out);
+    }
+
+    /// Writes the ERR payload sent instead of a greeting (no SQL state:
+    /// see [`ErrPacket::write_pre_handshake`]).
+    pub fn write_pre_handshake(&self, out: &mut BytesMut) {
+        self.to_err_packet().write_pre_handshake(out);
     }
 }
 
@@ -256,6 +267,25 @@ mod tests {
         .to_err_packet();
         assert_eq!(e.code, 1153);
         assert!(!e.message_text().to_lowercase().contains("unknown error"));
+        let e = ProxyError::LocalExhaustion(crate::health::LocalExhaustion::MemoryThreshold {
+            used: 950 << 20,
+            limit: 1000 << 20,
+            threshold_pct: 90,
+        })
+        .to_err_packet();
+        assert_eq!((e.code, &e.sql_state), (1041, b"HY000"));
+        // Sent instead of a greeting: no SQL state for the client to show
+        // as part of the message.
+        let mut b = bytes::BytesMut::new();
+        ProxyError::TooManyConnections(5).write_pre_handshake(&mut b);
+        assert_eq!(&b[..3], &[0xff, 0x10, 0x04]);
+        assert!(b[3..].starts_with(b"tiproxy: "), "{b:?}");
+        let msg = e.message_text();
+        assert!(
+            msg.contains("950 MiB of 1000 MiB (95%)")
+                && msg.contains("high-memory-usage-reject-threshold (90%)"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -390,6 +390,18 @@ pub enum LocalExhaustion {
     SystemFds,
     /// The kernel is out of socket buffers or memory (ENOBUFS, ENOMEM).
     Memory,
+    /// The memory in use on the proxy's host (or in its cgroup) reached
+    /// `proxy.high-memory-usage-reject-threshold` of the limit: new clients
+    /// are refused before the proxy is OOM-killed with every session on it.
+    MemoryThreshold {
+        /// Bytes in use when last measured, plus what sessions accepted
+        /// since are estimated to hold.
+        used: u64,
+        /// The limit: the cgroup's, else the host's total memory.
+        limit: u64,
+        /// The threshold, in percent of `limit`.
+        threshold_pct: u8,
+    },
 }
 
 impl LocalExhaustion {
@@ -413,6 +425,10 @@ impl LocalExhaustion {
             }
             Self::SystemFds => "raise fs.file-max or lower proxy.max-connections",
             Self::Memory => "free memory on the tiproxy host or lower proxy.max-connections",
+            Self::MemoryThreshold { .. } => {
+                "free memory on the tiproxy host, raise its memory limit, or raise \
+                 proxy.high-memory-usage-reject-threshold (0 turns the check off)"
+            }
         }
     }
 }
@@ -428,6 +444,21 @@ impl fmt::Display for LocalExhaustion {
             }
             Self::SystemFds => f.write_str("the system is out of file descriptors (fs.file-max)"),
             Self::Memory => f.write_str("the host is out of socket memory"),
+            Self::MemoryThreshold {
+                used,
+                limit,
+                threshold_pct,
+            } => {
+                const MIB: u64 = 1 << 20;
+                write!(
+                    f,
+                    "memory in use {} MiB of {} MiB ({}%) is over \
+                     proxy.high-memory-usage-reject-threshold ({threshold_pct}%)",
+                    used / MIB,
+                    limit / MIB,
+                    used.saturating_mul(100) / (*limit).max(1)
+                )
+            }
         }
     }
 }

@@ -236,6 +236,16 @@ impl ErrPacket {
         out.put_slice(&self.message);
     }
 
+    /// Builds the payload as a server sends it before its greeting, when
+    /// the client's protocol is not known yet (too many connections, out
+    /// of resources): without the SQL state, which clients would show as
+    /// part of the message (MySQL's `net_send_error_packet`).
+    pub fn write_pre_handshake(&self, out: &mut BytesMut) {
+        out.put_u8(ERR_HEADER);
+        out.put_u16_le(self.code);
+        out.put_slice(&self.message);
+    }
+
     /// The message as text (lossy).
     pub fn message_text(&self) -> String {
         String::from_utf8_lossy(&self.message).into_owned()

@@ -594,6 +594,15 @@ impl Config {
                 ));
             }
         }
+        let m = self.proxy.high_memory_usage_reject_threshold;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(err(
+                "proxy.high-memory-usage-reject-threshold",
+                format!(
+                    "{m} is out of range; use 0 (off) or 0.5 to 1 (a share of the memory limit)"
+                ),
+            ));
+        }
         let b = self.proxy.conn_buffer_size;
         if b != 0 && !(1024..=16 * 1024 * 1024).contains(&b) {
             return Err(err(

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod health;
 pub mod http_client;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod pd;

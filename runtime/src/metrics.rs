@@ -63,6 +63,8 @@ pub struct Metrics {
     pub create_connection: IntCounter,
     /// Connections refused at max-connections.
     pub reject_max_connections: IntCounter,
+    /// Connections refused over `high-memory-usage-reject-threshold`.
+    pub reject_memory: IntCounter,
     /// Disconnections by cause.
     pub disconnection: IntCounterVec,
     queries: Vec<(IntCounter, Histogram)>,
@@ -192,6 +194,7 @@ impl Metrics {
             query_errors,
             pending_migrate,
             reject_max_connections: reject.with_label_values(&["max_connections"]),
+            reject_memory: reject.with_label_values(&["memory"]),
             registry,
             connections,
             create_connection,

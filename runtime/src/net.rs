@@ -56,6 +56,13 @@ pub trait Network: Clone + Send + Sync + 'static {
         None
     }
 
+    /// The memory in use and its limit where the proxy runs
+    /// ([`crate::memory::read`]); `None` (the default, and the simulation)
+    /// never refuses a client for memory.
+    fn host_memory(&self) -> Option<crate::memory::Usage> {
+        None
+    }
+
     /// Runs an accepted connection's task. By default on the current runtime.
     fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
     where
@@ -146,6 +153,10 @@ impl Network for TokioNet {
 
     fn session_fd_budget(&self) -> Option<usize> {
         session_fd_budget()
+    }
+
+    fn host_memory(&self) -> Option<crate::memory::Usage> {
+        crate::memory::read()
     }
 
     async fn connect(&self, addr: &str) -> io::Result<Self::Stream> {

@@ -136,6 +136,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         stop_accepting: Notify::new(),
         stopped: Notify::new(),
         max_connections: AtomicU64::new(config.proxy.max_connections),
+        memory: crate::memory::MemoryGuard::new(config.proxy.high_memory_usage_reject_threshold),
         manual_unhealthy: Mutex::new(None),
         live_config: std::sync::RwLock::new(config.clone()),
         config_gen: AtomicU64::new(0),
@@ -149,6 +150,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         tasks.spawn(accept_loop(state.clone(), l));
     }
     tasks.spawn(crate::api::serve(state.clone(), api_listener));
+    tasks.spawn(memory_loop(state.clone()));
     tasks.spawn(crate::health::probe_loop(state.clone()));
     tasks.spawn(crate::balance::metrics_loop(state.clone()));
     tasks.spawn(crate::balance::balance_loop(state.clone()));
@@ -244,6 +246,18 @@ impl<N: Network> Proxy<N> {
     }
 }
 
+/// Samples the memory in use for `high-memory-usage-reject-threshold`.
+async fn memory_loop<N: Network>(st: Arc<State<N>>) {
+    let net = st.shared.net.clone();
+    loop {
+        match net.host_memory() {
+            Some(usage) => st.memory.record(usage, std::time::Instant::now()),
+            None => return,
+        }
+        tokio::time::sleep(crate::memory::REFRESH).await;
+    }
+}
+
 async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
     // Read while descriptors are free: the refusal message names the limit.
@@ -304,6 +318,12 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             tokio::spawn(refuse(stream, ProxyError::TooManyConnections(max)));
             continue;
         }
+        if let Some(what) = st.memory.refusal(std::time::Instant::now()) {
+            metrics().reject_memory.inc();
+            st.shared.router.refused_locally(what);
+            tokio::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
+            continue;
+        }
         if fd_budget.is_some_and(|b| st.count.load(Ordering::Relaxed) as usize >= b) {
             let what = LocalExhaustion::ProcessFds {
                 limit: crate::net::fd_limit(),
@@ -322,6 +342,10 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         let rx = tx.clone();
         st.conns.lock().expect("conn table").insert(id, tx);
         st.count.fetch_add(1, Ordering::Relaxed);
+        // What a session's buffers may take, counted against the memory
+        // threshold until the next sample sees it (TiProxy: both buffers).
+        let buffers = 2 * st.shared.buffer_limit as i64;
+        st.memory.session_delta(buffers);
         metrics().connections.inc();
         metrics().create_connection.inc();
         let st2 = st.clone();
@@ -329,6 +353,7 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             conn::serve(st2.shared.clone(), stream, peer, id, rx).await;
             st2.conns.lock().expect("conn table").remove(&id);
             st2.count.fetch_sub(1, Ordering::Relaxed);
+            st2.memory.session_delta(-buffers);
             metrics().connections.dec();
         });
     }
@@ -362,7 +387,7 @@ async fn refuse_exhausted<N: Network>(
 /// Sends a MySQL error as the first packet and closes.
 async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
     let mut payload = BytesMut::new();
-    err.write(&mut payload);
+    err.write_pre_handshake(&mut payload);
     let mut pkt = BytesMut::new();
     write_packet(&mut pkt, 0, &payload);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -29,6 +29,8 @@ pub struct State<N: Network> {
     pub(crate) stop_accepting: Notify,
     pub(crate) stopped: Notify,
     pub(crate) max_connections: AtomicU64,
+    /// `proxy.high-memory-usage-reject-threshold` and the memory in use.
+    pub(crate) memory: crate::memory::MemoryGuard,
     /// Operator override of the health answer (`PUT /api/debug/health`).
     pub manual_unhealthy: Mutex<Option<String>>,
     /// The configuration in effect: the file's at start, then as changed
@@ -170,6 +172,8 @@ impl<N: Network> State<N> {
         // Nothing below fails.
         self.max_connections
             .store(new.proxy.max_connections, Ordering::Relaxed);
+        self.memory
+            .set_threshold(new.proxy.high_memory_usage_reject_threshold);
         if !pd && new.proxy.backend_addrs != old.proxy.backend_addrs {
             self.shared.router.set_backends(&new.proxy.backend_addrs);
         }

@@ -9,6 +9,7 @@ use super::Config;
 /// Keys that apply without a restart (a key, or every key below it).
 const RELOADABLE: &[&str] = &[
     "proxy.max-connections",
+    "proxy.high-memory-usage-reject-threshold",
     "proxy.graceful-wait-before-shutdown",
     "proxy.graceful-close-conn-timeout",
     "log.level",
@@ -26,7 +27,6 @@ const RELOADABLE: &[&str] = &[
 /// a change is neither applied nor in need of a restart.
 const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.port-range",
-    "proxy.high-memory-usage-reject-threshold",
     "proxy.public-endpoints",
     "proxy.backend-clusters",
     "proxy.fail-backend-list",
