@@ -111,6 +111,8 @@ pub enum NotAccepting {
     Draining,
     /// An operator drained it.
     ManuallyDrained,
+    /// It is in `proxy.fail-backend-list`.
+    FailBackendList,
     /// It failed a dial or its checks, until this instant.
     Failed {
         /// When it may be tried again.
@@ -126,6 +128,7 @@ impl fmt::Display for NotAccepting {
             Self::Removed => f.write_str("removed from the backend list"),
             Self::Draining => f.write_str("its status port says it is shutting down"),
             Self::ManuallyDrained => f.write_str("drained by an operator"),
+            Self::FailBackendList => f.write_str("it is in proxy.fail-backend-list"),
             Self::Failed { .. } => f.write_str("it failed recent connects or health checks"),
             Self::Unknown => f.write_str("its status port has not answered yet"),
         }
@@ -142,6 +145,10 @@ pub struct BackendHealth {
     /// The status port's last answer was not 200.
     draining: bool,
     manual_drain: bool,
+    /// Since when it is in `proxy.fail-backend-list` (then it takes no
+    /// sessions, its sessions move away, and those still on it after
+    /// `failover-timeout` are closed).
+    failover_since: Option<Instant>,
     removed: bool,
     /// Failed: no new sessions before this instant; `Some` until cleared.
     failed_until: Option<Instant>,
@@ -160,6 +167,7 @@ impl BackendHealth {
             known: !has_status_port,
             draining: false,
             manual_drain: false,
+            failover_since: None,
             removed: false,
             failed_until: None,
             status_failures: 0,
@@ -243,7 +251,11 @@ impl BackendHealth {
             Err(CheckFailure::Backend) => {
                 self.probe_failures = self.probe_failures.saturating_add(1);
                 if self.probe_failures >= cfg.failure_threshold {
-                    if !self.draining && !self.manual_drain && !self.removed {
+                    if !self.draining
+                        && !self.manual_drain
+                        && self.failover_since.is_none()
+                        && !self.removed
+                    {
                         out.transition = Some(Transition::ProbeFailed);
                     }
                     self.fail(now, cfg);
@@ -281,6 +293,25 @@ impl BackendHealth {
         self.manual_drain = on;
     }
 
+    /// Puts it in failover from `now` (it is in `proxy.fail-backend-list`),
+    /// keeping an earlier start, or takes it out (`None`). True when that
+    /// changed whether it is in failover.
+    pub fn set_failover(&mut self, now: Option<Instant>) -> bool {
+        let was = self.failover_since.is_some();
+        match now {
+            Some(t) => {
+                self.failover_since.get_or_insert(t);
+            }
+            None => self.failover_since = None,
+        }
+        was != self.failover_since.is_some()
+    }
+
+    /// Since when it is in failover, if it is.
+    pub fn failover_since(&self) -> Option<Instant> {
+        self.failover_since
+    }
+
     /// Discovery removed it from (or put it back in) the backend set.
     pub fn set_removed(&mut self, on: bool) {
         self.removed = on;
@@ -313,6 +344,9 @@ impl BackendHealth {
         }
         if self.manual_drain {
             return Some(NotAccepting::ManuallyDrained);
+        }
+        if self.failover_since.is_some() {
+            return Some(NotAccepting::FailBackendList);
         }
         if let Some(until) = self.paused_until(now) {
             return Some(NotAccepting::Failed { until });

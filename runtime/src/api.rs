@@ -454,6 +454,7 @@ fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_
         "status_addr": b.status_addr,
         "state": state,
         "manually_drained": b.is_manually_drained(),
+        "fail_backend_list": b.failover_since().is_some(),
         "accepts_connections": st.router().accepts(b),
         "connections": b.connections(),
         "incoming_moves": st.router().incoming(b),

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::conn::Mailbox;
+use crate::conn::{Control, Mailbox};
 use crate::http_client::http_get;
 use crate::net::Network;
 use crate::router::MetricsReading;
@@ -61,12 +61,43 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
 /// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
 /// sessions may be asked (not moving, not cooling down after a failed
 /// move), how many moves may start, and which backends cannot export.
+/// Closes the sessions still on a backend in `proxy.fail-backend-list`
+/// once its `failover-timeout` elapsed (TiProxy's
+/// `CloseTimedOutFailoverConnections`), one warning per backend and pass.
+fn close_after_failover_timeout<N: Network>(st: &State<N>) {
+    for b in st.shared.router.failover_expired() {
+        let mut closed = 0;
+        for (_, m) in st.sessions() {
+            if m.backend().is_some_and(|x| Arc::ptr_eq(&x, &b)) {
+                m.send(Control::Close(
+                    "its backend is in proxy.fail-backend-list and failover-timeout elapsed",
+                ));
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            warn!(
+                backend = %b.addr,
+                closed,
+                "closed the sessions still on a backend in proxy.fail-backend-list after failover-timeout"
+            );
+        }
+    }
+}
+
 pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
     let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
     // `[balance]` is reloadable: re-read when the configuration changed.
     let mut generation = st.config_generation();
     let mut cfg = st.live_config().balance.plan_config();
+    let fail_list = |st: &State<N>| {
+        let live = st.live_config();
+        st.shared
+            .router
+            .set_fail_list(&live.proxy.fail_backend_list, live.proxy.failover_timeout);
+    };
+    fail_list(&st);
     loop {
         tokio::select! {
             biased;
@@ -80,8 +111,12 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             st.shared
                 .router
                 .set_balance(cfg.policy, live.labels.get("zone").cloned());
+            drop(live);
+            fail_list(&st);
         }
         let router = &st.shared.router;
+        router.update_failover();
+        close_after_failover_timeout(&st);
         let backends = router.backends();
         if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
             continue;

@@ -9,6 +9,8 @@
 //! cool-downs and backends that cannot export sessions are the core's move
 //! ledger, kept here ([`Router::with_moves`]).
 
+mod failover;
+
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -168,7 +170,10 @@ impl Backend {
     /// Whether it is neither draining nor removed.
     pub fn is_healthy(&self) -> bool {
         let h = self.health();
-        !h.is_removed() && !h.is_draining() && !h.is_manually_drained()
+        !h.is_removed()
+            && !h.is_draining()
+            && !h.is_manually_drained()
+            && h.failover_since().is_none()
     }
 
     /// Whether its sessions should move elsewhere (draining or removed).
@@ -176,11 +181,11 @@ impl Backend {
         !self.is_healthy()
     }
 
-    /// Whether it is draining: its status port reported a shutdown, or an
-    /// operator drained it.
+    /// Whether it is draining: its status port reported a shutdown, an
+    /// operator drained it, or it is in `proxy.fail-backend-list`.
     pub fn is_draining(&self) -> bool {
         let h = self.health();
-        h.is_draining() || h.is_manually_drained()
+        h.is_draining() || h.is_manually_drained() || h.failover_since().is_some()
     }
 
     /// Drains (or undrains) it by operator request.
@@ -340,6 +345,8 @@ pub struct Router {
     /// Moves under way, cool-downs, backends that cannot export sessions;
     /// backends by SQL address.
     moves: Mutex<MoveLedger<String>>,
+    /// `proxy.fail-backend-list` and `proxy.failover-timeout`.
+    fail_list: Mutex<failover::FailList>,
 }
 
 impl Router {

@@ -10,6 +10,8 @@ use super::Config;
 const RELOADABLE: &[&str] = &[
     "proxy.max-connections",
     "proxy.high-memory-usage-reject-threshold",
+    "proxy.fail-backend-list",
+    "proxy.failover-timeout",
     "proxy.graceful-wait-before-shutdown",
     "proxy.graceful-close-conn-timeout",
     "log.level",
@@ -29,8 +31,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.port-range",
     "proxy.public-endpoints",
     "proxy.backend-clusters",
-    "proxy.fail-backend-list",
-    "proxy.failover-timeout",
     "proxy.frontend-keepalive",
     "proxy.backend-healthy-keepalive",
     "proxy.backend-unhealthy-keepalive",
