@@ -4,7 +4,8 @@
 //! built into the binary). Every route is also served without the `/api`
 //! prefix, as TiProxy does. Errors are JSON `{"error": "..."}` with the
 //! right status code. With `security.server-http-tls` the listener speaks
-//! HTTPS (told apart from plain HTTP by the first byte).
+//! HTTPS (told apart from plain HTTP by the first byte). CPU profiles
+//! (`/api/debug/pprof/profile`) are `cpu_profile`'s business.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use tracing::{debug, info};
 use crate::metrics::metrics;
 use crate::net::{Network, Prefixed};
 use crate::state::State;
+
+mod cpu_profile;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -237,6 +240,17 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
             }
         }
         (Method::GET, ["metrics"]) => text("text/plain; version=0.0.4", metrics().render()),
+        (Method::GET, ["debug", "pprof", "profile"]) => {
+            cpu_profile::profile(query_param(&req, "seconds")).await
+        }
+        (Method::GET, ["debug", "pprof", ..]) => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{full}: only CPU profiles are served, at /api/debug/pprof/profile?seconds=N \
+                 (1-{}); there is no heap profile (the proxy uses the system allocator)",
+                cpu_profile::MAX_SECONDS
+            ),
+        ),
         (Method::GET, ["admin", "config"]) => {
             let cfg = st.live_config.read().expect("config lock").clone();
             let want_json = query_param(&req, "format").as_deref() == Some("json")
@@ -337,6 +351,7 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
             ["debug", "health"]
             | ["debug", "redirect"]
             | ["metrics"]
+            | ["debug", "pprof", ..]
             | ["admin", "config"]
             | ["backends"]
             | ["backends", _, "drain" | "undrain"]

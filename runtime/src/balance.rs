@@ -38,12 +38,26 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
                 let Some(status) = &b.status_addr else {
                     continue;
                 };
+                let m = crate::metrics::metrics();
                 match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
                     Ok((200, body)) => {
-                        b.record_metrics(MetricsReading::parse(&body), tokio::time::Instant::now())
+                        let now = tokio::time::Instant::now();
+                        b.record_metrics(MetricsReading::parse(&body), now);
+                        let (cpu, memory) = b.resources(now);
+                        for (what, v) in [("cpu", cpu.map(|c| c.usage)), ("memory", memory)] {
+                            if let Some(v) = v {
+                                m.backend_metric.with_label_values(&[&b.addr, what]).set(v);
+                            }
+                        }
                     }
-                    Ok((code, _)) => debug!(backend = %b.addr, "/metrics answered {code}"),
-                    Err(e) => debug!(backend = %b.addr, "cannot read /metrics: {e}"),
+                    Ok((code, _)) => {
+                        m.server_error(crate::metrics::err_type::BACKEND_METRICS);
+                        debug!(backend = %b.addr, "/metrics answered {code}")
+                    }
+                    Err(e) => {
+                        m.server_error(crate::metrics::err_type::BACKEND_METRICS);
+                        debug!(backend = %b.addr, "cannot read /metrics: {e}")
+                    }
                 }
             }
         }
@@ -98,6 +112,7 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             .set_fail_list(&live.proxy.fail_backend_list, live.proxy.failover_timeout);
     };
     fail_list(&st);
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             biased;
@@ -118,6 +133,13 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         router.update_failover();
         close_after_failover_timeout(&st);
         let backends = router.backends();
+        ticks += 1;
+        if ticks >= tiproxy_core::balance::TICKS_PER_SECOND {
+            ticks = 0;
+            let now = tokio::time::Instant::now();
+            let loads: Vec<BackendLoad> = backends.iter().map(|b| router.load_of(b, now)).collect();
+            record_scores(&backends, &loads, cfg.policy);
+        }
         if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
             continue;
         }
@@ -133,7 +155,7 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             })
             .collect();
         let mut on: Vec<Vec<(u32, Arc<Mailbox>)>> = vec![Vec::new(); backends.len()];
-        let (room, exports, incoming) = router.with_moves(|l| {
+        let (room, exports) = router.with_moves(|l| {
             l.expire(now.into_std());
             for (id, m, i) in sessions {
                 if l.can_move(id, now.into_std()) {
@@ -141,8 +163,7 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
                 }
             }
             let exports: Vec<bool> = backends.iter().map(|b| l.can_export(&b.addr)).collect();
-            let incoming: Vec<u32> = backends.iter().map(|b| l.incoming(&b.addr)).collect();
-            (l.room(), exports, incoming)
+            (l.room(), exports)
         });
         let snapshot: Vec<BackendLoad> = backends
             .iter()
@@ -154,12 +175,6 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
                 ..router.load_of(b, now)
             })
             .collect();
-        for (b, n) in backends.iter().zip(&incoming) {
-            crate::metrics::metrics()
-                .pending_migrate
-                .with_label_values(&[&b.addr])
-                .set(i64::from(*n));
-        }
         // Moves in flight hold a third socket each and compete with the
         // sessions' own traffic: keep their number bounded.
         if room == 0 {
@@ -172,8 +187,28 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         for m in plan(&snapshot, &cfg) {
             let n = (m.count as usize).min(on[m.from].len());
             for (id, mb) in on[m.from].drain(..n) {
-                mb.request_move(router, id, &backends[m.to]);
+                mb.request_move(router, id, &backends[m.to], m.factor.name());
             }
+        }
+    }
+}
+
+/// Once a second: `tiproxy_balance_b_score` (each backend's rank by each
+/// factor of the policy) and whether each backend is outside the proxy's zone (for
+/// `tiproxy_traffic_cross_location_bytes`).
+fn record_scores(
+    backends: &[Arc<crate::router::Backend>],
+    loads: &[tiproxy_core::balance::BackendLoad],
+    policy: tiproxy_core::balance::Policy,
+) {
+    let m = crate::metrics::metrics();
+    let scores = tiproxy_core::balance::scores(loads, policy);
+    for ((b, load), score) in backends.iter().zip(loads).zip(&scores) {
+        b.metrics.set_cross_location(!load.local);
+        for (factor, v) in score {
+            m.backend_score
+                .with_label_values(&[&b.addr, factor.name()])
+                .set(*v as f64);
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
-use crate::metrics::metrics;
+use crate::metrics::{LegTraffic, PendingMove, metrics};
 use crate::net::{Network, Prefixed};
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
@@ -33,6 +33,7 @@ mod events;
 mod mailbox;
 mod socket;
 
+use self::events::counted;
 pub use self::mailbox::{Control, DescribeReply, Mailbox, SessionInfo, uptime_ms};
 use self::socket::{Io, write_all};
 use tiproxy_core::balance::MoveOutcome;
@@ -120,6 +121,12 @@ struct Driver<N: Network> {
     /// Commands finished: a plain count in the connection's own state, so
     /// per-backend QPS costs the hot path no shared atomic.
     commands: u64,
+    /// When the connection was accepted ([`crate::metrics::clock_us`]).
+    created_us: u64,
+    /// The move under way, for `tiproxy_balance_*` (boxed: rare).
+    pending_move: Option<Box<PendingMove>>,
+    /// Packet framing of the backend and new-backend legs' traffic.
+    traffic: [LegTraffic; 2],
 }
 
 /// Serves one accepted client connection to its end.
@@ -182,6 +189,9 @@ pub async fn serve<N: Network>(
         moved_from: None,
         last_command_ms: uptime_ms(),
         commands: 0,
+        created_us: crate::metrics::clock_us(),
+        pending_move: None,
+        traffic: Default::default(),
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     if !early.is_empty() {
@@ -306,6 +316,7 @@ impl<N: Network> Driver<N> {
                 Action::CloseLeg(_) => {}
                 Action::SwapBackends { farewell } => {
                     let old = std::mem::replace(&mut self.backend, self.new_backend.take());
+                    self.traffic = [self.traffic[1], LegTraffic::default()];
                     self.moved_from = self.lease.as_ref().map(|l| l.backend().clone());
                     let left = std::mem::replace(&mut self.lease, self.new_lease.take());
                     if self
@@ -339,7 +350,8 @@ impl<N: Network> Driver<N> {
 
     fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
         let shared = self.shared.clone();
-        let fut = async move {
+        let new_client = target.is_none();
+        let dial = async move {
             let mut tried: Vec<String> = Vec::new();
             let mut last_err = match shared.router.backends().len() {
                 0 => String::from("no backend is configured"),
@@ -402,13 +414,17 @@ impl<N: Network> Driver<N> {
                     ),
                 };
                 let _ = shared.router.handle_dial(&backend, Dial::Failed);
+                metrics()
+                    .dial_backend_fail
+                    .with_label_values(&[&backend.addr])
+                    .inc();
                 warn!("{dial}");
                 last_err = dial;
             }
         };
         self.op = Some(Op::Connect {
             leg,
-            fut: Box::pin(fut),
+            fut: Box::pin(events::timed_get_backend(dial, new_client)),
         });
     }
 
@@ -495,6 +511,7 @@ impl<N: Network> Driver<N> {
                             self.new_lease = Some(lease);
                         }
                         self.session.handle_connected(now, leg);
+                        self.leg_connected(leg);
                     }
                     Err(ConnectError::Unreachable(e)) => {
                         self.session.handle_connect_failed(now, leg, &e)
@@ -570,8 +587,11 @@ impl<N: Network> Driver<N> {
         if let Some(msg) = self.ctl.poll_take(cx) {
             let now = Instant::now().into_std();
             match msg {
-                Control::Redirect(target) => {
-                    if !self.session.handle_redirect(now, target) {
+                Control::Redirect(target, reason) => {
+                    let to = target.addr.clone();
+                    if self.session.handle_redirect(now, target) {
+                        self.move_started(&to, reason);
+                    } else {
                         self.move_resolved(MoveOutcome::Dropped);
                     }
                 }
@@ -657,6 +677,7 @@ impl<N: Network> Driver<N> {
             },
         };
         let session = &mut self.session;
+        let mut counted = counted(leg, &self.lease, &self.new_lease, &mut self.traffic);
         loop {
             let buf = session.transmit(leg);
             if buf.is_empty() {
@@ -666,7 +687,12 @@ impl<N: Network> Driver<N> {
                 Poll::Ready(Ok(0)) => {
                     return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed"));
                 }
-                Poll::Ready(Ok(n)) => session.advance_transmit(leg, n),
+                Poll::Ready(Ok(n)) => {
+                    if let Some((lease, t)) = counted.as_mut() {
+                        t.written(&lease.backend().metrics, &buf[..n]);
+                    }
+                    session.advance_transmit(leg, n)
+                }
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(()),
             }
@@ -688,6 +714,7 @@ impl<N: Network> Driver<N> {
             return Poll::Pending;
         };
         let session = &mut self.session;
+        let counted = counted(leg, &self.lease, &self.new_lease, &mut self.traffic);
         SCRATCH.with_borrow_mut(|scratch| {
             let n = budget.min(scratch.len());
             let mut rb = ReadBuf::new(&mut scratch[..n]);
@@ -699,6 +726,9 @@ impl<N: Network> Driver<N> {
                     if n == 0 {
                         session.handle_closed(now, leg, "connection closed by peer");
                     } else {
+                        if let Some((lease, t)) = counted {
+                            t.read(&lease.backend().metrics, &scratch[..n]);
+                        }
                         session.handle_data(now, leg, &scratch[..n]);
                     }
                     Poll::Ready(n == 0)
@@ -713,6 +743,7 @@ impl<N: Network> Driver<N> {
 
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
+        self.ended();
         self.ctl.close_moves(&self.shared.router, self.conn_id);
         self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));

@@ -169,6 +169,8 @@ pub async fn watch_pd<P: PdConnector>(
         match watch_once(&connector, &pd, &cfg, &router, &status).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
+                crate::metrics::metrics()
+                    .server_error(crate::metrics::err_type::FETCH_BACKEND_LIST);
                 let mut s = status.lock().expect("status lock");
                 s.pd_error = Some(e.clone());
                 drop(s);
@@ -296,11 +298,12 @@ pub async fn register<P: PdConnector>(
     let key = format!("{TIPROXY_TOPOLOGY}/{sql_addr}");
     let mut logged = false;
     loop {
-        if let Err(e) = register_once(&connector, &pd, &key, &info).await
-            && !logged
-        {
-            warn!("cannot register tiproxy in PD (will retry): {e}");
-            logged = true;
+        if let Err(e) = register_once(&connector, &pd, &key, &info).await {
+            crate::metrics::metrics().server_error(crate::metrics::err_type::INFO_SYNCER);
+            if !logged {
+                warn!("cannot register tiproxy in PD (will retry): {e}");
+                logged = true;
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

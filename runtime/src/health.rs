@@ -87,8 +87,23 @@ async fn check_backend<N: Network>(
     st: Arc<State<N>>,
     b: Arc<crate::router::Backend>,
     d: crate::config::HealthCheckDurations,
-    mut probe_due: bool,
+    probe_due: bool,
 ) {
+    let started = tokio::time::Instant::now();
+    if check_backend_once(&st, &b, d, probe_due).await {
+        crate::metrics::metrics()
+            .health_check_seconds
+            .set(started.elapsed().as_secs_f64());
+    }
+}
+
+/// [`check_backend`]'s work; false when there was nothing to check.
+async fn check_backend_once<N: Network>(
+    st: &State<N>,
+    b: &Arc<crate::router::Backend>,
+    d: crate::config::HealthCheckDurations,
+    mut probe_due: bool,
+) -> bool {
     let router = &st.shared.router;
     if let Some(status) = &b.status_addr {
         let answer = http_status(&st.shared.net, status, "/status", d.dial_timeout).await;
@@ -99,7 +114,7 @@ async fn check_backend<N: Network>(
             }
             _ => CheckFailure::Backend,
         };
-        let out = router.handle_status(&b, answer.as_ref().map(|c| *c).map_err(failure));
+        let out = router.handle_status(b, answer.as_ref().map(|c| *c).map_err(failure));
         probe_due |= out.probe_now;
         match (out.transition, &answer) {
             (Some(Transition::DrainEnded), _) => {
@@ -115,11 +130,18 @@ async fn check_backend<N: Network>(
         }
     }
     if !probe_due {
-        return;
+        return b.status_addr.is_some();
     }
-    let answer = probe(&st, &b.addr, d.dial_timeout).await;
+    let probe_started = tokio::time::Instant::now();
+    let answer = probe(st, &b.addr, d.dial_timeout).await;
+    if answer.is_ok() {
+        crate::metrics::metrics()
+            .ping_duration
+            .with_label_values(&[&b.addr])
+            .set(probe_started.elapsed().as_secs_f64());
+    }
     let out = router.handle_probe(
-        &b,
+        b,
         match &answer {
             Ok(_) => Ok(()),
             Err(ProbeError::Local(what)) => Err(CheckFailure::Local(*what)),
@@ -133,6 +155,7 @@ async fn check_backend<N: Network>(
         }
         Err(_) => {}
     }
+    true
 }
 
 /// Why a probe got no greeting.

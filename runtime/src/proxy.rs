@@ -174,6 +174,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
             api_addr.port(),
         ));
     }
+    metrics().server_event.with_label_values(&["start"]).inc();
     info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
     Ok(Proxy {
         state,
@@ -242,6 +243,7 @@ impl<N: Network> Proxy<N> {
         st.stopped.notify_waiters();
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        metrics().server_event.with_label_values(&["close"]).inc();
         info!("tiproxy stopped");
     }
 }

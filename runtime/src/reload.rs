@@ -139,9 +139,12 @@ pub async fn watch<N: Network>(st: Arc<State<N>>, path: PathBuf, loaded: Vec<u8>
             stamp = now;
             match st.reload_tls() {
                 Ok(()) => info!("TLS certificates reloaded from their files"),
-                Err(e) => error!(
-                    "cannot reload TLS certificates: security.{e}; the previous certificates stay in use"
-                ),
+                Err(e) => {
+                    crate::metrics::metrics().server_error(crate::metrics::err_type::LOAD_CERT);
+                    error!(
+                        "cannot reload TLS certificates: security.{e}; the previous certificates stay in use"
+                    )
+                }
             }
         }
     }

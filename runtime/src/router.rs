@@ -45,6 +45,8 @@ pub struct Backend {
     zone: Option<String>,
     /// CPU and memory use from its `/metrics`.
     resources: Mutex<Resources>,
+    /// Its series (queries, traffic), resolved once.
+    pub metrics: crate::metrics::BackendMetrics,
 }
 
 /// What a backend's `/metrics` said.
@@ -97,6 +99,7 @@ impl MetricsReading {
 impl Backend {
     fn new(addr: String, status_addr: Option<String>, zone: Option<String>) -> Self {
         metrics().backend_status.with_label_values(&[&addr]).set(1);
+        let series = metrics().backend(&addr);
         Self {
             addr,
             health: Mutex::new(BackendHealth::new(status_addr.is_some())),
@@ -104,6 +107,7 @@ impl Backend {
             conns: AtomicI64::new(0),
             zone,
             resources: Mutex::new(Resources::default()),
+            metrics: series,
         }
     }
 

@@ -274,7 +274,7 @@ impl<N: Network> State<N> {
                     None => continue,
                 },
             };
-            m.request_move(router, id, &target);
+            m.request_move(router, id, &target, "api");
             n += 1;
         }
         Ok(n)

@@ -177,8 +177,12 @@ async fn health_reports_backends_and_metrics_count_queries() {
     works(p.sql).await;
     let (status, metrics) = p.get("/api/metrics");
     assert_eq!(status, 200);
+    // TiProxy's labels: the backend and the command type.
     assert!(
-        metrics.contains("tiproxy_session_query_total{cmd_type=\"Query\"}"),
+        metrics.contains(&format!(
+            "tiproxy_session_query_total{{backend=\"{}\",cmd_type=\"Query\"}}",
+            db.addr()
+        )),
         "{metrics}"
     );
     assert!(metrics.contains("tiproxy_server_connections"), "{metrics}");

@@ -74,7 +74,11 @@ fn main() -> ExitCode {
                 loaded,
             ))
         });
+        // The wall-clock monitor (`tiproxy_monitor_*`): the real process
+        // only, the simulation's clock is virtual.
+        let monitor = tokio::spawn(tiproxy_runtime::metrics::monitor_loop());
         wait_for_signal().await;
+        monitor.abort();
         if let Some(w) = watch {
             w.abort();
         }

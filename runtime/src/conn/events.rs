@@ -10,9 +10,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{Driver, uptime_ms};
-use crate::metrics::metrics;
+use crate::metrics::{LegTraffic, PendingMove, clock_us, metrics};
 use crate::net::Network;
-use crate::router::{Backend, BackendProfile};
+use crate::router::{Backend, BackendProfile, Lease};
+use tiproxy_core::session::Leg;
 
 impl<N: Network> Driver<N> {
     pub(super) fn on_event(&mut self, e: Event<Arc<Backend>>) {
@@ -23,10 +24,16 @@ impl<N: Network> Driver<N> {
                 ok,
                 elapsed,
             } => {
-                metrics().query(command, elapsed.as_secs_f64());
+                if let Some(l) = &self.lease {
+                    l.backend().metrics.query(command, elapsed.as_secs_f64());
+                }
                 if !ok {
                     metrics().query_error(command);
                 }
+                let started = clock_us().saturating_sub(elapsed.as_micros() as u64);
+                metrics()
+                    .query_time_since_conn_creation
+                    .observe(started.saturating_sub(self.created_us) as f64 / 1e6);
                 self.commands = self.commands.wrapping_add(1);
                 self.last_command_ms = uptime_ms();
             }
@@ -47,7 +54,10 @@ impl<N: Network> Driver<N> {
             }
             Event::Authenticated { user } => {
                 debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
-                let _ = user;
+                if let Some(l) = &self.lease {
+                    let took = clock_us().saturating_sub(self.created_us);
+                    l.backend().metrics.handshake(took as f64 / 1e6);
+                }
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
@@ -57,10 +67,7 @@ impl<N: Network> Driver<N> {
                     .take()
                     .map(|b| b.addr.clone())
                     .unwrap_or_default();
-                metrics()
-                    .migrate
-                    .with_label_values(&[&from, &target.addr, "", "succeed"])
-                    .inc();
+                self.move_counted(&from, &target.addr, true);
                 debug!(conn_id, to = %target.addr, "session moved");
             }
             Event::MigrationFailed { target, reason } => {
@@ -78,10 +85,7 @@ impl<N: Network> Driver<N> {
                     .as_ref()
                     .map(|l| l.backend().addr.clone())
                     .unwrap_or_default();
-                metrics()
-                    .migrate
-                    .with_label_values(&[&from, &target.addr, "", "fail"])
-                    .inc();
+                self.move_counted(&from, &target.addr, false);
                 info!(conn_id, to = %target.addr, "session move failed, staying: {reason}");
             }
             Event::Closed { reason } => {
@@ -124,6 +128,52 @@ impl<N: Network> Driver<N> {
         }
     }
 
+    /// The session accepted a move to `to` for `reason`: it is pending
+    /// (`tiproxy_balance_pending_migrate`) until it ends.
+    pub(super) fn move_started(&mut self, to: &str, reason: &'static str) {
+        let from = self
+            .lease
+            .as_ref()
+            .map_or("", |l| l.backend().addr.as_str());
+        // A move replacing another: the other one is over.
+        self.pending_move = Some(Box::new(PendingMove::start(from, to, reason)));
+    }
+
+    /// A move ended: counted with its reason and duration. A move nobody
+    /// asked for (the session restored itself after its backend died) is
+    /// the backend's status (TiProxy's `status` factor).
+    fn move_counted(&mut self, from: &str, to: &str, succeeded: bool) {
+        match self.pending_move.take() {
+            Some(p) => p.finish(succeeded),
+            None => {
+                let res = if succeeded { "succeed" } else { "fail" };
+                metrics()
+                    .migrate
+                    .with_label_values(&[from, to, "status", res])
+                    .inc();
+            }
+        }
+    }
+
+    /// A backend leg connected: its traffic is framed from here, past the
+    /// PROXY header (all the session has queued on it yet), if any.
+    pub(super) fn leg_connected(&mut self, leg: Leg) {
+        let header = if self.shared.proxy_protocol {
+            self.session.transmit(leg).len()
+        } else {
+            0
+        };
+        self.traffic[usize::from(leg == Leg::NewBackend)] = LegTraffic::after_header(header);
+    }
+
+    /// The connection ended: its lifetime is counted, a move under way is
+    /// no longer pending.
+    pub(super) fn ended(&mut self) {
+        let lived = clock_us().saturating_sub(self.created_us);
+        metrics().conn_lifetime.observe(lived as f64 / 1e6);
+        self.pending_move = None;
+    }
+
     /// A requested move ended: the ledger learns how.
     pub(super) fn move_resolved(&mut self, outcome: MoveOutcome) -> Resolved {
         let source = self
@@ -136,4 +186,38 @@ impl<N: Network> Driver<N> {
             .router
             .with_moves(|l| l.resolved(self.conn_id, &source, outcome, now))
     }
+}
+
+/// The lease and traffic framing that count what moves on `leg` (none for
+/// the client leg, or before a backend is dialled).
+pub(super) fn counted<'a>(
+    leg: Leg,
+    lease: &'a Option<Lease>,
+    new_lease: &'a Option<Lease>,
+    traffic: &'a mut [LegTraffic; 2],
+) -> Option<(&'a Lease, &'a mut LegTraffic)> {
+    let [backend, new_backend] = traffic;
+    match leg {
+        Leg::Client => None,
+        Leg::Backend => lease.as_ref().map(|l| (l, backend)),
+        Leg::NewBackend => new_lease.as_ref().map(|l| (l, new_backend)),
+    }
+}
+
+/// A new client's search for a backend, timed and counted
+/// (`tiproxy_backend_get_backend*`); a move's dial is the move's business.
+pub(super) async fn timed_get_backend<T, E>(
+    dial: impl std::future::Future<Output = Result<T, E>>,
+    new_client: bool,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let res = dial.await;
+    if new_client {
+        let m = metrics();
+        m.get_backend_duration
+            .observe(started.elapsed().as_secs_f64());
+        let what = if res.is_ok() { "succeed" } else { "fail" };
+        m.get_backend.with_label_values(&[what]).inc();
+    }
+    res
 }

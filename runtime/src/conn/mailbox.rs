@@ -79,14 +79,21 @@ impl Mailbox {
     }
 
     /// Asks session `conn` (this mailbox's) to move to `target` at its
-    /// next safe point, and records the move in the router's ledger.
-    pub fn request_move(&self, router: &Router, conn: u32, target: &Arc<crate::router::Backend>) {
+    /// next safe point for `reason` (a balance factor's name, or `api`),
+    /// and records the move in the router's ledger.
+    pub fn request_move(
+        &self,
+        router: &Router,
+        conn: u32,
+        target: &Arc<crate::router::Backend>,
+        reason: &'static str,
+    ) {
         router.with_moves(|l| {
             if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
             }
             l.requested(conn, target.addr.clone());
-            self.send(Control::Redirect(target.clone()));
+            self.send(Control::Redirect(target.clone(), reason));
         });
     }
 
@@ -132,8 +139,9 @@ impl Mailbox {
 /// An operator's or the router's request to a connection.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// Move to this backend at the next safe point.
-    Redirect(Arc<crate::router::Backend>),
+    /// Move to this backend at the next safe point, for this reason
+    /// (`tiproxy_balance_migrate_total`'s `reason`).
+    Redirect(Arc<crate::router::Backend>, &'static str),
     /// Close at the next safe point (graceful shutdown).
     CloseAtSafePoint,
     /// Close now.
@@ -151,15 +159,15 @@ mod move_tests {
         let router = Router::new(&["a:1".into(), "b:1".into()]);
         let b = router.find("b:1").unwrap();
         let mb = Mailbox::default();
-        mb.request_move(&router, 7, &b);
+        mb.request_move(&router, 7, &b, "conn");
         assert_eq!(router.incoming(&b), 1);
         assert!(
-            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t)] if t.addr == "b:1")
+            matches!(mb.queue.lock().unwrap().as_slice(), [Control::Redirect(t, _)] if t.addr == "b:1")
         );
         mb.close_moves(&router, 7);
         assert_eq!(router.incoming(&b), 0, "the end resolves the move");
         // The balance loop still held the mailbox: its request is dropped.
-        mb.request_move(&router, 7, &b);
+        mb.request_move(&router, 7, &b, "conn");
         assert_eq!(router.incoming(&b), 0);
         assert_eq!(router.with_moves(|l| l.in_flight()), 0);
     }
