@@ -69,7 +69,9 @@ pub struct Config {
 pub struct ProxyConfig {
     /// SQL listen address(es), comma separated.
     pub addr: String,
-    /// Address advertised to PD and clients.
+    /// The host registered in PD (TiProxy's meaning: a host or DNS name,
+    /// the SQL port is added; a `host:port` is taken whole). The
+    /// `--advertise-addr` flag overrides it.
     pub advertise_addr: String,
     /// PD endpoints, comma separated; empty for static backends. When unset
     /// and `backend-addrs` is given, static backends are used; when both
@@ -89,10 +91,13 @@ pub struct ProxyConfig {
     /// proxy stops reading the other side; 0 means 32 KiB. 1 KiB to 16 MiB.
     pub conn_buffer_size: i64,
     /// Keepalive on client connections.
+    #[serde(deserialize_with = "Keepalive::frontend_over")]
     pub frontend_keepalive: Keepalive,
     /// Keepalive on connections to healthy backends.
+    #[serde(deserialize_with = "Keepalive::healthy_over")]
     pub backend_healthy_keepalive: Keepalive,
     /// Keepalive on connections to unhealthy backends.
+    #[serde(deserialize_with = "Keepalive::unhealthy_over")]
     pub backend_unhealthy_keepalive: Keepalive,
     /// `"v2"`: accept a PROXY v2 header from a load balancer and write one
     /// to backends; `""`: off.
@@ -123,20 +128,8 @@ impl Default for ProxyConfig {
             high_memory_usage_reject_threshold: 0.9,
             conn_buffer_size: 0,
             frontend_keepalive: Keepalive::default(),
-            backend_healthy_keepalive: Keepalive {
-                enabled: true,
-                idle: 60,
-                cnt: 5,
-                intvl: 3,
-                timeout: 15,
-            },
-            backend_unhealthy_keepalive: Keepalive {
-                enabled: true,
-                idle: 10,
-                cnt: 5,
-                intvl: 1,
-                timeout: 5,
-            },
+            backend_healthy_keepalive: Keepalive::backend_healthy(),
+            backend_unhealthy_keepalive: Keepalive::backend_unhealthy(),
             proxy_protocol: String::new(),
             graceful_wait_before_shutdown: 0,
             graceful_close_conn_timeout: 15,
@@ -224,9 +217,12 @@ impl From<&str> for BackendEntry {
     }
 }
 
-/// TCP keepalive settings (seconds).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, rename_all = "kebab-case")]
+/// TCP keepalive settings, in seconds: an integer, or a Go duration string
+/// as TiProxy writes them (`"60s"`, `"1m"`; a fraction of a second rounds
+/// up). Keys a table leaves out keep that profile's default, as TiProxy
+/// decodes onto its defaults. Applied by [`crate::keepalive`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
 pub struct Keepalive {
     /// Whether keepalive is on.
     pub enabled: bool,
@@ -236,8 +232,98 @@ pub struct Keepalive {
     pub cnt: u32,
     /// Interval between probes; 0 = system default.
     pub intvl: u64,
-    /// TCP user timeout; 0 = system default.
+    /// TCP user timeout: how long sent data may stay unacknowledged; 0 =
+    /// system default.
     pub timeout: u64,
+}
+
+/// A keepalive table as written: what it leaves out is `None`.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct KeepaliveTable {
+    enabled: Option<bool>,
+    #[serde(default, deserialize_with = "some_seconds")]
+    idle: Option<u64>,
+    cnt: Option<u32>,
+    #[serde(default, deserialize_with = "some_seconds")]
+    intvl: Option<u64>,
+    #[serde(default, deserialize_with = "some_seconds")]
+    timeout: Option<u64>,
+}
+
+impl Keepalive {
+    /// TiProxy's `backend-healthy-keepalive`: conservative, to save CPU and
+    /// ride out network hiccups.
+    pub fn backend_healthy() -> Self {
+        Self {
+            enabled: true,
+            idle: 60,
+            cnt: 5,
+            intvl: 3,
+            timeout: 15,
+        }
+    }
+
+    /// TiProxy's `backend-unhealthy-keepalive`: aggressive, such a TiDB may
+    /// stop at any time.
+    pub fn backend_unhealthy() -> Self {
+        Self {
+            enabled: true,
+            idle: 10,
+            cnt: 5,
+            intvl: 1,
+            timeout: 5,
+        }
+    }
+
+    fn over<'de, D: serde::Deserializer<'de>>(d: D, base: Self) -> Result<Self, D::Error> {
+        let t = KeepaliveTable::deserialize(d)?;
+        Ok(Self {
+            enabled: t.enabled.unwrap_or(base.enabled),
+            idle: t.idle.unwrap_or(base.idle),
+            cnt: t.cnt.unwrap_or(base.cnt),
+            intvl: t.intvl.unwrap_or(base.intvl),
+            timeout: t.timeout.unwrap_or(base.timeout),
+        })
+    }
+
+    fn frontend_over<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(d, Self::default())
+    }
+
+    fn healthy_over<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(d, Self::backend_healthy())
+    }
+
+    fn unhealthy_over<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(d, Self::backend_unhealthy())
+    }
+}
+
+fn some_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    seconds(d).map(Some)
+}
+
+/// Whole seconds from an integer or a Go duration string (rounded up).
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Seconds;
+    impl serde::de::Visitor<'_> for Seconds {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("seconds, as an integer or a duration like \"60s\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative")))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            let d = parse_duration(v).map_err(E::custom)?;
+            Ok(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        }
+    }
+    d.deserialize_any(Seconds)
 }
 
 impl Default for Keepalive {
@@ -592,6 +678,33 @@ impl Config {
                     key,
                     format!("\"{v}\" is not supported; use \"v2\" or \"\""),
                 ));
+            }
+        }
+        for (key, k) in [
+            ("proxy.frontend-keepalive", &self.proxy.frontend_keepalive),
+            (
+                "proxy.backend-healthy-keepalive",
+                &self.proxy.backend_healthy_keepalive,
+            ),
+            (
+                "proxy.backend-unhealthy-keepalive",
+                &self.proxy.backend_unhealthy_keepalive,
+            ),
+        ] {
+            // The kernel's limits (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL,
+            // MAX_TCP_KEEPCNT): beyond them setsockopt fails on every socket.
+            for (field, v, max) in [
+                ("idle", k.idle, 32767),
+                ("intvl", k.intvl, 32767),
+                ("cnt", u64::from(k.cnt), 127),
+                ("timeout", k.timeout, u64::from(u32::MAX) / 1000),
+            ] {
+                if v > max {
+                    return Err(err(
+                        &format!("{key}.{field}"),
+                        format!("{v} is out of range; use 0 (system default) to {max}"),
+                    ));
+                }
             }
         }
         let b = self.proxy.conn_buffer_size;
