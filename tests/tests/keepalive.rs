@@ -96,6 +96,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Packets flow again first: sockets the killed TiDB left behind
+        // finish their close instead of holding the namespace (and the
+        // pair) alive for minutes of unanswered retransmissions.
+        let _ = run("ip", &["netns", "exec", &self.name, "iptables", "-F"]);
         // Deleting the namespace deletes its end of the pair, and so both.
         let _ = run("ip", &["netns", "del", &self.name]);
     }
@@ -290,6 +294,7 @@ async fn a_silent_backend_is_found_dead_by_keepalive_and_the_client_closed_as_by
         keepalive_timer(Some(p.sql.port()), None).is_none(),
         "the client leg is closed"
     );
+    ns.exec(&["iptables", "-F"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
