@@ -4,7 +4,8 @@
 //! built into the binary). Every route is also served without the `/api`
 //! prefix, as TiProxy does. Errors are JSON `{"error": "..."}` with the
 //! right status code. With `security.server-http-tls` the listener speaks
-//! HTTPS (told apart from plain HTTP by the first byte). CPU profiles
+//! HTTPS (told apart from plain HTTP by the first byte). With
+//! `api.proxy-protocol = "v2"` a PROXY header may come first. CPU profiles
 //! (`/api/debug/pprof/profile`) are `cpu_profile`'s business.
 
 use std::convert::Infallible;
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tiproxy_core::proxy_protocol::ProxyHeader;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info};
 
@@ -85,6 +87,8 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// check it), anything else with 400.
 pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
+    // `api.proxy-protocol` needs a restart, as in TiProxy.
+    let proxy_protocol = st.config.api.proxy_protocol == "v2";
     loop {
         let Ok((stream, peer)) = net.accept(&listener).await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -92,6 +96,35 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
         };
         let st = st.clone();
         tokio::spawn(async move {
+            // An optional PROXY header first: HTTP clients speak first, so
+            // it is read before anything else.
+            let (stream, peer) = if proxy_protocol {
+                let mut stream = stream;
+                let read = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    crate::proxy_header::read_optional(&mut stream),
+                )
+                .await;
+                match read {
+                    Ok(Ok((header, early))) => {
+                        let peer = match header {
+                            Some(ProxyHeader::Proxy { source, .. }) => source,
+                            _ => peer,
+                        };
+                        (Prefixed::new(early, stream), peer)
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%peer, "api: bad PROXY protocol header: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "api: no request within {HANDSHAKE_TIMEOUT:?}");
+                        return;
+                    }
+                }
+            } else {
+                (Prefixed::new(Bytes::new(), stream), peer)
+            };
             // The acceptor in effect when the connection arrives (reloads
             // apply to new connections).
             let Some(acceptor) = st.api_tls.get() else {

@@ -13,8 +13,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod balance;
+mod keepalive;
 mod reload_class;
 
+pub use keepalive::Keepalive;
 pub use reload_class::{changed_keys, classify};
 
 pub use balance::{
@@ -69,7 +71,9 @@ pub struct Config {
 pub struct ProxyConfig {
     /// SQL listen address(es), comma separated.
     pub addr: String,
-    /// Address advertised to PD and clients.
+    /// The host registered in PD (TiProxy's meaning: a host or DNS name,
+    /// the SQL port is added; a `host:port` is taken whole). The
+    /// `--advertise-addr` flag overrides it.
     pub advertise_addr: String,
     /// PD endpoints, comma separated; empty for static backends. When unset
     /// and `backend-addrs` is given, static backends are used; when both
@@ -89,10 +93,13 @@ pub struct ProxyConfig {
     /// proxy stops reading the other side; 0 means 32 KiB. 1 KiB to 16 MiB.
     pub conn_buffer_size: i64,
     /// Keepalive on client connections.
+    #[serde(deserialize_with = "Keepalive::frontend_over")]
     pub frontend_keepalive: Keepalive,
     /// Keepalive on connections to healthy backends.
+    #[serde(deserialize_with = "Keepalive::healthy_over")]
     pub backend_healthy_keepalive: Keepalive,
     /// Keepalive on connections to unhealthy backends.
+    #[serde(deserialize_with = "Keepalive::unhealthy_over")]
     pub backend_unhealthy_keepalive: Keepalive,
     /// `"v2"`: accept a PROXY v2 header from a load balancer and write one
     /// to backends; `""`: off.
@@ -123,20 +130,8 @@ impl Default for ProxyConfig {
             high_memory_usage_reject_threshold: 0.9,
             conn_buffer_size: 0,
             frontend_keepalive: Keepalive::default(),
-            backend_healthy_keepalive: Keepalive {
-                enabled: true,
-                idle: 60,
-                cnt: 5,
-                intvl: 3,
-                timeout: 15,
-            },
-            backend_unhealthy_keepalive: Keepalive {
-                enabled: true,
-                idle: 10,
-                cnt: 5,
-                intvl: 1,
-                timeout: 5,
-            },
+            backend_healthy_keepalive: Keepalive::backend_healthy(),
+            backend_unhealthy_keepalive: Keepalive::backend_unhealthy(),
             proxy_protocol: String::new(),
             graceful_wait_before_shutdown: 0,
             graceful_close_conn_timeout: 15,
@@ -221,34 +216,6 @@ impl BackendEntry {
 impl From<&str> for BackendEntry {
     fn from(s: &str) -> Self {
         BackendEntry::Addr(s.to_string())
-    }
-}
-
-/// TCP keepalive settings (seconds).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, rename_all = "kebab-case")]
-pub struct Keepalive {
-    /// Whether keepalive is on.
-    pub enabled: bool,
-    /// Idle time before the first probe; 0 = system default.
-    pub idle: u64,
-    /// Probes before giving up; 0 = system default.
-    pub cnt: u32,
-    /// Interval between probes; 0 = system default.
-    pub intvl: u64,
-    /// TCP user timeout; 0 = system default.
-    pub timeout: u64,
-}
-
-impl Default for Keepalive {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            idle: 0,
-            cnt: 0,
-            intvl: 0,
-            timeout: 0,
-        }
     }
 }
 
@@ -602,6 +569,33 @@ impl Config {
                     "{m} is out of range; use 0 (off) or 0.5 to 1 (a share of the memory limit)"
                 ),
             ));
+        }
+        for (key, k) in [
+            ("proxy.frontend-keepalive", &self.proxy.frontend_keepalive),
+            (
+                "proxy.backend-healthy-keepalive",
+                &self.proxy.backend_healthy_keepalive,
+            ),
+            (
+                "proxy.backend-unhealthy-keepalive",
+                &self.proxy.backend_unhealthy_keepalive,
+            ),
+        ] {
+            // The kernel's limits (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL,
+            // MAX_TCP_KEEPCNT): beyond them setsockopt fails on every socket.
+            for (field, v, max) in [
+                ("idle", k.idle, 32767),
+                ("intvl", k.intvl, 32767),
+                ("cnt", u64::from(k.cnt), 127),
+                ("timeout", k.timeout, u64::from(u32::MAX) / 1000),
+            ] {
+                if v > max {
+                    return Err(err(
+                        &format!("{key}.{field}"),
+                        format!("{v} is out of range; use 0 (system default) to {max}"),
+                    ));
+                }
+            }
         }
         let b = self.proxy.conn_buffer_size;
         if b != 0 && !(1024..=16 * 1024 * 1024).contains(&b) {

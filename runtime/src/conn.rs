@@ -20,15 +20,17 @@ use tiproxy_core::error::ProxyError;
 use tiproxy_core::health::{Dial, LocalExhaustion};
 use tiproxy_core::proxy_protocol::ProxyHeader;
 use tiproxy_core::session::{Action, Leg, Session, SessionConfig};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::metrics::{LegTraffic, PendingMove, metrics};
 use crate::net::{Network, Prefixed};
+use crate::proxy_header::HeaderSniff;
 use crate::router::{BackendProfile, Lease, Router};
 use crate::tls;
 
+mod client_header;
 mod events;
 mod mailbox;
 mod socket;
@@ -50,8 +52,10 @@ pub struct Shared<N: Network> {
     pub backend_tls: crate::tls::Live<tokio_rustls::TlsConnector>,
     /// `security.require-backend-tls`.
     pub require_backend_tls: bool,
-    /// Accept and write PROXY v2 headers.
+    /// Accept PROXY v2 headers (optional) and write them to backends.
     pub proxy_protocol: bool,
+    /// TCP keepalive profiles (reloadable).
+    pub keepalive: crate::keepalive::Profiles,
     /// Bytes buffered towards a slow peer before reading pauses.
     pub buffer_limit: usize,
     /// Dial timeout.
@@ -127,6 +131,9 @@ struct Driver<N: Network> {
     pending_move: Option<Box<PendingMove>>,
     /// Packet framing of the backend and new-backend legs' traffic.
     traffic: [LegTraffic; 2],
+    /// With `proxy-protocol`: looking for a PROXY header in the client's
+    /// first bytes (they come after the greeting).
+    sniff: Option<HeaderSniff>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -138,29 +145,16 @@ pub async fn serve<N: Network>(
     ctl: Arc<Mailbox>,
 ) {
     let local = shared.net.local_addr(&stream);
-    let (stream, early, source) = if shared.proxy_protocol {
-        // Boxed: the header reader's buffers must not enlarge every
-        // connection's task for the life of the connection.
-        match Box::pin(read_proxy_header(stream, shared.handshake_timeout)).await {
-            Ok((s, header, rest)) => {
-                let src = match header {
-                    ProxyHeader::Proxy { source, .. } => source,
-                    ProxyHeader::Local => peer,
-                };
-                (s, rest, src)
-            }
-            Err(e) => {
-                info!(conn_id, %peer, "closing connection: bad PROXY protocol header: {e}");
-                metrics()
-                    .disconnection
-                    .with_label_values(&["client handshake fail"])
-                    .inc();
-                return;
-            }
-        }
-    } else {
-        (stream, Bytes::new(), peer)
-    };
+    if let Err(e) = shared
+        .net
+        .set_keepalive(&stream, &shared.keepalive.get().frontend)
+    {
+        crate::keepalive::report_failure("client", &e);
+    }
+    // With `proxy-protocol`, a PROXY header in the client's first bytes
+    // may name another source later (`client_header`).
+    let source = peer;
+    let sniff = shared.proxy_protocol.then(HeaderSniff::default);
     let profile = shared.router.profile();
     let cfg = session_config(&shared, conn_id, &profile, source, local);
     let now = Instant::now().into_std();
@@ -172,7 +166,7 @@ pub async fn serve<N: Network>(
     if let Some(bug) = shared.router.planted_bug().and_then(|b| b.in_session()) {
         session.plant(bug);
     }
-    let mut d = Box::new(Driver {
+    let d = Box::new(Driver {
         shared,
         session,
         client: Io::Plain(stream),
@@ -192,11 +186,9 @@ pub async fn serve<N: Network>(
         created_us: crate::metrics::clock_us(),
         pending_move: None,
         traffic: Default::default(),
+        sniff,
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
-    if !early.is_empty() {
-        d.session.handle_data(now, Leg::Client, &early);
-    }
     // The driver lives on the heap, once: the task's future stays a few
     // pointers wide however large the session state is.
     d.run().await;
@@ -242,32 +234,6 @@ fn session_config<N: Network>(
         handshake_timeout: shared.handshake_timeout,
         buffer_limit: shared.buffer_limit,
         ..SessionConfig::default()
-    }
-}
-
-/// Reads a PROXY v2 header that must open the stream.
-async fn read_proxy_header<S: AsyncRead + Unpin>(
-    mut s: S,
-    limit: Duration,
-) -> Result<(S, ProxyHeader, Bytes), String> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(64);
-    let deadline = Instant::now() + limit;
-    loop {
-        match ProxyHeader::parse(&buf).map_err(|e| e.to_string())? {
-            Some((h, n)) => return Ok((s, h, Bytes::copy_from_slice(&buf[n..]))),
-            None => {
-                let mut chunk = [0u8; 256];
-                let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-                    .await
-                    .map_err(|_| "no PROXY header before the handshake timeout".to_string())?
-                    .map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("connection closed before the PROXY header ended".into());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        }
     }
 }
 
@@ -502,6 +468,14 @@ impl<N: Network> Driver<N> {
                 self.op = None;
                 match res {
                     Ok((s, lease)) => {
+                        let profiles = self.shared.keepalive.get();
+                        if let Err(e) = self
+                            .shared
+                            .net
+                            .set_keepalive(&s, profiles.backend(lease.backend()))
+                        {
+                            crate::keepalive::report_failure("backend", &e);
+                        }
                         if leg == Leg::Backend {
                             self.backend = Some(Io::Plain(s));
                             self.ctl.set_backend(Some(lease.backend().clone()));
@@ -596,6 +570,7 @@ impl<N: Network> Driver<N> {
                     }
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
+                Control::Keepalive => self.apply_keepalive(),
                 Control::Close(why) => self.session.handle_close(why),
                 Control::Describe(reply) => {
                     let Some(reply) = reply.lock().expect("reply lock").take() else {
@@ -646,6 +621,12 @@ impl<N: Network> Driver<N> {
             if budget == 0 {
                 continue;
             }
+            if leg == Leg::Client && self.sniff.is_some() {
+                if self.poll_read_proxy_header(cx, budget).is_ready() {
+                    return Poll::Ready(Wake::Progress);
+                }
+                continue;
+            }
             if let Poll::Ready(closed) = self.poll_read_leg(cx, leg, budget) {
                 // A backend socket that hit its end is of no more use: keep
                 // polling it and it answers EOF forever, a busy loop (found
@@ -662,6 +643,28 @@ impl<N: Network> Driver<N> {
             }
         }
         Poll::Pending
+    }
+
+    /// Re-applies the keepalive profiles to every socket: the frontend's to
+    /// the client, and to each backend the one its health calls for now.
+    fn apply_keepalive(&self) {
+        let profiles = self.shared.keepalive.get();
+        let net = &self.shared.net;
+        if let Some(s) = self.client.stream()
+            && let Err(e) = net.set_keepalive(s, &profiles.frontend)
+        {
+            crate::keepalive::report_failure("client", &e);
+        }
+        for (io, lease) in [
+            (&self.backend, &self.lease),
+            (&self.new_backend, &self.new_lease),
+        ] {
+            if let (Some(s), Some(lease)) = (io.as_ref().and_then(|io| io.stream()), lease)
+                && let Err(e) = net.set_keepalive(s, profiles.backend(lease.backend()))
+            {
+                crate::keepalive::report_failure("backend", &e);
+            }
+        }
     }
 
     fn poll_write_leg(&mut self, cx: &mut Context<'_>, leg: Leg) -> io::Result<()> {
@@ -778,6 +781,7 @@ mod size_tests {
             backend_tls: crate::tls::Live::new(None),
             require_backend_tls: false,
             proxy_protocol: false,
+            keepalive: Default::default(),
             buffer_limit: 1,
             dial_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(1),

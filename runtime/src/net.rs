@@ -42,6 +42,20 @@ pub trait Network: Clone + Send + Sync + 'static {
     /// The local address of a connection.
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr>;
 
+    /// Whether connections have TCP keepalive options
+    /// ([`Network::set_keepalive`] does something). By default not: the
+    /// simulated network has none, and no keepalive loop runs there.
+    fn has_keepalive(&self) -> bool {
+        false
+    }
+
+    /// Sets TCP keepalive and the user timeout on a connection as `k` says
+    /// ([`crate::keepalive::apply`]). By default nothing.
+    fn set_keepalive(&self, s: &Self::Stream, k: &crate::config::Keepalive) -> io::Result<()> {
+        let _ = (s, k);
+        Ok(())
+    }
+
     /// Seed for the proxy's randomness (greeting salts, tie-breaks between
     /// equally loaded backends). `None`, the default, draws from the OS; the
     /// simulation seeds it so a run replays exactly.
@@ -169,6 +183,14 @@ impl Network for TokioNet {
         s.local_addr().ok()
     }
 
+    fn has_keepalive(&self) -> bool {
+        true
+    }
+
+    fn set_keepalive(&self, s: &Self::Stream, k: &crate::config::Keepalive) -> io::Result<()> {
+        crate::keepalive::apply(s, k)
+    }
+
     fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
     where
         F: FnOnce(Self::Stream) -> Fut + Send + 'static,
@@ -206,6 +228,11 @@ impl<S> Prefixed<S> {
     /// Wraps `inner`.
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 

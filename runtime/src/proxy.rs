@@ -95,6 +95,9 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         backend_tls: tls::Live::new(backend_tls.map(tokio_rustls::TlsConnector::from)),
         require_backend_tls: config.security.require_backend_tls,
         proxy_protocol: config.proxy.proxy_protocol == "v2",
+        keepalive: crate::keepalive::Profiles::new(crate::keepalive::ProfileSet::from_config(
+            &config.proxy,
+        )),
         buffer_limit: config.proxy.buffer_limit(),
         dial_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(15),
@@ -154,6 +157,9 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     tasks.spawn(crate::health::probe_loop(state.clone()));
     tasks.spawn(crate::balance::metrics_loop(state.clone()));
     tasks.spawn(crate::balance::balance_loop(state.clone()));
+    if net.has_keepalive() {
+        tasks.spawn(crate::keepalive::keepalive_loop(state.clone()));
+    }
     if !pd.is_empty() {
         tasks.spawn(crate::discovery::watch_pd(
             net.pd(),
@@ -162,11 +168,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
             router.clone(),
             discovery_status,
         ));
-        let advertise = if state.config.proxy.advertise_addr.is_empty() {
-            sql_addrs[0].to_string()
-        } else {
-            state.config.proxy.advertise_addr.clone()
-        };
+        let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
         tasks.spawn(crate::discovery::register(
             net.pd(),
             pd,
@@ -182,6 +184,29 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         api_addr,
         tasks,
     })
+}
+
+/// The `host:port` registered in PD. TiProxy's `advertise-addr` is a host
+/// (a DNS name in Kubernetes, as certificates name it) and the port is the
+/// SQL listener's; a `host:port` is taken whole. Unset: the listener's
+/// address.
+fn advertise_addr(configured: &str, sql: SocketAddr) -> String {
+    let configured = configured.trim();
+    if configured.is_empty() {
+        return sql.to_string();
+    }
+    let has_port = configured.parse::<SocketAddr>().is_ok()
+        || configured
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && !h.contains(':') && p.parse::<u16>().is_ok());
+    if has_port {
+        configured.to_string()
+    } else if configured.contains(':') {
+        // A bare IPv6 address.
+        format!("[{}]:{}", configured.trim_matches(['[', ']']), sql.port())
+    } else {
+        format!("{configured}:{}", sql.port())
+    }
 }
 
 impl<N: Network> Proxy<N> {
@@ -397,4 +422,23 @@ async fn refuse<S: crate::net::Stream>(mut s: S, err: ProxyError) {
         let _ = s.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertise_addr;
+
+    #[test]
+    fn advertise_addr_is_a_host_with_the_sql_port_as_in_tiproxy() {
+        let sql = "0.0.0.0:6000".parse().unwrap();
+        assert_eq!(advertise_addr("", sql), "0.0.0.0:6000");
+        assert_eq!(
+            advertise_addr("tiproxy-0.tiproxy-peer", sql),
+            "tiproxy-0.tiproxy-peer:6000"
+        );
+        assert_eq!(advertise_addr("10.0.0.7", sql), "10.0.0.7:6000");
+        assert_eq!(advertise_addr("fd00::7", sql), "[fd00::7]:6000");
+        assert_eq!(advertise_addr("10.0.0.7:7000", sql), "10.0.0.7:7000");
+        assert_eq!(advertise_addr("[fd00::7]:7000", sql), "[fd00::7]:7000");
+    }
 }

@@ -363,7 +363,7 @@ fn tiproxyctl_health_reads_the_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_protocol_v2_is_accepted_and_forwarded() {
     let db = mariadb();
-    // The proxy requires a PROXY header from its clients and writes one to
+    // The proxy takes a PROXY header from its clients and writes one to
     // MariaDB; MariaDB must be told to trust it, so this checks the inbound
     // side against the proxy and the outbound bytes with a fake backend.
     let fake = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -442,7 +442,9 @@ async fn proxy_protocol_v2_is_accepted_and_forwarded() {
             ),
         }
     }
-    // A client without the header is refused (the header is required).
+    // A client without the header is served as a plain client (see
+    // tests/proxy_protocol.rs); this one's bytes are no handshake, so it is
+    // closed.
     let mut plain = TcpStream::connect(p.sql).expect("connect");
     plain.write_all(b"\x05\x00\x00\x01hello").expect("write");
     assert!(closes_within(&mut plain, Duration::from_secs(20)));

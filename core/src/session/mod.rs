@@ -518,6 +518,14 @@ impl<T: Clone> Session<T> {
         self.flush();
     }
 
+    /// The client's PROXY header, found in its first bytes after the
+    /// greeting went out (the header is optional, so it cannot be waited
+    /// for): backend handshakes from now on open with `header` instead of
+    /// the configured one.
+    pub fn handle_proxy_header(&mut self, header: ProxyHeader) {
+        self.cfg.proxy_header = Some(header);
+    }
+
     /// The driver could not connect `leg`.
     pub fn handle_connect_failed(&mut self, now: Instant, leg: Leg, reason: &str) {
         if self

@@ -12,6 +12,16 @@ struct Args {
     /// Configuration file (TiProxy's proxy.toml format).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
+    /// The host registered in PD, over `proxy.advertise-addr` (as
+    /// TiProxy's flag: a host, or a DNS name; the SQL port is added).
+    #[arg(long = "advertise-addr", value_name = "HOST")]
+    advertise_addr: Option<String>,
+    /// Deprecated in TiProxy and ignored: `[log] encoder` decides.
+    #[arg(long = "log_encoder", value_name = "ENCODER")]
+    log_encoder: Option<String>,
+    /// Deprecated in TiProxy and ignored: `[log] level` decides.
+    #[arg(long = "log_level", value_name = "LEVEL")]
+    log_level: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -21,7 +31,7 @@ fn main() -> ExitCode {
         .config
         .as_ref()
         .map(|p| std::fs::read(p).unwrap_or_default());
-    let (config, warnings) = match &args.config {
+    let (mut config, warnings) = match &args.config {
         Some(p) => match Config::load(p) {
             Ok(x) => x,
             Err(e) => {
@@ -31,12 +41,29 @@ fn main() -> ExitCode {
         },
         None => (Config::default(), Vec::new()),
     };
+    if let Some(a) = args
+        .advertise_addr
+        .as_ref()
+        .filter(|a| !a.trim().is_empty())
+    {
+        config.proxy.advertise_addr = a.trim().to_string();
+    }
     if let Err(e) = tiproxy_runtime::logging::init(&config.log) {
         eprintln!("tiproxy: invalid configuration: {e}");
         return ExitCode::from(2);
     }
     for w in warnings {
         tracing::warn!("{w}");
+    }
+    for (flag, given, key) in [
+        ("--log_encoder", &args.log_encoder, "encoder"),
+        ("--log_level", &args.log_level, "level"),
+    ] {
+        if given.is_some() {
+            tracing::warn!(
+                "{flag} is deprecated (as in TiProxy) and ignored; [log] {key} in the configuration decides"
+            );
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

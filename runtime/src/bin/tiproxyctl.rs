@@ -15,27 +15,55 @@ use tiproxy_runtime::http_client::{self, HttpError};
 #[command(name = "tiproxyctl", version = tiproxy_runtime::VERSION, about = "Control a running tiproxy through its HTTP API")]
 struct Args {
     /// API host.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "localhost", global = true)]
     host: String,
     /// API port.
-    #[arg(long, default_value_t = 3080)]
+    #[arg(long, default_value_t = 3080, global = true)]
     port: u16,
     /// HTTPS, verifying tiproxy's certificate against this CA (PEM);
     /// `skip` is the same as --insecure.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     ca: Option<String>,
     /// HTTPS with this client certificate (PEM), for an API whose
     /// `security.server-http-tls.ca` requires one. Without --ca, tiproxy's
     /// certificate is verified against the public web roots.
-    #[arg(long, value_name = "FILE", requires = "key")]
+    #[arg(long, value_name = "FILE", requires = "key", global = true)]
     cert: Option<PathBuf>,
     /// The private key (PEM) of --cert.
-    #[arg(long, value_name = "FILE", requires = "cert")]
+    #[arg(long, value_name = "FILE", requires = "cert", global = true)]
     key: Option<PathBuf>,
     /// HTTPS without verifying tiproxy's certificate (testing, expired
     /// certificates).
-    #[arg(long, short = 'k')]
+    #[arg(long, short = 'k', global = true)]
     insecure: bool,
+    /// Format of tiproxyctl's own log (on stderr): tidb, json or console.
+    #[arg(
+        long = "log_encoder",
+        value_name = "ENCODER",
+        default_value = "tidb",
+        global = true
+    )]
+    log_encoder: String,
+    /// Level of tiproxyctl's own log: debug shows each request and answer.
+    #[arg(
+        long = "log_level",
+        value_name = "LEVEL",
+        default_value = "warn",
+        global = true
+    )]
+    log_level: String,
+    /// Indent JSON answers; `--indent=false` prints each on one line.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        global = true
+    )]
+    indent: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -141,16 +169,23 @@ enum ConfigOp {
         #[arg(long)]
         json: bool,
     },
-    /// Apply a TOML file (or - for standard input); keys it leaves out keep
-    /// their values.
+    /// Apply TOML from a file (or standard input when none is given, or
+    /// for -); keys it leaves out keep their values.
     Set {
+        /// The TOML file (TiProxy's form: --input FILE).
+        #[arg(long, value_name = "FILE", conflicts_with = "file")]
+        input: Option<String>,
         /// The TOML file.
-        file: String,
+        file: Option<String>,
     },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = init_log(&args) {
+        eprintln!("tiproxyctl: {e}");
+        return ExitCode::from(2);
+    }
     let mut target = format!("{}:{}", args.host, args.port);
     let mut what = "tiproxy";
     let (method, path, body) = match &args.cmd {
@@ -169,8 +204,9 @@ fn main() -> ExitCode {
             String::new(),
         ),
         Cmd::Config {
-            op: ConfigOp::Set { file },
+            op: ConfigOp::Set { input, file },
         } => {
+            let file = input.as_deref().or(file.as_deref()).unwrap_or("-");
             let mut text = String::new();
             let read = if file == "-" {
                 std::io::stdin().read_to_string(&mut text).map(|_| ())
@@ -273,6 +309,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    tracing::debug!(
+        method,
+        url = %format!(
+            "{}://{target}{path}",
+            if tls.is_some() { "https" } else { "http" }
+        ),
+        body_bytes = body.len(),
+        "request"
+    );
     let call = request(&target, &args.host, tls, method, &path, &body);
     match rt.block_on(async { tokio::time::timeout(TIMEOUT, call).await }) {
         Err(_) => {
@@ -282,19 +327,49 @@ fn main() -> ExitCode {
             );
             ExitCode::from(2)
         }
-        Ok(r) => report(r, what, &target),
+        Ok(r) => report(r, what, &target, args.indent),
     }
+}
+
+/// tiproxyctl's own log, on stderr, as `--log_encoder` and `--log_level`
+/// say (TiProxy's flags and defaults).
+fn init_log(args: &Args) -> Result<(), String> {
+    if !["debug", "info", "warn", "error"].contains(&args.log_level.to_lowercase().as_str()) {
+        return Err(format!(
+            "--log_level {:?} is not one of debug, info, warn, error",
+            args.log_level
+        ));
+    }
+    if !["tidb", "json", "console"].contains(&args.log_encoder.as_str()) {
+        return Err(format!(
+            "--log_encoder {:?} is not one of tidb, json, console",
+            args.log_encoder
+        ));
+    }
+    tiproxy_runtime::logging::init(&tiproxy_runtime::config::LogConfig {
+        level: args.log_level.to_lowercase(),
+        encoder: args.log_encoder.clone(),
+        ..Default::default()
+    })
 }
 
 /// How long one request may take, connecting included.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn report(r: Result<(u16, String), Failure>, what: &str, target: &str) -> ExitCode {
+fn report(r: Result<(u16, String), Failure>, what: &str, target: &str, indent: bool) -> ExitCode {
     match r {
         Ok((status, body)) => {
-            // Pretty-print JSON; print anything else as it is.
+            tracing::debug!(status, body_bytes = body.len(), "answer");
+            // JSON indented (or on one line); anything else as it is.
             match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),
+                Ok(v) => {
+                    let out = if indent {
+                        serde_json::to_string_pretty(&v)
+                    } else {
+                        serde_json::to_string(&v)
+                    };
+                    println!("{}", out.unwrap_or(body))
+                }
                 Err(_) => println!("{}", body.trim_end()),
             }
             if (200..300).contains(&status) {

@@ -23,6 +23,10 @@ const RELOADABLE: &[&str] = &[
     "security.server-tls",
     "security.server-http-tls",
     "security.sql-tls",
+    // Every open connection re-applies them (`keepalive`).
+    "proxy.frontend-keepalive",
+    "proxy.backend-healthy-keepalive",
+    "proxy.backend-unhealthy-keepalive",
 ];
 
 /// Keys accepted for TiProxy compatibility that do nothing in this build:
@@ -31,9 +35,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.port-range",
     "proxy.public-endpoints",
     "proxy.backend-clusters",
-    "proxy.frontend-keepalive",
-    "proxy.backend-healthy-keepalive",
-    "proxy.backend-unhealthy-keepalive",
     "enable-traffic-replay",
     "ha",
     "metering",

@@ -116,3 +116,21 @@ fn shipped_config_loads_without_warnings() {
     let (_, w) = Config::load(&path).unwrap();
     assert!(w.is_empty(), "{w:?}");
 }
+
+#[test]
+fn keepalive_takes_seconds_or_tiproxy_durations_within_the_kernels_limits() {
+    let (c, _) = parse(
+        "[proxy.backend-healthy-keepalive]\nidle = \"1m\"\nintvl = 2\ntimeout = \"500ms\"\n\
+         [proxy.frontend-keepalive]\nenabled = false\n",
+    )
+    .unwrap();
+    let k = &c.proxy.backend_healthy_keepalive;
+    assert_eq!((k.idle, k.intvl, k.cnt, k.timeout), (60, 2, 5, 1));
+    assert!(!c.proxy.frontend_keepalive.enabled);
+    let e = parse("[proxy.backend-unhealthy-keepalive]\nidle = 40000\n").unwrap_err();
+    assert_eq!(e.key, "proxy.backend-unhealthy-keepalive.idle");
+    let e = parse("[proxy.frontend-keepalive]\ncnt = 128\n").unwrap_err();
+    assert_eq!(e.key, "proxy.frontend-keepalive.cnt");
+    let e = parse("[proxy.frontend-keepalive]\nidle = \"soon\"\n").unwrap_err();
+    assert!(e.message.contains("soon"), "{e:?}");
+}

@@ -148,6 +148,9 @@ pub enum Control {
     Close(&'static str),
     /// Report what a session listing shows.
     Describe(DescribeReply),
+    /// Re-apply the keepalive profiles: they changed, or the backend's
+    /// health did ([`crate::keepalive`]).
+    Keepalive,
 }
 
 #[cfg(test)]

@@ -18,6 +18,18 @@ pub(super) enum Io<S> {
     Upgrading,
 }
 
+impl<S> Io<S> {
+    /// The TCP stream under any TLS (for socket options).
+    pub(super) fn stream(&self) -> Option<&S> {
+        match self {
+            Io::Plain(s) => Some(s),
+            Io::ServerTls(s) => Some(s.get_ref().0.get_ref()),
+            Io::ClientTls(s) => Some(s.get_ref().0),
+            Io::Upgrading => None,
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     pub(super) fn poll_read(
         &mut self,
