@@ -38,7 +38,8 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
                 let Some(status) = &b.status_addr else {
                     continue;
                 };
-                match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
+                let tls = st.cluster_tls.get();
+                match http_get(&st.shared.net, tls, status, "/metrics", d.metrics_timeout).await {
                     Ok((200, body)) => {
                         b.record_metrics(MetricsReading::parse(&body), tokio::time::Instant::now())
                     }

@@ -20,6 +20,7 @@ const RELOADABLE: &[&str] = &[
     "security.server-tls",
     "security.server-http-tls",
     "security.sql-tls",
+    "security.cluster-tls",
 ];
 
 /// Keys accepted for TiProxy compatibility that do nothing in this build:
