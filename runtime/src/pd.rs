@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::{
@@ -22,6 +24,7 @@ use etcd_client::{
 };
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A prefix read: the store's revision and the keys with their values.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -109,6 +112,7 @@ pub struct EtcdPd;
 pub struct EtcdClient {
     client: Client,
     keepers: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>,
+    tls_failure: TlsFailure,
 }
 
 /// A watch through `etcd-client`.
@@ -116,6 +120,7 @@ pub struct EtcdWatch {
     // Dropping the watcher cancels the watch.
     _watcher: Watcher,
     stream: WatchStream,
+    tls_failure: TlsFailure,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -151,8 +156,9 @@ impl PdConnector for EtcdPd {
         pd: &[String],
         tls: Option<Arc<ClientConfig>>,
     ) -> Result<EtcdClient, String> {
+        let tls_failure = TlsFailure::default();
         let client = match tls {
-            Some(tls) => connect_tls(pd, tls).await?,
+            Some(tls) => connect_tls(pd, tls, &tls_failure).await?,
             None => {
                 if let Some(e) = pd.iter().find(|e| e.starts_with("https://")) {
                     return Err(format!(
@@ -172,6 +178,7 @@ impl PdConnector for EtcdPd {
         Ok(EtcdClient {
             client,
             keepers: HashMap::new(),
+            tls_failure,
         })
     }
 }
@@ -179,7 +186,11 @@ impl PdConnector for EtcdPd {
 /// Connects to the first of `pd` that answers, over TLS with `tls`. One
 /// endpoint at a time (etcd-client balances only over its own
 /// connections); a broken one makes the caller connect anew.
-async fn connect_tls(pd: &[String], tls: Arc<ClientConfig>) -> Result<Client, String> {
+async fn connect_tls(
+    pd: &[String],
+    tls: Arc<ClientConfig>,
+    failure: &TlsFailure,
+) -> Result<Client, String> {
     // etcd serves gRPC on HTTP/2, which over TLS needs ALPN.
     let mut h2 = (*tls).clone();
     h2.alpn_protocols = vec![b"h2".to_vec()];
@@ -201,9 +212,9 @@ async fn connect_tls(pd: &[String], tls: Arc<ClientConfig>) -> Result<Client, St
         .http2_keep_alive_interval(PING_EVERY)
         .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true);
-        let (connector, target) = (connector.clone(), addr.clone());
+        let (connector, target, noted) = (connector.clone(), addr.clone(), failure.clone());
         let dial = tower::service_fn(move |_: hyper::Uri| {
-            let (connector, addr) = (connector.clone(), target.clone());
+            let (connector, addr, failure) = (connector.clone(), target.clone(), noted.clone());
             async move {
                 let tcp = tokio::net::TcpStream::connect(&addr).await?;
                 let _ = tcp.set_nodelay(true);
@@ -217,19 +228,117 @@ async fn connect_tls(pd: &[String], tls: Arc<ClientConfig>) -> Result<Client, St
                         ),
                         None => e,
                     })?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
+                Ok::<_, std::io::Error>(TokioIo::new(Noted {
+                    inner: s,
+                    failure,
+                    addr,
+                    heard: false,
+                }))
             }
         });
         match endpoint.connect_with_connector(dial).await {
             Ok(channel) => {
                 return Client::from_channel(etcd_client::Channel::Tonic(channel), None)
                     .await
-                    .map_err(|e| error_chain(&e));
+                    .map_err(|e| failure.explain(&e));
             }
-            Err(err) => last = error_chain(&err),
+            Err(err) => last = failure.explain(&err),
         }
     }
     Err(last)
+}
+
+/// The last TLS failure on a PD connection, for its error messages. After
+/// a TLS 1.3 handshake, PD's refusal of the proxy's certificate (etcd's
+/// `--client-cert-auth`) arrives as an alert on the first read, which
+/// tonic reports only as a cancelled request. (When a write fails first,
+/// on the connection PD closed, the alert is never read and the error says
+/// only that.)
+#[derive(Debug, Clone, Default)]
+struct TlsFailure(Arc<Mutex<Option<String>>>);
+
+impl TlsFailure {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes `e` if it is a TLS failure on the connection to `addr`.
+    fn note(&self, addr: &str, e: &std::io::Error) {
+        if let Some(why) = crate::tls::handshake_failure(e) {
+            *self.slot() = Some(format!("TLS with PD {addr} failed: {why}"));
+        }
+    }
+
+    /// PD answered on a new connection: earlier failures are history.
+    fn clear(&self) {
+        *self.slot() = None;
+    }
+
+    /// `e` in words, led by the TLS failure under it, if any.
+    fn explain(&self, e: &dyn std::error::Error) -> String {
+        let chain = error_chain(e);
+        match self.slot().as_ref() {
+            Some(tls) if !chain.contains(tls.as_str()) => format!("{tls} ({chain})"),
+            _ => chain,
+        }
+    }
+}
+
+/// A PD connection's TLS stream that notes TLS failures in [`TlsFailure`],
+/// and clears them once PD has sent data (so it accepted the proxy's
+/// certificate: a TLS 1.3 client finishes its handshake before the server
+/// has judged it).
+struct Noted<S> {
+    inner: S,
+    failure: TlsFailure,
+    addr: String,
+    heard: bool,
+}
+
+impl<S> Noted<S> {
+    fn note<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r {
+            self.failure.note(&self.addr, e);
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Noted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.heard && matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.heard = true;
+            self.failure.clear();
+        }
+        self.note(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Noted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(r)
+    }
 }
 
 /// An error with its causes: etcd-client's and tonic's top-level messages
@@ -256,7 +365,7 @@ impl PdClient for EtcdClient {
             .client
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(Listing {
             revision: r.header().map(|h| h.revision()).unwrap_or(0),
             kvs: r
@@ -284,10 +393,11 @@ impl PdClient for EtcdClient {
                 ),
             )
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(EtcdWatch {
             _watcher: watcher,
             stream,
+            tls_failure: self.tls_failure.clone(),
         })
     }
 
@@ -296,7 +406,7 @@ impl PdClient for EtcdClient {
             .client
             .lease_grant(ttl, None)
             .await
-            .map_err(|e| error_chain(&e))?
+            .map_err(|e| self.tls_failure.explain(&e))?
             .id())
     }
 
@@ -306,17 +416,20 @@ impl PdClient for EtcdClient {
                 .client
                 .lease_keep_alive(lease)
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|e| self.tls_failure.explain(&e))?;
             self.keepers.insert(lease, k);
         }
         let Some((keeper, acks)) = self.keepers.get_mut(&lease) else {
             return Err("lease keeper lost".into());
         };
-        keeper.keep_alive().await.map_err(|e| error_chain(&e))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| self.tls_failure.explain(&e))?;
         match acks.message().await {
             Ok(Some(r)) => Ok(r.ttl()),
             Ok(None) => Err("lease keep-alive stream ended".into()),
-            Err(e) => Err(error_chain(&e)),
+            Err(e) => Err(self.tls_failure.explain(&e)),
         }
     }
 
@@ -325,7 +438,7 @@ impl PdClient for EtcdClient {
         self.client
             .put(key, value, opts)
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(())
     }
 
@@ -333,7 +446,7 @@ impl PdClient for EtcdClient {
         self.client
             .delete(key, None)
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(())
     }
 }
@@ -354,7 +467,7 @@ impl PdWatch for EtcdWatch {
                 }
             }
             Ok(None) => Err("watch stream ended".into()),
-            Err(e) => Err(error_chain(&e)),
+            Err(e) => Err(self.tls_failure.explain(&e)),
         }
     }
 }

@@ -267,11 +267,14 @@ fn discovery_registration_health_and_metrics_over_cluster_tls() {
         "both TiDBs discovered and healthy",
         Duration::from_secs(20),
         || {
-            inst.iter().all(|i| {
-                backend(&p, i.sql).is_some_and(|b| {
-                    b["state"] == "healthy" && b["status_addr"] == i.status.to_string()
+            p.get("/api/debug/health").0 == 200
+                && inst.iter().all(|i| {
+                    backend(&p, i.sql).is_some_and(|b| {
+                        b["state"] == "healthy"
+                            && b["accepts_connections"] == true
+                            && b["status_addr"] == i.status.to_string()
+                    })
                 })
-            })
         },
     );
     let (status, body) = p.get("/api/debug/health");
@@ -372,8 +375,10 @@ fn a_wrong_ca_or_a_disallowed_cn_is_refused_with_a_clear_log_line() {
             "is not in security.cluster-tls.cert-allowed-cn",
         ),
     ] {
-        let p =
-            ProxyProcess::start_with_backends(&[entry.clone()], &pki.cluster_tls(&ca, &allowed));
+        let p = ProxyProcess::start_with_backends(
+            std::slice::from_ref(&entry),
+            &pki.cluster_tls(&ca, &allowed),
+        );
         let status = inst[0].status.to_string();
         log_line(
             &p,
@@ -387,7 +392,9 @@ fn a_wrong_ca_or_a_disallowed_cn_is_refused_with_a_clear_log_line() {
         );
     }
 
-    // etcd refuses a proxy whose own certificate another CA signed.
+    // etcd refuses a proxy whose own certificate another CA signed. (Why
+    // is said only when the proxy reads PD's alert before its next write
+    // fails: after a TLS 1.3 handshake the two race.)
     let rogue_client = pki.rogue.sign("rogue-client", "tiproxy", &["tiproxy"]);
     let p = proxy_on_pd(
         &etcd,
@@ -398,8 +405,9 @@ fn a_wrong_ca_or_a_disallowed_cn_is_refused_with_a_clear_log_line() {
             rogue_client.1
         ),
     );
-    let line = log_line(&p, &["PD unreachable"], limit);
-    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    log_line(&p, &["PD unreachable"], limit);
+    let (status, body) = p.get("/api/debug/health");
+    assert_eq!(status, 502, "{body}");
     assert!(backends(&p).is_empty());
 }
 
