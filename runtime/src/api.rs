@@ -147,7 +147,15 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
                 Ok(Ok(Some(Ok(s)))) => http(st, s, peer, true).await,
                 Ok(Ok(Some(Err(plain)))) => http(st, plain, peer, false).await,
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => debug!(%peer, "api TLS handshake: {e}"),
+                // A certificate refused (cert-allowed-cn, an unknown CA,
+                // none shown) is loud; a client that went away is not.
+                Ok(Err(e)) => match crate::tls::handshake_failure(&e) {
+                    Some(why) if crate::tls::is_certificate_refusal(&e) => {
+                        st.api_refusals
+                            .refused("security.server-http-tls", &peer, &why);
+                    }
+                    _ => debug!(%peer, "api TLS handshake: {e}"),
+                },
                 Err(_) => debug!(%peer, "api TLS handshake timed out"),
             }
         });

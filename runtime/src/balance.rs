@@ -39,7 +39,8 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
                     continue;
                 };
                 let m = crate::metrics::metrics();
-                match http_get(&st.shared.net, status, "/metrics", d.metrics_timeout).await {
+                let tls = st.cluster_tls.get();
+                match http_get(&st.shared.net, tls, status, "/metrics", d.metrics_timeout).await {
                     Ok((200, body)) => {
                         let now = tokio::time::Instant::now();
                         b.record_metrics(MetricsReading::parse(&body), now);

@@ -247,7 +247,8 @@ pub struct SecurityConfig {
     /// TLS for the HTTP API: HTTPS only (plain HTTP gets the health check
     /// alone); `ca` requires client certificates.
     pub server_http_tls: TlsConfig,
-    /// TLS towards PD and TiDB status ports.
+    /// TLS towards PD (etcd) and TiDB status and metrics ports: on with
+    /// `ca` (verified) or `skip-ca`; `cert`/`key` shown when asked.
     pub cluster_tls: TlsConfig,
     /// TLS towards TiDB SQL ports.
     pub sql_tls: TlsConfig,
@@ -270,7 +271,9 @@ pub struct TlsConfig {
     pub ca: String,
     /// Lowest TLS version: "1.2" or "1.3".
     pub min_tls_version: String,
-    /// Allowed client certificate common names (not implemented).
+    /// Common Names a peer certificate may have (empty: any the CA
+    /// signed): client certificates on `server-tls` and `server-http-tls`
+    /// (with `ca`), PD's and TiDB's on `cluster-tls`.
     pub cert_allowed_cn: Vec<String>,
     /// Generate a self-signed certificate at start.
     pub auto_certs: bool,

@@ -26,6 +26,9 @@ use crate::config::{BackendEntry, Config};
 use crate::pd::{PdClient, PdConnector, PdWatch, WatchNews};
 use crate::router::Router;
 
+/// `security.cluster-tls` as in effect at each connection to PD.
+pub type ClusterTls = Arc<crate::tls::Live<Arc<rustls::ClientConfig>>>;
+
 /// TiDB topology prefix.
 pub const TIDB_TOPOLOGY: &str = "/topology/tidb/";
 /// Keyspace topology prefix.
@@ -159,6 +162,7 @@ pub fn backends_for(instances: &[TidbInstance], cfg: &Config) -> Vec<BackendEntr
 pub async fn watch_pd<P: PdConnector>(
     connector: P,
     pd: Vec<String>,
+    tls: ClusterTls,
     cfg: Config,
     router: Arc<Router>,
     status: StatusCell,
@@ -166,7 +170,7 @@ pub async fn watch_pd<P: PdConnector>(
     let mut backoff = Duration::from_millis(200);
     let mut outage_logged = false;
     loop {
-        match watch_once(&connector, &pd, &cfg, &router, &status).await {
+        match watch_once(&connector, &pd, tls.get(), &cfg, &router, &status).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 crate::metrics::metrics()
@@ -194,11 +198,12 @@ pub async fn watch_pd<P: PdConnector>(
 async fn watch_once<P: PdConnector>(
     connector: &P,
     pd: &[String],
+    tls: Option<Arc<rustls::ClientConfig>>,
     cfg: &Config,
     router: &Router,
     status: &StatusCell,
 ) -> Result<(), String> {
-    let mut client = connector.connect(pd).await?;
+    let mut client = connector.connect(pd, tls).await?;
     let rev = list(&mut client, cfg, router, status).await?;
     let mut w1 = client.watch_prefix(TIDB_TOPOLOGY, rev + 1).await?;
     let mut w2 = client.watch_prefix(KEYSPACE_TOPOLOGY, rev + 1).await?;
@@ -274,6 +279,7 @@ struct ProxyInfo {
 pub async fn register<P: PdConnector>(
     connector: P,
     pd: Vec<String>,
+    tls: ClusterTls,
     sql_addr: String,
     api_port: u16,
 ) {
@@ -298,7 +304,7 @@ pub async fn register<P: PdConnector>(
     let key = format!("{TIPROXY_TOPOLOGY}/{sql_addr}");
     let mut logged = false;
     loop {
-        if let Err(e) = register_once(&connector, &pd, &key, &info).await {
+        if let Err(e) = register_once(&connector, &pd, tls.get(), &key, &info).await {
             crate::metrics::metrics().server_error(crate::metrics::err_type::INFO_SYNCER);
             if !logged {
                 warn!("cannot register tiproxy in PD (will retry): {e}");
@@ -312,10 +318,11 @@ pub async fn register<P: PdConnector>(
 async fn register_once<P: PdConnector>(
     connector: &P,
     pd: &[String],
+    tls: Option<Arc<rustls::ClientConfig>>,
     key: &str,
     info: &ProxyInfo,
 ) -> Result<(), String> {
-    let mut client = connector.connect(pd).await?;
+    let mut client = connector.connect(pd, tls).await?;
     let lease = client.grant_lease(REGISTRATION_TTL).await?;
     let body = serde_json::to_string(info).map_err(|e| e.to_string())?;
     loop {

@@ -106,7 +106,8 @@ async fn check_backend_once<N: Network>(
 ) -> bool {
     let router = &st.shared.router;
     if let Some(status) = &b.status_addr {
-        let answer = http_status(&st.shared.net, status, "/status", d.dial_timeout).await;
+        let tls = st.cluster_tls.get();
+        let answer = http_status(&st.shared.net, tls, status, "/status", d.dial_timeout).await;
         // Out of descriptors is the proxy's own state, not the backend's.
         let failure = |e: &HttpError| match e {
             HttpError::Connect(io) => {

@@ -1,12 +1,13 @@
-//! The one HTTP/1 client: TiDB status ports (`/status`, `/metrics`),
-//! `tiproxyctl`, and the tests. hyper's client connection API over any
-//! stream, so it runs over the [`Network`] seam (turmoil in simulation)
-//! and over TLS alike.
+//! The one HTTP/1 client: TiDB status ports (`/status`, `/metrics`, over
+//! HTTPS with `security.cluster-tls`), `tiproxyctl`, and the tests. hyper's
+//! client connection API over any stream, so it runs over the [`Network`]
+//! seam (turmoil in simulation) and over TLS alike.
 //!
 //! Every request has a deadline (the caller's) and every answer body a size
 //! limit: a peer can neither hold a loop forever nor fill the proxy's
 //! memory.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +35,15 @@ pub enum HttpError {
     /// The TCP connection could not be made.
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
+    /// The TLS handshake failed (an untrusted or refused certificate, a
+    /// peer that speaks no TLS).
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls {
+        /// The peer.
+        addr: String,
+        /// Why, in words ([`crate::tls::handshake_failure`]).
+        reason: String,
+    },
     /// The request could not be built (a bad method, path or host).
     #[error("bad request: {0}")]
     Request(String),
@@ -145,10 +155,12 @@ pub async fn with_deadline<T>(
         .map_err(|_| HttpError::Timeout(timeout))?
 }
 
-/// GET `path` on `addr` over plain HTTP through `net`, connection included
-/// within `timeout`, the body at most `limit` bytes.
+/// GET `path` on `addr` through `net`, over HTTPS with `tls` (plain HTTP
+/// without), connection and handshake included within `timeout`, the body
+/// at most `limit` bytes.
 pub async fn get<N: Network>(
     net: &N,
+    tls: Option<Arc<rustls::ClientConfig>>,
     addr: &str,
     path: &str,
     timeout: Duration,
@@ -156,6 +168,16 @@ pub async fn get<N: Network>(
 ) -> Result<Response, HttpError> {
     with_deadline(timeout, async {
         let s = net.connect(addr).await.map_err(HttpError::Connect)?;
+        let Some(tls) = tls else {
+            return send(s, addr, "GET", path, Bytes::new(), limit).await;
+        };
+        let s = tokio_rustls::TlsConnector::from(tls)
+            .connect(crate::tls::server_name(addr), s)
+            .await
+            .map_err(|e| HttpError::Tls {
+                addr: addr.to_string(),
+                reason: crate::tls::handshake_failure(&e).unwrap_or_else(|| e.to_string()),
+            })?;
         send(s, addr, "GET", path, Bytes::new(), limit).await
     })
     .await
@@ -167,28 +189,31 @@ const METRICS_BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// Largest `/status` body read (TiDB's is a short JSON object).
 const STATUS_BODY_LIMIT: usize = 64 * 1024;
 
-/// GET `path` on `addr`: the status code and the body (at most
-/// [`METRICS_BODY_LIMIT`]), all within `timeout`.
+/// GET `path` on `addr` (HTTPS with `tls`): the status code and the body
+/// (at most [`METRICS_BODY_LIMIT`]), all within `timeout`.
 pub(crate) async fn http_get<N: Network>(
     net: &N,
+    tls: Option<Arc<rustls::ClientConfig>>,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    get(net, addr, path, timeout, METRICS_BODY_LIMIT)
+    get(net, tls, addr, path, timeout, METRICS_BODY_LIMIT)
         .await
         .map(|r| (r.status, r.body.into()))
         .map_err(|e| e.to_string())
 }
 
-/// GET `path` on `addr`; the status code, within `timeout`.
+/// GET `path` on `addr` (HTTPS with `tls`); the status code, within
+/// `timeout`.
 pub(crate) async fn http_status<N: Network>(
     net: &N,
+    tls: Option<Arc<rustls::ClientConfig>>,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<u16, HttpError> {
-    get(net, addr, path, timeout, STATUS_BODY_LIMIT)
+    get(net, tls, addr, path, timeout, STATUS_BODY_LIMIT)
         .await
         .map(|r| r.status)
 }

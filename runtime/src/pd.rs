@@ -5,15 +5,26 @@
 //! The seam is the few etcd calls the proxy and TiDB make: a prefix read
 //! with its revision, a prefix watch from a revision, leases, puts and
 //! deletes. Errors are strings: every caller logs them and retries.
+//!
+//! With `security.cluster-tls` the connection is TLS made here with the
+//! proxy's own rustls config ([`crate::tls::cluster_config`]), under
+//! etcd-client's gRPC channel: the same checks as towards TiDB status
+//! ports, which etcd-client's built-in TLS cannot express.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::{
     Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
     WatchOptions, WatchStream, Watcher,
 };
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A prefix read: the store's revision and the keys with their values.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -37,10 +48,12 @@ pub enum WatchNews {
 pub trait PdConnector: Clone + Send + Sync + 'static {
     /// One connection.
     type Client: PdClient;
-    /// Connects to one of `endpoints` (`host:port` or `http://host:port`).
+    /// Connects to one of `endpoints` (`host:port` or `http://host:port`),
+    /// over TLS with `tls` (`security.cluster-tls`).
     fn connect(
         &self,
         endpoints: &[String],
+        tls: Option<Arc<ClientConfig>>,
     ) -> impl Future<Output = Result<Self::Client, String>> + Send;
 }
 
@@ -99,6 +112,7 @@ pub struct EtcdPd;
 pub struct EtcdClient {
     client: Client,
     keepers: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>,
+    tls_failure: TlsFailure,
 }
 
 /// A watch through `etcd-client`.
@@ -106,6 +120,7 @@ pub struct EtcdWatch {
     // Dropping the watcher cancels the watch.
     _watcher: Watcher,
     stream: WatchStream,
+    tls_failure: TlsFailure,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -122,26 +137,224 @@ impl std::fmt::Debug for EtcdWatch {
     }
 }
 
+/// How long a connection to PD may take, TLS handshake included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one request to PD may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings: a PD behind a partition that drops packets answers
+/// nothing, not even a reset; pings find out (etcd accepts pings every 5 s
+/// or slower).
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl PdConnector for EtcdPd {
     type Client = EtcdClient;
 
-    async fn connect(&self, pd: &[String]) -> Result<EtcdClient, String> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            // A PD behind a partition that drops packets answers nothing,
-            // not even a reset: HTTP/2 pings find out (etcd accepts pings
-            // every 5 s or slower).
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints(pd), Some(opts))
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn connect(
+        &self,
+        pd: &[String],
+        tls: Option<Arc<ClientConfig>>,
+    ) -> Result<EtcdClient, String> {
+        let tls_failure = TlsFailure::default();
+        let client = match tls {
+            Some(tls) => connect_tls(pd, tls, &tls_failure).await?,
+            None => {
+                if let Some(e) = pd.iter().find(|e| e.starts_with("https://")) {
+                    return Err(format!(
+                        "PD address {e} asks for TLS: set security.cluster-tls (ca, or skip-ca)"
+                    ));
+                }
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_timeout(REQUEST_TIMEOUT)
+                    .with_keep_alive(PING_EVERY, PING_TIMEOUT)
+                    .with_keep_alive_while_idle(true);
+                Client::connect(endpoints(pd), Some(opts))
+                    .await
+                    .map_err(|e| error_chain(&e))?
+            }
+        };
         Ok(EtcdClient {
             client,
             keepers: HashMap::new(),
+            tls_failure,
         })
     }
+}
+
+/// Connects to the first of `pd` that answers, over TLS with `tls`. One
+/// endpoint at a time (etcd-client balances only over its own
+/// connections); a broken one makes the caller connect anew.
+async fn connect_tls(
+    pd: &[String],
+    tls: Arc<ClientConfig>,
+    failure: &TlsFailure,
+) -> Result<Client, String> {
+    // etcd serves gRPC on HTTP/2, which over TLS needs ALPN.
+    let mut h2 = (*tls).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(h2));
+    let mut last = "no PD address".to_string();
+    for e in pd {
+        let addr = e.rsplit("://").next().unwrap_or(e).to_string();
+        // The connector makes the TLS itself: the URI says plain HTTP so
+        // tonic adds none of its own.
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(ep) => ep,
+            Err(err) => {
+                last = format!("PD address {e}: {err}");
+                continue;
+            }
+        }
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true);
+        let (connector, target, noted) = (connector.clone(), addr.clone(), failure.clone());
+        let dial = tower::service_fn(move |_: hyper::Uri| {
+            let (connector, addr, failure) = (connector.clone(), target.clone(), noted.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let s = connector
+                    .connect(crate::tls::server_name(&addr), tcp)
+                    .await
+                    .map_err(|e| match crate::tls::handshake_failure(&e) {
+                        Some(why) => std::io::Error::new(
+                            e.kind(),
+                            format!("TLS handshake with PD {addr} failed: {why}"),
+                        ),
+                        None => e,
+                    })?;
+                Ok::<_, std::io::Error>(TokioIo::new(Noted {
+                    inner: s,
+                    failure,
+                    addr,
+                    heard: false,
+                }))
+            }
+        });
+        match endpoint.connect_with_connector(dial).await {
+            Ok(channel) => {
+                return Client::from_channel(etcd_client::Channel::Tonic(channel), None)
+                    .await
+                    .map_err(|e| failure.explain(&e));
+            }
+            Err(err) => last = failure.explain(&err),
+        }
+    }
+    Err(last)
+}
+
+/// The last TLS failure on a PD connection, for its error messages. After
+/// a TLS 1.3 handshake, PD's refusal of the proxy's certificate (etcd's
+/// `--client-cert-auth`) arrives as an alert on the first read, which
+/// tonic reports only as a cancelled request. (When a write fails first,
+/// on the connection PD closed, the alert is never read and the error says
+/// only that.)
+#[derive(Debug, Clone, Default)]
+struct TlsFailure(Arc<Mutex<Option<String>>>);
+
+impl TlsFailure {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes `e` if it is a TLS failure on the connection to `addr`.
+    fn note(&self, addr: &str, e: &std::io::Error) {
+        if let Some(why) = crate::tls::handshake_failure(e) {
+            *self.slot() = Some(format!("TLS with PD {addr} failed: {why}"));
+        }
+    }
+
+    /// PD answered on a new connection: earlier failures are history.
+    fn clear(&self) {
+        *self.slot() = None;
+    }
+
+    /// `e` in words, led by the TLS failure under it, if any.
+    fn explain(&self, e: &dyn std::error::Error) -> String {
+        let chain = error_chain(e);
+        match self.slot().as_ref() {
+            Some(tls) if !chain.contains(tls.as_str()) => format!("{tls} ({chain})"),
+            _ => chain,
+        }
+    }
+}
+
+/// A PD connection's TLS stream that notes TLS failures in [`TlsFailure`],
+/// and clears them once PD has sent data (so it accepted the proxy's
+/// certificate: a TLS 1.3 client finishes its handshake before the server
+/// has judged it).
+struct Noted<S> {
+    inner: S,
+    failure: TlsFailure,
+    addr: String,
+    heard: bool,
+}
+
+impl<S> Noted<S> {
+    fn note<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r {
+            self.failure.note(&self.addr, e);
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Noted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.heard && matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.heard = true;
+            self.failure.clear();
+        }
+        self.note(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Noted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(r)
+    }
+}
+
+/// An error with its causes: etcd-client's and tonic's top-level messages
+/// ("transport error") leave out what went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl PdClient for EtcdClient {
@@ -152,7 +365,7 @@ impl PdClient for EtcdClient {
             .client
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(Listing {
             revision: r.header().map(|h| h.revision()).unwrap_or(0),
             kvs: r
@@ -180,10 +393,11 @@ impl PdClient for EtcdClient {
                 ),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(EtcdWatch {
             _watcher: watcher,
             stream,
+            tls_failure: self.tls_failure.clone(),
         })
     }
 
@@ -192,7 +406,7 @@ impl PdClient for EtcdClient {
             .client
             .lease_grant(ttl, None)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| self.tls_failure.explain(&e))?
             .id())
     }
 
@@ -202,17 +416,20 @@ impl PdClient for EtcdClient {
                 .client
                 .lease_keep_alive(lease)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| self.tls_failure.explain(&e))?;
             self.keepers.insert(lease, k);
         }
         let Some((keeper, acks)) = self.keepers.get_mut(&lease) else {
             return Err("lease keeper lost".into());
         };
-        keeper.keep_alive().await.map_err(|e| e.to_string())?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| self.tls_failure.explain(&e))?;
         match acks.message().await {
             Ok(Some(r)) => Ok(r.ttl()),
             Ok(None) => Err("lease keep-alive stream ended".into()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(self.tls_failure.explain(&e)),
         }
     }
 
@@ -221,7 +438,7 @@ impl PdClient for EtcdClient {
         self.client
             .put(key, value, opts)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(())
     }
 
@@ -229,7 +446,7 @@ impl PdClient for EtcdClient {
         self.client
             .delete(key, None)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(())
     }
 }
@@ -250,7 +467,7 @@ impl PdWatch for EtcdWatch {
                 }
             }
             Ok(None) => Err("watch stream ended".into()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(self.tls_failure.explain(&e)),
         }
     }
 }

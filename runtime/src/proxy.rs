@@ -73,6 +73,9 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         );
     }
     let backend_tls = tls::backend_config(&config)?;
+    let cluster_tls = Arc::new(tls::Live::new(tls::cluster_config(
+        &config.security.cluster_tls,
+    )?));
     let pd = config.proxy.effective_pd_addrs();
     let statics = &config.proxy.backend_addrs;
     if !pd.is_empty() && !statics.is_empty() {
@@ -147,6 +150,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         discovery: discovery_status.clone(),
         config,
         api_tls: tls::Live::new(api_tls.map(tokio_rustls::TlsAcceptor::from)),
+        api_refusals: tls::RefusalLog::default(),
+        cluster_tls: cluster_tls.clone(),
     });
     let mut tasks = JoinSet::new();
     for l in listeners {
@@ -164,6 +169,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         tasks.spawn(crate::discovery::watch_pd(
             net.pd(),
             pd.clone(),
+            cluster_tls.clone(),
             state.config.clone(),
             router.clone(),
             discovery_status,
@@ -172,6 +178,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         tasks.spawn(crate::discovery::register(
             net.pd(),
             pd,
+            cluster_tls,
             advertise,
             api_addr.port(),
         ));

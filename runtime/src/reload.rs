@@ -36,17 +36,22 @@ const POLL_UNWATCHED: Duration = Duration::from_secs(1);
 /// The TLS files in use, with what identifies their contents on disk.
 fn tls_stamp(cfg: &Config) -> Vec<(String, Option<(std::time::SystemTime, u64)>)> {
     let s = &cfg.security;
-    [&s.server_tls, &s.server_http_tls, &s.sql_tls]
-        .into_iter()
-        .flat_map(|t| [&t.cert, &t.key, &t.ca])
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let m = std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())));
-            (p.clone(), m)
-        })
-        .collect()
+    [
+        &s.server_tls,
+        &s.server_http_tls,
+        &s.sql_tls,
+        &s.cluster_tls,
+    ]
+    .into_iter()
+    .flat_map(|t| [&t.cert, &t.key, &t.ca])
+    .filter(|p| !p.is_empty())
+    .map(|p| {
+        let m = std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        (p.clone(), m)
+    })
+    .collect()
 }
 
 /// Directories to watch: the config file's and the TLS files'.

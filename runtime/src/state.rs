@@ -47,6 +47,11 @@ pub struct State<N: Network> {
     pub config: Config,
     /// TLS of the HTTP API (`security.server-http-tls`); `None`: plain HTTP.
     pub(crate) api_tls: tls::Live<tokio_rustls::TlsAcceptor>,
+    /// Refused API clients' certificates, logged without flooding.
+    pub(crate) api_refusals: tls::RefusalLog,
+    /// TLS towards PD and TiDB status ports (`security.cluster-tls`);
+    /// `None`: plain. Shared with the PD tasks.
+    pub(crate) cluster_tls: Arc<tls::Live<Arc<rustls::ClientConfig>>>,
 }
 
 /// What a configuration change did.
@@ -169,6 +174,10 @@ impl<N: Network> State<N> {
             })
             .transpose()
             .map_err(err)?;
+        let cluster_tls = (new.security.cluster_tls != old.security.cluster_tls)
+            .then(|| tls::cluster_config(&new.security.cluster_tls))
+            .transpose()
+            .map_err(err)?;
         // Nothing below fails.
         self.max_connections
             .store(new.proxy.max_connections, Ordering::Relaxed);
@@ -189,6 +198,9 @@ impl<N: Network> State<N> {
         }
         if let Some(c) = api_tls {
             self.api_tls.set(c.map(tokio_rustls::TlsAcceptor::from));
+        }
+        if let Some(c) = cluster_tls {
+            self.cluster_tls.set(c);
         }
         log.commit();
         *self.live_config.write().expect("config lock") = new;
@@ -213,6 +225,7 @@ impl<N: Network> State<N> {
             )?)
         };
         let backend = tls::backend_config(&cfg)?;
+        let cluster = tls::cluster_config(&cfg.security.cluster_tls)?;
         // Auto-certs are not re-generated: only files are re-read.
         let api = if cfg.security.server_http_tls.cert.is_empty() {
             None
@@ -234,6 +247,7 @@ impl<N: Network> State<N> {
         self.shared
             .backend_tls
             .set(backend.map(tokio_rustls::TlsConnector::from));
+        self.cluster_tls.set(cluster);
         Ok(())
     }
 

@@ -1,15 +1,27 @@
-//! rustls configurations for both legs: the certificate the proxy shows
-//! clients (from files or generated at start), and how it checks backends.
+//! rustls configurations for every leg: the certificate the proxy shows
+//! clients (from files or generated at start), how it checks backends'
+//! SQL ports, and how it checks the cluster (PD, TiDB status ports) with
+//! `security.cluster-tls`. Also `cert-allowed-cn` (the peer certificate's
+//! Common Name must be listed) and the words for a refused handshake.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsConfig;
+
+#[cfg(test)]
+mod tests;
+mod verify;
+
+use verify::{AllowedClientCn, AllowedCn, ClusterVerifier};
+pub use verify::{
+    CommonNameRefused, RefusalLog, SkipVerify, common_names, describe, handshake_failure,
+    is_certificate_refusal,
+};
 
 /// A TLS setup problem, naming the config key.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +121,12 @@ pub fn server_config(
             message: e.to_string(),
         })?;
     let builder = if cfg.ca.is_empty() {
+        if !cfg.cert_allowed_cn.is_empty() {
+            tracing::warn!(
+                "security.{key}.cert-allowed-cn has no effect without security.{key}.ca: \
+                 client certificates are not requested"
+            );
+        }
         builder.with_no_client_auth()
     } else {
         let mut roots = RootCertStore::empty();
@@ -118,16 +136,26 @@ pub fn server_config(
                 message: e.to_string(),
             })?;
         }
-        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let allowed = AllowedCn::new(cfg, key);
+        let mut v = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider(),
-        )
-        .build()
-        .map_err(|e| TlsError {
+        );
+        // TiProxy: with skip-ca a client may come without a certificate
+        // (one it shows is still verified); cert-allowed-cn requires one.
+        if cfg.skip_ca && allowed.is_none() {
+            v = v.allow_unauthenticated();
+        }
+        let v = v.build().map_err(|e| TlsError {
             key: format!("{key}.ca"),
             message: e.to_string(),
         })?;
-        builder.with_client_cert_verifier(v)
+        match allowed {
+            Some(allowed) => {
+                builder.with_client_cert_verifier(Arc::new(AllowedClientCn { inner: v, allowed }))
+            }
+            None => builder.with_client_cert_verifier(v),
+        }
     };
     let sc = builder
         .with_single_cert(certs, private)
@@ -173,6 +201,72 @@ pub fn client_config(cfg: &TlsConfig, key: &str) -> Result<Option<Arc<ClientConf
             )
             .map_err(|e| TlsError {
                 key: format!("{key}.cert"),
+                message: e.to_string(),
+            })?
+    };
+    Ok(Some(Arc::new(cc)))
+}
+
+/// The client-side TLS config towards the cluster (`security.cluster-tls`:
+/// PD's etcd, TiDB status and metrics ports), or `None` when TLS is off.
+/// As TiProxy builds it: with `ca`, the peer's chain must lead to it (the
+/// host name is not checked: a TiDB's certificate need not name the address
+/// PD lists) and `skip-ca` is ignored; without `ca`, `skip-ca` turns TLS on
+/// unverified, and otherwise TLS is off even with a `cert`. `cert` and
+/// `key` are shown to peers that ask (etcd's `--client-cert-auth`). With
+/// `cert-allowed-cn`, the peer's Common Name must be listed.
+pub fn cluster_config(cfg: &TlsConfig) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    const KEY: &str = "cluster-tls";
+    if cfg.ca.is_empty() && !cfg.skip_ca {
+        if !cfg.cert.is_empty() {
+            tracing::warn!(
+                "security.cluster-tls has a cert but neither ca nor skip-ca: PD and TiDB \
+                 status ports are reached without TLS (as TiProxy does)"
+            );
+        }
+        return Ok(None);
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(&cfg.min_tls_version))
+        .map_err(|e| TlsError {
+            key: format!("{KEY}.min-tls-version"),
+            message: e.to_string(),
+        })?;
+    let builder = if cfg.ca.is_empty() {
+        if !cfg.cert_allowed_cn.is_empty() {
+            tracing::warn!(
+                "security.cluster-tls.cert-allowed-cn has no effect with skip-ca and no ca: \
+                 peer certificates are not verified"
+            );
+        }
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipVerify))
+    } else {
+        let mut roots = RootCertStore::empty();
+        for c in read_certs(&cfg.ca, &format!("{KEY}.ca"))? {
+            roots.add(c).map_err(|e| TlsError {
+                key: format!("{KEY}.ca"),
+                message: e.to_string(),
+            })?;
+        }
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ClusterVerifier {
+                roots,
+                allowed: AllowedCn::new(cfg, KEY),
+            }))
+    };
+    let cc = if cfg.cert.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        builder
+            .with_client_auth_cert(
+                read_certs(&cfg.cert, &format!("{KEY}.cert"))?,
+                read_key(&cfg.key, &format!("{KEY}.key"))?,
+            )
+            .map_err(|e| TlsError {
+                key: format!("{KEY}.cert"),
                 message: e.to_string(),
             })?
     };
@@ -244,56 +338,4 @@ pub fn server_name(addr: &str) -> ServerName<'static> {
         .trim_matches(['[', ']']);
     ServerName::try_from(host.to_string())
         .unwrap_or_else(|_| ServerName::try_from("tidb".to_string()).expect("static name"))
-}
-
-/// `skip-ca`: accept any peer certificate (signatures still checked).
-/// Also `tiproxyctl --insecure`.
-#[derive(Debug)]
-pub struct SkipVerify;
-
-impl ServerCertVerifier for SkipVerify {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

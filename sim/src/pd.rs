@@ -418,7 +418,16 @@ async fn read_reply(lines: &mut Lines, timeout: Duration) -> Result<Reply, Strin
 impl PdConnector for SimPd {
     type Client = SimPdClient;
 
-    async fn connect(&self, endpoints: &[String]) -> Result<SimPdClient, String> {
+    async fn connect(
+        &self,
+        endpoints: &[String],
+        tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    ) -> Result<SimPdClient, String> {
+        // The simulated network carries no TLS; a run that configured
+        // cluster-tls is told so rather than silently served in plain.
+        if tls.is_some() {
+            return Err("the simulated PD speaks no TLS (unset security.cluster-tls)".into());
+        }
         let mut last = "no PD endpoint".to_string();
         for e in endpoints {
             let addr = e.rsplit("://").next().unwrap_or(e).to_string();
@@ -554,7 +563,7 @@ mod tests {
         sim.client("tidb", {
             let eps = eps.clone();
             async move {
-                let mut c = SimPd::default().connect(&eps).await?;
+                let mut c = SimPd::default().connect(&eps, None).await?;
                 let lease = c.grant_lease(3).await?;
                 c.put("/topology/tidb/a:4000/info", "{}".into(), lease)
                     .await?;
@@ -574,7 +583,7 @@ mod tests {
             let store = store.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let mut c = SimPd::default().connect(&eps).await?;
+                let mut c = SimPd::default().connect(&eps, None).await?;
                 let l = c.get_prefix("/topology/tidb/").await?;
                 assert_eq!(l.kvs.len(), 2, "{l:?}");
                 let mut w = c.watch_prefix("/topology/tidb/", l.revision + 1).await?;
@@ -605,7 +614,9 @@ mod tests {
             sim.host("pd", move || serve(store.clone(), Duration::ZERO));
         }
         sim.client("c", async move {
-            let mut c = SimPd::default().connect(&["pd:2379".to_string()]).await?;
+            let mut c = SimPd::default()
+                .connect(&["pd:2379".to_string()], None)
+                .await?;
             c.put("/k", "v".into(), 0).await?;
             Ok(())
         });
@@ -614,7 +625,7 @@ mod tests {
         sim.bounce("pd");
         sim.client("d", async move {
             let mut c = SimPd::default()
-                .connect(&["http://pd:2379".to_string()])
+                .connect(&["http://pd:2379".to_string()], None)
                 .await?;
             let l = c.get_prefix("/k").await?;
             assert_eq!(l.kvs, vec![("/k".to_string(), b"v".to_vec())]);

@@ -96,6 +96,7 @@ fn registration(i: usize, ttl: Duration) -> Registration {
         version: "8.5.0".into(),
         labels: Default::default(),
         ttl,
+        tls: None,
     }
 }
 

@@ -286,17 +286,41 @@ pub struct Etcd {
     /// Client port.
     pub port: u16,
     peer_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// etcd's client TLS (PEM files): its certificate and key, and the CA a
+/// client's certificate must chain to (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// `--cert-file`.
+    pub cert: String,
+    /// `--key-file`.
+    pub key: String,
+    /// `--trusted-ca-file`.
+    pub ca: String,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring client
+    /// certificates signed by `tls.ca`.
+    pub fn start_tls(tls: EtcdTls) -> Etcd {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Etcd {
         install(&["etcd-server"], "etcd");
         let mut e = Etcd {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         e.restart();
         e
@@ -318,9 +342,25 @@ impl Etcd {
     /// Starts the server again on the same ports and data.
     pub fn restart(&mut self) {
         self.stop();
-        let client = format!("http://127.0.0.1:{}", self.port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let tls: Vec<String> = match &self.tls {
+            Some(t) => [
+                "--cert-file",
+                &t.cert,
+                "--key-file",
+                &t.key,
+                "--trusted-ca-file",
+                &t.ca,
+                "--client-cert-auth",
+            ]
+            .map(String::from)
+            .to_vec(),
+            None => Vec::new(),
+        };
         let child = Command::new("etcd")
+            .args(&tls)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--name", "default"])

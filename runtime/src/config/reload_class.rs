@@ -27,6 +27,7 @@ const RELOADABLE: &[&str] = &[
     "proxy.frontend-keepalive",
     "proxy.backend-healthy-keepalive",
     "proxy.backend-unhealthy-keepalive",
+    "security.cluster-tls",
 ];
 
 /// Keys accepted for TiProxy compatibility that do nothing in this build:

@@ -19,6 +19,12 @@
 //!   on the same addresses.
 //! - `POST /instances/<i>/load`: `{"cpu":0.9,"memory":0.8}` (either may be
 //!   left out): the CPU and memory use its `/metrics` reports.
+//!
+//! Cluster TLS, as TiDB's `[security] cluster-ssl-*`: `--status-tls-cert`
+//! and `--status-tls-key` serve the status ports over HTTPS
+//! (`--status-tls-ca`: clients must show a certificate it signed);
+//! `--pd-tls-ca` (or `--pd-tls-skip-ca`), `--pd-tls-cert`, `--pd-tls-key`
+//! register in PD over TLS.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -36,6 +42,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tiproxy_runtime::config::TlsConfig;
 use tiproxy_runtime::net::TokioNet;
 use tiproxy_runtime::pd::EtcdPd;
 use tiproxy_sim::tidb::pd::Registration;
@@ -99,6 +106,58 @@ struct Args {
     /// Labels of every instance, `key=value,...` (e.g. `zone=east`).
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
+    /// Status ports over HTTPS with this certificate (PEM; TiDB's
+    /// cluster-ssl-cert). Needs --status-tls-key.
+    #[arg(long, requires = "status_tls_key")]
+    status_tls_cert: Option<String>,
+    /// The private key of --status-tls-cert (PEM).
+    #[arg(long, requires = "status_tls_cert")]
+    status_tls_key: Option<String>,
+    /// Clients of the status ports must show a certificate this CA signed
+    /// (PEM; TiDB's cluster-ssl-ca).
+    #[arg(long, requires = "status_tls_cert")]
+    status_tls_ca: Option<String>,
+    /// Register in PD over TLS, verifying PD against this CA (PEM).
+    #[arg(long)]
+    pd_tls_ca: Option<String>,
+    /// Register in PD over TLS without verifying PD.
+    #[arg(long)]
+    pd_tls_skip_ca: bool,
+    /// The certificate shown to PD (PEM). Needs --pd-tls-key.
+    #[arg(long, requires = "pd_tls_key")]
+    pd_tls_cert: Option<String>,
+    /// The private key of --pd-tls-cert (PEM).
+    #[arg(long, requires = "pd_tls_cert")]
+    pd_tls_key: Option<String>,
+}
+
+impl Args {
+    /// The status ports' TLS, built with the proxy's own rules.
+    fn status_tls(&self) -> Result<Option<Arc<tokio_rustls::rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.status_tls_cert, &self.status_tls_key) else {
+            return Ok(None);
+        };
+        let cfg = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: self.status_tls_ca.clone().unwrap_or_default(),
+            ..TlsConfig::default()
+        };
+        tiproxy_runtime::tls::server_config(&cfg, "status-tls", std::path::Path::new("."))
+            .map_err(|e| format!("--{e}"))
+    }
+
+    /// PD's TLS (`cluster-tls` rules: on with a CA or skip-ca).
+    fn pd_tls(&self) -> Result<Option<Arc<tokio_rustls::rustls::ClientConfig>>, String> {
+        let cfg = TlsConfig {
+            ca: self.pd_tls_ca.clone().unwrap_or_default(),
+            skip_ca: self.pd_tls_skip_ca,
+            cert: self.pd_tls_cert.clone().unwrap_or_default(),
+            key: self.pd_tls_key.clone().unwrap_or_default(),
+            ..TlsConfig::default()
+        };
+        tiproxy_runtime::tls::cluster_config(&cfg).map_err(|e| format!("--pd-tls: {e}"))
+    }
 }
 
 impl Args {
@@ -125,6 +184,8 @@ fn port_of(base: u16, i: usize) -> u16 {
 struct Control {
     fleet: LocalCluster<TokioNet>,
     args: Args,
+    /// TLS towards PD; `None`: plain.
+    pd_tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// PD registration task and record per instance.
     registrations: Mutex<HashMap<usize, (tokio::task::JoinHandle<()>, Registration)>>,
 }
@@ -149,6 +210,7 @@ impl Control {
             version: self.args.server_version.clone(),
             labels: self.args.label_map(labels),
             ttl: Duration::from_secs(self.args.pd_ttl),
+            tls: self.pd_tls.clone(),
         };
         let task = tokio::spawn(reg.clone().keep_registered(EtcdPd));
         if let Some((old, _)) = self
@@ -210,6 +272,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let status_tls = args.status_tls()?;
+    let pd_tls = args.pd_tls()?;
     let cluster = Cluster::new(ClusterOptions {
         seed: args.seed,
         token_lifetime: Duration::from_secs(args.token_lifetime),
@@ -222,6 +286,7 @@ async fn run(args: Args) -> Result<(), String> {
         caching_sha2_fast_path: !args.no_sha2_fast_path,
         session_token_signing: !args.no_session_token,
         proxy_protocol: args.proxy_protocol,
+        status_tls,
         ..TidbOptions::default()
     };
     let fleet = LocalCluster::new(TokioNet::default(), cluster, opts);
@@ -240,6 +305,7 @@ async fn run(args: Args) -> Result<(), String> {
     let ctl = Arc::new(Control {
         fleet,
         args,
+        pd_tls,
         registrations: Mutex::new(HashMap::new()),
     });
     for i in 0..ctl.args.instances {

@@ -4,9 +4,11 @@
 //! end; a crash leaves them to expire with the lease.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tiproxy_runtime::pd::{PdClient, PdConnector};
+use tokio_rustls::rustls::ClientConfig;
 
 /// What an instance registers.
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
     /// Lease TTL.
     pub ttl: Duration,
+    /// TLS towards PD (TiDB's `cluster-ssl-*`); `None`: plain.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Registration {
@@ -42,7 +46,7 @@ impl Registration {
     }
 
     async fn register_once<P: PdConnector>(&self, pd: &P) -> Result<(), String> {
-        let mut c = pd.connect(&self.pd).await?;
+        let mut c = pd.connect(&self.pd, self.tls.clone()).await?;
         let ttl = self.ttl.as_secs().max(1) as i64;
         let lease = c.grant_lease(ttl).await?;
         let ip = self
@@ -81,7 +85,7 @@ impl Registration {
 
     /// Deletes the keys (the end of a graceful shutdown).
     pub async fn deregister<P: PdConnector>(&self, pd: &P) -> Result<(), String> {
-        let mut c = pd.connect(&self.pd).await?;
+        let mut c = pd.connect(&self.pd, self.tls.clone()).await?;
         c.delete(&self.key("info")).await?;
         c.delete(&self.key("ttl")).await?;
         Ok(())

@@ -49,6 +49,10 @@ pub struct TidbOptions {
     /// the greeting) and use its source address as the client's. Off, a
     /// header gets 8052 `invalid sequence`, as TiDB answers it.
     pub proxy_protocol: bool,
+    /// The status port speaks HTTPS with this (TiDB's `cluster-ssl-cert`
+    /// and `cluster-ssl-key`; with `cluster-ssl-ca`, clients must show a
+    /// certificate it signed). `None`: plain HTTP.
+    pub status_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for TidbOptions {
@@ -62,6 +66,7 @@ impl Default for TidbOptions {
             caching_sha2_fast_path: true,
             session_token_signing: true,
             proxy_protocol: false,
+            status_tls: None,
         }
     }
 }

@@ -2,10 +2,12 @@
 //! start of graceful shutdown) and `GET /config` (TiProxy reads
 //! `security.session-token-signing-cert` to know the instance can take
 //! migrated sessions) and `GET /metrics` (CPU and memory use, what
-//! TiProxy's resource balancing reads).
+//! TiProxy's resource balancing reads). Over HTTPS with
+//! [`super::TidbOptions::status_tls`], as TiDB with cluster TLS.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -14,9 +16,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tiproxy_runtime::net::Network;
+use tiproxy_runtime::net::{Network, Stream};
 
 use super::server::{Instance, Phase};
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<Instance>) {
     loop {
@@ -24,23 +29,38 @@ pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<I
             biased;
             _ = inst.reached(Phase::Stopped) => break,
             r = net.accept(&listener) => {
-                let Ok((stream, _)) = r else { continue };
+                let Ok((stream, peer)) = r else { continue };
                 let inst = Arc::clone(&inst);
                 tokio::spawn(async move {
-                    let svc_inst = Arc::clone(&inst);
-                    let svc = service_fn(move |req| {
-                        let inst = Arc::clone(&svc_inst);
-                        async move { Ok::<_, Infallible>(route(&inst, &req)) }
-                    });
-                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        biased;
-                        _ = inst.reached(Phase::Stopped) => {}
-                        _ = conn => {}
+                    let Some(tls) = inst.opts.status_tls.clone() else {
+                        return serve_conn(stream, inst).await;
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_conn(s, inst).await,
+                        // TiDB logs a refused client at warn, too.
+                        Ok(Err(e)) => tracing::warn!(%peer, status = %inst.status_addr, "status port TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "status port TLS handshake timed out"),
                     }
                 });
             }
         }
+    }
+}
+
+/// Serves HTTP/1 on one (plain or TLS) connection until it ends or the
+/// instance stops.
+async fn serve_conn<S: Stream>(stream: S, inst: Arc<Instance>) {
+    let svc_inst = Arc::clone(&inst);
+    let svc = service_fn(move |req| {
+        let inst = Arc::clone(&svc_inst);
+        async move { Ok::<_, Infallible>(route(&inst, &req)) }
+    });
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        biased;
+        _ = inst.reached(Phase::Stopped) => {}
+        _ = conn => {}
     }
 }
 
