@@ -34,3 +34,21 @@ pub const VERSION: &str = concat!(
     env!("TIPROXY_GIT_HASH"),
     ")"
 );
+
+/// What `--version` prints after the binary's name: [`VERSION`], then how
+/// the binary was built, one fact a line (see `build.rs`). `glibc` is the
+/// oldest glibc it runs on: `2.17` for `make dist`, `host` (the build
+/// machine's) otherwise.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TIPROXY_GIT_HASH"),
+    ")\nbuild time: ",
+    env!("TIPROXY_BUILD_TIME"),
+    "\nrustc:      ",
+    env!("TIPROXY_RUSTC_VERSION"),
+    "\ntarget:     ",
+    env!("TIPROXY_TARGET"),
+    "\nglibc:      ",
+    env!("TIPROXY_GLIBC"),
+);

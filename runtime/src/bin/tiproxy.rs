@@ -7,7 +7,7 @@ use clap::Parser;
 use tiproxy_runtime::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "tiproxy", version = tiproxy_runtime::VERSION, about = "MySQL-protocol proxy for TiDB that keeps connections alive across TiDB restarts")]
+#[command(name = "tiproxy", version = tiproxy_runtime::VERSION, long_version = tiproxy_runtime::LONG_VERSION, about = "MySQL-protocol proxy for TiDB that keeps connections alive across TiDB restarts")]
 struct Args {
     /// Configuration file (TiProxy's proxy.toml format).
     #[arg(long, short = 'c')]

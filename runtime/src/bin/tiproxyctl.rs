@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tiproxy_runtime::http_client::{self, HttpError};
 
 #[derive(Parser, Debug)]
-#[command(name = "tiproxyctl", version = tiproxy_runtime::VERSION, about = "Control a running tiproxy through its HTTP API")]
+#[command(name = "tiproxyctl", version = tiproxy_runtime::VERSION, long_version = tiproxy_runtime::LONG_VERSION, about = "Control a running tiproxy through its HTTP API")]
 struct Args {
     /// API host.
     #[arg(long, default_value = "localhost", global = true)]
