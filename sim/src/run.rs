@@ -294,7 +294,16 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
         sleep_until(f.at).await;
         world.fault_begins(i, s.fault_breaks_sessions(&f), now());
         let restart_after = match f.kind {
-            FaultKind::GracefulShutdown { restart_after, .. } => {
+            FaultKind::GracefulShutdown {
+                restart_after,
+                graceful_wait,
+            } => {
+                let w = world.clone();
+                let wait_ends = f.at + graceful_wait;
+                tokio::spawn(async move {
+                    sleep_until(wait_ends).await;
+                    w.tidb_wait_ended(i, now());
+                });
                 h.graceful_shutdown().await;
                 world.tidb_shut_down(i, now());
                 keeper.abort();

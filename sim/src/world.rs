@@ -421,6 +421,38 @@ impl World {
     /// off, their errors are unavoidable. Otherwise they stay a failure to
     /// evacuate.
     pub fn tidb_shut_down(&self, i: usize, at: Duration) {
+        let n = self.strand(i, at);
+        if n > 0 {
+            self.event(
+                at,
+                format_args!("tidb-{i} shut down: {n} session(s) on it had nowhere to go"),
+            );
+        } else {
+            self.event(at, format_args!("tidb-{i} shut down"));
+        }
+    }
+
+    /// TiDB `i`'s graceful wait ends: from now it closes every session not
+    /// in a transaction, so the rule of [`World::tidb_shut_down`] applies
+    /// now, before those closes reach any client (seed 499830: a client's
+    /// session reached the TiDB just after its drain began, while the only
+    /// other TiDB was partitioned; it was closed when the wait ended, 46 ms
+    /// before the shutdown finished and the checker used to look).
+    pub fn tidb_wait_ended(&self, i: usize, at: Duration) {
+        let n = self.strand(i, at);
+        if n > 0 {
+            self.event(
+                at,
+                format_args!(
+                    "tidb-{i} ends its graceful wait: {n} session(s) on it had nowhere to go"
+                ),
+            );
+        }
+    }
+
+    /// Marks the sessions on TiDB `i` as unavoidably broken when at `at`
+    /// no other TiDB could take them or its own link is cut off; how many.
+    fn strand(&self, i: usize, at: Duration) -> usize {
         // Or its own link was held or partitioned: a move needs the old
         // TiDB to answer SHOW SESSION_STATES (seed 26189: its link was held
         // from before its shutdown until after it).
@@ -442,14 +474,7 @@ impl World {
         };
         let n = stranded.len();
         self.lock().broken.extend(stranded);
-        if n > 0 {
-            self.event(
-                at,
-                format_args!("tidb-{i} shut down: {n} session(s) on it had nowhere to go"),
-            );
-        } else {
-            self.event(at, format_args!("tidb-{i} shut down"));
-        }
+        n
     }
 
     /// When the proxy can have taken in a TiDB that PD listed at `t`: PD's
