@@ -363,7 +363,20 @@ impl<N: Network> Driver<N> {
                 {
                     Ok(Ok(s)) => {
                         let _ = shared.router.handle_dial(&backend, Dial::Connected);
-                        return Ok((s, Lease::new(backend)));
+                        match shared.router.lease(&backend) {
+                            Some(lease) => return Ok((s, lease)),
+                            // Not a failure of the backend: the socket closes
+                            // and a new client tries another; a move fails
+                            // without a cool-down and the balance loop picks
+                            // again.
+                            None => {
+                                last_err = format!(
+                                    "backend {} left or stopped taking sessions while it was dialled",
+                                    backend.addr
+                                );
+                                continue;
+                            }
+                        }
                     }
                     // Out of descriptors: the proxy's condition, not the
                     // backend's; other backends would fail the same way.

@@ -453,6 +453,18 @@ impl Router {
         self.backends().into_iter().find(|b| b.addr == addr)
     }
 
+    /// A lease on `b`, just dialled, if it is still in the set and takes
+    /// sessions. A backend that left, began to drain or failed while it was
+    /// being dialled is not used: seed 747323 held a move's dial for 4 s;
+    /// meanwhile its TiDB left the set and came back as a new entry, and the
+    /// lease taken when the dial finally completed counted on the old entry,
+    /// so the router saw an empty TiDB that held four sessions. The check
+    /// and the count run under the set's lock, which removal also takes.
+    pub fn lease(&self, b: &Arc<Backend>) -> Option<Lease> {
+        let list = self.backends.read().expect("router lock");
+        (list.iter().any(|x| Arc::ptr_eq(x, b)) && self.accepts(b)).then(|| Lease::new(b.clone()))
+    }
+
     /// Every backend.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
         self.backends.read().expect("router lock").clone()
