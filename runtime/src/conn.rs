@@ -371,7 +371,7 @@ impl<N: Network> Driver<N> {
                             // again.
                             None => {
                                 last_err = format!(
-                                    "backend {} left or stopped taking sessions while it was dialled",
+                                    "backend {} left the backend set while it was dialled",
                                     backend.addr
                                 );
                                 continue;

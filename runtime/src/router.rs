@@ -453,16 +453,20 @@ impl Router {
         self.backends().into_iter().find(|b| b.addr == addr)
     }
 
-    /// A lease on `b`, just dialled, if it is still in the set and takes
-    /// sessions. A backend that left, began to drain or failed while it was
-    /// being dialled is not used: seed 747323 held a move's dial for 4 s;
-    /// meanwhile its TiDB left the set and came back as a new entry, and the
-    /// lease taken when the dial finally completed counted on the old entry,
-    /// so the router saw an empty TiDB that held four sessions. The check
-    /// and the count run under the set's lock, which removal also takes.
+    /// A lease on `b`, just dialled, if it is still the listed entry for
+    /// its address and has not left the set. Seed 747323 held a move's dial
+    /// for 4 s; meanwhile its TiDB left the set (its entry, without
+    /// sessions, was dropped) and came back as a new entry, and the lease
+    /// taken when the dial finally completed counted on the old entry, so
+    /// the router saw an empty TiDB that held four sessions. The check and
+    /// the count run under the set's lock, which removal also takes.
+    /// Health is not asked again: the dial that just succeeded is newer
+    /// news than a failed check (seed 542964: checks held by the network
+    /// marked a TiDB failed, and the rescue of a session whose TiDB had shut
+    /// down was refused the connection that got through).
     pub fn lease(&self, b: &Arc<Backend>) -> Option<Lease> {
         let list = self.backends.read().expect("router lock");
-        (list.iter().any(|x| Arc::ptr_eq(x, b)) && self.accepts(b)).then(|| Lease::new(b.clone()))
+        (list.iter().any(|x| Arc::ptr_eq(x, b)) && !b.is_removed()).then(|| Lease::new(b.clone()))
     }
 
     /// Every backend.
