@@ -681,6 +681,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dial_leases_only_the_listed_entry() {
+        let r = Router::new(&["a:1".into(), "b:1".into()]);
+        let a = r.find("a:1").unwrap();
+        // A failed check does not refuse a dial that got through.
+        let _ = r.handle_dial(&a, Dial::Failed);
+        let held = r.lease(&a).expect("listed: leased");
+        // Removed while a session is on it: listed, but left the set.
+        r.set_backends(&["b:1".into()]);
+        assert!(r.lease(&a).is_none(), "a backend that left is not leased");
+        drop(held);
+        // Dropped from the list, then back as a new entry: a dial begun on
+        // the old entry must not count there.
+        r.set_backends(&["b:1".into()]);
+        r.set_backends(&["a:1".into(), "b:1".into()]);
+        assert!(r.lease(&a).is_none(), "the old entry is not leased");
+        let now = r.find("a:1").unwrap();
+        let _l = r.lease(&now).expect("the new entry is leased");
+        assert_eq!((now.connections(), a.connections()), (1, 0));
+    }
+
+    #[tokio::test]
     async fn draining_backends_take_no_connections_and_targets_count_incoming() {
         let r = Router::new(&["a:1".into(), "b:1".into(), "c:1".into()]);
         let a = r.find("a:1").unwrap();

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, DATABASE, MariaDb};
 
+pub mod pki;
+
 /// The test binary's MariaDB, started on first use (one per test binary).
 pub fn mariadb() -> &'static MariaDb {
     static DB: OnceLock<MariaDb> = OnceLock::new();
@@ -73,6 +75,29 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// mysql_async options for the TiDB double's `app` user at `addr` (a
+/// double, or a proxy in front of doubles), over TCP.
+pub fn double_opts(addr: SocketAddr) -> mysql_async::Opts {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .user(Some("app"))
+        .pass(Some("app-Pa55word"))
+        .prefer_socket(false)
+        .into()
+}
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after
+/// `limit`. Returns how long it took.
+pub async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
 }
 
 /// A running `tiproxy` process.
@@ -140,6 +165,19 @@ impl ProxyProcess {
         Self::spawn(dir, sql, api, &cfg, None)
     }
 
+    /// Like [`ProxyProcess::start_with_config`], with `flags` given to
+    /// `tiproxy` after `--config FILE`.
+    pub fn start_with_config_and_flags(
+        flags: &[&str],
+        make: impl FnOnce(SocketAddr, SocketAddr) -> String,
+    ) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let cfg = make(sql, api);
+        Self::spawn_cmd(&[], flags, dir, sql, api, &cfg, None)
+    }
+
     /// Like [`ProxyProcess::start`], with `tiproxy` run by a wrapper
     /// command: `wrapper` is the program and its arguments, followed by the
     /// tiproxy binary and its own (`["prlimit", "--nofile=64:64", "--"]`).
@@ -153,7 +191,7 @@ impl ProxyProcess {
              [api]\naddr = \"{api}\"\n",
             list.join(", ")
         );
-        Self::spawn_cmd(wrapper, dir, sql, api, &cfg, Some("info"))
+        Self::spawn_cmd(wrapper, &[], dir, sql, api, &cfg, Some("info"))
     }
 
     fn spawn(
@@ -163,11 +201,12 @@ impl ProxyProcess {
         cfg: &str,
         rust_log: Option<&str>,
     ) -> ProxyProcess {
-        Self::spawn_cmd(&[], dir, sql, api, cfg, rust_log)
+        Self::spawn_cmd(&[], &[], dir, sql, api, cfg, rust_log)
     }
 
     fn spawn_cmd(
         wrapper: &[&str],
+        flags: &[&str],
         dir: tempfile::TempDir,
         sql: SocketAddr,
         api: SocketAddr,
@@ -184,7 +223,10 @@ impl ProxyProcess {
             }
             None => Command::new(binary("tiproxy")),
         };
-        cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+        cmd.arg("--config")
+            .arg(&path)
+            .args(flags)
+            .env_remove("RUST_LOG");
         if let Some(l) = rust_log {
             cmd.env("RUST_LOG", l);
         }

@@ -3,64 +3,11 @@
 //! binaries and certificates made here with rcgen.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tiproxy_tests::pki::Ca;
 use tiproxy_tests::{ProxyProcess, TidbDouble, binary, http_get};
-
-/// A CA that signs certificates into a directory.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} CA"));
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA certificate");
-        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).expect("write CA");
-        Ca {
-            issuer,
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.dir
-            .join(format!("{}-ca.pem", self.name))
-            .display()
-            .to_string()
-    }
-
-    /// A certificate for `names`, as `<file>.pem` and `<file>.key`,
-    /// written beside and renamed over (as certificate managers rotate).
-    fn sign(&self, file: &str, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .expect("params")
-            .signed_by(&key, &self.issuer)
-            .expect("sign");
-        let (c, k) = (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        );
-        std::fs::write(self.dir.join("tmp.key"), key.serialize_pem()).expect("write");
-        std::fs::write(self.dir.join("tmp.pem"), cert.pem()).expect("write");
-        std::fs::rename(self.dir.join("tmp.key"), &k).expect("rename");
-        std::fs::rename(self.dir.join("tmp.pem"), &c).expect("rename");
-        (c.display().to_string(), k.display().to_string())
-    }
-}
 
 /// `tiproxyctl --port <api port> args...`: (exit code, stdout, stderr).
 fn ctl(api: SocketAddr, args: &[&str]) -> (Option<i32>, String, String) {

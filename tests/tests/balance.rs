@@ -10,19 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble, TidbInstance};
-
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, TidbDouble, TidbInstance, double_opts, eventually};
 
 /// Backend entries with SQL and status ports, and a zone label each.
 fn entries(tidbs: &[TidbInstance], zones: &[&str]) -> Vec<String> {
@@ -58,15 +48,6 @@ fn connections_on(proxy: &ProxyProcess, addr: SocketAddr) -> i64 {
         .unwrap_or(0)
 }
 
-async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    start.elapsed()
-}
-
 /// `n` clients that run `SELECT @@port` in a loop until stopped; counts
 /// queries and errors.
 struct Workload {
@@ -83,7 +64,7 @@ impl Workload {
         let errors = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for i in 0..n {
-            let mut c = Conn::new(opts(proxy))
+            let mut c = Conn::new(double_opts(proxy))
                 .await
                 .expect("connect through tiproxy");
             c.query_drop(format!("SET @me = {i}"))
@@ -131,7 +112,7 @@ impl Workload {
 
 /// The port a new connection through the proxy lands on.
 async fn new_connection_port(proxy: SocketAddr) -> u16 {
-    let mut c = Conn::new(opts(proxy)).await.expect("connect");
+    let mut c = Conn::new(double_opts(proxy)).await.expect("connect");
     let p: u16 = c
         .query_first("SELECT @@port")
         .await

@@ -4,14 +4,13 @@
 //! host `localhost`, `config set --input FILE` beside the positional file
 //! and standard input, `--indent`, `--log_level` and `--log_encoder`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
-use tiproxy_tests::{Etcd, ProxyProcess, binary, free_port, http_get, mariadb};
+use tiproxy_tests::{Etcd, ProxyProcess, binary, http_get, mariadb};
 
 /// `tiproxyctl --port <api port> args...` with no `--host`: (exit code,
 /// stdout, stderr).
@@ -149,77 +148,11 @@ fn tiproxyctl_indent_and_its_own_log_flags() {
     assert!(err.contains("--log_encoder"), "{err}");
 }
 
-/// A `tiproxy` started with extra flags; killed on drop.
-struct Tiproxy {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Tiproxy {
-    fn start(config: &str, flags: &[&str], sql: SocketAddr) -> Tiproxy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("proxy.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(binary("tiproxy"))
-            .arg("--config")
-            .arg(&path)
-            .args(flags)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tiproxy");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().expect("piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(sql).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "tiproxy exited with {status}:\n{}",
-                    log.lock().expect("log")
-                );
-            }
-            assert!(Instant::now() < deadline, "tiproxy did not listen on {sql}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Tiproxy {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Tiproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tiproxy_registers_its_advertise_addr_in_pd() {
     let etcd = Etcd::start();
-    let sql: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     // The file says one host, the flag another: the flag wins, as in TiProxy.
-    let config = format!(
-        "[proxy]\naddr = \"{sql}\"\npd-addrs = \"{}\"\nadvertise-addr = \"from-file.example\"\n\
-         [api]\naddr = \"{api}\"\n",
-        etcd.endpoint()
-    );
-    let p = Tiproxy::start(
-        &config,
+    let p = ProxyProcess::start_with_config_and_flags(
         &[
             "--advertise-addr",
             "tiproxy-0.tiproxy-peer.example",
@@ -228,8 +161,15 @@ async fn tiproxy_registers_its_advertise_addr_in_pd() {
             "--log_level",
             "debug",
         ],
-        sql,
+        |sql, api| {
+            format!(
+                "[proxy]\naddr = \"{sql}\"\npd-addrs = \"{}\"\nadvertise-addr = \"from-file.example\"\n\
+                 [api]\naddr = \"{api}\"\n",
+                etcd.endpoint()
+            )
+        },
     );
+    let (sql, api) = (p.sql, p.api);
     let want = format!(
         "/topology/tiproxy/tiproxy-0.tiproxy-peer.example:{}/info",
         sql.port()

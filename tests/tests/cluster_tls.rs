@@ -9,64 +9,14 @@
 //! Certificates are made here with rcgen.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tiproxy_runtime::config::TlsConfig;
 use tiproxy_runtime::pd::{EtcdPd, PdClient, PdConnector};
-use tiproxy_tests::{Etcd, EtcdTls, ProxyProcess, TidbDouble, binary};
-
-/// A CA that signs certificates into a directory.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} CA"));
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA certificate");
-        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).expect("write CA");
-        Ca {
-            issuer,
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.dir
-            .join(format!("{}-ca.pem", self.name))
-            .display()
-            .to_string()
-    }
-
-    /// A certificate with Common Name `cn` for `names` (subject alternative
-    /// names), as `<file>.pem` and `<file>.key`.
-    fn sign(&self, file: &str, cn: &str, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        let (c, k) = (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        );
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        std::fs::write(&c, cert.pem()).expect("write cert");
-        (c.display().to_string(), k.display().to_string())
-    }
-}
+use tiproxy_tests::pki::Ca;
+use tiproxy_tests::{Etcd, EtcdTls, ProxyProcess, TidbDouble, binary, double_opts};
 
 /// Every certificate of the cluster, signed by `ca`, and a `rogue` CA
 /// that signed nothing the cluster trusts.
@@ -90,10 +40,10 @@ impl Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = Ca::new(dir.path(), "cluster");
         let rogue = Ca::new(dir.path(), "rogue");
-        let etcd = ca.sign("etcd", "etcd", &["127.0.0.1", "localhost"]);
-        let status = ca.sign("status", "tidb", &["tidb.cluster.invalid"]);
-        let tidb_client = ca.sign("tidb-client", "tidb", &["tidb"]);
-        let proxy_client = ca.sign("proxy-client", "tiproxy", &["tiproxy"]);
+        let etcd = ca.sign_cn("etcd", "etcd", &["127.0.0.1", "localhost"]);
+        let status = ca.sign_cn("status", "tidb", &["tidb.cluster.invalid"]);
+        let tidb_client = ca.sign_cn("tidb-client", "tidb", &["tidb"]);
+        let proxy_client = ca.sign_cn("proxy-client", "tiproxy", &["tiproxy"]);
         Pki {
             _dir: dir,
             ca,
@@ -215,14 +165,7 @@ fn log_line(p: &ProxyProcess, needles: &[&str], limit: Duration) -> String {
 }
 
 async fn select_one(sql: SocketAddr) -> Result<i64, mysql_async::Error> {
-    let opts: mysql_async::Opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(sql.ip().to_string())
-        .tcp_port(sql.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into();
-    let mut c = mysql_async::Conn::new(opts).await?;
+    let mut c = mysql_async::Conn::new(double_opts(sql)).await?;
     let v: Option<i64> = c.query_first("SELECT 1").await?;
     c.disconnect().await?;
     Ok(v.unwrap_or(0))
@@ -395,7 +338,7 @@ fn a_wrong_ca_or_a_disallowed_cn_is_refused_with_a_clear_log_line() {
     // etcd refuses a proxy whose own certificate another CA signed. (Why
     // is said only when the proxy reads PD's alert before its next write
     // fails: after a TLS 1.3 handshake the two race.)
-    let rogue_client = pki.rogue.sign("rogue-client", "tiproxy", &["tiproxy"]);
+    let rogue_client = pki.rogue.sign_cn("rogue-client", "tiproxy", &["tiproxy"]);
     let p = proxy_on_pd(
         &etcd,
         &format!(
@@ -438,10 +381,10 @@ fn api_client_certificates_are_checked_against_cert_allowed_cn() {
     let pki = Pki::new();
     let api = pki
         .ca
-        .sign("api", "tiproxy-api", &["127.0.0.1", "localhost"]);
-    let prometheus = pki.ca.sign("prometheus", "prometheus", &["prometheus"]);
-    let intruder = pki.ca.sign("intruder", "intruder", &["intruder"]);
-    let outsider = pki.rogue.sign("outsider", "prometheus", &["prometheus"]);
+        .sign_cn("api", "tiproxy-api", &["127.0.0.1", "localhost"]);
+    let prometheus = pki.ca.sign_cn("prometheus", "prometheus", &["prometheus"]);
+    let intruder = pki.ca.sign_cn("intruder", "intruder", &["intruder"]);
+    let outsider = pki.rogue.sign_cn("outsider", "prometheus", &["prometheus"]);
     let tidb = TidbDouble::start(1, 0, &[]);
     let entry = TidbDouble::backend_entry(&tidb.instances()[0]);
     let ca = pki.ca.pem();

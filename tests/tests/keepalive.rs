@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble, binary, http_request_with_body, install};
+use tiproxy_tests::{
+    ProxyProcess, TidbDouble, binary, double_opts, http_request_with_body, install,
+};
 
 /// Runs a command; its stdout, or the failure with stderr.
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
@@ -238,16 +240,9 @@ async fn a_silent_backend_is_found_dead_by_keepalive_and_the_client_closed_as_by
          [proxy.backend-unhealthy-keepalive]\nenabled = true\nidle = 1\nintvl = 1\ncnt = 2\ntimeout = 3\n\
          [health-check]\nstatus-interval = \"300ms\"\ninterval = \"500ms\"\ndial-timeout = \"500ms\"\n",
     );
-    let mut c = Conn::new(
-        OptsBuilder::default()
-            .ip_or_hostname(p.sql.ip().to_string())
-            .tcp_port(p.sql.port())
-            .user(Some("app"))
-            .pass(Some("app-Pa55word"))
-            .prefer_socket(false),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect: {e}\n{}", p.log.lock().unwrap()));
+    let mut c = Conn::new(double_opts(p.sql))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", p.log.lock().unwrap()));
     let one: Option<i64> = c.query_first("SELECT 1").await.expect("query");
     assert_eq!(one, Some(1));
 
@@ -307,16 +302,7 @@ async fn changed_profiles_reach_open_connections() {
         "[proxy.frontend-keepalive]\nenabled = true\nidle = 30\n\
          [proxy.backend-healthy-keepalive]\nenabled = true\nidle = 40\n",
     );
-    let mut c = Conn::new(
-        OptsBuilder::default()
-            .ip_or_hostname(p.sql.ip().to_string())
-            .tcp_port(p.sql.port())
-            .user(Some("app"))
-            .pass(Some("app-Pa55word"))
-            .prefer_socket(false),
-    )
-    .await
-    .expect("connect");
+    let mut c = Conn::new(double_opts(p.sql)).await.expect("connect");
     c.query_drop("SELECT 1").await.expect("query");
     let secs = Duration::from_secs;
     timer_within(Some(p.sql.port()), None, secs(1)..=secs(30), "client leg").await;

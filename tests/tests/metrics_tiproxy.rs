@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble, free_port, http_get, http_request};
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts, free_port, http_get, http_request};
 
 /// Every series TiProxy's dashboard and alert rules query, with the labels
 /// they select or group by (`instance` and `job` are Prometheus' own).
@@ -202,16 +202,6 @@ fn problems(samples: &Samples, wanted: &[(&str, &str, String)]) -> Vec<String> {
     bad
 }
 
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
-
 /// A round of work of every kind the dashboard breaks queries down by.
 async fn work(c: &mut Conn) {
     let one: Option<i64> = c.query_first("SELECT 1").await.expect("SELECT 1");
@@ -299,7 +289,7 @@ async fn tiproxy_dashboard_and_alert_series_are_scraped_after_a_workload() {
 
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let mut c = Conn::new(opts(proxy.sql))
+        let mut c = Conn::new(double_opts(proxy.sql))
             .await
             .expect("connect through tiproxy");
         work(&mut c).await;
@@ -348,7 +338,7 @@ async fn tiproxy_dashboard_and_alert_series_are_scraped_after_a_workload() {
     // reading the TiDBs' /metrics fails.
     cluster.kill(0);
     cluster.kill(1);
-    let refused = Conn::new(opts(proxy.sql)).await;
+    let refused = Conn::new(double_opts(proxy.sql)).await;
     assert!(
         refused.is_err(),
         "a client got a session with every TiDB dead"

@@ -10,28 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble};
-
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
-
-async fn wait_for<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: F) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    start.elapsed()
-}
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts, eventually};
 
 /// A session with state worth keeping, and a workload that checks it.
 struct Client {
@@ -42,7 +23,7 @@ struct Client {
 
 impl Client {
     async fn connect(proxy: SocketAddr, id: usize) -> Client {
-        let mut conn = Conn::new(opts(proxy))
+        let mut conn = Conn::new(double_opts(proxy))
             .await
             .expect("connect through tiproxy");
         conn.query_drop(format!("USE db{}", id % 2))
@@ -106,7 +87,7 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
     let proxy = ProxyProcess::start_with_backends(&backends, "");
 
     // Schema, directly on one TiDB (the store is shared).
-    let mut admin = Conn::new(opts(tidbs[1].sql)).await.expect("direct");
+    let mut admin = Conn::new(double_opts(tidbs[1].sql)).await.expect("direct");
     for db in ["db0", "db1"] {
         admin
             .query_drop(format!("CREATE DATABASE IF NOT EXISTS {db}"))
@@ -124,7 +105,7 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
     for id in 0..6 {
         clients.push(Client::connect(proxy.sql, id).await);
     }
-    wait_for(
+    eventually(
         "sessions spread over both TiDBs",
         Duration::from_secs(5),
         || cluster.instances().iter().all(|i| i.connections >= 2),
@@ -132,7 +113,7 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
     .await;
 
     // A transaction open across the drain, on whichever TiDB it landed.
-    let mut txn = Conn::new(opts(proxy.sql)).await.expect("txn client");
+    let mut txn = Conn::new(double_opts(proxy.sql)).await.expect("txn client");
     txn.query_drop("USE db0").await.expect("use");
     txn.query_drop("BEGIN").await.expect("begin");
     txn.query_drop("INSERT INTO t (k, v) VALUES (-1, 1)")
@@ -172,7 +153,7 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
         .expect("insert in txn during drain");
     txn.query_drop("COMMIT").await.expect("commit during drain");
 
-    let moved = wait_for(
+    let moved = eventually(
         "every session off the draining TiDB",
         Duration::from_secs(20),
         || {
@@ -238,7 +219,7 @@ async fn graceful_shutdown_moves_every_session_without_errors() {
 
     // The transaction committed exactly once, and its session moved too.
     drop(admin);
-    let mut direct = Conn::new(opts(survivor.sql))
+    let mut direct = Conn::new(double_opts(survivor.sql))
         .await
         .expect("direct to the survivor");
     let n: Option<i64> = direct

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, OptsBuilder};
-use tiproxy_tests::{binary, free_port, workspace};
+use tiproxy_tests::{binary, double_opts, eventually, free_port, workspace};
 
 /// The playground process group; stopped (TERM, then KILL) on drop.
 struct Playground {
@@ -153,14 +153,6 @@ impl Playground {
     }
 }
 
-async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playground_scale_out_and_in_with_tiproxyctl() {
     tiproxy_tests::install(&["etcd-server"], "etcd");
@@ -179,13 +171,10 @@ async fn playground_scale_out_and_in_with_tiproxyctl() {
     let queries = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for i in 0..2u16 {
-        let opts = OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(pg.sql.port())
-            .user(Some("app"))
-            .pass(Some("app-Pa55word"))
-            .prefer_socket(false);
-        let mut c = Conn::new(opts).await.expect("connect to the playground");
+        let addr = SocketAddr::from(([127, 0, 0, 1], pg.sql.port()));
+        let mut c = Conn::new(double_opts(addr))
+            .await
+            .expect("connect to the playground");
         c.query_drop(format!("SET @me = {i}")).await.expect("set");
         let (stop, errors, queries) = (stop.clone(), errors.clone(), queries.clone());
         clients.push(tokio::spawn(async move {

@@ -5,25 +5,14 @@
 //! while one is taken gets 409.
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, OptsBuilder};
 use pprof::protos::{Message, Profile};
-use tiproxy_tests::{ProxyProcess, TidbDouble, http_exchange, http_get};
-
-fn opts(addr: SocketAddr) -> mysql_async::Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts, http_exchange, http_get};
 
 /// Decodes what the route returned: gzip, then `profile.proto`.
 fn decode(body: &[u8]) -> Profile {
@@ -58,7 +47,7 @@ async fn a_cpu_profile_of_a_busy_proxy_names_its_functions() {
     let queries = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let mut c = Conn::new(opts(proxy.sql))
+        let mut c = Conn::new(double_opts(proxy.sql))
             .await
             .expect("connect through tiproxy");
         let (stop, queries) = (stop.clone(), queries.clone());

@@ -8,20 +8,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
 use tiproxy_core::proxy_protocol::ProxyHeader;
-use tiproxy_tests::{ProxyProcess, TidbDouble};
-
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts};
 
 fn header(source: &str, destination: SocketAddr) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
@@ -75,14 +65,14 @@ async fn the_sql_port_takes_clients_with_and_without_a_proxy_header() {
     let backend = TidbDouble::backend_entry(&tidb.instances()[0]);
     let p = ProxyProcess::start_with_backends(&[backend], "proxy-protocol = \"v2\"");
     // A direct client: no header, served as before the option was set.
-    let mut direct = Conn::new(opts(p.sql))
+    let mut direct = Conn::new(double_opts(p.sql))
         .await
         .unwrap_or_else(|e| panic!("a client without a header: {e}\n{}", p.log.lock().unwrap()));
     let one: Option<i64> = direct.query_first("SELECT 1").await.expect("query");
     assert_eq!(one, Some(1));
     // Through a load balancer: the header's source is the session's client.
     let lb = load_balancer(p.sql, "10.9.8.7:4321").await;
-    let mut behind = Conn::new(opts(lb))
+    let mut behind = Conn::new(double_opts(lb))
         .await
         .unwrap_or_else(|e| panic!("a client behind a header: {e}\n{}", p.log.lock().unwrap()));
     let two: Option<i64> = behind.query_first("SELECT 2").await.expect("query");
