@@ -549,6 +549,12 @@ impl Session {
                 self.cluster.store().create_table(&db, def)?;
                 Ok(Output::ok())
             }
+            Stmt::CreateIndex { table, index } => {
+                self.implicit_commit()?;
+                let db = self.table_db(table, ctx)?;
+                self.cluster.store().create_index(&db, &table.name, index)?;
+                Ok(Output::ok())
+            }
             Stmt::DropTable { tables, if_exists } => {
                 self.implicit_commit()?;
                 for t in tables {
@@ -1075,7 +1081,13 @@ impl Session {
             }
             let offset = self.limit_of(s.offset.as_ref(), ctx)?.unwrap_or(0);
             let limit = self.limit_of(s.limit.as_ref(), ctx)?.unwrap_or(usize::MAX);
-            for (_, r) in rows.iter().skip(offset).take(limit) {
+            // DISTINCT dedupes before OFFSET/LIMIT count rows.
+            let (skip, take) = if s.distinct {
+                (0, usize::MAX)
+            } else {
+                (offset, limit)
+            };
+            for (_, r) in rows.iter().skip(skip).take(take) {
                 let mut out = Vec::with_capacity(srcs.len());
                 for src in &srcs {
                     out.push(match src {
@@ -1084,6 +1096,9 @@ impl Session {
                     });
                 }
                 out_rows.push(out);
+            }
+            if s.distinct {
+                out_rows = super::value::distinct_rows(out_rows, offset, limit);
             }
         }
         let columns = srcs

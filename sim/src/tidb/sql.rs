@@ -74,6 +74,13 @@ pub enum Stmt {
     },
     /// CREATE TABLE.
     CreateTable(CreateTable),
+    /// CREATE [UNIQUE] INDEX name ON t (cols).
+    CreateIndex {
+        /// The table.
+        table: TableName,
+        /// The index.
+        index: IndexDef,
+    },
     /// DROP TABLE.
     DropTable {
         /// Tables.
@@ -133,6 +140,8 @@ pub enum PrepareSource {
 /// SELECT.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Select {
+    /// SELECT DISTINCT.
+    pub distinct: bool,
     /// Select list.
     pub items: Vec<SelectItem>,
     /// FROM table (DUAL is `None`).
@@ -207,6 +216,21 @@ pub struct CreateTable {
     pub columns: Vec<ColumnDef>,
     /// A `PRIMARY KEY (col)` table constraint.
     pub primary_key: Option<String>,
+    /// Secondary indexes (`KEY`, `INDEX`, `UNIQUE KEY` clauses).
+    pub indexes: Vec<IndexDef>,
+}
+
+/// A secondary index. The double scans instead of using it (sysbench's
+/// `CREATE INDEX k_1` must succeed; its plans do not matter here) and keeps
+/// it for `SHOW CREATE TABLE`; uniqueness is not enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexDef {
+    /// Name.
+    pub name: String,
+    /// Columns, in order.
+    pub columns: Vec<String>,
+    /// UNIQUE.
+    pub unique: bool,
 }
 
 /// A column definition.
@@ -924,7 +948,23 @@ impl<'a> Parser<'a> {
                 if_not_exists,
             });
         }
-        if !self.eat_kw("TABLE") {
+        let unique = self.eat_kw("UNIQUE");
+        if self.eat_kw("INDEX") || self.eat_kw("KEY") {
+            let name = self.ident()?;
+            self.expect_kw("ON")?;
+            let table = self.table_name()?;
+            let columns = self.index_columns()?;
+            self.skip_options();
+            return Ok(Stmt::CreateIndex {
+                table,
+                index: IndexDef {
+                    name,
+                    columns,
+                    unique,
+                },
+            });
+        }
+        if unique || !self.eat_kw("TABLE") {
             return self.unsupported("");
         }
         let if_not_exists = self.if_not_exists()?;
@@ -932,6 +972,7 @@ impl<'a> Parser<'a> {
         self.expect_op("(")?;
         let mut columns = Vec::new();
         let mut primary_key = None;
+        let mut indexes = Vec::new();
         loop {
             if self.eat_kw("PRIMARY") {
                 self.expect_kw("KEY")?;
@@ -943,7 +984,25 @@ impl<'a> Parser<'a> {
                 self.expect_op(")")?;
                 primary_key = Some(col);
             } else if self.is_kw("KEY") || self.is_kw("INDEX") || self.is_kw("UNIQUE") {
-                return self.unsupported("secondary indexes");
+                let unique = self.eat_kw("UNIQUE");
+                if !self.eat_kw("KEY") {
+                    self.eat_kw("INDEX");
+                }
+                let name = match self.peek() {
+                    Some(Tok::Op("(")) => String::new(),
+                    _ => self.ident()?,
+                };
+                let columns = self.index_columns()?;
+                let name = if name.is_empty() {
+                    columns[0].clone()
+                } else {
+                    name
+                };
+                indexes.push(IndexDef {
+                    name,
+                    columns,
+                    unique,
+                });
             } else {
                 columns.push(self.column_def()?);
             }
@@ -958,7 +1017,29 @@ impl<'a> Parser<'a> {
             if_not_exists,
             columns,
             primary_key,
+            indexes,
         }))
+    }
+
+    /// `(col [(len)] [ASC|DESC], ...)` of an index.
+    fn index_columns(&mut self) -> PResult<Vec<String>> {
+        self.expect_op("(")?;
+        let mut cols = Vec::new();
+        loop {
+            cols.push(self.ident()?);
+            if self.eat_op("(") {
+                self.bump();
+                self.expect_op(")")?;
+            }
+            if !self.eat_kw("ASC") {
+                self.eat_kw("DESC");
+            }
+            if !self.eat_op(",") {
+                break;
+            }
+        }
+        self.expect_op(")")?;
+        Ok(cols)
     }
 
     /// Table and database options (`ENGINE=...`, `DEFAULT CHARSET=...`) have
@@ -1196,10 +1277,10 @@ impl<'a> Parser<'a> {
 
     fn select(&mut self) -> PResult<Select> {
         self.expect_kw("SELECT")?;
-        if self.is_kw("DISTINCT") {
-            return self.unsupported("DISTINCT");
+        let distinct = self.eat_kw("DISTINCT");
+        if !distinct {
+            self.eat_kw("ALL");
         }
-        self.eat_kw("ALL");
         self.eat_kw("SQL_NO_CACHE");
         let mut items = Vec::new();
         loop {
@@ -1314,6 +1395,7 @@ impl<'a> Parser<'a> {
             return self.unsupported("LOCK IN SHARE MODE");
         }
         Ok(Select {
+            distinct,
             items,
             from,
             filter,
