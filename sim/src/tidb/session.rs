@@ -24,6 +24,8 @@ use super::time::format_datetime;
 use super::value::{BINARY_COLLATION, UTF8MB4_BIN, Value, column_flag, column_type};
 
 /// How many times an autocommit statement is retried after a write conflict.
+mod query;
+
 const AUTOCOMMIT_RETRIES: usize = 10;
 
 /// A result column's definition.
@@ -446,7 +448,11 @@ impl Session {
 
     fn run_inner(&mut self, stmt: &Stmt, ctx: &Ctx<'_>) -> Result<Output, SqlError> {
         match stmt {
-            Stmt::Select(s) => self.select(s, ctx).map(Output::Rows),
+            Stmt::Select(s) => match self.resolve_subqueries(s, ctx)? {
+                Some(resolved) => self.select(&resolved, ctx).map(Output::Rows),
+                None => self.select(s, ctx).map(Output::Rows),
+            },
+            Stmt::ShowCreateTable(t) => self.show_create_table(t, ctx).map(Output::Rows),
             Stmt::ShowProcessList { full } => Ok(Output::Rows(self.show_processlist(*full))),
             Stmt::ShowDatabases => {
                 let mut rs = ResultSet {
@@ -1001,10 +1007,11 @@ impl Session {
         let schema = self.schema_of(from, ctx)?;
         let mut rows =
             self.read(|me, txn| me.matching_rows(txn, &schema, s.filter.as_ref(), ctx))?;
-        let aggregate = s.items.iter().any(|i| match i {
-            SelectItem::Expr { expr, .. } => expr.has_aggregate(),
-            SelectItem::Star => false,
-        });
+        let aggregate = !s.group_by.is_empty()
+            || s.items.iter().any(|i| match i {
+                SelectItem::Expr { expr, .. } => expr.has_aggregate(),
+                SelectItem::Star => false,
+            });
         // Output columns: definitions, and how to compute each.
         enum Src<'e> {
             Col(usize),
@@ -1036,18 +1043,14 @@ impl Session {
         }
         let mut out_rows: Vec<Vec<Value>> = Vec::new();
         if aggregate {
-            let mut row = Vec::new();
-            for src in &srcs {
-                let Src::Expr(e) = src else {
-                    // Unreachable: aggregate queries map every item to Src::Expr.
-                    row.push(Value::Null);
-                    continue;
-                };
-                let folded = self.fold_aggregates(e, &rows, &schema, ctx)?;
-                let first = rows.first().map(|(_, r)| (schema.as_ref(), r.as_slice()));
-                row.push(self.eval(&folded, ctx, first)?);
-            }
-            out_rows.push(row);
+            let exprs: Vec<Expr> = srcs
+                .iter()
+                .map(|src| match src {
+                    Src::Col(i) => Expr::Column(schema.columns[*i].name.clone()),
+                    Src::Expr(e) => (*e).clone(),
+                })
+                .collect();
+            out_rows = self.aggregate_rows(s, &exprs, &names, &rows, &schema, ctx)?;
         } else {
             if !s.order_by.is_empty() {
                 let mut keyed = Vec::with_capacity(rows.len());
@@ -1268,6 +1271,7 @@ impl Session {
             | Stmt::ShowDatabases
             | Stmt::ShowTables { .. }
             | Stmt::ShowVariables { .. }
+            | Stmt::ShowCreateTable(_)
             | Stmt::ShowWarnings => {
                 // Columns are known only when run; describe by running.
                 match self.run_inner(stmt, &ctx)? {
@@ -1505,6 +1509,10 @@ impl Session {
                 binary(*op, x, y)?
             }
             Expr::Func(name, args) => self.call(name, args, ctx, row)?,
+            // Resolved before the query runs where the double supports them.
+            Expr::Subquery(_) | Expr::InSubquery(..) => {
+                return Err(SqlError::unsupported("a subquery here"));
+            }
         })
     }
 
@@ -1873,6 +1881,7 @@ fn refs_column(e: &Expr) -> bool {
         Expr::Bin(_, a, b) | Expr::Like(a, b, _) => refs_column(a) || refs_column(b),
         Expr::Between(a, b, c, _) => refs_column(a) || refs_column(b) || refs_column(c),
         Expr::InList(a, l, _) => refs_column(a) || l.iter().any(refs_column),
+        Expr::Subquery(_) | Expr::InSubquery(..) => true,
     }
 }
 
