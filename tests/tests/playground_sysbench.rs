@@ -6,6 +6,11 @@
 //! sysbench must finish without an error or a reconnect and report queries
 //! in every second of the run.
 //!
+//! Before the load, a scripted `mariadb` CLI session types the everyday
+//! statements of a first visit (GROUP BY / HAVING, aliases, `t.*`, scalar
+//! and IN subqueries, SHOW CREATE TABLE) through the proxy; its output is
+//! compared line by line.
+//!
 //! The only errors sysbench is told to ignore are the double's optimistic
 //! write conflicts (9007, as TiDB's optimistic transactions; sysbench
 //! retries the transaction): any other error aborts sysbench and fails the
@@ -44,7 +49,11 @@ fn sysbench_base(pg: &Playground) -> Vec<String> {
         .skip(1)
         .map(str::to_string)
         .collect();
-    assert_eq!(words.first().map(String::as_str), Some("sysbench"), "{line}");
+    assert_eq!(
+        words.first().map(String::as_str),
+        Some("sysbench"),
+        "{line}"
+    );
     assert_eq!(words.last().map(String::as_str), Some("prepare"), "{line}");
     words[..words.len() - 1].to_vec()
 }
@@ -75,8 +84,111 @@ fn report(line: &str) -> Option<(u64, f64)> {
     Some((secs.trim().parse().ok()?, qps.parse().ok()?))
 }
 
+/// The prompt session: statements and the `mariadb --batch` output.
+const PROMPT: &str = "
+CREATE DATABASE d1;
+USE d1;
+CREATE TABLE t (id INT PRIMARY KEY AUTO_INCREMENT, v VARCHAR(20) NOT NULL, n INT);
+CREATE TABLE u (id INT PRIMARY KEY, t_id INT, note VARCHAR(20) DEFAULT 'x', KEY t_id (t_id));
+INSERT INTO t (v, n) VALUES ('a', 1), ('b', 2), ('a', 3), ('c', 4), ('b', 5);
+INSERT INTO u VALUES (1, 1, 'first'), (2, 3, 'third'), (3, 9, 'none');
+SELECT v, COUNT(*) FROM d1.t GROUP BY v;
+SELECT v, COUNT(*) AS c, SUM(n) total FROM t GROUP BY v HAVING c > 1 ORDER BY total DESC;
+SELECT v, MIN(n), MAX(n) FROM t GROUP BY 1 ORDER BY 1 DESC LIMIT 2;
+SELECT t.*, LENGTH(v) FROM d1.t t WHERE id <= 2;
+SELECT id, (SELECT MAX(n) FROM t) AS top FROM t WHERE id = 1;
+SELECT id, v FROM t WHERE id IN (SELECT t_id FROM u) ORDER BY id;
+SELECT v FROM t WHERE n = (SELECT MIN(n) FROM t WHERE v = 'b');
+";
+
+/// What `mariadb --batch` prints for [`PROMPT`].
+const PROMPT_OUT: &str = "v\tCOUNT(*)
+a\t2
+b\t2
+c\t1
+v\tc\ttotal
+b\t2\t7
+a\t2\t4
+v\tMIN(n)\tMAX(n)
+c\t4\t4
+b\t2\t5
+id\tv\tn\tLENGTH(v)
+1\ta\t1\t1
+2\tb\t2\t1
+id\ttop
+1\t5
+id\tv
+1\ta
+3\ta
+v
+b
+";
+
+fn prompt_session(pg: &Playground) {
+    let mut child = Command::new("mariadb")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &pg.sql.port().to_string(),
+            "-u",
+            "root",
+            "--batch",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mariadb");
+    let mut stdin = child.stdin.take().expect("piped");
+    std::io::Write::write_all(&mut stdin, PROMPT.as_bytes()).expect("type");
+    drop(stdin);
+    let out = child.wait_with_output().expect("mariadb");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "mariadb: {}\n{stdout}{stderr}",
+        out.status
+    );
+    assert_eq!(stdout, PROMPT_OUT, "stderr: {stderr}");
+
+    let out = Command::new("mariadb")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &pg.sql.port().to_string(),
+            "-u",
+            "root",
+            "-N",
+            "--raw",
+            "-e",
+        ])
+        .arg("SHOW CREATE TABLE d1.u")
+        .output()
+        .expect("mariadb");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "CREATE TABLE `u` (",
+        "  `id` int(11) NOT NULL,",
+        "  `t_id` int(11) DEFAULT NULL,",
+        "  `note` varchar(20) DEFAULT 'x',",
+        "  PRIMARY KEY (`id`) /*T![clustered_index] CLUSTERED */,",
+        "  KEY `t_id` (`t_id`)",
+        ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+}
+
 #[test]
-fn sysbench_oltp_read_write_through_scale_out_and_in() {
+fn prompt_session_then_sysbench_through_scale_out_and_in() {
     tiproxy_tests::install(&["etcd-server"], "etcd");
     tiproxy_tests::install(&["sysbench"], "sysbench");
     let pg = start_playground(1);
@@ -89,6 +201,8 @@ fn sysbench_oltp_read_write_through_scale_out_and_in() {
         Duration::from_secs(20),
         || pg.spread().iter().any(|(a, _)| *a == first),
     );
+    tiproxy_tests::install(&["mariadb-client"], "mariadb");
+    prompt_session(&pg);
     let base = sysbench_base(&pg);
 
     let out = Command::new(&base[0])
