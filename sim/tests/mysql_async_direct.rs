@@ -602,4 +602,28 @@ async fn grouping_and_subqueries() {
         .await
         .unwrap_err();
     assert_eq!(code(&wide), Some(1241), "{wide}");
+    let tables: Vec<(String, String)> = c
+        .query(
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.tables WHERE table_schema = 'test'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(tables, [("g".to_string(), "BASE TABLE".to_string())]);
+    let cols: Vec<(String, String, String)> = c
+        .query("SELECT COLUMN_NAME, DATA_TYPE, COLUMN_KEY FROM information_schema.COLUMNS WHERE TABLE_NAME = 'g' ORDER BY ORDINAL_POSITION DESC")
+        .await
+        .unwrap();
+    assert_eq!(
+        cols,
+        [
+            ("n".into(), "int".into(), String::new()),
+            ("v".into(), "varchar".into(), String::new()),
+            ("id".into(), "int".into(), "PRI".into())
+        ]
+    );
+    let nope = c
+        .query_drop("SELECT * FROM information_schema.nope")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&nope), Some(1146), "{nope}");
 }

@@ -8,7 +8,7 @@
 //!
 //! Before the load, a scripted `mariadb` CLI session types the everyday
 //! statements of a first visit (GROUP BY / HAVING, aliases, `t.*`, scalar
-//! and IN subqueries, SHOW CREATE TABLE) through the proxy; its output is
+//! and IN subqueries, SHOW CREATE TABLE, information_schema) through the proxy; its output is
 //! compared line by line.
 //!
 //! The only errors sysbench is told to ignore are the double's optimistic
@@ -99,6 +99,8 @@ SELECT t.*, LENGTH(v) FROM d1.t t WHERE id <= 2;
 SELECT id, (SELECT MAX(n) FROM t) AS top FROM t WHERE id = 1;
 SELECT id, v FROM t WHERE id IN (SELECT t_id FROM u) ORDER BY id;
 SELECT v FROM t WHERE n = (SELECT MIN(n) FROM t WHERE v = 'b');
+SELECT TABLE_NAME FROM information_schema.tables WHERE table_schema = 'd1' ORDER BY 1;
+SELECT COLUMN_NAME, DATA_TYPE, COLUMN_KEY FROM information_schema.columns WHERE table_schema = 'd1' AND table_name = 'u';
 ";
 
 /// What `mariadb --batch` prints for [`PROMPT`].
@@ -122,6 +124,13 @@ id\tv
 3\ta
 v
 b
+TABLE_NAME
+t
+u
+COLUMN_NAME\tDATA_TYPE\tCOLUMN_KEY
+id\tint\tPRI
+t_id\tint\tMUL
+note\tvarchar\t
 ";
 
 fn prompt_session(pg: &Playground) {

@@ -37,7 +37,8 @@
 //!   [GROUP BY ... [HAVING expr]] [LIMIT n [OFFSET m] | LIMIT m, n] [FOR
 //!   UPDATE]`; aggregates `COUNT(*)`, `COUNT(e)`, `SUM`, `MIN`, `MAX`, `AVG`
 //!   over the whole table or per group; uncorrelated scalar and IN
-//!   subqueries (no joins). Primary-key conditions (`id = k`, `BETWEEN`,
+//!   subqueries; `information_schema.SCHEMATA | TABLES | COLUMNS` (no
+//!   joins). Primary-key conditions (`id = k`, `BETWEEN`,
 //!   `>=`, `<`, ...) narrow the scan.
 //! - `INSERT INTO t [(cols)] VALUES (...), (...)` (auto-increment, last
 //!   insert id, 1062 on a duplicate key), `UPDATE t SET c = expr, ... [WHERE]

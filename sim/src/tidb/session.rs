@@ -1004,9 +1004,15 @@ impl Session {
         let Some(from) = &s.from else {
             return self.select_without_table(s, ctx);
         };
-        let schema = self.schema_of(from, ctx)?;
-        let mut rows =
-            self.read(|me, txn| me.matching_rows(txn, &schema, s.filter.as_ref(), ctx))?;
+        let (schema, mut rows) = match self.information_schema(from, s.filter.as_ref(), ctx)? {
+            Some(found) => found,
+            None => {
+                let schema = self.schema_of(from, ctx)?;
+                let rows =
+                    self.read(|me, txn| me.matching_rows(txn, &schema, s.filter.as_ref(), ctx))?;
+                (schema, rows)
+            }
+        };
         let aggregate = !s.group_by.is_empty()
             || s.items.iter().any(|i| match i {
                 SelectItem::Expr { expr, .. } => expr.has_aggregate(),

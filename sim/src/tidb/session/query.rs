@@ -1,16 +1,21 @@
 //! The parts of SELECT past one filtered row set: uncorrelated subqueries
 //! (resolved to values before the outer query runs), GROUP BY / HAVING
-//! with the aggregates, and SHOW CREATE TABLE. A child of `session` so it
+//! with the aggregates, SHOW CREATE TABLE and the basic `information_schema`
+//! tables (SCHEMATA, TABLES, COLUMNS). A child of `session` so it
 //! runs on the session's evaluator and snapshot.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::super::error::SqlError;
 use super::super::sql::{ColType, Expr, Select, SelectItem, TableName};
-use super::super::store::{Row, TableSchema};
+use super::super::store::{ColumnSchema, Row, TableSchema};
 use super::super::value::{Value, distinct_rows};
 use super::{Column, Ctx, ResultSet, Session, order_cmp};
+
+/// A table built on the fly: its schema and its rows, keyed by position.
+pub(super) type VirtualTable = (Arc<TableSchema>, Vec<(i64, Row)>);
 
 impl Session {
     /// A copy of `s` with every subquery replaced by its result, or `None`
@@ -212,6 +217,153 @@ impl Session {
         } else {
             rows.into_iter().skip(offset).take(limit).collect()
         })
+    }
+
+    /// `information_schema.SCHEMATA | TABLES | COLUMNS` as a table built
+    /// from the store's DDL, filtered by `filter`; `None` for any other
+    /// database. Other information_schema tables are 1146, as an unknown
+    /// table.
+    pub(super) fn information_schema(
+        &mut self,
+        from: &TableName,
+        filter: Option<&Expr>,
+        ctx: &Ctx<'_>,
+    ) -> Result<Option<VirtualTable>, SqlError> {
+        if !from
+            .db
+            .as_deref()
+            .is_some_and(|d| d.eq_ignore_ascii_case("information_schema"))
+        {
+            return Ok(None);
+        }
+        let store = self.cluster.store();
+        let text = |v: &str| Value::Str(v.to_string());
+        let (columns, rows): (&[&str], Vec<Vec<Value>>) =
+            match from.name.to_ascii_uppercase().as_str() {
+                "SCHEMATA" => (
+                    &[
+                        "CATALOG_NAME",
+                        "SCHEMA_NAME",
+                        "DEFAULT_CHARACTER_SET_NAME",
+                        "DEFAULT_COLLATION_NAME",
+                    ],
+                    store
+                        .databases()
+                        .iter()
+                        .map(|d| vec![text("def"), text(d), text("utf8mb4"), text("utf8mb4_bin")])
+                        .collect(),
+                ),
+                "TABLES" => {
+                    let mut rows = Vec::new();
+                    for d in store.databases() {
+                        for t in store.tables(&d)? {
+                            rows.push(vec![
+                                text("def"),
+                                text(&d),
+                                text(&t),
+                                text("BASE TABLE"),
+                                text("InnoDB"),
+                            ]);
+                        }
+                    }
+                    (
+                        &[
+                            "TABLE_CATALOG",
+                            "TABLE_SCHEMA",
+                            "TABLE_NAME",
+                            "TABLE_TYPE",
+                            "ENGINE",
+                        ],
+                        rows,
+                    )
+                }
+                "COLUMNS" => {
+                    let mut rows = Vec::new();
+                    for d in store.databases() {
+                        for t in store.tables(&d)? {
+                            let sc = store.schema(&d, &t)?;
+                            for (i, c) in sc.columns.iter().enumerate() {
+                                let key = if i == sc.pk {
+                                    "PRI"
+                                } else if sc
+                                    .indexes
+                                    .iter()
+                                    .any(|x| x.columns[0].eq_ignore_ascii_case(&c.name))
+                                {
+                                    "MUL"
+                                } else {
+                                    ""
+                                };
+                                let data_type = match c.ty {
+                                    ColType::Int(8) => "tinyint",
+                                    ColType::Int(16) => "smallint",
+                                    ColType::Int(24) => "mediumint",
+                                    ColType::Int(_) => "int",
+                                    ColType::BigInt => "bigint",
+                                    ColType::Double => "double",
+                                    ColType::Varchar(_) => "varchar",
+                                    ColType::Text => "text",
+                                };
+                                rows.push(vec![
+                                    text(&d),
+                                    text(&t),
+                                    text(&c.name),
+                                    Value::Int(i as i64 + 1),
+                                    text(data_type),
+                                    text(if c.not_null { "NO" } else { "YES" }),
+                                    text(key),
+                                ]);
+                            }
+                        }
+                    }
+                    (
+                        &[
+                            "TABLE_SCHEMA",
+                            "TABLE_NAME",
+                            "COLUMN_NAME",
+                            "ORDINAL_POSITION",
+                            "DATA_TYPE",
+                            "IS_NULLABLE",
+                            "COLUMN_KEY",
+                        ],
+                        rows,
+                    )
+                }
+                _ => return Err(SqlError::no_such_table("information_schema", &from.name)),
+            };
+        let schema = Arc::new(TableSchema {
+            id: 0,
+            db: "information_schema".into(),
+            name: from.name.to_ascii_uppercase(),
+            columns: columns
+                .iter()
+                .map(|name| ColumnSchema {
+                    name: (*name).to_string(),
+                    ty: if *name == "ORDINAL_POSITION" {
+                        ColType::BigInt
+                    } else {
+                        ColType::Varchar(64)
+                    },
+                    not_null: false,
+                    default: Value::Null,
+                    auto_increment: false,
+                })
+                .collect(),
+            // No key: the rows are numbered in order.
+            pk: 0,
+            indexes: Vec::new(),
+        });
+        let mut out = Vec::new();
+        for (i, row) in rows.into_iter().enumerate() {
+            let keep = match filter {
+                Some(f) => self.eval(f, ctx, Some((&schema, &row)))?.is_true(),
+                None => true,
+            };
+            if keep {
+                out.push((i as i64, Arc::new(row)));
+            }
+        }
+        Ok(Some((schema, out)))
     }
 
     /// SHOW CREATE TABLE, in TiDB's layout.
