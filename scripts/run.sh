@@ -35,7 +35,7 @@ if [[ "${1:-}" == "--config" ]]; then
     exec "$bin/tiproxy" "$@"
 fi
 
-scripts/install-deps.sh protobuf-compiler etcd-server mariadb-client
+scripts/install-deps.sh protobuf-compiler etcd-server mariadb-client sysbench
 build -p tiproxy-runtime -p tiproxy-sim
 
 dir=$(mktemp -d /tmp/tiproxy-playground.XXXXXX)
@@ -80,6 +80,9 @@ addr = "127.0.0.1:$API_PORT"
 TOML
 
 ctl="$bin/tiproxyctl --port $API_PORT"
+# sysbench against the playground: the database `test` exists; conflicting
+# optimistic commits (9007, as TiDB's optimistic mode) are retried.
+sb="sysbench oltp_read_write --mysql-host=127.0.0.1 --mysql-port=$SQL_PORT --mysql-user=root --mysql-db=test --tables=1 --table-size=10000 --rand-type=uniform --mysql-ignore-errors=9007"
 tidb="$ctl tidb --control $CONTROL"
 cat <<MSG
 
@@ -93,6 +96,9 @@ tiproxy is starting on 127.0.0.1:$SQL_PORT in front of the TiDB doubles.
   load one:    $tidb load 1 --cpu 0.9    (its /metrics: sessions move off it)
   the proxy:   $ctl backends | sessions | health
   status page: http://127.0.0.1:$API_PORT/
+  sysbench:    $sb prepare
+               $sb --threads=8 --time=60 --report-interval=1 run
+               (scripts/demo.sh: 32 threads through scale-out, scale-in and a restart, with a graph)
 Ctrl-C stops everything.
 
 MSG

@@ -170,7 +170,7 @@ async fn autocommit_dml_round_trips() {
     let e = c.query_drop("SELECT nope FROM items").await.unwrap_err();
     assert_eq!(code(&e), Some(1054), "{e}");
     let e = c
-        .query_drop("SELECT a FROM items GROUP BY a")
+        .query_drop("SELECT * FROM items JOIN items b ON items.id = b.id")
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(1105));
@@ -469,4 +469,161 @@ async fn variables_databases_and_processlist() {
     );
     drop(pc);
     pool.disconnect().await.unwrap();
+}
+
+/// What sysbench's `oltp_read_write` prepares and runs, with prepared
+/// statements as sysbench sends them.
+#[tokio::test]
+async fn sysbench_oltp_statements() {
+    let f = fleet(1, TidbOptions::default()).await;
+    let mut c = conn(&sql_addr(&f, 0), "root", "", Some("test"))
+        .await
+        .unwrap();
+    c.query_drop(
+        "CREATE TABLE sbtest1(id INTEGER NOT NULL AUTO_INCREMENT, k INTEGER DEFAULT '0' NOT NULL, \
+         c CHAR(120) DEFAULT '' NOT NULL, pad CHAR(60) DEFAULT '' NOT NULL, PRIMARY KEY (id)) \
+         /*! ENGINE = innodb */",
+    )
+    .await
+    .unwrap();
+    c.query_drop("INSERT INTO sbtest1(k, c, pad) VALUES(5, 'b', 'x'),(7, 'a', 'y'),(5, 'b', 'z')")
+        .await
+        .unwrap();
+    c.query_drop("CREATE INDEX k_1 ON sbtest1(k)")
+        .await
+        .unwrap();
+    let dup = c
+        .query_drop("CREATE INDEX k_1 ON sbtest1(c)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&dup), Some(1061), "{dup}");
+    let bad = c
+        .query_drop("CREATE INDEX k_2 ON sbtest1(nope)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&bad), Some(1072), "{bad}");
+    let missing = c
+        .query_drop("CREATE INDEX k_2 ON nope(k)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&missing), Some(1146), "{missing}");
+
+    let distinct: Vec<String> = c
+        .exec(
+            "SELECT DISTINCT c FROM sbtest1 WHERE id BETWEEN ? AND ? ORDER BY c",
+            (1, 3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(distinct, ["a", "b"]);
+    let limited: Vec<i64> = c
+        .query("SELECT DISTINCT k FROM sbtest1 ORDER BY k DESC LIMIT 1 OFFSET 1")
+        .await
+        .unwrap();
+    assert_eq!(limited, [5], "DISTINCT applies before LIMIT/OFFSET");
+    let sum: Option<i64> = c
+        .exec_first(
+            "SELECT SUM(k) FROM sbtest1 WHERE id BETWEEN ? AND ?",
+            (1, 2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sum, Some(12));
+    c.query_drop("BEGIN").await.unwrap();
+    c.exec_drop("UPDATE sbtest1 SET k=k+1 WHERE id=?", (1,))
+        .await
+        .unwrap();
+    c.exec_drop("DELETE FROM sbtest1 WHERE id=?", (2,))
+        .await
+        .unwrap();
+    c.exec_drop(
+        "INSERT INTO sbtest1 (id, k, c, pad) VALUES (?, ?, ?, ?)",
+        (2, 9, "c", "w"),
+    )
+    .await
+    .unwrap();
+    c.query_drop("COMMIT").await.unwrap();
+    let ks: Vec<(i64, i64)> = c
+        .query("SELECT id, k FROM sbtest1 ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(ks, [(1, 6), (2, 9), (3, 5)]);
+}
+
+/// GROUP BY / HAVING and subqueries as MySQL answers them, with its errors.
+#[tokio::test]
+async fn grouping_and_subqueries() {
+    let f = fleet(1, TidbOptions::default()).await;
+    let mut c = conn(&sql_addr(&f, 0), "root", "", Some("test"))
+        .await
+        .unwrap();
+    c.query_drop("CREATE TABLE g (id INT PRIMARY KEY, v VARCHAR(8), n INT)")
+        .await
+        .unwrap();
+    let empty: Vec<(String, i64)> = c
+        .query("SELECT v, COUNT(*) FROM g GROUP BY v")
+        .await
+        .unwrap();
+    assert!(empty.is_empty(), "no groups without rows");
+    let total: Option<i64> = c.query_first("SELECT COUNT(*) FROM g").await.unwrap();
+    assert_eq!(total, Some(0), "one row without GROUP BY");
+    c.query_drop("INSERT INTO g VALUES (1, 'x', 1), (2, 'y', 2), (3, 'x', NULL), (4, 'z', 4)")
+        .await
+        .unwrap();
+    let groups: Vec<(String, i64, i64, Option<i64>)> = c
+        .exec(
+            "SELECT v, COUNT(*) AS rows_, COUNT(n), SUM(n) FROM g WHERE id > ? GROUP BY v HAVING rows_ >= 1 ORDER BY 2 DESC, v",
+            (0,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        groups,
+        [
+            ("x".into(), 2, 1, Some(1)),
+            ("y".into(), 1, 1, Some(2)),
+            ("z".into(), 1, 1, Some(4))
+        ]
+    );
+    let above: Vec<i64> = c
+        .query("SELECT id FROM g WHERE n > (SELECT AVG(n) FROM g) ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(above, [4]);
+    let not_in: Vec<i64> = c
+        .query("SELECT id FROM g WHERE id NOT IN (SELECT id FROM g WHERE v = 'x') ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(not_in, [2, 4]);
+    let many = c.query_drop("SELECT (SELECT id FROM g)").await.unwrap_err();
+    assert_eq!(code(&many), Some(1242), "{many}");
+    let wide = c
+        .query_drop("SELECT 1 FROM g WHERE id IN (SELECT id, v FROM g)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&wide), Some(1241), "{wide}");
+    let tables: Vec<(String, String)> = c
+        .query(
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.tables WHERE table_schema = 'test'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(tables, [("g".to_string(), "BASE TABLE".to_string())]);
+    let cols: Vec<(String, String, String)> = c
+        .query("SELECT COLUMN_NAME, DATA_TYPE, COLUMN_KEY FROM information_schema.COLUMNS WHERE TABLE_NAME = 'g' ORDER BY ORDINAL_POSITION DESC")
+        .await
+        .unwrap();
+    assert_eq!(
+        cols,
+        [
+            ("n".into(), "int".into(), String::new()),
+            ("v".into(), "varchar".into(), String::new()),
+            ("id".into(), "int".into(), "PRI".into())
+        ]
+    );
+    let nope = c
+        .query_drop("SELECT * FROM information_schema.nope")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&nope), Some(1146), "{nope}");
 }

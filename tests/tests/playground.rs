@@ -6,157 +6,20 @@
 //! along without an error. The playground runs on free ports, with the
 //! debug binaries (`TIPROXY_BIN_DIR`) instead of a release build.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mysql_async::Conn;
 use mysql_async::prelude::*;
-use tiproxy_tests::{binary, double_opts, eventually, free_port, workspace};
+use mysql_async::Conn;
+use tiproxy_tests::playground::start_playground;
+use tiproxy_tests::{double_opts, eventually};
 
-/// The playground process group; stopped (TERM, then KILL) on drop.
-struct Playground {
-    child: Child,
-    sql: SocketAddr,
-    api_port: u16,
-    control: String,
-}
-
-impl Drop for Playground {
-    fn drop(&mut self) {
-        let pg = format!("-{}", self.child.id());
-        // `--`: procps kill would read `-PID` as a signal.
-        let _ = Command::new("kill").args(["-TERM", "--", &pg]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &pg]).status();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_playground() -> Playground {
-    // Make sure the binaries exist before the script looks for them.
-    let bin_dir = binary("tiproxy").parent().expect("bin dir").to_path_buf();
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let (sql, api, control) = (ports[0], ports[1], ports[2]);
-    // etcd wants two consecutive ports (client, peer); TiDB instances get
-    // base + i: take bases below the kernel's ephemeral range (32768+),
-    // where outgoing connections cannot hold them, distinct per process.
-    let base = 20000 + (std::process::id() % 1200) as u16 * 10;
-    let mut child = Command::new("bash")
-        .arg(workspace().join("scripts/run.sh"))
-        .env("TIPROXY_BIN_DIR", &bin_dir)
-        .env("PLAYGROUND_TIDBS", "1")
-        .env("PLAYGROUND_SQL_PORT", sql.to_string())
-        .env("PLAYGROUND_API_PORT", api.to_string())
-        .env("PLAYGROUND_CONTROL_PORT", control.to_string())
-        .env("PLAYGROUND_PD_PORT", base.to_string())
-        .env("PLAYGROUND_TIDB_SQL_BASE", (base + 2).to_string())
-        .env("PLAYGROUND_TIDB_STATUS_BASE", (base + 6).to_string())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .expect("run scripts/run.sh");
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("playground| {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let pg = Playground {
-        child,
-        sql: format!("127.0.0.1:{sql}").parse().expect("addr"),
-        api_port: api,
-        control: format!("127.0.0.1:{control}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut banner = String::new();
-    while !banner.contains("Ctrl-C stops everything") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                banner.push_str(&line);
-                banner.push('\n');
-            }
-            Err(e) => panic!("the playground did not print its banner: {e}\n{banner}"),
-        }
-    }
-    assert!(banner.contains(&format!("127.0.0.1:{sql}")), "{banner}");
-    assert!(
-        banner.contains("tidb --control"),
-        "says how to scale: {banner}"
-    );
-    while TcpStream::connect(pg.sql).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the playground's proxy never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    pg
-}
-
-impl Playground {
-    /// Runs `tiproxyctl` against the playground; its JSON output.
-    fn ctl(&self, args: &[&str]) -> serde_json::Value {
-        let mut full = vec!["--port".to_string(), self.api_port.to_string()];
-        if args.first() == Some(&"tidb") {
-            full.extend(["tidb".into(), "--control".into(), self.control.clone()]);
-            full.extend(args[1..].iter().map(|s| s.to_string()));
-        } else {
-            full.extend(args.iter().map(|s| s.to_string()));
-        }
-        let out = Command::new(binary("tiproxyctl"))
-            .args(&full)
-            .output()
-            .expect("run tiproxyctl");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "tiproxyctl {full:?}: {}\n{text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("tiproxyctl {full:?}: {e}: {text}"))
-    }
-
-    /// Sessions per TiDB SQL address, from `tiproxyctl backends`.
-    fn spread(&self) -> Vec<(String, i64)> {
-        let v = self.ctl(&["backends"]);
-        let list = v
-            .as_array()
-            .or_else(|| v["backends"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        list.iter()
-            .map(|b| {
-                (
-                    b["addr"].as_str().unwrap_or("").to_string(),
-                    b["connections"].as_i64().unwrap_or(0),
-                )
-            })
-            .collect()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playground_scale_out_and_in_with_tiproxyctl() {
     tiproxy_tests::install(&["etcd-server"], "etcd");
-    let pg = start_playground();
+    let pg = start_playground(1);
     let tidbs = pg.ctl(&["tidb", "list"]);
     let first = tidbs[0]["sql"].as_str().expect("sql").to_string();
     eventually(
@@ -171,10 +34,8 @@ async fn playground_scale_out_and_in_with_tiproxyctl() {
     let queries = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for i in 0..2u16 {
-        let addr = SocketAddr::from(([127, 0, 0, 1], pg.sql.port()));
-        let mut c = Conn::new(double_opts(addr))
-            .await
-            .expect("connect to the playground");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.sql.port()));
+        let mut c = Conn::new(double_opts(addr)).await.expect("connect to the playground");
         c.query_drop(format!("SET @me = {i}")).await.expect("set");
         let (stop, errors, queries) = (stop.clone(), errors.clone(), queries.clone());
         clients.push(tokio::spawn(async move {

@@ -33,19 +33,23 @@
 //!   AND OR NOT IS [NOT] NULL [NOT] BETWEEN [NOT] IN [NOT] LIKE`; `LIMIT`.
 //!   This covers what clients send on connect (`select @@version_comment
 //!   limit 1`, mysql_async's `SELECT @@max_allowed_packet,@@wait_timeout`).
-//! - `SELECT * | expr, ... FROM [db.]t [WHERE expr] [ORDER BY expr [ASC|DESC], ...]
-//!   [LIMIT n [OFFSET m] | LIMIT m, n] [FOR UPDATE]`; aggregates `COUNT(*)`,
-//!   `COUNT(e)`, `SUM`, `MIN`, `MAX`, `AVG` over the whole table (no GROUP
-//!   BY, no joins). Primary-key conditions (`id = k`, `BETWEEN`, `>=`, `<`,
-//!   ...) narrow the scan.
+//! - `SELECT [DISTINCT] * | expr, ... FROM [db.]t [WHERE expr] [ORDER BY expr [ASC|DESC], ...]
+//!   [GROUP BY ... [HAVING expr]] [LIMIT n [OFFSET m] | LIMIT m, n] [FOR
+//!   UPDATE]`; aggregates `COUNT(*)`, `COUNT(e)`, `SUM`, `MIN`, `MAX`, `AVG`
+//!   over the whole table or per group; uncorrelated scalar and IN
+//!   subqueries; `information_schema.SCHEMATA | TABLES | COLUMNS` (no
+//!   joins). Primary-key conditions (`id = k`, `BETWEEN`,
+//!   `>=`, `<`, ...) narrow the scan.
 //! - `INSERT INTO t [(cols)] VALUES (...), (...)` (auto-increment, last
 //!   insert id, 1062 on a duplicate key), `UPDATE t SET c = expr, ... [WHERE]
 //!   [LIMIT]`, `DELETE FROM t [WHERE] [LIMIT]`.
 //! - `CREATE DATABASE [IF NOT EXISTS]`, `DROP DATABASE [IF EXISTS]`, `USE db`,
 //!   `CREATE TABLE [IF NOT EXISTS] t (id INT|BIGINT PRIMARY KEY
 //!   [AUTO_INCREMENT], c INT|BIGINT|TINYINT|SMALLINT|DOUBLE|VARCHAR(n)|CHAR(n)|TEXT
-//!   [NOT NULL] [DEFAULT lit], ... [, PRIMARY KEY (id)])` (an integer primary
-//!   key is required, secondary indexes are refused), `DROP TABLE [IF EXISTS]`.
+//!   [NOT NULL] [DEFAULT lit], ... [, PRIMARY KEY (id)] [, [UNIQUE] KEY name
+//!   (cols)])` (an integer primary key is required), `CREATE [UNIQUE] INDEX
+//!   name ON t (cols)` (kept in the schema, not used for reads), `DROP TABLE
+//!   [IF EXISTS]`.
 //! - `BEGIN` / `START TRANSACTION [...]` / `COMMIT` / `ROLLBACK`,
 //!   `SET [SESSION|GLOBAL] var = v`, `SET @@var = v`, `SET @u = v`,
 //!   `SET NAMES cs [COLLATE c]`, `SET autocommit = 0|1`, `SET TRANSACTION ...`
@@ -54,7 +58,7 @@
 //!   transaction. IN_TRANS is set in every OK/EOF while one is open.
 //!   A conflicting COMMIT fails with 9007.
 //! - `SHOW PROCESSLIST`, `SHOW DATABASES`, `SHOW [FULL] TABLES`, `SHOW
-//!   [GLOBAL|SESSION] VARIABLES [LIKE 'p']`, `SHOW WARNINGS` (empty),
+//!   [GLOBAL|SESSION] VARIABLES [LIKE 'p']`, `SHOW CREATE TABLE`, `SHOW WARNINGS` (empty),
 //!   `SHOW SESSION_STATES`, `SET SESSION_STATES '<json>'`.
 //! - `PREPARE s FROM '...' | @var`, `EXECUTE s [USING @a, ...]`,
 //!   `DEALLOCATE PREPARE s`, and the binary protocol (COM_STMT_PREPARE,

@@ -24,6 +24,8 @@ use super::time::format_datetime;
 use super::value::{BINARY_COLLATION, UTF8MB4_BIN, Value, column_flag, column_type};
 
 /// How many times an autocommit statement is retried after a write conflict.
+mod query;
+
 const AUTOCOMMIT_RETRIES: usize = 10;
 
 /// A result column's definition.
@@ -446,7 +448,11 @@ impl Session {
 
     fn run_inner(&mut self, stmt: &Stmt, ctx: &Ctx<'_>) -> Result<Output, SqlError> {
         match stmt {
-            Stmt::Select(s) => self.select(s, ctx).map(Output::Rows),
+            Stmt::Select(s) => match self.resolve_subqueries(s, ctx)? {
+                Some(resolved) => self.select(&resolved, ctx).map(Output::Rows),
+                None => self.select(s, ctx).map(Output::Rows),
+            },
+            Stmt::ShowCreateTable(t) => self.show_create_table(t, ctx).map(Output::Rows),
             Stmt::ShowProcessList { full } => Ok(Output::Rows(self.show_processlist(*full))),
             Stmt::ShowDatabases => {
                 let mut rs = ResultSet {
@@ -547,6 +553,12 @@ impl Session {
                 self.implicit_commit()?;
                 let db = self.table_db(&def.table, ctx)?;
                 self.cluster.store().create_table(&db, def)?;
+                Ok(Output::ok())
+            }
+            Stmt::CreateIndex { table, index } => {
+                self.implicit_commit()?;
+                let db = self.table_db(table, ctx)?;
+                self.cluster.store().create_index(&db, &table.name, index)?;
                 Ok(Output::ok())
             }
             Stmt::DropTable { tables, if_exists } => {
@@ -992,13 +1004,20 @@ impl Session {
         let Some(from) = &s.from else {
             return self.select_without_table(s, ctx);
         };
-        let schema = self.schema_of(from, ctx)?;
-        let mut rows =
-            self.read(|me, txn| me.matching_rows(txn, &schema, s.filter.as_ref(), ctx))?;
-        let aggregate = s.items.iter().any(|i| match i {
-            SelectItem::Expr { expr, .. } => expr.has_aggregate(),
-            SelectItem::Star => false,
-        });
+        let (schema, mut rows) = match self.information_schema(from, s.filter.as_ref(), ctx)? {
+            Some(found) => found,
+            None => {
+                let schema = self.schema_of(from, ctx)?;
+                let rows =
+                    self.read(|me, txn| me.matching_rows(txn, &schema, s.filter.as_ref(), ctx))?;
+                (schema, rows)
+            }
+        };
+        let aggregate = !s.group_by.is_empty()
+            || s.items.iter().any(|i| match i {
+                SelectItem::Expr { expr, .. } => expr.has_aggregate(),
+                SelectItem::Star => false,
+            });
         // Output columns: definitions, and how to compute each.
         enum Src<'e> {
             Col(usize),
@@ -1030,18 +1049,14 @@ impl Session {
         }
         let mut out_rows: Vec<Vec<Value>> = Vec::new();
         if aggregate {
-            let mut row = Vec::new();
-            for src in &srcs {
-                let Src::Expr(e) = src else {
-                    // Unreachable: aggregate queries map every item to Src::Expr.
-                    row.push(Value::Null);
-                    continue;
-                };
-                let folded = self.fold_aggregates(e, &rows, &schema, ctx)?;
-                let first = rows.first().map(|(_, r)| (schema.as_ref(), r.as_slice()));
-                row.push(self.eval(&folded, ctx, first)?);
-            }
-            out_rows.push(row);
+            let exprs: Vec<Expr> = srcs
+                .iter()
+                .map(|src| match src {
+                    Src::Col(i) => Expr::Column(schema.columns[*i].name.clone()),
+                    Src::Expr(e) => (*e).clone(),
+                })
+                .collect();
+            out_rows = self.aggregate_rows(s, &exprs, &names, &rows, &schema, ctx)?;
         } else {
             if !s.order_by.is_empty() {
                 let mut keyed = Vec::with_capacity(rows.len());
@@ -1075,7 +1090,13 @@ impl Session {
             }
             let offset = self.limit_of(s.offset.as_ref(), ctx)?.unwrap_or(0);
             let limit = self.limit_of(s.limit.as_ref(), ctx)?.unwrap_or(usize::MAX);
-            for (_, r) in rows.iter().skip(offset).take(limit) {
+            // DISTINCT dedupes before OFFSET/LIMIT count rows.
+            let (skip, take) = if s.distinct {
+                (0, usize::MAX)
+            } else {
+                (offset, limit)
+            };
+            for (_, r) in rows.iter().skip(skip).take(take) {
                 let mut out = Vec::with_capacity(srcs.len());
                 for src in &srcs {
                     out.push(match src {
@@ -1084,6 +1105,9 @@ impl Session {
                     });
                 }
                 out_rows.push(out);
+            }
+            if s.distinct {
+                out_rows = super::value::distinct_rows(out_rows, offset, limit);
             }
         }
         let columns = srcs
@@ -1253,6 +1277,7 @@ impl Session {
             | Stmt::ShowDatabases
             | Stmt::ShowTables { .. }
             | Stmt::ShowVariables { .. }
+            | Stmt::ShowCreateTable(_)
             | Stmt::ShowWarnings => {
                 // Columns are known only when run; describe by running.
                 match self.run_inner(stmt, &ctx)? {
@@ -1490,6 +1515,10 @@ impl Session {
                 binary(*op, x, y)?
             }
             Expr::Func(name, args) => self.call(name, args, ctx, row)?,
+            // Resolved before the query runs where the double supports them.
+            Expr::Subquery(_) | Expr::InSubquery(..) => {
+                return Err(SqlError::unsupported("a subquery here"));
+            }
         })
     }
 
@@ -1858,6 +1887,7 @@ fn refs_column(e: &Expr) -> bool {
         Expr::Bin(_, a, b) | Expr::Like(a, b, _) => refs_column(a) || refs_column(b),
         Expr::Between(a, b, c, _) => refs_column(a) || refs_column(b) || refs_column(c),
         Expr::InList(a, l, _) => refs_column(a) || l.iter().any(refs_column),
+        Expr::Subquery(_) | Expr::InSubquery(..) => true,
     }
 }
 

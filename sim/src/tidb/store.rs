@@ -13,7 +13,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::error::SqlError;
-use super::sql::{ColType, CreateTable};
+use super::sql::{ColType, CreateTable, IndexDef};
 use super::value::{Value, column_flag, column_type};
 
 /// A row: one value per column, in schema order.
@@ -32,6 +32,8 @@ pub struct TableSchema {
     pub columns: Vec<ColumnSchema>,
     /// Index of the primary key column (an integer).
     pub pk: usize,
+    /// Secondary indexes, as declared (not used for reads).
+    pub indexes: Vec<IndexDef>,
 }
 
 /// A column's definition.
@@ -240,6 +242,31 @@ impl Drop for Txn {
     }
 }
 
+/// Adds `index` to `schema`: 1072 for an unknown column, 1061 for a
+/// name already used, as MySQL.
+fn add_index(schema: &mut TableSchema, index: &IndexDef) -> Result<(), SqlError> {
+    if let Some(c) = index.columns.iter().find(|c| schema.column(c).is_none()) {
+        return Err(SqlError::new(
+            1072,
+            "42000",
+            format!("Key column '{c}' doesn't exist in table"),
+        ));
+    }
+    if schema
+        .indexes
+        .iter()
+        .any(|i| i.name.eq_ignore_ascii_case(&index.name))
+    {
+        return Err(SqlError::new(
+            1061,
+            "42000",
+            format!("Duplicate key name '{}'", index.name),
+        ));
+    }
+    schema.indexes.push(index.clone());
+    Ok(())
+}
+
 fn key(name: &str) -> String {
     name.to_lowercase()
 }
@@ -419,7 +446,12 @@ impl Store {
             name: name.clone(),
             columns,
             pk,
+            indexes: Vec::new(),
         });
+        let mut schema = schema;
+        for index in &def.indexes {
+            add_index(Arc::make_mut(&mut schema), index)?;
+        }
         inner.by_id.insert(id, (key(db), key(name)));
         // Checked above that the database exists.
         if let Some(d) = inner.dbs.get_mut(&key(db)) {
@@ -433,6 +465,23 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// CREATE INDEX: checks the columns and the name and records the index
+    /// in the schema. Sessions holding the old schema `Arc` keep working:
+    /// the rows are unchanged.
+    pub fn create_index(&self, db: &str, table: &str, index: &IndexDef) -> Result<(), SqlError> {
+        let mut inner = self.lock();
+        let d = inner
+            .dbs
+            .get_mut(&key(db))
+            .ok_or_else(|| SqlError::unknown_db(db))?;
+        let db_name = d.name.clone();
+        let t = d
+            .tables
+            .get_mut(&key(table))
+            .ok_or_else(|| SqlError::no_such_table(&db_name, table))?;
+        add_index(Arc::make_mut(&mut t.schema), index)
     }
 
     /// DROP TABLE.

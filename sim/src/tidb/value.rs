@@ -168,6 +168,18 @@ impl Value {
     }
 }
 
+/// SELECT DISTINCT: the first of each group of equal rows, in order, then
+/// `offset` and `limit` (DISTINCT applies before them). Rows are compared
+/// by value and type, NULL equal to NULL, as MySQL groups them.
+pub fn distinct_rows(rows: Vec<Vec<Value>>, offset: usize, limit: usize) -> Vec<Vec<Value>> {
+    let mut seen = std::collections::HashSet::new();
+    rows.into_iter()
+        .filter(|r| seen.insert(format!("{r:?}")))
+        .skip(offset)
+        .take(limit)
+        .collect()
+}
+
 /// Formats a double the way MySQL prints it in the text protocol (shortest
 /// round-trip form, no trailing `.0`).
 pub fn format_double(d: f64) -> String {
