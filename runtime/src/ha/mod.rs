@@ -34,8 +34,12 @@ use crate::config::VirtualIp;
 use crate::discovery::ClusterTls;
 use crate::pd::{PdClient, PdConnector, PdWatch};
 
-/// TiProxy's `sessionTTL` for the VIP election: it bounds failover time.
-pub const SESSION_TTL: i64 = 3;
+/// The lease TTL asked for, seconds: it bounds failover time after a
+/// crash. TiProxy asks for 3; 2 (etcd's smallest with its default timing)
+/// lets a killed owner be replaced within 3 s. PD's etcd raises it to its
+/// own minimum (5 s with PD's default election interval); the fence
+/// follows the TTL PD answers.
+pub const SESSION_TTL: i64 = 2;
 /// How long one PD call may take before PD counts as unreachable.
 const PD_CALL: Duration = Duration::from_secs(1);
 /// Pause before reconnecting to PD.
@@ -372,9 +376,10 @@ pub async fn run<P: PdConnector, A: Address>(
                     continue 'connect;
                 }
             }
-            // Renew at a third of the TTL, as etcd's client does; a change
-            // under the prefix (an owner leaving) wakes a candidate at once.
-            let next = Instant::now() + Duration::from_secs(SESSION_TTL as u64) / 3;
+            // Renew at a quarter of the TTL, so one late answer does not
+            // end the fence; a change under the prefix (an owner leaving)
+            // wakes a candidate at once.
+            let next = Instant::now() + Duration::from_secs(SESSION_TTL as u64) / 4;
             loop {
                 tokio::select! {
                     news = watch.next() => {
