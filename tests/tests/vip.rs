@@ -71,14 +71,22 @@ impl Lab {
 
     fn build(&mut self) -> Result<(), String> {
         ip(&["link", "add", &self.bridge, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("{}/24", self.host(1)), "dev", &self.bridge])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.host(1)),
+            "dev",
+            &self.bridge,
+        ])?;
         ip(&["link", "set", &self.bridge, "up"])?;
         for (name, host) in [("a", 11), ("b", 12), ("c", 50)] {
             let ns = self.ns(name);
             ip(&["netns", "add", &ns])?;
             self.namespaces.push(ns.clone());
             let veth = format!("{}{name}", self.bridge);
-            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
             self.veths.push(veth.clone());
             ip(&["link", "set", &veth, "master", &self.bridge, "up"])?;
             let addr = format!("{}/24", self.host(host));
@@ -103,8 +111,17 @@ impl Lab {
 
     /// Whether namespace `name`'s eth0 has the VIP now.
     fn holds(&self, name: &str) -> bool {
-        let out = ip(&["-n", &self.ns(name), "-4", "-o", "addr", "show", "dev", "eth0"])
-            .expect("read the namespace's addresses");
+        let out = ip(&[
+            "-n",
+            &self.ns(name),
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "eth0",
+        ])
+        .expect("read the namespace's addresses");
         out.contains(&format!(" {}/32 ", self.vip()))
     }
 
@@ -112,7 +129,10 @@ impl Lab {
     fn wait_holder(&self, name: &str, limit: Duration, why: &str) {
         let deadline = Instant::now() + limit;
         while !self.holds(name) {
-            assert!(Instant::now() < deadline, "{name} did not take the VIP: {why}");
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not take the VIP: {why}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -219,7 +239,10 @@ impl Proxy {
         let sink = log.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
                 l.push_str(&line);
                 l.push('\n');
@@ -229,7 +252,10 @@ impl Proxy {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&sql, Duration::from_millis(200)).is_err() {
             if let Ok(Some(s)) = child.try_wait() {
-                panic!("tiproxy {name} exited with {s}:\n{}", log.lock().expect("log"));
+                panic!(
+                    "tiproxy {name} exited with {s}:\n{}",
+                    log.lock().expect("log")
+                );
             }
             assert!(Instant::now() < deadline, "tiproxy {name} did not listen");
             std::thread::sleep(Duration::from_millis(50));
@@ -312,7 +338,10 @@ enum Order {
     /// the time is up; answer every attempt (start, end, outcome).
     UntilGreeted(Duration, mpsc::Sender<Vec<(Instant, Instant, Outcome)>>),
     /// Attempt repeatedly until told to stop; answer every attempt.
-    Repeat(Arc<AtomicBool>, mpsc::Sender<Vec<(Instant, Instant, Outcome)>>),
+    Repeat(
+        Arc<AtomicBool>,
+        mpsc::Sender<Vec<(Instant, Instant, Outcome)>>,
+    ),
     /// A query through the VIP with mysql_async; answer its result.
     Query(mpsc::Sender<Result<u64, String>>),
 }
@@ -423,7 +452,14 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     let _tidb = TidbDouble::start(
         1,
         0,
-        &["--host", &lab.host(1), "--pd", &etcd.endpoint(), "--pd-ttl", "10"],
+        &[
+            "--host",
+            &lab.host(1),
+            "--pd",
+            &etcd.endpoint(),
+            "--pd-ttl",
+            "10",
+        ],
     );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let relay_a = Relay::start(&rt, &lab.host(1), etcd_addr);
@@ -443,7 +479,10 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     assert_eq!(a.health()["vip"]["holding"], true, "{}", a.health());
     assert_eq!(b.health()["vip"]["holding"], false, "{}", b.health());
     assert!(a.api("/metrics").1.contains(&label), "the owner's metric");
-    assert!(!b.api("/metrics").1.contains("tiproxy_server_owner{"), "b owns nothing");
+    assert!(
+        !b.api("/metrics").1.contains("tiproxy_server_owner{"),
+        "b owns nothing"
+    );
     assert_eq!(query(&client), Ok(1), "a query through the VIP");
 
     // kill -9 of the owner: the client connects to the VIP again within 3 s.
@@ -456,7 +495,12 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
         .expect("client");
     let seen = rx.recv().expect("client answer");
     let (_, greeted_at, last) = *seen.last().expect("attempts");
-    assert_eq!(last, Outcome::Greeted, "the VIP never answered again: {seen:?}\n{}", b.log());
+    assert_eq!(
+        last,
+        Outcome::Greeted,
+        "the VIP never answered again: {seen:?}\n{}",
+        b.log()
+    );
     let took = greeted_at - killed;
     println!(
         "kill -9 of the owner: the client connected to the VIP again after {took:?} ({} attempts)",
@@ -464,7 +508,11 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     );
     assert!(took < Duration::from_secs(3), "failover took {took:?}");
     assert!(lab.holds("b"));
-    assert_eq!(query(&client), Ok(1), "a query through the VIP after kill -9");
+    assert_eq!(
+        query(&client),
+        Ok(1),
+        "a query through the VIP after kill -9"
+    );
 
     // The killed proxy left the address behind; restarted, it removes it
     // and waits as a candidate.
@@ -478,7 +526,9 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     // SIGTERM of the owner: attempts during the handover are never refused.
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    client.send(Order::Repeat(stop.clone(), tx)).expect("client");
+    client
+        .send(Order::Repeat(stop.clone(), tx))
+        .expect("client");
     std::thread::sleep(Duration::from_millis(300));
     let mut b = b;
     b.signal("TERM");
@@ -514,7 +564,11 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     let deadline = cut + Duration::from_secs(20);
     while taken.is_none() && Instant::now() < deadline {
         let (ha, hb) = (lab.holds("a"), lab.holds("b"));
-        assert!(!(ha && hb), "both proxies hold the VIP at {:?}", cut.elapsed());
+        assert!(
+            !(ha && hb),
+            "both proxies hold the VIP at {:?}",
+            cut.elapsed()
+        );
         if !ha && released.is_none() {
             released = Some(cut.elapsed());
         }
@@ -529,9 +583,15 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
             b.log()
         );
     };
-    println!("owner cut off from etcd: released after {released:?}, taken by the other after {taken:?}");
+    println!(
+        "owner cut off from etcd: released after {released:?}, taken by the other after {taken:?}"
+    );
     assert!(released < taken);
-    assert_eq!(query(&client), Ok(1), "a query through the VIP after the cut");
+    assert_eq!(
+        query(&client),
+        Ok(1),
+        "a query through the VIP after the cut"
+    );
     assert!(a.health()["vip"]["error"].is_string(), "{}", a.health());
     drop(relay_b);
 }
