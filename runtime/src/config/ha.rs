@@ -1,7 +1,8 @@
 //! `[ha]`: TiProxy's virtual IP failover (v1.2): the address the elected
 //! proxy holds, the interface it is added to, and how many gratuitous ARP
 //! packets announce a takeover. Names and defaults are TiProxy's
-//! (`lib/config/proxy.go`). Applied by [`crate::ha`]; not reloadable.
+//! (`lib/config/proxy.go`). Applied by [`crate::ha`]; a change needs a
+//! restart (TiProxy: `reloadable:"false"`).
 
 use std::net::Ipv4Addr;
 
@@ -138,6 +139,16 @@ mod tests {
         assert_eq!(ha("10.0.0.9/32", "").virtual_ip(), Ok(None));
         assert!(ha("10.0.0.9/32", "").half_set());
         assert!(!ha("", "").half_set());
+    }
+
+    #[test]
+    fn a_change_needs_a_restart() {
+        let old = crate::config::Config::default();
+        let mut new = old.clone();
+        new.ha = ha("10.0.0.9/32", "eth0");
+        let (live, restart) = crate::config::classify(&old, &new, true);
+        assert!(live.is_empty(), "{live:?}");
+        assert_eq!(restart, ["ha.interface", "ha.virtual-ip"]);
     }
 
     #[test]
