@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout_at};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use fence::Fence;
 pub use link::{Link, LinkError};
@@ -144,8 +144,13 @@ struct Owner<A> {
     holding: bool,
     /// Follow-up GARP bursts still to send, and when the next is due.
     refresh: Option<(u32, Instant)>,
-    /// The last error logged, so a lasting one is logged once.
-    logged: Option<String>,
+    /// Whether a problem was logged and not yet followed by recovery: a
+    /// lasting outage is logged once, with a count when it ends.
+    logged: bool,
+    /// Problems since the last logged one.
+    repeats: u64,
+    /// A problem was met in this round of the loop.
+    troubled: bool,
 }
 
 impl<A: Address> Owner<A> {
@@ -158,16 +163,26 @@ impl<A: Address> Owner<A> {
 
     fn problem(&mut self, what: &str, e: String) {
         let text = format!("{what}: {e}");
-        if self.logged.as_deref() != Some(&text) {
-            warn!(vip = %self.vip.addr, "{text}");
-            self.logged = Some(text.clone());
+        self.troubled = true;
+        if self.logged {
+            self.repeats += 1;
+            debug!(vip = %self.vip.addr, "{text}");
+        } else {
+            warn!(vip = %self.vip.addr, "{text} (retrying)");
+            self.logged = true;
         }
         self.show(|s| s.error = Some(text));
     }
 
+    /// A round of the loop met no problem.
     fn recovered(&mut self) {
-        if self.logged.take().is_some() {
-            info!(vip = %self.vip.addr, "virtual IP election works again");
+        if self.troubled {
+            return;
+        }
+        if self.logged {
+            info!(vip = %self.vip.addr, problems = self.repeats + 1, "virtual IP election works again");
+            self.logged = false;
+            self.repeats = 0;
         }
         self.show(|s| s.error = None);
     }
@@ -254,13 +269,20 @@ impl<A: Address> Owner<A> {
                 t = t.min(r);
             }
         }
-        tokio::select! {
-            _ = sleep_until(t) => {}
-            _ = stop.wait_for(|s| *s) => {}
+        if !stopping(stop) {
+            tokio::select! {
+                _ = sleep_until(t) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         }
         self.enforce().await;
         self.refresh_garp();
     }
+}
+
+/// Whether the election must end: asked to, or its [`Resign`] is gone.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// Runs the election for `e.vip` until `stop` says true, then releases the
@@ -288,7 +310,9 @@ pub async fn run<P: PdConnector, A: Address>(
         fence: Fence::default(),
         holding: false,
         refresh: None,
-        logged: None,
+        logged: false,
+        repeats: 0,
+        troubled: false,
     };
     // A previous run of this proxy may have been killed holding it.
     o.release("starting").await;
@@ -296,7 +320,7 @@ pub async fn run<P: PdConnector, A: Address>(
     // so a short PD outage does not send it to the back of the queue.
     let mut session: Option<(i64, String)> = None;
     let mut client: Option<P::Client> = None;
-    'connect: while !*stop.borrow() {
+    'connect: while !stopping(&stop) {
         if client.is_none() {
             let deadline = o.call_deadline();
             match timeout_at(deadline, connector.connect(&pd, tls.get())).await {
@@ -310,7 +334,7 @@ pub async fn run<P: PdConnector, A: Address>(
             continue;
         };
         let (lease, key, mut watch) =
-            match campaign(c, &prefix, &o.id, session.take(), o.call_deadline()).await {
+            match campaign(c, &prefix, &o.id, &mut session, o.call_deadline()).await {
                 Ok(x) => x,
                 Err(err) => {
                     o.problem("cannot campaign in PD", err);
@@ -319,11 +343,11 @@ pub async fn run<P: PdConnector, A: Address>(
                     continue;
                 }
             };
-        session = Some((lease, key.clone()));
         loop {
-            if *stop.borrow() {
+            if stopping(&stop) {
                 break 'connect;
             }
+            o.troubled = false;
             let sent = Instant::now();
             match timeout_at(o.call_deadline(), c.keep_alive(lease)).await {
                 Ok(Ok(ttl)) if ttl > 0 => o.fence.handle_renewed(sent, ttl),
@@ -350,7 +374,6 @@ pub async fn run<P: PdConnector, A: Address>(
             }
             match timeout_at(o.call_deadline(), c.first_created(&prefix)).await {
                 Ok(Ok(Some((k, v)))) => {
-                    o.recovered();
                     let owner = String::from_utf8_lossy(&v).into_owned();
                     o.show(|s| s.owner = Some(owner));
                     if k == key && o.fence.may_hold(Instant::now()) {
@@ -358,6 +381,7 @@ pub async fn run<P: PdConnector, A: Address>(
                     } else if o.holding {
                         o.release("another proxy is the owner").await;
                     }
+                    o.recovered();
                 }
                 Ok(Ok(None)) => {
                     // Our own key is gone although the lease lives.
@@ -390,7 +414,7 @@ pub async fn run<P: PdConnector, A: Address>(
                         break;
                     }
                     _ = o.wait(next, &mut stop) => {
-                        if Instant::now() >= next || *stop.borrow() || !o.holding {
+                        if Instant::now() >= next || stopping(&stop) || !o.holding {
                             break;
                         }
                     }
@@ -416,21 +440,22 @@ pub async fn run<P: PdConnector, A: Address>(
 }
 
 /// Puts this proxy's candidacy (a new lease, or `session` kept from
-/// before) and watches the prefix.
+/// before, which a failure after the put keeps) and watches the prefix.
 async fn campaign<C: PdClient>(
     c: &mut C,
     prefix: &str,
     id: &str,
-    session: Option<(i64, String)>,
+    session: &mut Option<(i64, String)>,
     deadline: Instant,
 ) -> Result<(i64, String, C::Watch), String> {
     let steps = async {
-        let (lease, key) = match session {
+        let (lease, key) = match session.clone() {
             Some(s) => s,
             None => {
                 let lease = c.grant_lease(SESSION_TTL).await?;
                 let key = format!("{prefix}/{lease:x}");
                 c.put(&key, id.to_string(), lease).await?;
+                *session = Some((lease, key.clone()));
                 (lease, key)
             }
         };
