@@ -595,3 +595,35 @@ fn the_virtual_ip_moves_between_proxies_without_two_holders() {
     assert!(a.health()["vip"]["error"].is_string(), "{}", a.health());
     drop(relay_b);
 }
+
+/// Bad `[ha]` settings stop start-up with an error naming the key.
+#[test]
+fn a_bad_ha_section_stops_start_up_naming_the_key() {
+    for (ha, expect) in [
+        (
+            "virtual-ip = \"10.213.0.100\"\ninterface = \"eth0\"",
+            "ha.virtual-ip",
+        ),
+        (
+            "virtual-ip = \"10.213.0.100/32\"\ninterface = \"tpvnosuch0\"",
+            "ha.interface: [ha] interface \"tpvnosuch0\" does not exist",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("proxy.toml");
+        let cfg = format!(
+            "[proxy]\naddr = \"127.0.0.1:0\"\npd-addrs = \"127.0.0.1:{}\"\n\
+             [api]\naddr = \"127.0.0.1:0\"\n[ha]\n{ha}\n",
+            tiproxy_tests::free_port()
+        );
+        std::fs::write(&path, cfg).expect("write config");
+        let out = Command::new(binary("tiproxy"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run tiproxy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+    }
+}
