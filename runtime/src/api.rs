@@ -420,15 +420,16 @@ fn health<N: Network>(st: &State<N>) -> Resp {
         (true, None) => "connecting".into(),
         (true, Some(e)) => format!("unreachable: {e}").into(),
     };
+    let mut body = json!({ "config_checksum": checksum, "pd": pd });
+    if let Some(ha) = st.ha.lock().expect("ha status lock").clone() {
+        body["vip"] = json!(ha);
+    }
     match st.unhealthy_reason() {
-        None => reply(
-            StatusCode::OK,
-            json!({ "config_checksum": checksum, "pd": pd }),
-        ),
-        Some(r) => reply(
-            StatusCode::BAD_GATEWAY,
-            json!({ "config_checksum": checksum, "pd": pd, "unhealthy_reason": r }),
-        ),
+        None => reply(StatusCode::OK, body),
+        Some(r) => {
+            body["unhealthy_reason"] = r.into();
+            reply(StatusCode::BAD_GATEWAY, body)
+        }
     }
 }
 
@@ -475,6 +476,7 @@ fn status<N: Network>(st: &State<N>) -> serde_json::Value {
         },
         "pending_migrations": total("tiproxy_balance_pending_migrate"),
         "disconnections": by("tiproxy_server_disconnection_total", "type"),
+        "vip": st.ha.lock().expect("ha status lock").clone(),
     })
 }
 

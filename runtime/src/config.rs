@@ -13,9 +13,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod balance;
+mod ha;
 mod keepalive;
 mod reload_class;
 
+pub use ha::{HaConfig, VirtualIp};
 pub use keepalive::Keepalive;
 pub use reload_class::{changed_keys, classify};
 
@@ -59,8 +61,8 @@ pub struct Config {
     pub workdir: String,
     /// TiProxy's traffic replay switch (accepted, not implemented).
     pub enable_traffic_replay: bool,
-    /// TiProxy's virtual IP failover (accepted, not implemented).
-    pub ha: toml::Table,
+    /// Virtual IP failover between proxies.
+    pub ha: HaConfig,
     /// TiProxy's metering section (accepted, not implemented).
     pub metering: toml::Table,
 }
@@ -678,8 +680,11 @@ impl Config {
                 "{file}: proxy.backend-clusters is not implemented and is ignored"
             ));
         }
-        if !self.ha.is_empty() {
-            warnings.push(format!("{file}: [ha] is not implemented and is ignored"));
+        self.ha.virtual_ip().map_err(|(key, m)| err(key, m))?;
+        if self.ha.half_set() {
+            warnings.push(format!(
+                "{file}: [ha] needs both virtual-ip and interface; the virtual IP is off"
+            ));
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
-    WatchOptions, WatchStream, Watcher,
+    Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder,
+    SortTarget, WatchOptions, WatchStream, Watcher,
 };
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -82,6 +82,21 @@ pub trait PdClient: Send + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Deletes `key`.
     fn delete(&mut self, key: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// The key under `prefix` created first and its value: an etcd
+    /// election's owner ([`crate::ha`]). A PD double without elections
+    /// answers an error.
+    fn first_created(
+        &mut self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Option<(String, Vec<u8>)>, String>> + Send {
+        let _ = prefix;
+        async { Err("this PD has no elections".to_string()) }
+    }
+    /// Revokes `lease` now, deleting its keys (a resignation).
+    fn revoke_lease(&mut self, lease: i64) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = lease;
+        async { Err("this PD has no elections".to_string()) }
+    }
 }
 
 /// A watch stream. An error ends it (cancelled, compacted, connection
@@ -445,6 +460,35 @@ impl PdClient for EtcdClient {
     async fn delete(&mut self, key: &str) -> Result<(), String> {
         self.client
             .delete(key, None)
+            .await
+            .map_err(|e| self.tls_failure.explain(&e))?;
+        Ok(())
+    }
+
+    async fn first_created(&mut self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, String> {
+        // etcd's own election reads the owner the same way
+        // (clientv3.WithFirstCreate: sort by create revision, limit 1).
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let r = self
+            .client
+            .get(prefix, Some(opts))
+            .await
+            .map_err(|e| self.tls_failure.explain(&e))?;
+        Ok(r.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        }))
+    }
+
+    async fn revoke_lease(&mut self, lease: i64) -> Result<(), String> {
+        self.keepers.remove(&lease);
+        self.client
+            .lease_revoke(lease)
             .await
             .map_err(|e| self.tls_failure.explain(&e))?;
         Ok(())

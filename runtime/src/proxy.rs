@@ -41,6 +41,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `[ha] interface` is unusable.
+    #[error("ha.interface: {0}")]
+    Ha(crate::ha::LinkError),
 }
 
 /// A running proxy.
@@ -50,6 +53,8 @@ pub struct Proxy<N: Network = TokioNet> {
     sql_addrs: Vec<SocketAddr>,
     api_addr: SocketAddr,
     tasks: JoinSet<()>,
+    /// Ends the virtual IP election first on shutdown (`[ha]`).
+    ha: Option<crate::ha::Resign>,
 }
 
 /// Starts the proxy on the real network. Listeners are bound when this
@@ -148,6 +153,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         config_gen: AtomicU64::new(0),
         apply_lock: Mutex::new(()),
         discovery: discovery_status.clone(),
+        ha: Default::default(),
         config,
         api_tls: tls::Live::new(api_tls.map(tokio_rustls::TlsAcceptor::from)),
         api_refusals: tls::RefusalLog::default(),
@@ -165,6 +171,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     if net.has_keepalive() {
         tasks.spawn(crate::keepalive::keepalive_loop(state.clone()));
     }
+    let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
+    let ha = start_ha(&net, &state, &pd, &cluster_tls, &advertise, &mut tasks).await?;
     if !pd.is_empty() {
         tasks.spawn(crate::discovery::watch_pd(
             net.pd(),
@@ -174,7 +182,6 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
             router.clone(),
             discovery_status,
         ));
-        let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
         tasks.spawn(crate::discovery::register(
             net.pd(),
             pd,
@@ -190,7 +197,44 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         sql_addrs,
         api_addr,
         tasks,
+        ha,
     })
+}
+
+/// Starts the virtual IP election when `[ha]` is set: it needs PD and the
+/// interface (a missing one stops start-up, as a bad listener does).
+async fn start_ha<N: Network>(
+    net: &N,
+    state: &Arc<State<N>>,
+    pd: &[String],
+    cluster_tls: &crate::discovery::ClusterTls,
+    advertise: &str,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<crate::ha::Resign>, StartError> {
+    let Ok(Some(vip)) = state.config.ha.virtual_ip() else {
+        return Ok(None);
+    };
+    if pd.is_empty() {
+        warn!("[ha] virtual-ip needs PD to elect an owner (proxy.pd-addrs); the virtual IP is off");
+        return Ok(None);
+    }
+    let link = crate::ha::Link::open(&vip).await.map_err(StartError::Ha)?;
+    let (resign, stop, done) = crate::ha::resign_pair();
+    let election = crate::ha::Election {
+        id: advertise.to_string(),
+        vip,
+        address: link,
+        status: state.ha.clone(),
+    };
+    tasks.spawn(crate::ha::run(
+        net.pd(),
+        pd.to_vec(),
+        cluster_tls.clone(),
+        election,
+        stop,
+        done,
+    ));
+    Ok(Some(resign))
 }
 
 /// The `host:port` registered in PD. TiProxy's `advertise-addr` is a host
@@ -237,6 +281,11 @@ impl<N: Network> Proxy<N> {
     /// its next safe point within `graceful-close-conn-timeout`, then close
     /// the rest.
     pub async fn shutdown(mut self) {
+        if let Some(ha) = self.ha.take() {
+            // Before anything closes: the address moves while this proxy
+            // still accepts, so no client is refused.
+            ha.resign().await;
+        }
         let st = self.state.clone();
         st.draining.store(true, Ordering::Relaxed);
         let live = st.live_config();

@@ -43,6 +43,8 @@ pub struct State<N: Network> {
     pub(crate) apply_lock: Mutex<()>,
     /// PD discovery status.
     pub discovery: crate::discovery::StatusCell,
+    /// The virtual IP election (`[ha]`), `None` inside when off.
+    pub ha: crate::ha::StatusCell,
     /// The configuration at start (listeners, PD, registration).
     pub config: Config,
     /// TLS of the HTTP API (`security.server-http-tls`); `None`: plain HTTP.

@@ -9,6 +9,7 @@
 //!   the whole proxy with TiDB doubles, faults and client workloads,
 //!   checked against named invariants (`cargo run -p tiproxy-sim -- --seed N`).
 
+pub mod ha;
 pub mod net;
 pub mod pd;
 pub mod run;

@@ -37,7 +37,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.public-endpoints",
     "proxy.backend-clusters",
     "enable-traffic-replay",
-    "ha",
     "metering",
     "log.simple",
     "security.encryption-key-path",

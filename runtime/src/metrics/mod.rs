@@ -106,7 +106,7 @@ pub struct Metrics {
     pub disconnection: IntCounterVec,
     /// Processors the proxy may use (TiProxy: GOMAXPROCS).
     pub maxprocs: IntGauge,
-    /// Jobs this instance owns (TiProxy elects owners in PD; we elect none).
+    /// Jobs this instance owns, by TiProxy's election key (`vip/<address>`).
     pub owner: IntGaugeVec,
     /// Server start and close.
     pub server_event: IntCounterVec,
@@ -275,7 +275,7 @@ impl Metrics {
         maxprocs.set(std::thread::available_parallelism().map_or(1, |n| n.get()) as i64);
         let owner = r.int_gauge_vec(
             "tiproxy_server_owner",
-            "The jobs this instance owns (none: no owner is elected).",
+            "The TiProxy owner of each job type.",
             &["type"],
         );
         let server_event = r.counter_vec(

@@ -174,6 +174,13 @@ function drawSummary(status, now) {
   const health = $("health");
   health.textContent = status.unhealthy_reason ? `unhealthy: ${status.unhealthy_reason}` : "serving";
   health.className = `badge ${status.unhealthy_reason ? "bad" : "ok"}`;
+  const vip = $("vip"), v = status.vip;
+  vip.hidden = !v;
+  if (v) {
+    const who = v.holding ? "held here" : v.owner ? `owner ${v.owner}` : "no owner";
+    vip.textContent = `VIP ${v.virtual_ip}: ${who}${v.error ? ` (${v.error})` : ""}`;
+    vip.className = `badge ${v.error ? "bad" : "ok"}`;
+  }
   $("connections").textContent = status.connections;
   $("pending").textContent = status.pending_migrations;
   const prev = samples.length > 1 ? samples[samples.length - 2] : null;

@@ -36,6 +36,10 @@ struct Args {
     /// forget-user-variable
     #[arg(long, value_parser = parse_bug)]
     plant: Option<PlantedBug>,
+    /// Run the virtual IP election model (`tiproxy_sim::ha`: at most one
+    /// owner under PD outages, partitions, crashes) for these seeds instead.
+    #[arg(long)]
+    ha: bool,
 }
 
 fn parse_bug(s: &str) -> Result<PlantedBug, String> {
@@ -109,6 +113,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let started = Instant::now();
+    if args.ha {
+        return sweep_ha(from, to, started);
+    }
     let mut failed = Vec::new();
     let opts = RunOptions {
         verbose: single && !args.quiet,
@@ -165,6 +172,32 @@ fn main() -> ExitCode {
         }
     );
     if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `--ha`: the election model's seeds, one after another (each takes
+/// milliseconds on tokio's paused clock).
+fn sweep_ha(from: u64, to: u64, started: Instant) -> ExitCode {
+    let mut failed = 0;
+    for seed in from..to {
+        match tiproxy_sim::ha::run_seed(seed) {
+            Ok(s) if to - from == 1 => println!("seed {seed}: ok {s:?}"),
+            Ok(_) => {}
+            Err(e) => {
+                failed += 1;
+                println!("{e}\nREPRODUCE WITH: cargo run -p tiproxy-sim -- --ha --seed {seed}");
+            }
+        }
+    }
+    println!(
+        "ha: {} seed(s) in {:.1}s; {failed} failed",
+        to - from,
+        started.elapsed().as_secs_f64()
+    );
+    if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
