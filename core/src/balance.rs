@@ -56,11 +56,11 @@ pub use health::{
     HEALTH_INDICATORS, HEALTH_METRICS_EXPIRY, HEALTH_WINDOW, HealthLevel, HealthMeter,
     HealthReading, Indicator, Judgement,
 };
-pub use route::{Routing, route};
 pub use ledger::{
     ER_CANNOT_EXPORT_NOW, FAILED_MOVE_COOLDOWN, MAX_MOVES_IN_FLIGHT, MoveLedger, MoveOutcome,
     Resolved,
 };
+pub use route::{Routing, route};
 
 /// TiProxy's `[balance] policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -515,7 +515,13 @@ fn cpu_imbalanced(a: f64, b: f64) -> bool {
 /// The backend for a new connection: the best-ranked accepting backend
 /// under `policy`; `tie` (random) breaks ties ([`Routing::Idlest`]).
 pub fn choose(backends: &[BackendLoad], policy: Policy, tie: u64) -> Option<usize> {
-    route(backends, policy, Routing::Idlest, COUNT_RATIO_THRESHOLD, tie)
+    route(
+        backends,
+        policy,
+        Routing::Idlest,
+        COUNT_RATIO_THRESHOLD,
+        tie,
+    )
 }
 
 /// Each backend's rank under `policy`: the score of each factor in the

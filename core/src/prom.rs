@@ -57,7 +57,9 @@ pub fn sum_by_label(text: &[u8], name: &str, label: &str, value: &str) -> Option
 fn label_value<'a>(labels: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let mut rest = labels.strip_prefix(b"{")?;
     loop {
-        let rest_start = rest.iter().position(|b| !b.is_ascii_whitespace() && *b != b',')?;
+        let rest_start = rest
+            .iter()
+            .position(|b| !b.is_ascii_whitespace() && *b != b',')?;
         rest = &rest[rest_start..];
         let eq = rest.iter().position(|&b| b == b'=')?;
         let key = rest[..eq].trim_ascii();

@@ -169,6 +169,12 @@ impl HealthMeter {
         worst
     }
 
+    /// Each indicator's failures and total over the window at `now` (what
+    /// TiProxy exports as `failure_pd`, `total_pd`, ...).
+    pub fn increases(&self, now: Instant) -> [Option<(f64, f64)>; 2] {
+        [self.increase(0, now), self.increase(1, now)]
+    }
+
     /// The growth of indicator `k`'s two counters between the oldest and
     /// the newest read in the window; `None` with fewer than two reads or
     /// when a counter went back (the TiDB restarted).

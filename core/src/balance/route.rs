@@ -114,8 +114,15 @@ mod tests {
         let n = spread(&[b(10), b(11), b(0)], Policy::Resource, Routing::PreferIdle);
         assert_eq!(n, vec![0, 0, 1000]);
         // 10, 11, 10: nothing to balance, all three take connections.
-        let n = spread(&[b(10), b(11), b(10)], Policy::Resource, Routing::PreferIdle);
-        assert!(n.iter().all(|&c| c > 200), "all three take connections: {n:?}");
+        let n = spread(
+            &[b(10), b(11), b(10)],
+            Policy::Resource,
+            Routing::PreferIdle,
+        );
+        assert!(
+            n.iter().all(|&c| c > 200),
+            "all three take connections: {n:?}"
+        );
         // 11 next to 9 would be balanced.
         let n = spread(&[b(9), b(11)], Policy::Resource, Routing::PreferIdle);
         assert_eq!(n, vec![1000, 0]);
@@ -151,7 +158,10 @@ mod tests {
         let n = spread(&bs, Policy::Resource, Routing::Random);
         assert_eq!(n[2], 0);
         assert!(n[0] > 200 && n[3] > 200, "{n:?}");
-        assert!(n[1] > n[0] && n[1] > n[3], "the idlest a little more: {n:?}");
+        assert!(
+            n[1] > n[0] && n[1] > n[3],
+            "the idlest a little more: {n:?}"
+        );
         // Exactly TiProxy's share: 11 of the 31 residues go to the best.
         let hits = (0..31u64)
             .filter(|&r| route(&bs, Policy::Resource, Routing::Random, 1.2, r) == Some(1))
@@ -192,7 +202,11 @@ mod tests {
     fn config_names() {
         assert_eq!(Routing::parse(""), Some(Routing::PreferIdle));
         assert_eq!(Routing::parse("random"), Some(Routing::Random));
-        assert_eq!(Routing::parse("idlest"), None, "TiProxy's config refuses it");
+        assert_eq!(
+            Routing::parse("idlest"),
+            None,
+            "TiProxy's config refuses it"
+        );
         assert_eq!(Routing::PreferIdle.name(), "prefer-idle");
     }
 }

@@ -25,10 +25,7 @@ tidb_tikvclient_backoff_seconds_count{type=\"tikvRPC\"} 2\n\
 tidb_tikvclient_backoff_seconds_count{type=\"regionMiss\"} 50\n\
 tidb_tikvclient_request_seconds_count{store=\"1\",type=\"Get\"} 7\n\
 tidb_tikvclient_request_seconds_count{store=\"2\",type=\"Cop\"} 3\n";
-    assert_eq!(
-        HealthReading::parse(text),
-        read((4.0, 40.0), (2.0, 10.0))
-    );
+    assert_eq!(HealthReading::parse(text), read((4.0, 40.0), (2.0, 10.0)));
     assert!(HealthReading::parse(b"process_cpu_seconds_total 1\n").is_empty());
 }
 
@@ -42,12 +39,24 @@ fn levels_follow_tiproxys_thresholds() {
         m.level(t0 + secs(15))
     };
     assert_eq!(level(0.0, 100.0, 0.0, 100.0), HealthLevel::Normal);
-    assert_eq!(level(10.0, 100.0, 0.0, 100.0), HealthLevel::Normal, "0.1 recovers");
+    assert_eq!(
+        level(10.0, 100.0, 0.0, 100.0),
+        HealthLevel::Normal,
+        "0.1 recovers"
+    );
     assert_eq!(level(20.0, 100.0, 0.0, 100.0), HealthLevel::Degraded);
     assert_eq!(level(50.0, 100.0, 0.0, 100.0), HealthLevel::Failing);
-    assert_eq!(level(0.0, 100.0, 30.0, 100.0), HealthLevel::Failing, "TiKV fails at 0.3");
+    assert_eq!(
+        level(0.0, 100.0, 30.0, 100.0),
+        HealthLevel::Failing,
+        "TiKV fails at 0.3"
+    );
     assert_eq!(level(0.0, 100.0, 29.0, 100.0), HealthLevel::Degraded);
-    assert_eq!(level(3.0, 0.0, 0.0, 0.0), HealthLevel::Failing, "failures and no successes");
+    assert_eq!(
+        level(3.0, 0.0, 0.0, 0.0),
+        HealthLevel::Failing,
+        "failures and no successes"
+    );
     assert_eq!(level(0.0, 0.0, 0.0, 0.0), HealthLevel::Normal, "idle");
 }
 
@@ -65,7 +74,10 @@ fn only_the_last_two_minutes_count_and_stale_reads_are_normal() {
     // It recovers: only successes from here on. Once the failing burst has
     // left the window, the level is normal again.
     for s in (20..=140).step_by(10) {
-        m.record(read((100.0, 10.0 + s as f64 * 10.0), (0.0, 0.0)), t0 + secs(s));
+        m.record(
+            read((100.0, 10.0 + s as f64 * 10.0), (0.0, 0.0)),
+            t0 + secs(s),
+        );
     }
     assert_eq!(m.level(t0 + secs(140)), HealthLevel::Normal);
     // Failing again, then the metrics stop: after a minute it is normal.
@@ -80,7 +92,11 @@ fn a_restart_resets_nothing_into_failure() {
     let mut m = HealthMeter::default();
     m.record(read((500.0, 1000.0), (0.0, 0.0)), t0);
     m.record(read((0.0, 5.0), (0.0, 0.0)), t0 + secs(10));
-    assert_eq!(m.level(t0 + secs(10)), HealthLevel::Normal, "counters went back");
+    assert_eq!(
+        m.level(t0 + secs(10)),
+        HealthLevel::Normal,
+        "counters went back"
+    );
 }
 
 #[test]
@@ -88,7 +104,10 @@ fn readings_are_bounded() {
     let t0 = t0();
     let mut m = HealthMeter::default();
     for i in 0..1000u64 {
-        m.record(read((0.0, i as f64), (0.0, 0.0)), t0 + Duration::from_millis(i));
+        m.record(
+            read((0.0, i as f64), (0.0, 0.0)),
+            t0 + Duration::from_millis(i),
+        );
     }
     assert!(m.readings.len() <= MAX_READINGS);
 }
