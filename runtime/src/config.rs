@@ -57,11 +57,11 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Working directory for generated files (auto-certs).
     pub workdir: String,
-    /// TiProxy's traffic replay switch (accepted, not implemented).
+    /// TiProxy's traffic replay switch (not applicable, warned about).
     pub enable_traffic_replay: bool,
     /// TiProxy's virtual IP failover (accepted, not implemented).
     pub ha: toml::Table,
-    /// TiProxy's metering section (accepted, not implemented).
+    /// TiProxy's metering section (not applicable, warned about).
     pub metering: toml::Table,
 }
 
@@ -254,7 +254,7 @@ pub struct SecurityConfig {
     pub sql_tls: TlsConfig,
     /// Refuse backends without TLS.
     pub require_backend_tls: bool,
-    /// TiProxy's encryption key (accepted, not implemented).
+    /// TiProxy's capture encryption key (not applicable, warned about).
     pub encryption_key_path: String,
 }
 
@@ -706,7 +706,52 @@ impl Config {
         if !self.ha.is_empty() {
             warnings.push(format!("{file}: [ha] is not implemented and is ignored"));
         }
+        self.not_applicable(file, warnings);
         Ok(())
+    }
+
+    /// TiProxy keys that do not apply to this build, each with the reason
+    /// the user sees at start-up when it is set.
+    fn not_applicable(&self, file: &str, warnings: &mut Vec<String>) {
+        let set = [
+            (
+                !self.proxy.public_endpoints.is_empty(),
+                "proxy.public-endpoints",
+                "it tells TiDB Cloud's traffic metering which clients are public; \
+                 there is no metering here",
+            ),
+            (
+                !self.metering.is_empty(),
+                "[metering]",
+                "TiDB Cloud's usage metering; there is no metering here",
+            ),
+            (
+                self.enable_traffic_replay,
+                "enable-traffic-replay",
+                "TiProxy's traffic capture and replay API (/api/traffic) is not in this build",
+            ),
+            (
+                !self.security.encryption_key_path.is_empty(),
+                "security.encryption-key-path",
+                "it encrypts TiProxy's traffic capture files; there is no capture to files here",
+            ),
+            (
+                !self.balance.routing_rule.is_empty(),
+                "balance.routing-rule",
+                "it picks one of proxy.backend-clusters by client or proxy address or port; \
+                 this build serves one cluster",
+            ),
+            (
+                self.log.simple,
+                "log.simple",
+                "TiProxy's tiproxyctl-style short lines; log.encoder chooses the format here",
+            ),
+        ];
+        for (_, key, why) in set.into_iter().filter(|(on, _, _)| *on) {
+            warnings.push(format!(
+                "{file}: {key} does not apply here and is ignored: {why}"
+            ));
+        }
     }
 
     /// The working directory (for auto-certs).
