@@ -188,7 +188,7 @@ impl HealthMeter {
                 _ => None,
             });
         let first = inside.next()?;
-        let last = inside.last()?;
+        let last = inside.next_back()?;
         let (f, t) = (last.0 - first.0, last.1 - first.1);
         (f >= 0.0 && t >= 0.0).then_some((f, t))
     }
