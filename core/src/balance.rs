@@ -4,11 +4,13 @@
 //!
 //! Backends are ranked by factors, in the order of TiProxy's `[balance]
 //! policy` (lower ranks first):
-//! - `resource` (the default): memory risk, CPU use, location, load;
-//! - `location`: location, memory risk, CPU use, load;
+//! - `resource` (the default): health, memory risk, CPU use, location, load;
+//! - `location`: location, health, memory risk, CPU use, load;
 //! - `connection`: load only.
 //!
-//! Load is sessions plus sessions on their way. Memory risk is 0 below 60%
+//! Health is TiDB's error rate towards PD and TiKV ([`HealthMeter`]): 0
+//! normal, 1 in between, 2 failing. Load is sessions plus sessions on their
+//! way. Memory risk is 0 below 60%
 //! of the memory quota, 1 from 60%, 2 from 75% (TiProxy's OOM-risk levels);
 //! CPU use is compared in 5% steps; location is whether the backend is in
 //! this proxy's zone. A factor whose data some accepting backend lacks (no
@@ -19,7 +21,9 @@
 //! - backends that are draining, removed or unhealthy are evacuated first,
 //!   one session at a time to the best-ranked target;
 //! - then the worst-ranked backend gives sessions to the best-ranked one,
-//!   for the first factor where they differ enough: any memory-risk
+//!   for the first factor where they differ enough: a failing backend
+//!   next to a normal one (all its sessions within 60 s, or at
+//!   `[balance.health] migrations-per-second`), any memory-risk
 //!   difference (at TiProxy's pace: all sessions of a backend at OOM risk
 //!   within 10 s, at high memory within 60 s), a CPU difference of at
 //!   least two steps and 20%, a backend outside the zone when one inside
@@ -38,15 +42,25 @@
 //! sessions cool down after a failed move and which backends cannot export
 //! sessions; the per-second rates of `[balance.<factor>]` and their
 //! defaults ([`Rates`]) become one tick's budgets in [`BalanceConfig::new`].
+//!
+//! Where a new connection goes is [`route`], by TiProxy's `[balance]
+//! routing-policy` ([`Routing`]).
 
 mod cpu;
+mod health;
 mod ledger;
+mod route;
 
 pub use cpu::{CPU_METRICS_EXPIRY, CPU_MIN_READ_INTERVAL, CpuMeter};
+pub use health::{
+    HEALTH_INDICATORS, HEALTH_METRICS_EXPIRY, HEALTH_WINDOW, HealthLevel, HealthMeter,
+    HealthReading, Indicator, Judgement,
+};
 pub use ledger::{
     ER_CANNOT_EXPORT_NOW, FAILED_MOVE_COOLDOWN, MAX_MOVES_IN_FLIGHT, MoveLedger, MoveOutcome,
     Resolved,
 };
+pub use route::{Routing, route};
 
 /// TiProxy's `[balance] policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,8 +88,8 @@ impl Policy {
     fn factors(self) -> &'static [Factor] {
         use Factor::*;
         match self {
-            Policy::Resource => &[Memory, Cpu, Location, Load],
-            Policy::Location => &[Location, Memory, Cpu, Load],
+            Policy::Resource => &[Health, Memory, Cpu, Location, Load],
+            Policy::Location => &[Location, Health, Memory, Cpu, Load],
             Policy::Connection => &[Load],
         }
     }
@@ -86,6 +100,8 @@ impl Policy {
 pub enum Factor {
     /// Its backend is draining, removed or unhealthy.
     Evacuate,
+    /// Its backend fails towards PD or TiKV (TiDB's error rates).
+    Health,
     /// Its backend is at a higher memory risk.
     Memory,
     /// Its backend is busier on CPU.
@@ -101,6 +117,7 @@ impl Factor {
     pub fn name(self) -> &'static str {
         match self {
             Factor::Evacuate => "status",
+            Factor::Health => "health",
             Factor::Memory => "memory",
             Factor::Cpu => "cpu",
             Factor::Location => "location",
@@ -138,6 +155,9 @@ pub struct BackendLoad {
     pub memory: Option<f64>,
     /// In this proxy's zone (true when no zone is configured).
     pub local: bool,
+    /// Its health from TiDB's error rates ([`HealthMeter`]); normal when
+    /// unknown, as TiProxy takes a backend without metrics.
+    pub health: HealthLevel,
 }
 
 impl BackendLoad {
@@ -153,6 +173,7 @@ impl BackendLoad {
             cpu: None,
             memory: None,
             local: true,
+            health: HealthLevel::Normal,
         }
     }
 
@@ -202,6 +223,9 @@ pub struct BalanceConfig {
     pub memory_budget: Option<u32>,
     /// Most moves per tick into the zone (`location`).
     pub location_budget: u32,
+    /// Most moves per tick away from a failing backend (`health`); `None`
+    /// paces as TiProxy does (all its sessions within 60 s).
+    pub health_budget: Option<u32>,
     /// Imbalance that triggers moves between accepting backends (busiest
     /// over idlest); TiProxy's `conn-count.count-ratio-threshold`.
     pub count_ratio_threshold: f64,
@@ -254,6 +278,9 @@ pub struct Rates {
     pub memory: Option<f64>,
     /// `[balance.location] migrations-per-second`.
     pub location: f64,
+    /// `[balance.health] migrations-per-second`; `None` (or 0): TiProxy's
+    /// pace (see the module documentation).
+    pub health: Option<f64>,
     /// `[balance.conn-count] count-ratio-threshold`.
     pub count_ratio_threshold: f64,
 }
@@ -266,6 +293,7 @@ impl Default for Rates {
             cpu: CPU_RATE,
             memory: None,
             location: LOCATION_RATE,
+            health: None,
             count_ratio_threshold: COUNT_RATIO_THRESHOLD,
         }
     }
@@ -285,6 +313,7 @@ impl BalanceConfig {
             cpu_budget: per_tick(or(rates.cpu, CPU_RATE)),
             memory_budget: rates.memory.filter(|r| *r > 0.0).map(per_tick),
             location_budget: per_tick(or(rates.location, LOCATION_RATE)),
+            health_budget: rates.health.filter(|r| *r > 0.0).map(per_tick),
             count_ratio_threshold: if rates.count_ratio_threshold > 1.0 {
                 rates.count_ratio_threshold
             } else {
@@ -363,6 +392,7 @@ impl<'a> Ranking<'a> {
 
     fn score(&self, i: usize, f: Factor) -> u64 {
         match f {
+            Factor::Health => self.bs[i].health as u64,
             Factor::Memory => self.memory_level(i),
             Factor::Cpu if self.use_cpu => self.cpu(i).map_or(0, cpu_step),
             Factor::Location => u64::from(!self.bs[i].local),
@@ -372,8 +402,8 @@ impl<'a> Ranking<'a> {
     }
 
     /// Rank key: lower is better.
-    fn key(&self, i: usize) -> [u64; 4] {
-        let mut k = [0; 4];
+    fn key(&self, i: usize) -> [u64; 5] {
+        let mut k = [0; 5];
         for (slot, f) in k.iter_mut().zip(self.policy.factors()) {
             *slot = self.score(i, *f);
         }
@@ -409,6 +439,17 @@ impl<'a> Ranking<'a> {
     fn reason(&self, from: usize, to: usize, ratio: f64) -> Option<Factor> {
         for &f in self.policy.factors() {
             match f {
+                Factor::Health => {
+                    // TiProxy moves only from failing to normal; one level
+                    // apart leaves the decision to the next factors.
+                    let (a, b) = (self.bs[from].health as u64, self.bs[to].health as u64);
+                    if a < b {
+                        return None;
+                    }
+                    if a >= b + 2 {
+                        return Some(Factor::Health);
+                    }
+                }
                 Factor::Memory => {
                     let (a, b) = (self.memory_level(from), self.memory_level(to));
                     if a != b {
@@ -461,6 +502,10 @@ impl<'a> Ranking<'a> {
     }
 }
 
+/// A failing backend's sessions all leave within this many seconds
+/// (TiProxy's `balanceSeconds4Health`: slow, since metrics lag).
+pub const HEALTH_BALANCE_SECS: f64 = 60.0;
+
 /// Whether CPU use `a` exceeds `b` by enough to move sessions: two steps
 /// and [`CPU_IMBALANCE_RATIO`].
 fn cpu_imbalanced(a: f64, b: f64) -> bool {
@@ -468,15 +513,15 @@ fn cpu_imbalanced(a: f64, b: f64) -> bool {
 }
 
 /// The backend for a new connection: the best-ranked accepting backend
-/// under `policy`; `tie` (random) breaks ties.
+/// under `policy`; `tie` (random) breaks ties ([`Routing::Idlest`]).
 pub fn choose(backends: &[BackendLoad], policy: Policy, tie: u64) -> Option<usize> {
-    let r = Ranking::new(backends, policy);
-    let best = r.best(|_| true)?;
-    let key = r.key(best);
-    let ties: Vec<usize> = (0..backends.len())
-        .filter(|&i| backends[i].accepts && r.key(i) == key)
-        .collect();
-    Some(ties[(tie % ties.len() as u64) as usize])
+    route(
+        backends,
+        policy,
+        Routing::Idlest,
+        COUNT_RATIO_THRESHOLD,
+        tie,
+    )
 }
 
 /// Each backend's rank under `policy`: the score of each factor in the
@@ -531,18 +576,20 @@ pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
     }
     // 2. Balance among accepting backends: the worst-ranked gives to the
     //    best-ranked, for the first factor that says so.
+    let pace = |from: usize, secs: f64| -> u32 {
+        ((f64::from(backends[from].sessions) * cfg.tick_secs / secs).ceil() as u32).max(1)
+    };
     let memory_pace = |from: usize| -> u32 {
-        let b = &backends[from];
-        let secs = match b.memory.map(memory_level) {
-            Some(2) => 10.0,
-            _ => 60.0,
-        };
-        ((f64::from(b.sessions) * cfg.tick_secs / secs).ceil() as u32).max(1)
+        match backends[from].memory.map(memory_level) {
+            Some(2) => pace(from, 10.0),
+            _ => pace(from, 60.0),
+        }
     };
     let mut left_load = cfg.rebalance_budget;
     let mut left_cpu = cfg.cpu_budget;
     let mut left_location = cfg.location_budget;
     let mut left_memory: Vec<Option<u32>> = vec![None; backends.len()];
+    let mut left_health: Vec<Option<u32>> = vec![None; backends.len()];
     // A backend is a source or a target within one tick, never both.
     let target = |moves: &[Move], i: usize| moves.iter().any(|m| m.to == i);
     let source = |moves: &[Move], i: usize| moves.iter().any(|m| m.from == i);
@@ -564,6 +611,10 @@ pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
         let left = match factor {
             Factor::Memory => left_memory[from]
                 .get_or_insert_with(|| cfg.memory_budget.unwrap_or_else(|| memory_pace(from))),
+            Factor::Health => left_health[from].get_or_insert_with(|| {
+                cfg.health_budget
+                    .unwrap_or_else(|| pace(from, HEALTH_BALANCE_SECS))
+            }),
             Factor::Cpu => &mut left_cpu,
             Factor::Location => &mut left_location,
             Factor::Load | Factor::Evacuate => &mut left_load,

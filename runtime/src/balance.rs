@@ -1,5 +1,6 @@
 //! The loops that feed and apply balancing: [`metrics_loop`] reads each
-//! TiDB's CPU and memory use, [`balance_loop`] plans every tick's moves
+//! TiDB's CPU and memory use and its error counters (the health factor),
+//! [`balance_loop`] plans every tick's moves
 //! with the core and asks the chosen sessions to move. Decisions are the
 //! core's ([`tiproxy_core::balance::plan`], the move ledger); these loops
 //! only gather inputs and apply outcomes.
@@ -7,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::conn::{Control, Mailbox};
 use crate::http_client::http_get;
@@ -16,7 +17,8 @@ use crate::router::MetricsReading;
 use crate::state::State;
 
 /// Every `[health-check] metrics-interval`: each TiDB's `/metrics` on its
-/// status port, for CPU and memory use (what the `resource` and `location`
+/// status port, for CPU and memory use and the error counters towards PD
+/// and TiKV (what the `resource` and `location`
 /// policies rank by). A backend without the metrics (not a TiDB, or an
 /// unreachable status port) is simply not ranked by them; its health is
 /// `probe_loop`'s business, so failures here are logged at debug only.
@@ -50,6 +52,7 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
                                 m.backend_metric.with_label_values(&[&b.addr, what]).set(v);
                             }
                         }
+                        report_health(&b, now);
                     }
                     Ok((code, _)) => {
                         m.server_error(crate::metrics::err_type::BACKEND_METRICS);
@@ -100,6 +103,47 @@ fn close_after_failover_timeout<N: Network>(st: &State<N>) {
     }
 }
 
+/// The health factor's series (TiProxy's `failure_pd`, `total_pd`, ...
+/// of `tiproxy_backend_backend_metric`) and one log line when a backend's
+/// level changes: a failing TiDB is loud, its recovery is not.
+fn report_health(b: &crate::router::Backend, now: tokio::time::Instant) {
+    use tiproxy_core::balance::{HEALTH_INDICATORS, HealthLevel};
+    let m = crate::metrics::metrics();
+    let (j, increases, changed) = b.health_report(now);
+    for (ind, inc) in HEALTH_INDICATORS.iter().zip(increases) {
+        let Some((failures, total)) = inc else {
+            continue;
+        };
+        let total_key = ind.name.replace("failure_", "total_");
+        m.backend_metric
+            .with_label_values(&[&b.addr, ind.name])
+            .set(failures);
+        m.backend_metric
+            .with_label_values(&[&b.addr, &total_key])
+            .set(total);
+    }
+    if !changed {
+        return;
+    }
+    match j.level {
+        HealthLevel::Failing => warn!(
+            backend = %b.addr,
+            indicator = j.indicator.unwrap_or(""),
+            failures = j.failures,
+            total = j.total,
+            "TiDB fails towards PD or TiKV: its sessions move to healthy TiDBs"
+        ),
+        HealthLevel::Degraded => info!(
+            backend = %b.addr,
+            indicator = j.indicator.unwrap_or(""),
+            failures = j.failures,
+            total = j.total,
+            "TiDB reports errors towards PD or TiKV: new connections prefer other TiDBs"
+        ),
+        HealthLevel::Normal => info!(backend = %b.addr, "TiDB's error rates are back to normal"),
+    }
+}
+
 pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
     let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
@@ -126,7 +170,7 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             cfg = live.balance.plan_config();
             st.shared
                 .router
-                .set_balance(cfg.policy, live.labels.get("zone").cloned());
+                .set_balance(crate::router::RoutingSettings::from_config(&live));
             drop(live);
             fail_list(&st);
         }

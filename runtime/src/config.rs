@@ -59,11 +59,11 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Working directory for generated files (auto-certs).
     pub workdir: String,
-    /// TiProxy's traffic replay switch (accepted, not implemented).
+    /// TiProxy's traffic replay switch (not applicable, warned about).
     pub enable_traffic_replay: bool,
     /// Virtual IP failover between proxies.
     pub ha: HaConfig,
-    /// TiProxy's metering section (accepted, not implemented).
+    /// TiProxy's metering section (not applicable, warned about).
     pub metering: toml::Table,
 }
 
@@ -256,7 +256,7 @@ pub struct SecurityConfig {
     pub sql_tls: TlsConfig,
     /// Refuse backends without TLS.
     pub require_backend_tls: bool,
-    /// TiProxy's encryption key (accepted, not implemented).
+    /// TiProxy's capture encryption key (not applicable, warned about).
     pub encryption_key_path: String,
 }
 
@@ -279,9 +279,13 @@ pub struct TlsConfig {
     pub cert_allowed_cn: Vec<String>,
     /// Generate a self-signed certificate at start.
     pub auto_certs: bool,
-    /// Key size for auto-certs (auto-certs use ECDSA P-256 here; accepted).
+    /// Auto-certs: 0 makes an ECDSA P-256 key (as strong as RSA 3072 and
+    /// made at once; TiProxy makes RSA 4096), otherwise an RSA key of this
+    /// many bits, at least 2048 (TiProxy's floor is 1024; the TLS library
+    /// here refuses smaller RSA keys).
     pub rsa_key_size: u32,
-    /// Lifetime of auto-certs (accepted).
+    /// Lifetime of auto-certs, a Go duration (`"2160h"`); empty: 90 days,
+    /// TiProxy's default.
     pub autocert_expire_duration: String,
     /// Client side: skip verifying the peer's certificate.
     pub skip_ca: bool,
@@ -641,6 +645,27 @@ impl Config {
                     format!("\"{}\" is not one of 1.2, 1.3", t.min_tls_version),
                 ));
             }
+            if !t.autocert_expire_duration.is_empty() {
+                match parse_duration(&t.autocert_expire_duration) {
+                    Ok(d) if !d.is_zero() => {}
+                    Ok(_) => {
+                        return Err(err(
+                            &format!("{key}.autocert-expire-duration"),
+                            "0 is no lifetime; use e.g. \"2160h\" or leave it out".into(),
+                        ));
+                    }
+                    Err(m) => return Err(err(&format!("{key}.autocert-expire-duration"), m)),
+                }
+            }
+            if t.rsa_key_size > 8192 {
+                return Err(err(
+                    &format!("{key}.rsa-key-size"),
+                    format!(
+                        "{} is out of range; use 0 (ECDSA P-256) or up to 8192",
+                        t.rsa_key_size
+                    ),
+                ));
+            }
             for (f, path) in [("cert", &t.cert), ("key", &t.key), ("ca", &t.ca)] {
                 if !path.is_empty() && !Path::new(path).exists() {
                     return Err(err(
@@ -686,7 +711,52 @@ impl Config {
                 "{file}: [ha] needs both virtual-ip and interface; the virtual IP is off"
             ));
         }
+        self.not_applicable(file, warnings);
         Ok(())
+    }
+
+    /// TiProxy keys that do not apply to this build, each with the reason
+    /// the user sees at start-up when it is set.
+    fn not_applicable(&self, file: &str, warnings: &mut Vec<String>) {
+        let set = [
+            (
+                !self.proxy.public_endpoints.is_empty(),
+                "proxy.public-endpoints",
+                "it tells TiDB Cloud's traffic metering which clients are public; \
+                 there is no metering here",
+            ),
+            (
+                !self.metering.is_empty(),
+                "[metering]",
+                "TiDB Cloud's usage metering; there is no metering here",
+            ),
+            (
+                self.enable_traffic_replay,
+                "enable-traffic-replay",
+                "TiProxy's traffic capture and replay API (/api/traffic) is not in this build",
+            ),
+            (
+                !self.security.encryption_key_path.is_empty(),
+                "security.encryption-key-path",
+                "it encrypts TiProxy's traffic capture files; there is no capture to files here",
+            ),
+            (
+                !self.balance.routing_rule.is_empty(),
+                "balance.routing-rule",
+                "it picks one of proxy.backend-clusters by client or proxy address or port; \
+                 this build serves one cluster",
+            ),
+            (
+                self.log.simple,
+                "log.simple",
+                "TiProxy's tiproxyctl-style short lines; log.encoder chooses the format here",
+            ),
+        ];
+        for (_, key, why) in set.into_iter().filter(|(on, _, _)| *on) {
+            warnings.push(format!(
+                "{file}: {key} does not apply here and is ignored: {why}"
+            ));
+        }
     }
 
     /// The working directory (for auto-certs).

@@ -87,7 +87,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
-    router.set_balance(config.balance.policy(), config.labels.get("zone").cloned());
+    router.set_balance(crate::router::RoutingSettings::from_config(&config));
     if let Some(seed) = net.rng_seed() {
         router.seed_rng(seed);
     }

@@ -18,7 +18,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use tiproxy_core::balance::{BackendLoad, CpuMeter, CpuSample, MoveLedger, Policy, choose};
+use tiproxy_core::balance::{
+    BackendLoad, CpuMeter, CpuSample, HealthLevel, HealthMeter, HealthReading, MoveLedger, Policy,
+    Routing, route,
+};
 pub use tiproxy_core::health::FAILED_BACKEND_PAUSE;
 use tiproxy_core::health::{
     BackendHealth, CheckFailure, Dial, ExhaustionLog, HealthConfig, LocalExhaustion, Outcome,
@@ -56,6 +59,10 @@ struct Resources {
     cpu: CpuMeter,
     /// Memory use of quota, and when.
     memory: Option<(f64, Instant)>,
+    /// TiDB's error counters towards PD and TiKV (the health factor).
+    health: HealthMeter,
+    /// The health level last reported, to log changes once.
+    reported: HealthLevel,
 }
 
 /// Memory use older than this is not used.
@@ -72,6 +79,8 @@ pub struct MetricsReading {
     pub resident_bytes: Option<f64>,
     /// `tidb_server_memory_quota_bytes`.
     pub quota_bytes: Option<f64>,
+    /// The error counters of TiProxy's health factor.
+    pub health: HealthReading,
 }
 
 impl MetricsReading {
@@ -92,6 +101,7 @@ impl MetricsReading {
             maxprocs: ok(v[1]).filter(|x| *x > 0.0),
             resident_bytes: ok(v[2]),
             quota_bytes: ok(v[3]).filter(|x| *x > 0.0),
+            health: HealthReading::parse(text),
         }
     }
 }
@@ -153,6 +163,31 @@ impl Backend {
         if let (Some(rss), Some(quota)) = (m.resident_bytes, m.quota_bytes) {
             r.memory = Some(((rss / quota).clamp(0.0, 1.0), now));
         }
+        r.health.record(m.health, now.into_std());
+    }
+
+    /// Its health from TiDB's error rates at `now`.
+    pub fn health_level(&self, now: Instant) -> HealthLevel {
+        let r = self.resources.lock().expect("backend lock");
+        r.health.level(now.into_std())
+    }
+
+    /// The health factor's view at `now`: what it judged, each indicator's
+    /// failures and total over the window, and whether the level changed
+    /// since the last call (to log it once).
+    pub fn health_report(
+        &self,
+        now: Instant,
+    ) -> (
+        tiproxy_core::balance::Judgement,
+        [Option<(f64, f64)>; 2],
+        bool,
+    ) {
+        let mut r = self.resources.lock().expect("backend lock");
+        let j = r.health.judge(now.into_std());
+        let changed = j.level != r.reported;
+        r.reported = j.level;
+        (j, r.health.increases(now.into_std()), changed)
     }
 
     /// CPU use and memory use when recent enough.
@@ -327,6 +362,47 @@ impl PlantedBug {
     }
 }
 
+/// How new connections are routed: `[balance] policy`, `routing-policy`,
+/// `conn-count.count-ratio-threshold` and this proxy's `zone` label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingSettings {
+    /// Ranks backends.
+    pub policy: Policy,
+    /// Picks among them.
+    pub routing: Routing,
+    /// What "would be balanced away" means for session counts.
+    pub count_ratio_threshold: f64,
+    /// This proxy's zone.
+    pub zone: Option<String>,
+}
+
+impl RoutingSettings {
+    /// The settings a configuration asks for.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        let plan = c.balance.plan_config();
+        Self {
+            policy: plan.policy,
+            routing: c.balance.routing(),
+            count_ratio_threshold: plan.count_ratio_threshold,
+            zone: c.labels.get("zone").cloned(),
+        }
+    }
+}
+
+impl Default for RoutingSettings {
+    /// The best-ranked backend, TiProxy's default ranking: what a router
+    /// does until the proxy sets its configuration (the router's own
+    /// tests rely on it being exact).
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            routing: Routing::Idlest,
+            count_ratio_threshold: tiproxy_core::balance::COUNT_RATIO_THRESHOLD,
+            zone: None,
+        }
+    }
+}
+
 /// The backend set.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -337,8 +413,8 @@ pub struct Router {
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Mutex<Option<PlantedBug>>,
-    /// `[balance] policy` and this proxy's `zone` label.
-    balance: RwLock<(Policy, Option<String>)>,
+    /// See [`RoutingSettings`].
+    balance: RwLock<RoutingSettings>,
     /// `[health-check]`'s failure threshold (set by the health loop).
     health: RwLock<HealthConfig>,
     /// Connections refused because the proxy ran out of descriptors or
@@ -572,20 +648,21 @@ impl Router {
         self.with_moves(|l| l.can_export(&b.addr))
     }
 
-    /// Sets the balance policy and this proxy's zone (reloadable).
-    pub fn set_balance(&self, policy: Policy, zone: Option<String>) {
-        *self.balance.write().expect("router lock") = (policy, zone);
+    /// Sets the balance policy, routing policy, count ratio and this
+    /// proxy's zone (reloadable).
+    pub fn set_balance(&self, s: RoutingSettings) {
+        *self.balance.write().expect("router lock") = s;
     }
 
     /// The balance policy.
     pub fn policy(&self) -> Policy {
-        self.balance.read().expect("router lock").0
+        self.balance.read().expect("router lock").policy
     }
 
     /// What the balancer knows of `b` now (`movable` left at 0).
     pub fn load_of(&self, b: &Backend, now: Instant) -> BackendLoad {
         let (cpu, memory) = b.resources(now);
-        let local = match &self.balance.read().expect("router lock").1 {
+        let local = match &self.balance.read().expect("router lock").zone {
             Some(zone) => b.zone() == Some(zone.as_str()),
             None => true,
         };
@@ -598,12 +675,14 @@ impl Router {
             cpu,
             memory,
             local,
+            health: b.health_level(now),
         }
     }
 
-    /// The backend for a new connection, skipping `exclude`: the best
-    /// under the balance policy (by default: no memory risk, least CPU,
-    /// in this proxy's zone, fewest connections), ties broken at random.
+    /// The backend for a new connection, skipping `exclude`, by the routing
+    /// policy over the balance policy's ranking (by default: healthy, no
+    /// memory risk, least CPU, in this proxy's zone, fewest connections);
+    /// see [`tiproxy_core::balance::route`].
     pub fn pick(&self, exclude: &[String]) -> Option<Arc<Backend>> {
         let now = Instant::now();
         let list = self.backends();
@@ -624,8 +703,9 @@ impl Router {
         if !loads.iter().any(|l| l.accepts) {
             return None;
         }
-        let tie = self.with_rng(|r| r.next_u64());
-        choose(&loads, self.policy(), tie).map(|i| list[i].clone())
+        let draw = self.with_rng(|r| r.next_u64());
+        let s = self.balance.read().expect("router lock").clone();
+        route(&loads, s.policy, s.routing, s.count_ratio_threshold, draw).map(|i| list[i].clone())
     }
 
     /// Records what a backend announced.

@@ -66,6 +66,47 @@ fn read_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, Tls
     Ok(certs)
 }
 
+/// Lifetime of auto-certs when `autocert-expire-duration` is empty: 90
+/// days, TiProxy's `DefaultCertExpiration`.
+pub const AUTO_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// Smallest RSA key auto-certs make: smaller sizes are raised to it.
+/// TiProxy's floor is 1024; rustls' ring refuses to sign with RSA keys
+/// under 2048 bits.
+pub const MIN_RSA_KEY_BITS: u32 = 2048;
+
+/// A self-signed certificate for `tiproxy` and `localhost` with its key:
+/// ECDSA P-256 unless `rsa-key-size` asks for RSA, valid from an hour ago
+/// (clock skew) for `autocert-expire-duration`.
+fn auto_cert(cfg: &TlsConfig) -> Result<(rcgen::Certificate, PrivateKeyDer<'static>), String> {
+    let key_pair = if cfg.rsa_key_size == 0 {
+        rcgen::KeyPair::generate().map_err(|e| e.to_string())?
+    } else {
+        use rsa::pkcs8::EncodePrivateKey;
+        let bits = cfg.rsa_key_size.max(MIN_RSA_KEY_BITS) as usize;
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
+            .map_err(|e| format!("cannot make an RSA key of {bits} bits: {e}"))?;
+        let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+        rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+            .map_err(|e| e.to_string())?
+    };
+    let lifetime = match cfg.autocert_expire_duration.as_str() {
+        "" => AUTO_CERT_LIFETIME,
+        d => crate::config::parse_duration(d)?,
+    };
+    let mut params =
+        rcgen::CertificateParams::new(vec!["tiproxy".to_string(), "localhost".to_string()])
+            .map_err(|e| e.to_string())?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now
+        + time::Duration::try_from(lifetime).map_err(|e| format!("lifetime {lifetime:?}: {e}"))?;
+    let cert = params.self_signed(&key_pair).map_err(|e| e.to_string())?;
+    let der = PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(|e| e.to_string())?;
+    Ok((cert, der))
+}
+
 fn read_key(path: &str, key: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError {
         key: key.into(),
@@ -87,13 +128,9 @@ pub fn server_config(
         return Ok(None);
     }
     let (certs, private) = if cfg.cert.is_empty() {
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "tiproxy".to_string(),
-            "localhost".to_string(),
-        ])
-        .map_err(|e| TlsError {
+        let (cert, der) = auto_cert(cfg).map_err(|message| TlsError {
             key: format!("{key}.auto-certs"),
-            message: e.to_string(),
+            message,
         })?;
         let _ = std::fs::create_dir_all(workdir);
         let file = if key == "server-http-tls" {
@@ -101,13 +138,8 @@ pub fn server_config(
         } else {
             "server-cert.pem"
         };
-        let _ = std::fs::write(workdir.join(file), ck.cert.pem());
-        let der =
-            PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| TlsError {
-                key: format!("{key}.auto-certs"),
-                message: e.to_string(),
-            })?;
-        (vec![ck.cert.der().clone()], der)
+        let _ = std::fs::write(workdir.join(file), cert.pem());
+        (vec![cert.der().clone()], der)
     } else {
         (
             read_certs(&cfg.cert, &format!("{key}.cert"))?,

@@ -563,6 +563,19 @@ impl TidbDouble {
         assert_eq!(status, 200, "{reply}");
     }
 
+    /// Makes this share (0.0-1.0) of instance `i`'s TSO requests to PD
+    /// and/or RPCs to TiKV fail, as its `/metrics` shows.
+    pub fn set_errors(&self, i: usize, pd: Option<f64>, tikv: Option<f64>) {
+        let body = serde_json::json!({ "pd": pd, "tikv": tikv }).to_string();
+        let (status, reply) = http_request_with_body(
+            self.control,
+            "POST",
+            &format!("/instances/{i}/errors"),
+            &body,
+        );
+        assert_eq!(status, 200, "{reply}");
+    }
+
     /// The backend-addrs TOML entry of instance `i` (SQL and status ports).
     pub fn backend_entry(i: &TidbInstance) -> String {
         format!("{{ addr = \"{}\", status-addr = \"{}\" }}", i.sql, i.status)

@@ -1,7 +1,8 @@
 //! Resource and location balancing with real processes: TiDB doubles whose
 //! `/metrics` report the CPU and memory use a test sets, and the tiproxy
-//! binary reading them. Sessions leave a TiDB whose CPU is pegged or whose
-//! memory is at OOM risk, new connections avoid it, sessions gather in the
+//! binary reading them. Sessions leave a TiDB whose CPU is pegged, whose
+//! memory is at OOM risk or whose requests to PD fail (the double's error
+//! counters), new connections avoid it, sessions gather in the
 //! proxy's zone, and the drain figure (status 500 to the last session
 //! moved) is measured. Clients keep querying throughout: no errors.
 
@@ -195,6 +196,48 @@ async fn a_tidb_at_oom_risk_is_emptied_within_ten_seconds() {
     .await;
     eprintln!("FIGURE memory: 10 sessions left a TiDB at 80% of its memory quota in {took:?}");
     assert_eq!(new_connection_port(proxy.sql).await, tidbs[0].sql.port());
+    work.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tidb_failing_towards_pd_is_emptied_and_avoided() {
+    // TiProxy's health factor: the TiDB whose TSO requests to PD fail is
+    // ranked last; its sessions leave (all within 60 s, here 10 per
+    // second: the one-per-tick floor) and new connections go elsewhere.
+    let (cluster, tidbs, proxy) = start(&["a", "a"], "");
+    let work = Workload::start(proxy.sql, 20).await;
+    eventually("20 sessions spread 10/10", Duration::from_secs(10), || {
+        connections_on(&proxy, tidbs[0].sql) == 10 && connections_on(&proxy, tidbs[1].sql) == 10
+    })
+    .await;
+    cluster.set_errors(0, Some(0.9), None);
+    let took = eventually(
+        "the TiDB failing towards PD emptied",
+        Duration::from_secs(15),
+        || connections_on(&proxy, tidbs[0].sql) == 0,
+    )
+    .await;
+    eprintln!("FIGURE health: 10 sessions left a TiDB failing 90% of its TSO requests in {took:?}");
+    let failing = backends(&proxy)
+        .into_iter()
+        .find(|x| x["addr"] == tidbs[0].sql.to_string())
+        .expect("listed");
+    assert_eq!(failing["score"]["health"], 2, "{failing}");
+    for _ in 0..5 {
+        assert_eq!(new_connection_port(proxy.sql).await, tidbs[1].sql.port());
+    }
+    let log = proxy.log.lock().expect("log").clone();
+    assert_eq!(
+        log.matches("TiDB fails towards PD or TiKV").count(),
+        1,
+        "one loud line naming the indicator: {log}"
+    );
+    assert!(log.contains("failure_pd"), "{log}");
+    // TiKV errors on the other TiDB as well: both fail, nothing moves
+    // back (TiProxy moves only from failing to normal).
+    cluster.set_errors(1, None, Some(0.5));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(connections_on(&proxy, tidbs[0].sql), 0);
     work.finish().await;
 }
 

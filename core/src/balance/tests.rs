@@ -183,6 +183,39 @@ fn location_moves_into_the_zone_unless_it_is_busy() {
     assert!(plan(&bs, &cfg).is_empty());
 }
 
+#[test]
+fn a_failing_tidb_is_emptied_within_a_minute_and_a_degraded_one_kept() {
+    let mut failing = b(600, true, false);
+    failing.health = HealthLevel::Failing;
+    let bs = [failing, b(600, true, false)];
+    let p = plan(&bs, &BalanceConfig::default());
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].factor, Factor::Health);
+    assert_eq!((p[0].from, p[0].to), (0, 1));
+    assert_eq!(p[0].count, 1, "600 sessions over 60 s: one per 100 ms tick");
+    // `[balance.health] migrations-per-second` overrides the pace.
+    let fast = BalanceConfig::new(
+        Policy::Resource,
+        &Rates {
+            health: Some(50.0),
+            ..Rates::default()
+        },
+    );
+    assert_eq!(plan(&bs, &fast)[0].count, 5);
+    // One level apart is not enough (TiProxy moves only failing to normal).
+    let mut degraded = b(600, true, false);
+    degraded.health = HealthLevel::Degraded;
+    assert!(plan(&[degraded, b(600, true, false)], &BalanceConfig::default()).is_empty());
+    // Health is ranked before memory, CPU and load.
+    let mut calm = tidb(0, 0.0, 0.001, 0.1);
+    calm.health = HealthLevel::Failing;
+    let busy = tidb(50, 0.5, 0.001, 0.7);
+    assert_eq!(choose(&[calm, busy], Policy::Resource, 0), Some(1));
+    assert_eq!(choose(&[calm, busy], Policy::Connection, 0), Some(0));
+    let s = scores(&[calm, busy], Policy::Resource);
+    assert_eq!(s[0][0], (Factor::Health, 2));
+}
+
 fn arb_backends() -> impl Strategy<Value = Vec<BackendLoad>> {
     proptest::collection::vec(
         (
@@ -197,10 +230,15 @@ fn arb_backends() -> impl Strategy<Value = Vec<BackendLoad>> {
                 proptest::option::of(0.0f64..1.0),
                 proptest::option::of(0.0f64..1.0),
                 any::<bool>(),
+                prop_oneof![
+                    Just(HealthLevel::Normal),
+                    Just(HealthLevel::Degraded),
+                    Just(HealthLevel::Failing)
+                ],
             ),
         )
             .prop_map(
-                |((sessions, incoming, accepts, evacuate, pct), (cpu, memory, local))| {
+                |((sessions, incoming, accepts, evacuate, pct), (cpu, memory, local, health))| {
                     BackendLoad {
                         sessions,
                         incoming,
@@ -210,6 +248,7 @@ fn arb_backends() -> impl Strategy<Value = Vec<BackendLoad>> {
                         cpu: cpu.map(|usage| CpuSample { usage, sessions }),
                         memory,
                         local,
+                        health,
                     }
                 },
             ),
@@ -249,6 +288,11 @@ proptest! {
         prop_assert!(by(Factor::Load) <= factor_budget);
         if policy == Policy::Connection {
             prop_assert_eq!(by(Factor::Cpu) + by(Factor::Memory) + by(Factor::Location), 0);
+            prop_assert_eq!(by(Factor::Health), 0, "health is not a factor of `connection`");
+        }
+        for m in p.iter().filter(|m| m.factor == Factor::Health) {
+            prop_assert_eq!(bs[m.from].health, HealthLevel::Failing);
+            prop_assert_eq!(bs[m.to].health, HealthLevel::Normal);
         }
         for m in &p {
             prop_assert!(bs[m.to].accepts, "never targets a backend that cannot take sessions");
@@ -264,6 +308,11 @@ proptest! {
         }
         if let Some(i) = choose(&bs, policy, 7) {
             prop_assert!(bs[i].accepts);
+        }
+        for routing in [Routing::PreferIdle, Routing::Random] {
+            let r = route(&bs, policy, routing, 1.2, u64::from(budget));
+            prop_assert_eq!(r.is_some(), bs.iter().any(|b| b.accepts));
+            prop_assert!(r.is_none_or(|i| bs[i].accepts));
         }
     }
 

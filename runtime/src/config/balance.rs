@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 use tiproxy_core::balance::{
     COUNT_RATIO_THRESHOLD, CPU_RATE, EVACUATION_RATE, LOCATION_RATE, Policy, REBALANCE_RATE, Rates,
+    Routing,
 };
 
 use super::ConfigError;
@@ -17,8 +18,8 @@ use super::ConfigError;
 /// also picks the TiDBs PD discovery uses). Every other key is reloadable.
 pub const RESTART_REQUIRED: &[&str] = &["balance.label-name"];
 
-/// `[balance]`: TiProxy's policy, label matching and per-factor rates
-/// (`routing-rule` and `routing-policy` are read but not used).
+/// `[balance]`: TiProxy's policy, routing policy, label matching and
+/// per-factor rates (`routing-rule` is read but not used).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct BalanceConfig {
@@ -28,13 +29,14 @@ pub struct BalanceConfig {
     pub routing_rule: String,
     /// `resource`, `location` or `connection`. Reloadable.
     pub policy: String,
-    /// `prefer-idle` or `random` (accepted; routing always prefers the
-    /// best-ranked backend). Reloadable.
+    /// How a new connection picks among the ranked backends: `prefer-idle`
+    /// (at random among those the balancer would not move sessions away
+    /// from) or `random` (among all, the best slightly favoured).
+    /// Reloadable.
     pub routing_policy: String,
     /// `[balance.status]`: evacuating draining or removed TiDBs.
     pub status: StatusFactor,
-    /// `[balance.health]`: TiDB's error-rate factor (accepted, not
-    /// implemented).
+    /// `[balance.health]`: TiDB's error rates towards PD and TiKV.
     pub health: HealthFactor,
     /// `[balance.memory]`: moves away from a TiDB at memory risk.
     pub memory: MemoryFactor,
@@ -80,13 +82,15 @@ impl Default for StatusFactor {
     }
 }
 
-/// `[balance.health]` (accepted for TiProxy's files; not implemented).
+/// `[balance.health]`: sessions leave a TiDB whose requests to PD or TiKV
+/// fail (see [`tiproxy_core::balance::HealthMeter`]). Reloadable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct HealthFactor {
-    /// Whether the factor is used (accepted).
+    /// Whether the factor is used (accepted; always on).
     pub enabled: bool,
-    /// Move requests per second (accepted); 0 means TiProxy's default.
+    /// Move requests per second away from a failing TiDB; 0 means
+    /// TiProxy's pace, all its sessions within 60 s.
     pub migrations_per_second: f64,
 }
 
@@ -188,6 +192,11 @@ impl BalanceConfig {
         Policy::parse(&self.policy).unwrap_or_default()
     }
 
+    /// The routing policy in effect (validated at load).
+    pub fn routing(&self) -> Routing {
+        Routing::parse(&self.routing_policy).unwrap_or_default()
+    }
+
     /// The per-second rates, for [`tiproxy_core::balance::BalanceConfig::new`].
     pub fn rates(&self) -> Rates {
         Rates {
@@ -196,6 +205,7 @@ impl BalanceConfig {
             cpu: self.cpu.migrations_per_second,
             memory: self.memory.migrations_per_second,
             location: self.location.migrations_per_second,
+            health: Some(self.health.migrations_per_second).filter(|r| *r > 0.0),
             count_ratio_threshold: self.conn_count.count_ratio_threshold,
         }
     }
@@ -224,6 +234,15 @@ impl BalanceConfig {
                 format!(
                     "\"{}\" is not one of resource, location, connection",
                     self.policy
+                ),
+            ));
+        }
+        if Routing::parse(&self.routing_policy).is_none() {
+            return Err(err(
+                "routing-policy",
+                format!(
+                    "\"{}\" is not one of prefer-idle, random",
+                    self.routing_policy
                 ),
             ));
         }
@@ -314,6 +333,26 @@ mod tests {
         assert_eq!(p.rebalance_budget, 20);
         assert_eq!(p.budget, 20, "the larger of evacuation and rebalance");
         assert_eq!(p.count_ratio_threshold, 2.0);
+    }
+
+    #[test]
+    fn routing_policy_and_health_rate() {
+        let (c, _) = parse("").unwrap();
+        assert_eq!(c.balance.routing(), Routing::PreferIdle);
+        assert_eq!(
+            c.balance.plan_config().health_budget,
+            None,
+            "TiProxy's pace"
+        );
+        let (c, _) = parse(
+            "[balance]\nrouting-policy = \"random\"\n[balance.health]\nmigrations-per-second = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.balance.routing(), Routing::Random);
+        assert_eq!(c.balance.plan_config().health_budget, Some(3));
+        let e = parse("[balance]\nrouting-policy = \"idlest\"\n").unwrap_err();
+        assert_eq!(e.key, "balance.routing-policy");
+        assert!(e.to_string().contains("prefer-idle, random"), "{e}");
     }
 
     #[test]

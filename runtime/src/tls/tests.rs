@@ -240,3 +240,51 @@ async fn a_flood_of_refusals_is_one_line_a_minute() {
     assert!(log.refused(leg, &"1.2.3.4:8", "no"));
     assert!(!log.refused(leg, &"1.2.3.4:9", "no"));
 }
+
+/// The key algorithm, key bits and lifetime of the auto-cert written to a
+/// fresh working directory.
+fn auto_cert_facts(rsa_key_size: u32, expire: &str) -> (String, usize, i64) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tiproxy-autocert-{}-{n}", std::process::id()));
+    let cfg = TlsConfig {
+        auto_certs: true,
+        rsa_key_size,
+        autocert_expire_duration: expire.into(),
+        ..TlsConfig::default()
+    };
+    server_config(&cfg, "server-tls", &dir)
+        .expect("auto-certs")
+        .expect("TLS on");
+    let pem = std::fs::read(dir.join("server-cert.pem")).expect("written");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+    let cert = pem.parse_x509().expect("x509");
+    let spki = cert.public_key();
+    let bits = match spki.parsed().expect("public key") {
+        x509_parser::public_key::PublicKey::RSA(k) => k.key_size(),
+        x509_parser::public_key::PublicKey::EC(p) => p.key_size(),
+        other => panic!("unexpected key {other:?}"),
+    };
+    let v = cert.validity();
+    let lifetime = v.not_after.timestamp() - v.not_before.timestamp();
+    (
+        spki.algorithm.algorithm.to_id_string(),
+        bits,
+        lifetime - 3600,
+    )
+}
+
+#[test]
+fn auto_certs_honour_rsa_key_size_and_expire_duration() {
+    const RSA: &str = "1.2.840.113549.1.1.1";
+    const EC: &str = "1.2.840.10045.2.1";
+    let (alg, bits, life) = auto_cert_facts(0, "");
+    assert_eq!((alg.as_str(), bits), (EC, 256), "ECDSA P-256 by default");
+    assert_eq!(life, 90 * 24 * 3600, "TiProxy's 90 days");
+    let (alg, bits, life) = auto_cert_facts(2048, "48h");
+    assert_eq!((alg.as_str(), bits), (RSA, 2048));
+    assert_eq!(life, 48 * 3600);
+    let (_, bits, _) = auto_cert_facts(1024, "");
+    assert_eq!(bits, 2048, "raised to the floor the TLS library accepts");
+}

@@ -19,6 +19,9 @@
 //!   on the same addresses.
 //! - `POST /instances/<i>/load`: `{"cpu":0.9,"memory":0.8}` (either may be
 //!   left out): the CPU and memory use its `/metrics` reports.
+//! - `POST /instances/<i>/errors`: `{"pd":0.9,"tikv":0.5}` (either may be
+//!   left out): the share of its TSO requests to PD and RPCs to TiKV that
+//!   fail, as its `/metrics` counters show (TiProxy's health factor).
 //!
 //! Cluster TLS, as TiDB's `[security] cluster-ssl-*`: `--status-tls-cert`
 //! and `--status-tls-key` serve the status ports over HTTPS
@@ -493,6 +496,32 @@ async fn route(ctl: &Arc<Control>, req: Request<Incoming>) -> Response<Full<Byte
                         return error(StatusCode::BAD_REQUEST, "cpu and memory are 0.0-1.0");
                     }
                     h.set_load(load.cpu, load.memory);
+                    reply(StatusCode::OK, current(ctl))
+                }
+                (Method::POST, ["errors"]) => {
+                    #[derive(Deserialize)]
+                    struct Errors {
+                        pd: Option<f64>,
+                        tikv: Option<f64>,
+                    }
+                    let body = match req.into_body().collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                    };
+                    let e: Errors = match serde_json::from_slice(&body) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            return error(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}"));
+                        }
+                    };
+                    if [e.pd, e.tikv]
+                        .iter()
+                        .flatten()
+                        .any(|v| !(0.0..=1.0).contains(v))
+                    {
+                        return error(StatusCode::BAD_REQUEST, "pd and tikv are 0.0-1.0");
+                    }
+                    h.set_errors(e.pd, e.tikv);
                     reply(StatusCode::OK, current(ctl))
                 }
                 (Method::POST, ["restart"]) => match ctl.fleet.restart(i).await {

@@ -128,6 +128,8 @@ pub struct Instance {
     conn_closed: Notify,
     /// What `/metrics` reports.
     usage: Mutex<Usage>,
+    /// The PD and TiKV client counters `/metrics` reports.
+    pub(crate) errors: super::status::ErrorCounters,
 }
 
 /// Processors the double reports (`tidb_server_maxprocs`).
@@ -331,6 +333,7 @@ impl TidbServer {
                 cpu_seconds: 0.0,
                 at: Instant::now(),
             }),
+            errors: super::status::ErrorCounters::default(),
         });
         let accept = tokio::spawn(accept_loop(net.clone(), sql_listener, Arc::clone(&inst)));
         let status = tokio::spawn(super::status::serve(
@@ -399,6 +402,12 @@ impl TidbHandle {
     /// Sets the CPU and/or memory use its `/metrics` reports (0.0-1.0).
     pub fn set_load(&self, cpu: Option<f64>, memory: Option<f64>) {
         self.inst.set_load(cpu, memory);
+    }
+
+    /// Makes this share (0.0-1.0) of its TSO requests to PD and/or RPCs
+    /// to TiKV fail, as its `/metrics` counters show.
+    pub fn set_errors(&self, pd: Option<f64>, tikv: Option<f64>) {
+        self.inst.errors.set(pd, tikv);
     }
 
     /// The cluster the instance belongs to.
