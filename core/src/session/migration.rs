@@ -240,6 +240,10 @@ impl<T: Clone> Session<T> {
 
     /// A packet from the old backend while the move talks to it.
     pub(super) fn on_old_backend_packet(&mut self, now: Instant, payload: &[u8]) {
+        if matches!(self.migration, Migration::AwaitTarget { .. }) {
+            // Already restoring: a second report of the same loss.
+            return;
+        }
         if matches!(self.migration, Migration::Refresh { .. }) {
             return self.on_refresh_packet(now, payload);
         }

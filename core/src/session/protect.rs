@@ -342,9 +342,7 @@ impl<T: Clone> Session<T> {
         let verdict = if busy {
             Err(Unprotected::Busy)
         } else {
-            self.protect
-                .usable(&self.cfg.protect, now)
-                .cloned()
+            self.protect.usable(&self.cfg.protect, now).cloned()
         };
         let copy = match verdict {
             Ok(c) => c,
