@@ -258,6 +258,10 @@ pub enum PlantedBug {
     MoveInsideTransaction,
     /// `SET SESSION_STATES` loses the session's first user variable.
     ForgetUserVariable,
+    /// Crash protection copies the state only when the token needs
+    /// renewing, not after a change, and restores from whatever copy it
+    /// holds: a restored session loses its recent changes.
+    RestoreStaleCopy,
 }
 
 /// The handshake response slot before the client sent one.

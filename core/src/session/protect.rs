@@ -52,7 +52,7 @@ use super::migration::{
     Migration, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader,
 };
 use super::output::RestoreOutcome;
-use super::{Action, Event, Leg, Phase, Session};
+use super::{Action, Event, Leg, Phase, PlantedBug, Session};
 use crate::command::Command;
 use crate::error::ProxyError;
 use crate::flags::CapabilityFlags;
@@ -196,10 +196,21 @@ impl Protection {
         cfg: &ProtectConfig,
         now: Instant,
     ) -> Result<&StateCopy, Unprotected> {
+        self.usable_unless(cfg, now, false)
+    }
+
+    /// [`Protection::usable`]; with `stale_ok` (a planted bug only) a copy
+    /// older than the last change still serves.
+    pub(super) fn usable_unless(
+        &self,
+        cfg: &ProtectConfig,
+        now: Instant,
+        stale_ok: bool,
+    ) -> Result<&StateCopy, Unprotected> {
         if !cfg.enabled || self.cannot_export {
             return Err(Unprotected::Off);
         }
-        if self.dirty {
+        if self.dirty && !(stale_ok && self.copy.is_some()) {
             return Err(if self.too_large {
                 Unprotected::TooLarge
             } else {
@@ -218,11 +229,11 @@ impl Protection {
 
     /// Whether a new export is worth running at `now` (the session being at
     /// a safe point).
-    pub(super) fn wants_export(&self, cfg: &ProtectConfig, now: Instant) -> bool {
+    pub(super) fn wants_export(&self, cfg: &ProtectConfig, now: Instant, stale_ok: bool) -> bool {
         if !cfg.enabled || self.cannot_export {
             return false;
         }
-        if self.dirty {
+        if self.dirty && !(stale_ok && self.copy.is_some()) {
             return true;
         }
         self.copy
@@ -342,7 +353,10 @@ impl<T: Clone> Session<T> {
         let verdict = if busy {
             Err(Unprotected::Busy)
         } else {
-            self.protect.usable(&self.cfg.protect, now).cloned()
+            let stale_ok = self.planted(PlantedBug::RestoreStaleCopy);
+            self.protect
+                .usable_unless(&self.cfg.protect, now, stale_ok)
+                .cloned()
         };
         let copy = match verdict {
             Ok(c) => c,
@@ -429,7 +443,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Protection::new();
         assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Stale));
-        assert!(p.wants_export(&cfg, t0));
+        assert!(p.wants_export(&cfg, t0, false));
         p.store(
             &cfg,
             t0,
@@ -437,8 +451,8 @@ mod tests {
             Bytes::from_static(b"tok"),
         );
         assert!(p.usable(&cfg, t0).is_ok());
-        assert!(!p.wants_export(&cfg, t0 + Duration::from_secs(29)));
-        assert!(p.wants_export(&cfg, t0 + Duration::from_secs(30)));
+        assert!(!p.wants_export(&cfg, t0 + Duration::from_secs(29), false));
+        assert!(p.wants_export(&cfg, t0 + Duration::from_secs(30), false));
         assert_eq!(
             p.usable(&cfg, t0 + Duration::from_secs(50)).err(),
             Some(Unprotected::Expired)
@@ -455,6 +469,6 @@ mod tests {
         assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::TooLarge));
         p.refused(true);
         assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Off));
-        assert!(!p.wants_export(&cfg, t0));
+        assert!(!p.wants_export(&cfg, t0, false));
     }
 }
