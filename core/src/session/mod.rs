@@ -632,10 +632,15 @@ impl<T: Clone> Session<T> {
                 // The old backend is not answering its own session: its reply
                 // may still come and could not be told apart from the next
                 // response, so the session cannot continue there.
+                // A renewal that hangs (a TiDB whose network is cut) leaves
+                // the copy it would have replaced: the session is restored
+                // elsewhere if that copy still serves.
+                let renewal = matches!(self.migration, Migration::Refresh { .. });
                 self.migration = Migration::None;
-                self.close_client_with(ProxyError::BackendLost(
-                    "TiDB did not answer SHOW SESSION_STATES".into(),
-                ));
+                let why = "TiDB did not answer SHOW SESSION_STATES";
+                if !(renewal && self.try_restore(now, why)) {
+                    self.close_client_with(ProxyError::BackendLost(why.into()));
+                }
             } else if matches!(self.migration, Migration::AwaitTarget { .. }) {
                 // The driver never named a backend to restore on.
                 self.handle_restore_target(now, None);

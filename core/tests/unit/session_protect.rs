@@ -285,3 +285,37 @@ fn a_move_asked_during_a_renewal_starts_after_it() {
         target: "tidb-2:4000".into()
     }));
 }
+
+#[test]
+fn a_renewal_that_hangs_restores_the_session_elsewhere() {
+    let mut h = protected();
+    h.now += Duration::from_secs(30);
+    h.s.handle_timeout(h.now);
+    h.pump();
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    // The TiDB's network is cut: no answer within the migration timeout.
+    h.now += Duration::from_secs(10);
+    h.s.handle_timeout(h.now);
+    h.pump();
+    assert!(!h.s.is_closed());
+    restore_on_new_backend(&mut h);
+    // The copy is 40 s old: the new TiDB is asked for a fresh one at once.
+    answer_refresh(&mut h, STATES);
+    assert!(h.s.is_protected(h.now));
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn an_export_after_a_change_that_hangs_closes_the_session() {
+    let mut h = protected();
+    h.query_ok("SET @a = 1", StatusFlags::AUTOCOMMIT);
+    h.recv_one(Leg::Backend);
+    h.now += Duration::from_secs(10);
+    h.s.handle_timeout(h.now);
+    h.pump();
+    assert!(
+        h.s.is_closed(),
+        "the copy is stale: nothing to restore from"
+    );
+}
