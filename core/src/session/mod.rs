@@ -721,7 +721,9 @@ impl<T: Clone> Session<T> {
     /// Reports a finished command; `command` when the tracker does not
     /// record it (commands without a response).
     fn command_done_as(&mut self, now: Instant, ok: bool, command: Option<Command>) {
-        self.protect.on_done(command, ok, self.response_started);
+        if self.cfg.protect.enabled {
+            self.protect.on_done(command, ok, self.response_started);
+        }
         if let (Some(cmd), Some(start)) = (command, self.command_started) {
             let done = Event::CommandDone {
                 command: cmd,
