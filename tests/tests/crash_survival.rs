@@ -156,11 +156,8 @@ async fn idle_sessions_outlive_their_tidbs_crash() {
             victim.sql.port(),
             "client {id} still on the dead TiDB"
         );
-        if c.port == victim.sql.port() {
-            assert_ne!(port, 0);
-        } else {
-            assert_eq!(port, c.port, "client {id} moved without cause");
-        }
+        // (Sessions that were elsewhere may have been moved since by
+        // balancing: the restores unbalanced the two TiDBs left.)
         let (echo, me): (i64, String) = c
             .conn
             .exec_first(&c.stmt, (id as i64,))

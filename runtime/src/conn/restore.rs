@@ -3,6 +3,7 @@
 //! TiDB died is restored on, and keeping `tiproxy_session_protected` and
 //! `tiproxy_session_restore_total` current.
 
+use tiproxy_core::balance::MoveOutcome;
 use tiproxy_core::session::RestoreOutcome;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -17,6 +18,10 @@ impl<N: Network> Driver<N> {
     pub(super) fn pick_restore_target(&mut self, reason: &str) {
         // The lost socket is of no more use (it would answer EOF forever).
         self.backend = None;
+        // A move that was pending will not happen: the restore replaces it.
+        if self.pending_move.take().is_some() {
+            self.move_resolved(MoveOutcome::Dropped);
+        }
         let lost: Vec<String> = self
             .lease
             .as_ref()
