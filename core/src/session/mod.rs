@@ -44,6 +44,9 @@
 //! - [`migration`]: the move sequence and the SESSION_STATES data it carries;
 //! - `export`: [`Session::export`] and [`Session::import`] of an idle
 //!   session, a versioned byte string;
+//! - [`protect`]: crash protection, the state copy of an idle session and
+//!   its restore on another backend when the backend dies;
+//! - `planted`: the bugs the simulation's mutation test plants;
 //! - `output`: the [`Action`]s and [`Event`]s handed to the driver.
 //!
 //! The session is generic over `T`, the driver's handle for a backend it
@@ -55,6 +58,7 @@ mod command;
 mod export;
 pub mod migration;
 mod output;
+mod planted;
 pub mod protect;
 mod relay;
 mod states;
@@ -69,6 +73,7 @@ use self::backend::Expect;
 pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError};
 use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event, RestoreOutcome};
+pub use self::planted::PlantedBug;
 use self::protect::{ProtectConfig, Protection};
 use self::relay::Relay;
 use crate::command::Command;
@@ -243,25 +248,6 @@ pub struct Session<T = String> {
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Option<PlantedBug>,
-}
-
-/// A deliberate bug the simulation plants in a session to prove that its
-/// seed sweeps catch it (mutation testing). Planting needs the
-/// `sim-mutations` feature; without it nothing can plant one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlantedBug {
-    /// A pending move does not wait for the transaction to end: at the
-    /// client's next statement the proxy commits the open transaction
-    /// behind its back and moves (TiProxy's BEGIN trick applied to any
-    /// statement). TiDB refuses to export a session inside a transaction,
-    /// so ending it first is the only way a proxy can get this wrong.
-    MoveInsideTransaction,
-    /// `SET SESSION_STATES` loses the session's first user variable.
-    ForgetUserVariable,
-    /// Crash protection copies the state only when the token needs
-    /// renewing, not after a change, and restores from whatever copy it
-    /// holds: a restored session loses its recent changes.
-    RestoreStaleCopy,
 }
 
 /// The handshake response slot before the client sent one.
