@@ -475,6 +475,8 @@ fn status<N: Network>(st: &State<N>) -> serde_json::Value {
             "failed": migrations.get("fail").and_then(|v| v.as_u64()).unwrap_or(0),
         },
         "pending_migrations": total("tiproxy_balance_pending_migrate"),
+        "protected_sessions": total("tiproxy_session_protected"),
+        "restores": by("tiproxy_session_restore_total", "result"),
         "disconnections": by("tiproxy_server_disconnection_total", "type"),
         "vip": st.ha.lock().expect("ha status lock").clone(),
     })

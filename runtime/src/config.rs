@@ -94,6 +94,13 @@ pub struct ProxyConfig {
     /// Largest amount of bytes buffered towards a slow peer before the
     /// proxy stops reading the other side; 0 means 32 KiB. 1 KiB to 16 MiB.
     pub conn_buffer_size: i64,
+    /// Crash protection: keep a copy of every idle session's state (TiDB's
+    /// `SHOW SESSION_STATES`) so it survives its TiDB's crash on another
+    /// TiDB. Off by default: it costs one query per state change.
+    pub session_protection: bool,
+    /// Largest state copy kept per session, in bytes (1 KiB to 16 MiB);
+    /// a session with more state is not protected.
+    pub session_state_cap: i64,
     /// Keepalive on client connections.
     #[serde(deserialize_with = "Keepalive::frontend_over")]
     pub frontend_keepalive: Keepalive,
@@ -131,6 +138,8 @@ impl Default for ProxyConfig {
             max_connections: 0,
             high_memory_usage_reject_threshold: 0.9,
             conn_buffer_size: 0,
+            session_protection: false,
+            session_state_cap: 64 * 1024,
             frontend_keepalive: Keepalive::default(),
             backend_healthy_keepalive: Keepalive::backend_healthy(),
             backend_unhealthy_keepalive: Keepalive::backend_unhealthy(),
@@ -154,6 +163,15 @@ impl ProxyConfig {
             None => "127.0.0.1:2379",
         };
         split_list(raw)
+    }
+
+    /// Crash-protection settings of new sessions.
+    pub fn protect(&self) -> tiproxy_core::session::protect::ProtectConfig {
+        tiproxy_core::session::protect::ProtectConfig {
+            enabled: self.session_protection,
+            state_cap: self.session_state_cap.clamp(0, u32::MAX.into()) as u32,
+            ..Default::default()
+        }
     }
 
     /// Buffer limit in bytes.
@@ -611,6 +629,13 @@ impl Config {
             return Err(err(
                 "proxy.conn-buffer-size",
                 format!("{b} is out of range; use 0 (32 KiB) or 1024 to 16777216"),
+            ));
+        }
+        let cap = self.proxy.session_state_cap;
+        if !(1024..=16 * 1024 * 1024).contains(&cap) {
+            return Err(err(
+                "proxy.session-state-cap",
+                format!("{cap} is out of range; use 1024 to 16777216"),
             ));
         }
         if !["debug", "info", "warn", "error", "fatal", "trace"]

@@ -33,6 +33,7 @@ use crate::tls;
 mod client_header;
 mod events;
 mod mailbox;
+mod restore;
 mod socket;
 
 use self::events::counted;
@@ -58,6 +59,8 @@ pub struct Shared<N: Network> {
     pub keepalive: crate::keepalive::Profiles,
     /// Bytes buffered towards a slow peer before reading pauses.
     pub buffer_limit: usize,
+    /// Crash protection of sessions (`proxy.session-protection`).
+    pub protect: tiproxy_core::session::protect::ProtectConfig,
     /// Dial timeout.
     pub dial_timeout: Duration,
     /// Time allowed for the client handshake.
@@ -134,6 +137,8 @@ struct Driver<N: Network> {
     /// With `proxy-protocol`: looking for a PROXY header in the client's
     /// first bytes (they come after the greeting).
     sniff: Option<HeaderSniff>,
+    /// Counted in `tiproxy_session_protected`.
+    protected: bool,
 }
 
 /// Serves one accepted client connection to its end.
@@ -187,6 +192,7 @@ pub async fn serve<N: Network>(
         pending_move: None,
         traffic: Default::default(),
         sniff,
+        protected: false,
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -233,6 +239,7 @@ fn session_config<N: Network>(
         },
         handshake_timeout: shared.handshake_timeout,
         buffer_limit: shared.buffer_limit,
+        protect: shared.protect,
         ..SessionConfig::default()
     }
 }
@@ -307,10 +314,14 @@ impl<N: Network> Driver<N> {
                     }
                 }
                 Action::Close => self.closing = true,
+                Action::PickRestoreTarget { reason } => self.pick_restore_target(&reason),
             }
         }
         while let Some(e) = self.session.poll_event() {
             self.on_event(e);
+        }
+        if self.shared.protect.enabled {
+            self.update_protected();
         }
     }
 
@@ -760,6 +771,9 @@ impl<N: Network> Driver<N> {
     /// Flushes what the client is owed, then closes every socket.
     async fn finish(mut self: Box<Self>) {
         self.ended();
+        if self.protected {
+            metrics().protect.protected.dec();
+        }
         self.ctl.close_moves(&self.shared.router, self.conn_id);
         self.ctl.set_backend(None);
         let pending = Bytes::copy_from_slice(self.session.transmit(Leg::Client));
@@ -796,6 +810,7 @@ mod size_tests {
             proxy_protocol: false,
             keepalive: Default::default(),
             buffer_limit: 1,
+            protect: Default::default(),
             dial_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(1),
         });

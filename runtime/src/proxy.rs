@@ -107,6 +107,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
             &config.proxy,
         )),
         buffer_limit: config.proxy.buffer_limit(),
+        protect: config.proxy.protect(),
         dial_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(15),
     });

@@ -328,16 +328,20 @@ pub enum PlantedBug {
     /// A move loses the session's first user variable
     /// ([`tiproxy_core::session::PlantedBug::ForgetUserVariable`]).
     ForgetUserVariable,
+    /// Crash protection restores from a copy older than the session's last
+    /// change ([`tiproxy_core::session::PlantedBug::RestoreStaleCopy`]).
+    RestoreStaleCopy,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 5] = [
+    pub const ALL: [PlantedBug; 6] = [
         PlantedBug::RouteToDraining,
         PlantedBug::NoEvacuation,
         PlantedBug::LeakLeaseOnMove,
         PlantedBug::MoveInsideTransaction,
         PlantedBug::ForgetUserVariable,
+        PlantedBug::RestoreStaleCopy,
     ];
 
     /// Its name on the simulation's command line.
@@ -348,6 +352,7 @@ impl PlantedBug {
             PlantedBug::LeakLeaseOnMove => "leak-lease-on-move",
             PlantedBug::MoveInsideTransaction => "move-inside-transaction",
             PlantedBug::ForgetUserVariable => "forget-user-variable",
+            PlantedBug::RestoreStaleCopy => "restore-stale-copy",
         }
     }
 
@@ -357,6 +362,7 @@ impl PlantedBug {
         match self {
             PlantedBug::MoveInsideTransaction => Some(P::MoveInsideTransaction),
             PlantedBug::ForgetUserVariable => Some(P::ForgetUserVariable),
+            PlantedBug::RestoreStaleCopy => Some(P::RestoreStaleCopy),
             _ => None,
         }
     }

@@ -255,6 +255,9 @@ pub struct Scenario {
     pub sessions: Vec<SessionPlan>,
     /// When sessions stop their workloads and check liveness.
     pub workload_end: Duration,
+    /// The proxy runs with `proxy.session-protection = true`: idle
+    /// sessions on a crashed TiDB are restored on another one.
+    pub protection: bool,
 }
 
 impl Scenario {
@@ -378,6 +381,8 @@ impl Scenario {
             })
             .into_iter()
             .collect();
+        // Crash protection, from a stream of its own (half the seeds).
+        let protection = StdRng::seed_from_u64(seed ^ 0x7072_6f74_6563_7431).random_bool(0.5);
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -415,6 +420,7 @@ impl Scenario {
             .unwrap_or(Duration::from_secs(5));
         Scenario {
             seed,
+            protection,
             initial_tidbs,
             added_tidb,
             faults,
@@ -486,6 +492,9 @@ impl fmt::Display for Scenario {
                 None => String::new(),
             }
         )?;
+        if self.protection {
+            writeln!(f, "  proxy: session-protection on")?;
+        }
         if self.faults.is_empty() {
             writeln!(f, "  faults: none")?;
         }

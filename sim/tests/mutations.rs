@@ -73,3 +73,8 @@ fn forgetting_a_user_variable_is_caught() {
         &[Invariant::SessionStateKept],
     );
 }
+
+#[test]
+fn restoring_from_a_stale_copy_is_caught() {
+    assert_caught(PlantedBug::RestoreStaleCopy, &[Invariant::SessionStateKept]);
+}

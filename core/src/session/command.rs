@@ -107,6 +107,9 @@ impl<T: Clone> Session<T> {
             self.start_hidden_commit(now, payload);
             return Disposition::Consumed;
         }
+        if starting && self.cfg.protect.enabled {
+            self.protect.on_command(payload, header.len);
+        }
         match self.tracker.on_client_packet(header.len, payload) {
             ClientPacket::Forward => Disposition::Forward(Leg::Backend),
             ClientPacket::ForwardNoResponse => {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::backend::Expect;
+use super::output::RestoreOutcome;
 use super::{Action, Event, Leg, Phase, Session};
 use crate::command::Command;
 use crate::error::{ProxyError, SessionError, UnexpectedPacket};
@@ -36,6 +37,21 @@ pub(super) enum Migration<T> {
     },
     /// Under way: client input waits.
     Running(Move<T>),
+    /// Crash protection's export ([`super::protect`]): SHOW SESSION_STATES
+    /// sent while the session is idle; client input waits. A move asked
+    /// for meanwhile starts after it (`then`).
+    Refresh {
+        reader: StatesReader,
+        deadline: Instant,
+        then: Option<T>,
+    },
+    /// The backend died under a protected session: the driver is asked for
+    /// another backend ([`Action::PickRestoreTarget`]); client input waits.
+    AwaitTarget {
+        states: Bytes,
+        token: Bytes,
+        deadline: Instant,
+    },
 }
 
 /// A move under way.
@@ -46,6 +62,8 @@ pub(super) struct Move<T> {
     /// at this instant.
     deadline: Instant,
     stage: Stage,
+    /// A restore after the old backend died, not a move.
+    restore: bool,
 }
 
 #[derive(Debug)]
@@ -70,23 +88,46 @@ enum Stage {
 }
 
 impl<T> Migration<T> {
+    /// A restore onto `target` with a state copy: the target's handshake
+    /// first, the old backend already gone.
+    pub(super) fn restore(target: T, deadline: Instant, states: Bytes, token: Bytes) -> Self {
+        Migration::Running(Move {
+            target,
+            deadline,
+            stage: Stage::Handshake {
+                expect: Expect::Connect,
+                states,
+                token,
+                old_lost: true,
+            },
+            restore: true,
+        })
+    }
+
     /// The target of a pending or running move.
     pub(super) fn target(&self) -> Option<&T> {
         match self {
-            Migration::None => None,
+            Migration::None | Migration::AwaitTarget { .. } => None,
             Migration::Pending { target } | Migration::Running(Move { target, .. }) => Some(target),
+            Migration::Refresh { then, .. } => then.as_ref(),
         }
     }
 
     /// A move is under way (client input waits).
     pub(super) fn active(&self) -> bool {
-        matches!(self, Migration::Running(_))
+        matches!(
+            self,
+            Migration::Running(_) | Migration::Refresh { .. } | Migration::AwaitTarget { .. }
+        )
     }
 
     /// When the running move times out.
     pub(super) fn deadline(&self) -> Option<Instant> {
         match self {
             Migration::Running(m) => Some(m.deadline),
+            Migration::Refresh { deadline, .. } | Migration::AwaitTarget { deadline, .. } => {
+                Some(*deadline)
+            }
             _ => None,
         }
     }
@@ -99,7 +140,7 @@ impl<T> Migration<T> {
             Migration::Running(Move {
                 stage: Stage::HiddenCommit { .. } | Stage::Export { .. },
                 ..
-            })
+            }) | Migration::Refresh { .. }
         )
     }
 
@@ -154,6 +195,12 @@ impl<T: Clone> Session<T> {
             let target = target.clone();
             self.events.push_back(Event::SafePoint);
             self.start_migration(now, target);
+            return;
+        }
+        let stale_ok = self.planted(super::PlantedBug::RestoreStaleCopy);
+        if self.relay.held.is_empty() && self.protect.wants_export(&self.cfg.protect, now, stale_ok)
+        {
+            self.start_refresh(now);
         }
     }
 
@@ -186,6 +233,7 @@ impl<T: Clone> Session<T> {
             target,
             deadline: now + self.cfg.migration_timeout,
             stage: Stage::HiddenCommit { begin_len },
+            restore: false,
         });
         self.relay.legs[1].seq = 0;
         self.relay.legs[1].reset_out_seq = true;
@@ -194,6 +242,13 @@ impl<T: Clone> Session<T> {
 
     /// A packet from the old backend while the move talks to it.
     pub(super) fn on_old_backend_packet(&mut self, now: Instant, payload: &[u8]) {
+        if matches!(self.migration, Migration::AwaitTarget { .. }) {
+            // Already restoring: a second report of the same loss.
+            return;
+        }
+        if matches!(self.migration, Migration::Refresh { .. }) {
+            return self.on_refresh_packet(now, payload);
+        }
         let Migration::Running(m) = &mut self.migration else {
             return;
         };
@@ -263,6 +318,7 @@ impl<T: Clone> Session<T> {
             stage: Stage::Export {
                 reader: StatesReader::new(deprecate_eof),
             },
+            restore: false,
         });
         self.relay.legs[1].seq = 0;
         self.relay.legs[1].reset_out_seq = true;
@@ -363,7 +419,13 @@ impl<T: Clone> Session<T> {
         self.actions.push_back(Action::SwapBackends {
             farewell: farewell.freeze(),
         });
-        self.events.push_back(Event::Migrated { target: m.target });
+        if m.restore {
+            self.events.push_back(Event::Restore {
+                outcome: RestoreOutcome::Restored,
+            });
+        } else {
+            self.events.push_back(Event::Migrated { target: m.target });
+        }
         self.at_boundary(now);
         self.drain_held(now);
     }
@@ -384,10 +446,16 @@ impl<T: Clone> Session<T> {
             self.relay.legs[2] = Default::default();
             self.actions.push_back(Action::CloseLeg(Leg::NewBackend));
         }
-        self.events.push_back(Event::MigrationFailed {
-            target: m.target,
-            reason: reason.clone(),
-        });
+        if m.restore {
+            self.events.push_back(Event::Restore {
+                outcome: RestoreOutcome::Failed(reason.to_string()),
+            });
+        } else {
+            self.events.push_back(Event::MigrationFailed {
+                target: m.target,
+                reason: reason.clone(),
+            });
+        }
         if old_lost {
             // Nowhere left to run the session.
             self.close_client_with(ProxyError::BackendLost(reason.to_string()));
@@ -401,7 +469,14 @@ impl<T: Clone> Session<T> {
     /// sent has been relayed; the client connection closes as the server's
     /// did. Nothing is invented for a command in flight.
     pub(super) fn backend_lost(&mut self, now: Instant, reason: &str) {
-        let _ = now;
+        if matches!(self.migration, Migration::Refresh { .. }) {
+            // A renewal's export died with the backend; the copy it would
+            // have replaced still serves if nothing changed since.
+            self.migration = Migration::None;
+        }
+        if self.phase == Phase::Command && self.try_restore(now, reason) {
+            return;
+        }
         if let Migration::Running(m) = &mut self.migration {
             match &mut m.stage {
                 Stage::Handshake { old_lost, .. } | Stage::Import { old_lost } => {

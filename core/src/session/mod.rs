@@ -44,6 +44,9 @@
 //! - [`migration`]: the move sequence and the SESSION_STATES data it carries;
 //! - `export`: [`Session::export`] and [`Session::import`] of an idle
 //!   session, a versioned byte string;
+//! - [`protect`]: crash protection, the state copy of an idle session and
+//!   its restore on another backend when the backend dies;
+//! - `planted`: the bugs the simulation's mutation test plants;
 //! - `output`: the [`Action`]s and [`Event`]s handed to the driver.
 //!
 //! The session is generic over `T`, the driver's handle for a backend it
@@ -55,6 +58,8 @@ mod command;
 mod export;
 pub mod migration;
 mod output;
+mod planted;
+pub mod protect;
 mod relay;
 mod states;
 
@@ -67,7 +72,9 @@ use rand_core::RngCore;
 use self::backend::Expect;
 pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError};
 use self::migration::{Migration, MigrationFailure};
-pub use self::output::{Action, Event};
+pub use self::output::{Action, Event, RestoreOutcome};
+pub use self::planted::PlantedBug;
+use self::protect::{ProtectConfig, Protection};
 use self::relay::Relay;
 use crate::command::Command;
 use crate::error::{ProxyError, SessionError};
@@ -155,6 +162,8 @@ pub struct SessionConfig {
     /// Read budget: a leg is not read while the session holds this many
     /// bytes towards the other side (`proxy.conn-buffer-size`).
     pub buffer_limit: usize,
+    /// Crash protection ([`protect`]).
+    pub protect: ProtectConfig,
 }
 
 impl Default for SessionConfig {
@@ -173,6 +182,7 @@ impl Default for SessionConfig {
             migration_timeout: Duration::from_secs(10),
             compress_backend: false,
             buffer_limit: 32 * 1024,
+            protect: ProtectConfig::default(),
         }
     }
 }
@@ -220,6 +230,8 @@ pub struct Session<T = String> {
     tracker: CommandTracker,
     /// The move sequence; owns its target, deadline and exported state.
     migration: Migration<T>,
+    /// Crash protection's state copy.
+    protect: Protection,
     close_at_safe_point: bool,
     /// Whether any byte of the current response reached the client.
     response_started: bool,
@@ -236,21 +248,6 @@ pub struct Session<T = String> {
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Option<PlantedBug>,
-}
-
-/// A deliberate bug the simulation plants in a session to prove that its
-/// seed sweeps catch it (mutation testing). Planting needs the
-/// `sim-mutations` feature; without it nothing can plant one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlantedBug {
-    /// A pending move does not wait for the transaction to end: at the
-    /// client's next statement the proxy commits the open transaction
-    /// behind its back and moves (TiProxy's BEGIN trick applied to any
-    /// statement). TiDB refuses to export a session inside a transaction,
-    /// so ending it first is the only way a proxy can get this wrong.
-    MoveInsideTransaction,
-    /// `SET SESSION_STATES` loses the session's first user variable.
-    ForgetUserVariable,
 }
 
 /// The handshake response slot before the client sent one.
@@ -289,6 +286,7 @@ impl<T: Clone> Session<T> {
             pending_user: None,
             tracker: CommandTracker::new(false, StatusFlags::AUTOCOMMIT),
             migration: Migration::None,
+            protect: Protection::new(),
             close_at_safe_point: false,
             response_started: false,
             command_started: None,
@@ -605,6 +603,14 @@ impl<T: Clone> Session<T> {
                 ));
             }
         }
+        if let Some(w) = self.protect.wake(&self.cfg.protect)
+            && now >= w
+        {
+            // The copy's token nears its end: renew it now if the session
+            // is idle, else at its next safe point.
+            self.protect.wake_armed = false;
+            self.at_boundary(now);
+        }
         if let Some(d) = self.migration.deadline()
             && now >= d
         {
@@ -612,10 +618,18 @@ impl<T: Clone> Session<T> {
                 // The old backend is not answering its own session: its reply
                 // may still come and could not be told apart from the next
                 // response, so the session cannot continue there.
+                // A renewal that hangs (a TiDB whose network is cut) leaves
+                // the copy it would have replaced: the session is restored
+                // elsewhere if that copy still serves.
+                let renewal = matches!(self.migration, Migration::Refresh { .. });
                 self.migration = Migration::None;
-                self.close_client_with(ProxyError::BackendLost(
-                    "TiDB did not answer SHOW SESSION_STATES".into(),
-                ));
+                let why = "TiDB did not answer SHOW SESSION_STATES";
+                if !(renewal && self.try_restore(now, why)) {
+                    self.close_client_with(ProxyError::BackendLost(why.into()));
+                }
+            } else if matches!(self.migration, Migration::AwaitTarget { .. }) {
+                // The driver never named a backend to restore on.
+                self.handle_restore_target(now, None);
             } else if self.migration.active() {
                 self.fail_migration(now, MigrationFailure::TimedOut);
             }
@@ -626,6 +640,11 @@ impl<T: Clone> Session<T> {
     /// Asks the session to move to `target` at its next safe point. Returns
     /// false when a move is already under way.
     pub fn handle_redirect(&mut self, now: Instant, target: impl Into<T>) -> bool {
+        if let Migration::Refresh { then, .. } = &mut self.migration {
+            // The move starts once the state copy is taken.
+            *then = Some(target.into());
+            return true;
+        }
         if self.migration.active() || self.phase == Phase::Closed {
             return false;
         }
@@ -639,8 +658,10 @@ impl<T: Clone> Session<T> {
 
     /// Withdraws a pending move (one not yet started).
     pub fn handle_cancel_redirect(&mut self) {
-        if matches!(self.migration, Migration::Pending { .. }) {
-            self.migration = Migration::None;
+        match &mut self.migration {
+            Migration::Pending { .. } => self.migration = Migration::None,
+            Migration::Refresh { then, .. } => *then = None,
+            _ => {}
         }
     }
 
@@ -686,6 +707,9 @@ impl<T: Clone> Session<T> {
     /// Reports a finished command; `command` when the tracker does not
     /// record it (commands without a response).
     fn command_done_as(&mut self, now: Instant, ok: bool, command: Option<Command>) {
+        if self.cfg.protect.enabled {
+            self.protect.on_done(command, ok, self.response_started);
+        }
         if let (Some(cmd), Some(start)) = (command, self.command_started) {
             let done = Event::CommandDone {
                 command: cmd,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::migration::MigrationFailure;
+use super::protect::Unprotected;
 use super::{Leg, Phase, Session};
 use crate::command::Command;
 use crate::error::SessionError;
@@ -46,6 +47,35 @@ pub enum Action<T = String> {
     },
     /// Write what is pending to the client, then close every leg.
     Close,
+    /// The backend died under a protected session: pick another backend
+    /// (not the lost one) and call
+    /// [`Session::handle_restore_target`](super::Session::handle_restore_target).
+    PickRestoreTarget {
+        /// How the backend was lost (for logs).
+        reason: String,
+    },
+}
+
+/// How crash protection ended for a session whose backend was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    /// The session continues on another backend.
+    Restored,
+    /// A restore was tried and failed; the session closed.
+    Failed(String),
+    /// The session could not be saved; it closed as the server closed it.
+    Unprotected(Unprotected),
+}
+
+impl RestoreOutcome {
+    /// The `result` label of `tiproxy_session_restore_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RestoreOutcome::Restored => "ok",
+            RestoreOutcome::Failed(_) => "failed",
+            RestoreOutcome::Unprotected(u) => u.label(),
+        }
+    }
 }
 
 /// Something the router, metrics or logs may want to know.
@@ -98,6 +128,19 @@ pub enum Event<T = String> {
         /// Why.
         reason: MigrationFailure,
     },
+    /// The backend was lost under an established session with crash
+    /// protection on: restored, or why not.
+    Restore {
+        /// What happened.
+        outcome: RestoreOutcome,
+    },
+    /// The backend refused to export the session for crash protection.
+    Unexportable {
+        /// Why.
+        reason: MigrationFailure,
+        /// It never will (not TiDB, no signing cert).
+        permanent: bool,
+    },
     /// The session ended.
     Closed {
         /// Why.
@@ -136,10 +179,14 @@ impl<T: Clone> Session<T> {
     /// When [`Session::handle_timeout`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.handshake_deadline, self.migration.deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.handshake_deadline,
+            self.migration.deadline(),
+            self.protect.wake(&self.cfg.protect),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Bytes to write to `leg`.

@@ -457,6 +457,15 @@ impl<T: Clone> Session<T> {
         {
             return whole;
         }
+        // Crash protection reads a short statement whole to tell a read
+        // from a state change.
+        if self.cfg.protect.enabled
+            && self.tracker.is_idle()
+            && first == Some(Command::Query.to_byte())
+            && header.len <= super::protect::SCAN_LIMIT
+        {
+            return whole;
+        }
         self.tracker.client_prefix_needed(header.len)
     }
 

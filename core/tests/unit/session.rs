@@ -1742,3 +1742,6 @@ mod mariadb;
 
 #[path = "session_export.rs"]
 mod export_legs;
+
+#[path = "session_protect.rs"]
+mod protect;

@@ -88,6 +88,10 @@ impl<N: Network> Driver<N> {
                 self.move_counted(&from, &target.addr, false);
                 info!(conn_id, to = %target.addr, "session move failed, staying: {reason}");
             }
+            Event::Restore { outcome } => self.restore_done(outcome),
+            Event::Unexportable { reason, permanent } => {
+                debug!(conn_id, permanent, "session not protected: {reason}");
+            }
             Event::Closed { reason } => {
                 let backend = self
                     .lease

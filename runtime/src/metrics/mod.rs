@@ -19,10 +19,12 @@ use tiproxy_core::Command;
 
 mod backend;
 mod monitor;
+mod protect;
 mod traffic;
 
 pub use self::backend::{BackendMetrics, PendingMove};
 pub use self::monitor::monitor_loop;
+pub use self::protect::ProtectMetrics;
 pub use self::traffic::{FrameCounter, LegTraffic};
 
 /// TiProxy's `cmd_type` label for a command.
@@ -170,6 +172,9 @@ pub struct Metrics {
     pub replay_pending_cmds: IntGauge,
     /// How far a replay lags behind the capture's timing.
     pub replay_wait_time: Gauge,
+
+    /// Crash protection (`tiproxy_session_restore_total`, `_protected`).
+    pub protect: ProtectMetrics,
 }
 
 /// `count` buckets from `start`, each twice the last (Prometheus'
@@ -430,6 +435,8 @@ impl Metrics {
             "How far a traffic replay lags behind the capture's timing (seconds).",
         );
 
+        let protect = ProtectMetrics::register(&mut r);
+
         // process_*: CPU, memory, descriptors, threads, start time.
         #[cfg(target_os = "linux")]
         r.register(Box::new(
@@ -478,6 +485,7 @@ impl Metrics {
             cross_location_bytes,
             replay_pending_cmds,
             replay_wait_time,
+            protect,
         }
     }
 

@@ -155,6 +155,9 @@ function drawCounters(status, now) {
   fill("moves", [
     row(["succeeded", m.succeeded - om.succeeded, m.succeeded]),
     row(["failed", m.failed - om.failed, m.failed], { class: m.failed > om.failed ? "alert" : "" }),
+    // Crash protection: sessions restored on another TiDB after theirs died.
+    row(["restored after a TiDB crash", ((status.restores || {}).ok || 0) - ((old.restores || {}).ok || 0), (status.restores || {}).ok || 0]),
+    row(["protected sessions (now)", "", status.protected_sessions || 0]),
   ]);
   const errors = [
     ["query errors (backend ERR)", status.query_errors, old.query_errors],

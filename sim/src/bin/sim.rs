@@ -33,7 +33,7 @@ struct Args {
     /// Plant a deliberate bug in the proxy (mutation testing; needs
     /// `--features sim-mutations`): a sweep should fail. route-to-draining |
     /// no-evacuation | leak-lease-on-move | move-inside-transaction |
-    /// forget-user-variable
+    /// forget-user-variable | restore-stale-copy
     #[arg(long, value_parser = parse_bug)]
     plant: Option<PlantedBug>,
     /// Run the virtual IP election model (`tiproxy_sim::ha`: at most one

@@ -1,0 +1,474 @@
+//! Crash protection: the copy of a session's state that lets it outlive
+//! its TiDB, and the restore that uses it.
+//!
+//! # The mechanism, and why
+//!
+//! TiDB hands out a session's state only through `SHOW SESSION_STATES`
+//! (one row: the state JSON and a session token), and another TiDB of the
+//! cluster admits a session only with a token signed by the cluster's
+//! `security.session-token-signing-cert` key and younger than TiDB's token
+//! lifetime (one minute, `tokenLifetime` in TiDB's `sessionstates`
+//! package). Two ways to hold what a restore needs without ever learning a
+//! password:
+//!
+//! - re-export the state in the background while the session is idle,
+//!   after every statement that may have changed it, and again before the
+//!   token ages out (the client's next command waits for the export, as it
+//!   does during a move);
+//! - mint tokens in the proxy from the signing key.
+//!
+//! The proxy re-exports. Minting would spare the renewals but needs the
+//! cluster's private signing key on every proxy host (a key that lets its
+//! holder log in as any user of the cluster), and it would still need a
+//! fresh copy of the state after every change, which only TiDB can give.
+//! Re-exporting needs nothing beyond what moves already need, and its cost
+//! is bounded: at most one `SHOW SESSION_STATES` per state-changing
+//! statement, plus one per idle session every [`ProtectConfig::renew_after`].
+//!
+//! # What counts as a state change
+//!
+//! A statement is read-only for this purpose when it is a ping, a
+//! statistics request, the execution or fetch of a prepared statement that
+//! answered with rows, or a `COM_QUERY` answered with rows whose whole text
+//! the proxy saw (at most [`SCAN_LIMIT`] bytes) and which neither assigns
+//! (`:=`) nor holds a second statement (`;`). Everything else marks the
+//! copy stale. The copy therefore lags only in what such reads change on
+//! their own: `FOUND_ROWS()` and the warnings of the last read, and user
+//! variables assigned inside a prepared `SELECT` (documented in README).
+//!
+//! # Never replay
+//!
+//! A restore runs only when the session is at a safe point (no statement
+//! in flight, no transaction, cursor or long data) and its copy is clean
+//! and younger than [`ProtectConfig::max_age`]. Client bytes that waited
+//! while the backend died never reached it, so they run after the restore.
+//! Anything else closes as the server closed it.
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::migration::{
+    Migration, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader,
+};
+use super::output::RestoreOutcome;
+use super::{Action, Event, Leg, Phase, PlantedBug, Session};
+use crate::command::Command;
+use crate::error::ProxyError;
+use crate::flags::CapabilityFlags;
+
+/// Longest COM_QUERY whose text is scanned to tell a read from a change.
+pub const SCAN_LIMIT: usize = 256;
+
+/// Crash-protection settings of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtectConfig {
+    /// Keep a state copy at all (`proxy.session-protection`).
+    pub enabled: bool,
+    /// Largest state copy kept (states plus token) in bytes; a session
+    /// whose state is larger is unprotected (`proxy.session-state-cap`).
+    pub state_cap: u32,
+    /// Renew an unchanged copy (for its token) once it is this many
+    /// seconds old.
+    pub renew_after_secs: u32,
+    /// A copy older than this many seconds is not used: its token would be
+    /// refused (TiDB's token lifetime minus a margin for clock skew and the
+    /// time a restore takes). Compact fields keep every session small.
+    pub max_age_secs: u32,
+}
+
+impl ProtectConfig {
+    fn renew_after(&self) -> Duration {
+        Duration::from_secs(self.renew_after_secs.into())
+    }
+
+    fn max_age(&self) -> Duration {
+        Duration::from_secs(self.max_age_secs.into())
+    }
+}
+
+impl Default for ProtectConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            state_cap: 64 * 1024,
+            renew_after_secs: 30,
+            max_age_secs: 50,
+        }
+    }
+}
+
+/// A state copy: what `SHOW SESSION_STATES` returned, and when.
+#[derive(Debug, Clone)]
+pub(super) struct StateCopy {
+    pub(super) states: Bytes,
+    pub(super) token: Bytes,
+    pub(super) taken: Instant,
+}
+
+/// Why a lost backend's session could not be restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unprotected {
+    /// Protection is off, or the backend cannot export sessions.
+    Off,
+    /// A statement, transaction, cursor or long data was in flight.
+    Busy,
+    /// The session changed since its last copy, or never had one.
+    Stale,
+    /// The copy's token is too old to be accepted.
+    Expired,
+    /// The state is larger than the cap.
+    TooLarge,
+}
+
+impl Unprotected {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unprotected::Off => "unprotected_off",
+            Unprotected::Busy => "unprotected_busy",
+            Unprotected::Stale => "unprotected_stale",
+            Unprotected::Expired => "unprotected_expired",
+            Unprotected::TooLarge => "unprotected_too_large",
+        }
+    }
+}
+
+/// The session's crash-protection bookkeeping.
+#[derive(Debug, Default)]
+pub(super) struct Protection {
+    /// The last usable copy.
+    /// Boxed: most sessions hold none, and the session stays small.
+    pub(super) copy: Option<Box<StateCopy>>,
+    /// Something changed since `copy` was taken (or there is none yet).
+    pub(super) dirty: bool,
+    /// The last export was larger than the cap.
+    pub(super) too_large: bool,
+    /// The backend cannot export (not TiDB, or no signing cert).
+    pub(super) cannot_export: bool,
+    /// The running command's text was seen whole and is a plain read.
+    pub(super) read_only_text: bool,
+    /// A renewal timer is armed (at the copy's age `renew_after`).
+    pub(super) wake_armed: bool,
+}
+
+impl Protection {
+    pub(super) fn new() -> Self {
+        Self {
+            dirty: true,
+            ..Self::default()
+        }
+    }
+
+    /// When the renewal timer fires, if armed.
+    pub(super) fn wake(&self, cfg: &ProtectConfig) -> Option<Instant> {
+        match &self.copy {
+            Some(c) if self.wake_armed => Some(c.taken + cfg.renew_after()),
+            _ => None,
+        }
+    }
+
+    /// A command starts: remember whether its text is a plain read.
+    pub(super) fn on_command(&mut self, payload: &[u8], len: usize) {
+        self.read_only_text = payload.first() == Some(&Command::Query.to_byte())
+            && payload.len() == len
+            && len <= SCAN_LIMIT
+            && is_plain_read(&payload[1..]);
+    }
+
+    /// A command finished; `rows`: its response carried a result set.
+    pub(super) fn on_done(&mut self, command: Option<Command>, ok: bool, rows: bool) {
+        let read = match command {
+            Some(Command::Ping | Command::Statistics) => ok,
+            Some(Command::StmtExecute | Command::StmtFetch) => ok && rows,
+            Some(Command::Query) => ok && rows && self.read_only_text,
+            _ => false,
+        };
+        if !read {
+            self.dirty = true;
+        }
+        self.read_only_text = false;
+    }
+
+    /// Whether the copy would serve a restore at `now`.
+    pub(super) fn usable(
+        &self,
+        cfg: &ProtectConfig,
+        now: Instant,
+    ) -> Result<&StateCopy, Unprotected> {
+        self.usable_unless(cfg, now, false)
+    }
+
+    /// [`Protection::usable`]; with `stale_ok` (a planted bug only) a copy
+    /// older than the last change still serves.
+    pub(super) fn usable_unless(
+        &self,
+        cfg: &ProtectConfig,
+        now: Instant,
+        stale_ok: bool,
+    ) -> Result<&StateCopy, Unprotected> {
+        if !cfg.enabled || self.cannot_export {
+            return Err(Unprotected::Off);
+        }
+        if self.dirty && !(stale_ok && self.copy.is_some()) {
+            return Err(if self.too_large {
+                Unprotected::TooLarge
+            } else {
+                Unprotected::Stale
+            });
+        }
+        match &self.copy {
+            None if self.too_large => Err(Unprotected::TooLarge),
+            None => Err(Unprotected::Stale),
+            Some(c) if now.saturating_duration_since(c.taken) >= cfg.max_age() => {
+                Err(Unprotected::Expired)
+            }
+            Some(c) => Ok(c),
+        }
+    }
+
+    /// Whether a new export is worth running at `now` (the session being at
+    /// a safe point).
+    pub(super) fn wants_export(&self, cfg: &ProtectConfig, now: Instant, stale_ok: bool) -> bool {
+        if !cfg.enabled || self.cannot_export {
+            return false;
+        }
+        if self.dirty && !(stale_ok && self.copy.is_some()) {
+            return true;
+        }
+        self.copy
+            .as_ref()
+            .is_some_and(|c| now.saturating_duration_since(c.taken) >= cfg.renew_after())
+    }
+
+    /// An export finished: keep it unless it is over the cap.
+    pub(super) fn store(&mut self, cfg: &ProtectConfig, now: Instant, states: Bytes, token: Bytes) {
+        self.dirty = false;
+        if states.len() + token.len() > cfg.state_cap as usize {
+            self.copy = None;
+            self.too_large = true;
+            self.wake_armed = false;
+        } else {
+            self.too_large = false;
+            self.copy = Some(Box::new(StateCopy {
+                states,
+                token,
+                taken: now,
+            }));
+            self.wake_armed = true;
+        }
+    }
+
+    /// An export was refused: no copy until the next state change; never
+    /// again when the backend cannot export at all (`permanent`).
+    pub(super) fn refused(&mut self, permanent: bool) {
+        self.copy = None;
+        self.dirty = false;
+        self.wake_armed = false;
+        self.cannot_export |= permanent;
+    }
+}
+
+/// Whether a statement's text (after the command byte) reads without
+/// assigning: no `:=`, no second statement.
+fn is_plain_read(sql: &[u8]) -> bool {
+    let trimmed = {
+        let mut end = sql.len();
+        while end > 0 && matches!(sql[end - 1], b' ' | b'\t' | b'\r' | b'\n' | b';') {
+            end -= 1;
+        }
+        &sql[..end]
+    };
+    !trimmed.contains(&b';') && !trimmed.windows(2).any(|w| w == b":=")
+}
+
+impl<T: Clone> Session<T> {
+    /// Sends SHOW SESSION_STATES to refresh the state copy; its answer goes
+    /// to [`Session::on_refresh_packet`], client input waits meanwhile.
+    pub(super) fn start_refresh(&mut self, now: Instant) {
+        let deprecate_eof = self.backend_caps.contains(CapabilityFlags::DEPRECATE_EOF);
+        self.protect.wake_armed = false;
+        self.migration = Migration::Refresh {
+            reader: StatesReader::new(deprecate_eof),
+            deadline: now + self.cfg.migration_timeout,
+            then: None,
+        };
+        self.relay.legs[1].seq = 0;
+        self.relay.legs[1].reset_out_seq = true;
+        let mut q = BytesMut::with_capacity(1 + SHOW_SESSION_STATES.len());
+        q.put_u8(Command::Query.to_byte());
+        q.put_slice(SHOW_SESSION_STATES.as_bytes());
+        self.send(Leg::Backend, &q);
+    }
+
+    /// A packet of the refresh's SHOW SESSION_STATES answer.
+    pub(super) fn on_refresh_packet(&mut self, now: Instant, payload: &[u8]) {
+        let Migration::Refresh { reader, .. } = &mut self.migration else {
+            return;
+        };
+        let progress = reader.feed(payload);
+        let done = |s: &mut Self| {
+            let Migration::Refresh { then, .. } =
+                std::mem::replace(&mut s.migration, Migration::None)
+            else {
+                return;
+            };
+            if let Some(target) = then {
+                s.migration = Migration::Pending { target };
+            }
+        };
+        match progress {
+            StatesProgress::More => return,
+            StatesProgress::Done(exported) => {
+                done(self);
+                self.protect
+                    .store(&self.cfg.protect, now, exported.states, exported.token);
+            }
+            StatesProgress::Failed(reason) => {
+                done(self);
+                // A backend that does not know the statement (MariaDB,
+                // MySQL: parse error 1064) or hands out no token never
+                // will; TiDB's refusals (8146: temporary tables, locks)
+                // last only until the session changes.
+                let permanent = match &reason {
+                    MigrationFailure::StatesRefused { code, .. } => *code == 1064,
+                    _ => true,
+                };
+                self.protect.refused(permanent);
+                self.events
+                    .push_back(Event::Unexportable { reason, permanent });
+            }
+        }
+        self.at_boundary(now);
+        self.drain_held(now);
+    }
+
+    /// The backend died: restores the session elsewhere if it is protected
+    /// (returns true), or reports why not (returns false: the caller closes
+    /// it as the server closed it).
+    pub(super) fn try_restore(&mut self, now: Instant, reason: &str) -> bool {
+        let busy = !self.tracker.at_safe_point()
+            || !matches!(self.migration, Migration::None | Migration::Pending { .. })
+            || self.close_at_safe_point;
+        let verdict = if busy {
+            Err(Unprotected::Busy)
+        } else {
+            let stale_ok = self.planted(PlantedBug::RestoreStaleCopy);
+            self.protect
+                .usable_unless(&self.cfg.protect, now, stale_ok)
+                .cloned()
+        };
+        let copy = match verdict {
+            Ok(c) => c,
+            Err(why) => {
+                if self.cfg.protect.enabled {
+                    self.events.push_back(Event::Restore {
+                        outcome: RestoreOutcome::Unprotected(why),
+                    });
+                }
+                return false;
+            }
+        };
+        self.relay.legs[1].out.clear();
+        self.migration = Migration::AwaitTarget {
+            states: copy.states,
+            token: copy.token,
+            deadline: now + self.cfg.migration_timeout,
+        };
+        self.actions.push_back(Action::PickRestoreTarget {
+            reason: reason.to_string(),
+        });
+        true
+    }
+
+    /// The driver's answer to [`Action::PickRestoreTarget`]: the backend to
+    /// restore on, or `None` when there is none (the session closes as the
+    /// server closed it).
+    pub fn handle_restore_target(&mut self, now: Instant, target: Option<T>) {
+        let Migration::AwaitTarget {
+            states,
+            token,
+            deadline,
+        } = std::mem::replace(&mut self.migration, Migration::None)
+        else {
+            return;
+        };
+        match target {
+            Some(target) => {
+                self.actions.push_back(Action::ConnectNewBackend {
+                    target: target.clone(),
+                });
+                self.migration = Migration::restore(target, deadline, states, token);
+            }
+            None => {
+                self.events.push_back(Event::Restore {
+                    outcome: RestoreOutcome::Failed("no other backend is available".into()),
+                });
+                self.close_client_with(ProxyError::BackendLost(
+                    "the backend was lost and no other backend is available".into(),
+                ));
+            }
+        }
+        let _ = now;
+        self.flush();
+    }
+
+    /// Whether the session holds a state copy that would serve a restore
+    /// at `now` (for the protected-sessions gauge).
+    pub fn is_protected(&self, now: Instant) -> bool {
+        self.phase == Phase::Command && self.protect.usable(&self.cfg.protect, now).is_ok()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // the test plays the driver: it owns the clock
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_reads_are_told_from_changes() {
+        assert!(is_plain_read(b"SELECT 1"));
+        assert!(is_plain_read(b"select * from t where id = 3;  "));
+        assert!(!is_plain_read(b"SELECT @a := 1"));
+        assert!(!is_plain_read(b"SELECT 1; SET @a = 2"));
+    }
+
+    #[test]
+    fn a_copy_serves_only_while_clean_fresh_and_within_the_cap() {
+        let cfg = ProtectConfig {
+            enabled: true,
+            state_cap: 100,
+            ..ProtectConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut p = Protection::new();
+        assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Stale));
+        assert!(p.wants_export(&cfg, t0, false));
+        p.store(
+            &cfg,
+            t0,
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"tok"),
+        );
+        assert!(p.usable(&cfg, t0).is_ok());
+        assert!(!p.wants_export(&cfg, t0 + Duration::from_secs(29), false));
+        assert!(p.wants_export(&cfg, t0 + Duration::from_secs(30), false));
+        assert_eq!(
+            p.usable(&cfg, t0 + Duration::from_secs(50)).err(),
+            Some(Unprotected::Expired)
+        );
+        // A read keeps the copy; a change spoils it.
+        p.on_command(b"\x03SELECT 1", 9);
+        p.on_done(Some(Command::Query), true, true);
+        assert!(p.usable(&cfg, t0).is_ok());
+        p.on_command(b"\x03SET @a = 1", 11);
+        p.on_done(Some(Command::Query), true, false);
+        assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Stale));
+        // Over the cap: unprotected until a smaller state is exported.
+        p.store(&cfg, t0, Bytes::from(vec![b'x'; 101]), Bytes::new());
+        assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::TooLarge));
+        p.refused(true);
+        assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Off));
+        assert!(!p.wants_export(&cfg, t0, false));
+    }
+}

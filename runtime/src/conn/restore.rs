@@ -1,0 +1,82 @@
+//! The driver's part of crash protection (the decisions are the core's,
+//! `tiproxy_core::session::protect`): picking the backend a session whose
+//! TiDB died is restored on, and keeping `tiproxy_session_protected` and
+//! `tiproxy_session_restore_total` current.
+
+use tiproxy_core::balance::MoveOutcome;
+use tiproxy_core::session::RestoreOutcome;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::Driver;
+use crate::metrics::metrics;
+use crate::net::Network;
+
+impl<N: Network> Driver<N> {
+    /// The backend died under a protected session: restore it on another
+    /// one the router would give a new client, never the lost one.
+    pub(super) fn pick_restore_target(&mut self, reason: &str) {
+        // The lost socket is of no more use (it would answer EOF forever).
+        self.backend = None;
+        // A move that was pending will not happen: the restore replaces it.
+        if self.pending_move.take().is_some() {
+            self.move_resolved(MoveOutcome::Dropped);
+        }
+        let lost: Vec<String> = self
+            .lease
+            .as_ref()
+            .map(|l| vec![l.backend().addr.clone()])
+            .unwrap_or_default();
+        let target = self.shared.router.pick(&lost);
+        debug!(
+            conn_id = self.conn_id,
+            from = lost.first().map(String::as_str).unwrap_or("-"),
+            to = target.as_ref().map(|b| b.addr.as_str()).unwrap_or("-"),
+            "backend lost under an idle session ({reason}); restoring it"
+        );
+        let now = Instant::now().into_std();
+        self.session.handle_restore_target(now, target);
+    }
+
+    /// Counts what happened to a session whose backend was lost.
+    pub(super) fn restore_done(&mut self, outcome: RestoreOutcome) {
+        metrics()
+            .protect
+            .restore
+            .with_label_values(&[outcome.label()])
+            .inc();
+        let conn_id = self.conn_id;
+        match outcome {
+            RestoreOutcome::Restored => {
+                // The lost backend's lease ends here, as after a move.
+                let from = self.moved_from.take().map(|b| b.addr.clone());
+                let to = self.lease.as_ref().map(|l| l.backend().addr.clone());
+                debug!(conn_id, from, to, "session restored on another backend");
+            }
+            RestoreOutcome::Failed(why) => {
+                info!(conn_id, "session could not be restored: {why}");
+            }
+            RestoreOutcome::Unprotected(why) => {
+                debug!(
+                    conn_id,
+                    why = why.label(),
+                    "backend lost under an unprotected session"
+                );
+            }
+        }
+    }
+
+    /// Keeps `tiproxy_session_protected` in step with the session.
+    pub(super) fn update_protected(&mut self) {
+        let now = Instant::now().into_std();
+        let p = self.session.is_protected(now);
+        if p != self.protected {
+            self.protected = p;
+            if p {
+                metrics().protect.protected.inc();
+            } else {
+                metrics().protect.protected.dec();
+            }
+        }
+    }
+}
