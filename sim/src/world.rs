@@ -481,13 +481,16 @@ impl World {
     /// watchers hear of it `pd_delay` later, unless the proxy's link to PD
     /// is held or partitioned then; it hears once the link is back and its
     /// watch reconnected (seeds 22856 and 23109: a TiDB registered during a
-    /// held proxy <-> PD link while the only other TiDB was partitioned).
+    /// held proxy <-> PD link while the only other TiDB was partitioned),
+    /// or PD goes down before it tells them (seed 544025: tidb-0 registered
+    /// 204 ms before a PD outage, with watchers told 999 ms after a change).
     fn recognised_by(&self, t: Duration) -> Duration {
         let heard = t + self.scenario.pd_delay;
         let pd_cut = self
             .scenario
             .pd_held
             .into_iter()
+            .chain(self.scenario.pd_outage)
             .chain(
                 self.scenario
                     .partitions

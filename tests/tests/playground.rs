@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mysql_async::prelude::*;
 use mysql_async::Conn;
+use mysql_async::prelude::*;
 use tiproxy_tests::playground::start_playground;
 use tiproxy_tests::{double_opts, eventually};
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn playground_scale_out_and_in_with_tiproxyctl() {
@@ -35,7 +34,9 @@ async fn playground_scale_out_and_in_with_tiproxyctl() {
     let mut clients = Vec::new();
     for i in 0..2u16 {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.sql.port()));
-        let mut c = Conn::new(double_opts(addr)).await.expect("connect to the playground");
+        let mut c = Conn::new(double_opts(addr))
+            .await
+            .expect("connect to the playground");
         c.query_drop(format!("SET @me = {i}")).await.expect("set");
         let (stop, errors, queries) = (stop.clone(), errors.clone(), queries.clone());
         clients.push(tokio::spawn(async move {
