@@ -178,9 +178,16 @@ impl ClientSession {
     /// Records a failed request: unavoidable, or a violation. The
     /// connection is dropped either way.
     fn failed(&mut self, what: &str, e: &ClientError) {
+        self.failed_since(what, e, None);
+    }
+
+    /// A failure; for a connect, `started` is when it began.
+    fn failed_since(&mut self, what: &str, e: &ClientError, started: Option<Duration>) {
         let at = now();
         let clean = !matches!(e, ClientError::Protocol(_));
-        if clean && self.world.error_allowed(self.conn, at) {
+        let allowed = self.world.error_allowed(self.conn, at)
+            || started.is_some_and(|t| self.world.connect_was_doomed(t));
+        if clean && allowed {
             self.world.allowed_error();
             self.event(format_args!("{what} -> unavoidable error: {e}"));
         } else {
@@ -277,7 +284,7 @@ impl ClientSession {
                 self.client = Some(c);
             }
             Ok(Err(e)) => {
-                self.failed("login", &e);
+                self.failed_since("login", &e, Some(at));
                 return Err(Broken);
             }
             Err(_) => {

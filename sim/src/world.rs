@@ -393,6 +393,18 @@ impl World {
         conn.is_none() && self.no_tidb_could_take(&g, at)
     }
 
+    /// Whether a connect that began at `started` could not have succeeded:
+    /// no TiDB could take it then. The proxy picks one backend at the
+    /// start and waits for that dial (up to its dial timeout) before it
+    /// picks again, so a TiDB that becomes usable meanwhile does not save
+    /// it (seed 551460: a client reconnected while its TiDB had shut down
+    /// and the other was behind a held link; the dial to the held one timed
+    /// out 5 s later, when the first TiDB was back).
+    pub fn connect_was_doomed(&self, started: Duration) -> bool {
+        let g = self.lock();
+        self.no_tidb_could_take(&g, started + self.scenario.tick)
+    }
+
     /// Whether no TiDB could take a session at `at`: each one is down after
     /// its fault, not started (or registered in PD since it started) yet or
     /// so recently that the proxy cannot know it yet, or behind a held link

@@ -12,10 +12,17 @@ use tiproxy_sim::world::Invariant;
 /// requested while a transaction is open (seed 11 is the first).
 const BOUND: u64 = 20;
 
-/// The first seed below [`BOUND`] that fails with `bug` planted, and the
+/// Routing to a draining TiDB strands sessions there; since half the
+/// seeds run with session protection, which restores sessions whose TiDB
+/// went away, most of them are rescued and the first seed that still fails
+/// is 31 (`.ci/run` sweeps the same range). A direct invariant (no move
+/// targets a TiDB the proxy knows is draining) would catch it sooner.
+const ROUTE_TO_DRAINING_BOUND: u64 = 50;
+
+/// The first seed below `bound` that fails with `bug` planted, and the
 /// invariants it broke.
-fn first_catch(bug: PlantedBug) -> Option<(u64, Vec<Invariant>)> {
-    (0..BOUND).find_map(|seed| {
+fn first_catch(bug: PlantedBug, bound: u64) -> Option<(u64, Vec<Invariant>)> {
+    (0..bound).find_map(|seed| {
         let o = run(
             &Scenario::from_seed(seed),
             &RunOptions {
@@ -28,8 +35,12 @@ fn first_catch(bug: PlantedBug) -> Option<(u64, Vec<Invariant>)> {
 }
 
 fn assert_caught(bug: PlantedBug, by: &[Invariant]) {
-    let Some((seed, broke)) = first_catch(bug) else {
-        panic!("{bug:?} survived seeds 0..{BOUND}: the simulation does not catch it");
+    let bound = match bug {
+        PlantedBug::RouteToDraining => ROUTE_TO_DRAINING_BOUND,
+        _ => BOUND,
+    };
+    let Some((seed, broke)) = first_catch(bug, bound) else {
+        panic!("{bug:?} survived seeds 0..{bound}: the simulation does not catch it");
     };
     assert!(
         broke.iter().any(|i| by.contains(i)),
