@@ -467,17 +467,19 @@ impl World {
     fn strand(&self, i: usize, at: Duration) -> usize {
         // Or its own link was held or partitioned: a move needs the old
         // TiDB to answer SHOW SESSION_STATES (seed 26189: its link was held
-        // from before its shutdown until after it).
+        // from before its shutdown until after it), and after the link is
+        // back the proxy learns of the drain only from its next checks of a
+        // backend it had marked failed (seed 553115: the hold began 4 ms
+        // into a 3 s wait and ended 218 ms before it, and a connect held
+        // all along had just landed there).
         let cut_off = self
             .scenario
             .held_links
             .iter()
-            .any(|h| h.tidb == i && h.at <= at && at <= h.at + h.len)
-            || self
-                .scenario
-                .partitions
-                .iter()
-                .any(|p| p.tidb == Some(i) && p.at <= at && at <= p.at + p.len);
+            .any(|h| h.tidb == i && h.at <= at && at <= h.at + h.len + HELD_LINK_RECOVERY)
+            || self.scenario.partitions.iter().any(|p| {
+                p.tidb == Some(i) && p.at <= at && at <= p.at + p.len + HELD_LINK_RECOVERY
+            });
         let nowhere = cut_off || self.no_tidb_could_take(&self.lock(), at);
         let stranded = if nowhere {
             self.sessions_on(i)

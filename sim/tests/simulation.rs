@@ -82,7 +82,7 @@ fn every_seed_keeps_every_invariant() {
 fn seeds_that_found_bugs_pass() {
     for seed in [
         27, 72, 88, 2957, 20702, 21465, 22601, 22856, 23109, 25333, 26189, 499830, 542964, 544025,
-        551460, 747323,
+        551460, 553115, 747323,
     ] {
         let o = run_seed(seed);
         assert!(
