@@ -285,9 +285,18 @@ async fn status_500_to_last_session_moved() {
         "[health-check]\nstatus-interval = \"100ms\"\n",
     );
     let work = Workload::start(proxy.sql, 30).await;
-    eventually("30 sessions spread", Duration::from_secs(10), || {
-        connections_on(&proxy, tidbs[0].sql) == 15
-    })
+    // prefer-idle (the default routing policy) picks at random among
+    // backends the balancer would not move sessions away from, so the
+    // split settles near 15/15, not exactly there.
+    let mut moved = 0;
+    eventually(
+        "30 sessions connected, 10 to 20 on each TiDB",
+        Duration::from_secs(10),
+        || {
+            moved = connections_on(&proxy, tidbs[0].sql);
+            (10..=20).contains(&moved) && moved + connections_on(&proxy, tidbs[1].sql) == 30
+        },
+    )
     .await;
     let t0 = Instant::now();
     cluster.shutdown(0);
@@ -297,7 +306,7 @@ async fn status_500_to_last_session_moved() {
     .await;
     let took = t0.elapsed();
     eprintln!(
-        "FIGURE drain: 15 sessions moved off a TiDB within {took:?} of its /status turning 500 (status-interval 100ms)"
+        "FIGURE drain: {moved} sessions moved off a TiDB within {took:?} of its /status turning 500 (status-interval 100ms)"
     );
     assert_eq!(connections_on(&proxy, tidbs[1].sql), 30);
     work.finish().await;
