@@ -320,6 +320,12 @@ impl<T: Clone> Session<T> {
             },
             restore: false,
         });
+        self.send_show_session_states();
+    }
+
+    /// Asks the backend for its session state (a move's export, or the
+    /// state copy's refresh): a new command, so sequence ids restart.
+    pub(super) fn send_show_session_states(&mut self) {
         self.relay.legs[1].seq = 0;
         self.relay.legs[1].reset_out_seq = true;
         let mut q = BytesMut::with_capacity(1 + SHOW_SESSION_STATES.len());

@@ -46,13 +46,11 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
-use super::migration::{
-    Migration, MigrationFailure, SHOW_SESSION_STATES, StatesProgress, StatesReader,
-};
+use super::migration::{Migration, MigrationFailure, StatesProgress, StatesReader};
 use super::output::RestoreOutcome;
-use super::{Action, Event, Leg, Phase, PlantedBug, Session};
+use super::{Action, Event, Phase, PlantedBug, Session};
 use crate::command::Command;
 use crate::error::ProxyError;
 use crate::flags::CapabilityFlags;
@@ -293,12 +291,7 @@ impl<T: Clone> Session<T> {
             deadline: now + self.cfg.migration_timeout,
             then: None,
         };
-        self.relay.legs[1].seq = 0;
-        self.relay.legs[1].reset_out_seq = true;
-        let mut q = BytesMut::with_capacity(1 + SHOW_SESSION_STATES.len());
-        q.put_u8(Command::Query.to_byte());
-        q.put_slice(SHOW_SESSION_STATES.as_bytes());
-        self.send(Leg::Backend, &q);
+        self.send_show_session_states();
     }
 
     /// A packet of the refresh's SHOW SESSION_STATES answer.
