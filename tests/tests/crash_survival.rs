@@ -8,25 +8,14 @@
 //! and no error; the ones in a transaction are closed as the server closed
 //! them; `tiproxy_session_restore_total` says so.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble};
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts};
 
 const IDLE: usize = 200;
 const BUSY: usize = 20;
-
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
 
 /// The value of one sample of the proxy's `/metrics` (0 when absent).
 fn sample(proxy: &ProxyProcess, series: &str) -> u64 {
@@ -65,9 +54,15 @@ async fn idle_sessions_outlive_their_tidbs_crash() {
     let cluster = TidbDouble::start(3, 0, &[]);
     let tidbs = cluster.instances();
     let backends: Vec<String> = tidbs.iter().map(TidbDouble::backend_entry).collect();
-    let proxy = ProxyProcess::start_with_backends(&backends, "session-protection = true\n");
+    // No balancing by count: the random initial spread (prefer-idle)
+    // would otherwise move sessions after each recorded its TiDB, and the
+    // restores counted would not match the sessions seen on the victim.
+    let proxy = ProxyProcess::start_with_backends(
+        &backends,
+        "session-protection = true\n[balance.conn-count]\ncount-ratio-threshold = 100\n",
+    );
 
-    let mut admin = Conn::new(opts(tidbs[0].sql)).await.expect("direct");
+    let mut admin = Conn::new(double_opts(tidbs[0].sql)).await.expect("direct");
     for db in ["db0", "db1", "db2"] {
         admin
             .query_drop(format!("CREATE DATABASE IF NOT EXISTS {db}"))
@@ -84,7 +79,7 @@ async fn idle_sessions_outlive_their_tidbs_crash() {
 
     let mut idle = Vec::new();
     for id in 0..IDLE {
-        let mut conn = Conn::new(opts(proxy.sql)).await.expect("connect");
+        let mut conn = Conn::new(double_opts(proxy.sql)).await.expect("connect");
         conn.query_drop(format!("USE db{}", id % 3))
             .await
             .expect("use");
@@ -105,7 +100,7 @@ async fn idle_sessions_outlive_their_tidbs_crash() {
     }
     let mut busy = Vec::new();
     for id in 0..BUSY {
-        let mut conn = Conn::new(opts(proxy.sql)).await.expect("connect");
+        let mut conn = Conn::new(double_opts(proxy.sql)).await.expect("connect");
         let port = port_of(&mut conn).await;
         conn.query_drop("BEGIN").await.expect("begin");
         conn.query_drop(format!(

@@ -7,19 +7,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder};
-use tiproxy_tests::{ProxyProcess, TidbDouble};
-
-fn opts(addr: SocketAddr) -> Opts {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some("app"))
-        .pass(Some("app-Pa55word"))
-        .prefer_socket(false)
-        .into()
-}
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts};
 
 async fn port(c: &mut Conn) -> u16 {
     c.query_first("SELECT @@port")
@@ -62,7 +52,7 @@ async fn a_tidb_in_fail_backend_list_is_left_and_its_stuck_sessions_closed_after
     // Idle sessions with state, on both TiDBs.
     let mut idle = Vec::new();
     for i in 0..8 {
-        let mut c = Conn::new(opts(proxy.sql)).await.expect("connect");
+        let mut c = Conn::new(double_opts(proxy.sql)).await.expect("connect");
         c.query_drop(format!("SET @me = {i}")).await.expect("set");
         idle.push(c);
     }
@@ -74,15 +64,19 @@ async fn a_tidb_in_fail_backend_list_is_left_and_its_stuck_sessions_closed_after
     }
     assert!(on_failed > 0, "some idle session is on the TiDB to fail");
     // One session on it held in a transaction: it cannot move.
+    // Connections that land elsewhere stay open: prefer-idle routes to the
+    // idler TiDB, so closing them could keep every new one off this TiDB.
     let mut stuck = None;
+    let mut elsewhere = Vec::new();
     for _ in 0..50 {
-        let mut c = Conn::new(opts(proxy.sql)).await.expect("connect");
+        let mut c = Conn::new(double_opts(proxy.sql)).await.expect("connect");
         if port(&mut c).await == failed.port() {
             stuck = Some(c);
             break;
         }
-        c.disconnect().await.expect("disconnect");
+        elsewhere.push(c);
     }
+    drop(elsewhere);
     let mut stuck = stuck.expect("a connection lands on the TiDB to fail");
     stuck.query_drop("BEGIN").await.expect("begin");
 
@@ -128,7 +122,7 @@ async fn a_tidb_in_fail_backend_list_is_left_and_its_stuck_sessions_closed_after
     eprintln!("FIGURE failover: {on_failed} idle sessions left a listed TiDB within {moved:?}");
     // New connections avoid it.
     for _ in 0..5 {
-        let mut c = Conn::new(opts(proxy.sql)).await.expect("connect");
+        let mut c = Conn::new(double_opts(proxy.sql)).await.expect("connect");
         assert_eq!(port(&mut c).await, other.port(), "a new connection");
         c.disconnect().await.expect("disconnect");
     }
