@@ -275,6 +275,17 @@ impl CommandTracker {
         &self.long_data
     }
 
+    /// Forgets the exchange in progress, as if it had never started: only
+    /// the simulation's planted `ResendInFlight` does this.
+    #[cfg(feature = "sim-mutations")]
+    pub fn abandon_exchange(&mut self) {
+        self.state = State::Idle;
+        self.command = None;
+        self.set_option = None;
+        self.backend_continues = false;
+        self.client_continues = false;
+    }
+
     /// No exchange in progress.
     pub fn is_idle(&self) -> bool {
         self.state == State::Idle && !self.client_continues

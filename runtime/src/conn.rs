@@ -139,6 +139,8 @@ struct Driver<N: Network> {
     sniff: Option<HeaderSniff>,
     /// Counted in `tiproxy_session_protected`.
     protected: bool,
+    /// Targets the restore under way picked and failed on.
+    restore_tried: Vec<String>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -193,6 +195,7 @@ pub async fn serve<N: Network>(
         traffic: Default::default(),
         sniff,
         protected: false,
+        restore_tried: Vec::new(),
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -314,7 +317,9 @@ impl<N: Network> Driver<N> {
                     }
                 }
                 Action::Close => self.closing = true,
-                Action::PickRestoreTarget { reason } => self.pick_restore_target(&reason),
+                Action::PickRestoreTarget { reason, failed } => {
+                    self.pick_restore_target(&reason, failed)
+                }
             }
         }
         while let Some(e) = self.session.poll_event() {

@@ -331,17 +331,21 @@ pub enum PlantedBug {
     /// Crash protection restores from a copy older than the session's last
     /// change ([`tiproxy_core::session::PlantedBug::RestoreStaleCopy`]).
     RestoreStaleCopy,
+    /// A restore re-sends the statement that was in flight when the backend
+    /// died ([`tiproxy_core::session::PlantedBug::ResendInFlight`]).
+    ResendInFlight,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 6] = [
+    pub const ALL: [PlantedBug; 7] = [
         PlantedBug::RouteToDraining,
         PlantedBug::NoEvacuation,
         PlantedBug::LeakLeaseOnMove,
         PlantedBug::MoveInsideTransaction,
         PlantedBug::ForgetUserVariable,
         PlantedBug::RestoreStaleCopy,
+        PlantedBug::ResendInFlight,
     ];
 
     /// Its name on the simulation's command line.
@@ -353,6 +357,7 @@ impl PlantedBug {
             PlantedBug::MoveInsideTransaction => "move-inside-transaction",
             PlantedBug::ForgetUserVariable => "forget-user-variable",
             PlantedBug::RestoreStaleCopy => "restore-stale-copy",
+            PlantedBug::ResendInFlight => "resend-in-flight",
         }
     }
 
@@ -363,6 +368,7 @@ impl PlantedBug {
             PlantedBug::MoveInsideTransaction => Some(P::MoveInsideTransaction),
             PlantedBug::ForgetUserVariable => Some(P::ForgetUserVariable),
             PlantedBug::RestoreStaleCopy => Some(P::RestoreStaleCopy),
+            PlantedBug::ResendInFlight => Some(P::ResendInFlight),
             _ => None,
         }
     }

@@ -71,6 +71,8 @@ pub struct ClientSession {
     client: Option<RawClient<TcpStream>>,
     /// The proxy's connection id (from its greeting).
     conn: Option<u32>,
+    /// When the running operation began.
+    op_started: Duration,
     expected: Option<Expected>,
     /// (`@@hostname`, `CONNECTION_ID()`) last seen on this connection.
     identity: Option<(String, String)>,
@@ -114,6 +116,7 @@ impl ClientSession {
             rng: StdRng::seed_from_u64(seed),
             client: None,
             conn: None,
+            op_started: Duration::ZERO,
             expected: None,
             identity: None,
             seq: 0,
@@ -185,11 +188,24 @@ impl ClientSession {
     fn failed_since(&mut self, what: &str, e: &ClientError, started: Option<Duration>) {
         let at = now();
         let clean = !matches!(e, ClientError::Protocol(_));
-        let allowed = self.world.error_allowed(self.conn, at)
-            || started.is_some_and(|t| self.world.connect_was_doomed(t));
+        let protected = self
+            .world
+            .protected_error_allowed(self.conn, at, self.op_started);
+        let allowed = protected.unwrap_or_else(|| {
+            self.world.error_allowed(self.conn, at)
+                || started.is_some_and(|t| self.world.connect_was_doomed(t))
+        });
         if clean && allowed {
             self.world.allowed_error();
             self.event(format_args!("{what} -> unavoidable error: {e}"));
+        } else if clean && protected == Some(false) {
+            self.violation(
+                Invariant::ProtectedSurvives,
+                format_args!(
+                    "{what} failed: {e} (proxy connection {:?}, protected when its TiDB broke)",
+                    self.conn
+                ),
+            );
         } else {
             self.violation(
                 Invariant::NoClientError,
@@ -358,6 +374,7 @@ impl ClientSession {
     }
 
     async fn operation(&mut self, op: Op) -> Result<(), Broken> {
+        self.op_started = now();
         match op {
             Op::Insert => {
                 let k = self.next_key();

@@ -39,6 +39,11 @@ pub enum Invariant {
     /// 6. At the end, client connections equal backend connections, and
     ///    nothing is left once clients leave.
     NoLeaks,
+    /// 7. With crash protection on, a session the proxy held a usable state
+    ///    copy for when its TiDB crashed (or closed it without a graceful
+    ///    wait) carries on without an error: only a statement that raced
+    ///    the crash, or no TiDB to restore on, excuses one.
+    ProtectedSurvives,
     /// The simulation itself failed (a host panicked, or it ran too long).
     Simulation,
 }
@@ -53,6 +58,7 @@ impl Invariant {
             Invariant::SessionStateKept => "session-state-kept",
             Invariant::Liveness => "liveness",
             Invariant::NoLeaks => "no-leaks",
+            Invariant::ProtectedSurvives => "protected-survives-crash",
             Invariant::Simulation => "simulation",
         }
     }
@@ -138,6 +144,10 @@ struct Inner {
     broken: BTreeSet<u32>,
     /// When each fault that breaks sessions happened.
     breaking_faults: Vec<Duration>,
+    /// Sessions the proxy held a usable state copy for when their TiDB
+    /// broke (crash protection on): proxy connection id, the TiDB and
+    /// when. They must be restored, not broken.
+    protected_at: BTreeMap<u32, (usize, Duration)>,
     ledger: Ledger,
     /// Where each session was last seen at the end of its workload.
     finals: BTreeMap<usize, IpAddr>,
@@ -146,6 +156,16 @@ struct Inner {
     allowed_errors: u64,
     ops: u64,
 }
+
+/// How long after a TiDB breaks a protected session's statement may still
+/// have been on its way to it: the proxy hears of the crash one link
+/// latency later (at most 25 ms), and a statement sent meanwhile was in
+/// flight, which is never replayed.
+pub const PROTECTED_RACE: Duration = Duration::from_millis(100);
+
+/// How long a restore may take before its failure says nothing about the
+/// proxy: the sim's move timeout (dials and the handshake on the target).
+pub const RESTORE_WINDOW: Duration = Duration::from_secs(5);
 
 /// How long after a session-breaking fault a failed connect is forgiven:
 /// a handshake in flight on the TiDB when it broke.
@@ -322,8 +342,24 @@ impl World {
 
     /// Something broke the sessions on TiDB `i` at `at`: their errors, and
     /// connects racing it, are unavoidable. Returns how many there were.
-    fn sessions_broken(&self, i: usize, at: Duration) -> usize {
+    fn sessions_broken(&self, i: usize, at: Duration, restorable: bool) -> usize {
         let on_it = self.sessions_on(i);
+        // With crash protection, the sessions holding a usable copy now
+        // are expected to be restored (a lossy partition is not counted:
+        // its hold lets the copies age and the moves off it race).
+        let protected: BTreeSet<u32> = if restorable && self.scenario.protection {
+            self.proxy()
+                .map(|st| {
+                    st.sessions()
+                        .into_iter()
+                        .filter(|(id, mb)| on_it.contains(id) && mb.protected())
+                        .map(|(id, _)| id)
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
         // Behind a held link the proxy hears of it only once the link is
         // released (seed 21465: a handshake in flight to a TiDB that
         // crashed during the hold failed 3.4 s after the crash, as the
@@ -338,7 +374,14 @@ impl World {
         let mut g = self.lock();
         g.breaking_faults.push(at);
         g.breaking_faults.extend(heard);
-        g.broken.extend(on_it.iter().copied());
+        for c in &on_it {
+            if protected.contains(c) {
+                g.protected_at.insert(*c, (i, at));
+            } else {
+                g.protected_at.remove(c);
+                g.broken.insert(*c);
+            }
+        }
         on_it.len()
     }
 
@@ -348,7 +391,7 @@ impl World {
     pub fn fault_begins(&self, i: usize, breaks: bool, at: Duration) {
         self.lock().faulted.insert(i);
         let (n, what) = if breaks {
-            (self.sessions_broken(i, at), "may see errors")
+            (self.sessions_broken(i, at, true), "may see errors")
         } else {
             (self.sessions_on(i).len(), "must move")
         };
@@ -362,7 +405,7 @@ impl World {
     /// connection across it is reset now, so the sessions the proxy has on
     /// it may see errors (their state is on the other side).
     pub fn partition_cut(&self, i: usize, at: Duration) {
-        let n = self.sessions_broken(i, at);
+        let n = self.sessions_broken(i, at, false);
         self.event(
             at,
             format_args!("net: proxy <-> tidb-{i} cut: {n} session(s) on it may see errors"),
@@ -391,6 +434,68 @@ impl World {
         }
         // A connect while no TiDB could take it.
         conn.is_none() && self.no_tidb_could_take(&g, at)
+    }
+
+    /// For a session that was protected when its TiDB broke: whether its
+    /// error (at `at`, in an operation that began at `op_started`) is
+    /// excused. `None` for every other session (then
+    /// [`World::error_allowed`] decides).
+    pub fn protected_error_allowed(
+        &self,
+        conn: Option<u32>,
+        at: Duration,
+        op_started: Duration,
+    ) -> Option<bool> {
+        let g = self.lock();
+        let (i, broke) = *g.protected_at.get(&conn?)?;
+        // The operation's statement may have raced the crash.
+        if op_started <= broke + PROTECTED_RACE + self.scenario.tick {
+            return Some(true);
+        }
+        // Another fault broke it later, or one racing the restore.
+        let at = at + self.scenario.tick;
+        if g.breaking_faults
+            .iter()
+            .any(|t| *t != broke && *t <= at && at <= *t + CONNECT_GRACE)
+        {
+            return Some(true);
+        }
+        Some(self.restore_impossible(&g, i, broke))
+    }
+
+    /// Whether a session lost with TiDB `i` at `broke` could not have been
+    /// restored: no other TiDB could take it at some point of the restore's
+    /// window, or a link was held or cut then (the target the proxy picked
+    /// may be behind it, or the crash heard late).
+    fn restore_impossible(&self, g: &Inner, i: usize, broke: Duration) -> bool {
+        let (from, to) = (
+            broke.saturating_sub(HELD_LINK_RECOVERY),
+            broke + RESTORE_WINDOW,
+        );
+        let s = &self.scenario;
+        if s.held_links
+            .iter()
+            .any(|h| h.at <= to && from <= h.at + h.len)
+            || s.partitions
+                .iter()
+                .any(|p| p.at <= to && from <= p.at + p.len)
+        {
+            return true;
+        }
+        let mut t = broke;
+        while t <= to {
+            let none = (0..s.total_tidbs()).filter(|j| *j != i).all(|j| {
+                g.faulted.contains(&j)
+                    || g.known_from
+                        .get(&j)
+                        .is_none_or(|k| t <= self.recognised_by(*k))
+            });
+            if none {
+                return true;
+            }
+            t += Duration::from_millis(100);
+        }
+        false
     }
 
     /// Whether a connect that began at `started` could not have succeeded:

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use mysql_async::Conn;
 use mysql_async::prelude::*;
-use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts};
+use tiproxy_tests::netns::{InsideTidb, Netns};
+use tiproxy_tests::{ProxyProcess, TidbDouble, double_opts, install};
 
 const IDLE: usize = 200;
 const BUSY: usize = 20;
@@ -210,4 +211,133 @@ async fn idle_sessions_outlive_their_tidbs_crash() {
         sample(&proxy, "tiproxy_session_restore_total{result=\"failed\"}"),
         0
     );
+}
+
+/// The same with the TiDB's network cut instead of a crash: a TiDB double
+/// in a network namespace whose packets are all dropped (no reset, no FIN:
+/// silence, as from a dead host or a partition). Its status checks time
+/// out, so the proxy marks it unhealthy and its connections switch to
+/// `backend-unhealthy-keepalive` (idle 1 s, 2 probes 1 s apart, user
+/// timeout 3 s). Each idle session's dead connection is found within that
+/// bound, about 1 s + 3 s, and the session continues on the other TiDB
+/// with its state and no error. The two doubles are separate processes
+/// given one seed, so they derive the same session-token key, as the TiDBs
+/// of one cluster share `session-token-signing-cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sessions_outlive_their_tidbs_network_cut() {
+    const SESSIONS: usize = 40;
+    let Some(ns) = Netns::create() else {
+        return;
+    };
+    install(&["iptables"], "iptables");
+    // One seed: the same session-token key in both processes.
+    let cut = InsideTidb::start_with(&ns, &["--seed", "7"]);
+    let other = TidbDouble::start(1, 0, &["--seed", "7"]);
+    let live = other.instances()[0].clone();
+    for addr in [cut.sql, live.sql] {
+        let mut admin = Conn::new(double_opts(addr)).await.expect("direct");
+        admin
+            .query_drop("CREATE DATABASE IF NOT EXISTS db0")
+            .await
+            .expect("db");
+    }
+    let proxy = ProxyProcess::start_with_backends(
+        &[
+            format!(
+                "{{ addr = \"{}\", status-addr = \"{}\" }}",
+                cut.sql, cut.status
+            ),
+            TidbDouble::backend_entry(&live),
+        ],
+        "session-protection = true\n\
+         [proxy.backend-unhealthy-keepalive]\nenabled = true\nidle = 1\nintvl = 1\ncnt = 2\ntimeout = 3\n\
+         [health-check]\nstatus-interval = \"300ms\"\ninterval = \"500ms\"\ndial-timeout = \"500ms\"\n\
+         [balance.conn-count]\ncount-ratio-threshold = 100\n",
+    );
+
+    let mut sessions = Vec::new();
+    for id in 0..SESSIONS {
+        let mut conn = Conn::new(double_opts(proxy.sql))
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}\n{}", proxy.log.lock().unwrap()));
+        conn.query_drop("USE db0").await.expect("use");
+        conn.query_drop(format!("SET @me = 'client-{id}'"))
+            .await
+            .expect("user variable");
+        let stmt = conn.prep("SELECT ?, @me").await.expect("prepare");
+        let port = port_of(&mut conn).await;
+        sessions.push(Idle {
+            id,
+            conn,
+            stmt,
+            port,
+        });
+    }
+    let on_cut = sessions.iter().filter(|s| s.port == cut.sql.port()).count();
+    assert!(
+        on_cut > 0 && on_cut < SESSIONS,
+        "sessions spread over both TiDBs: {on_cut} of {SESSIONS} on the one to cut"
+    );
+    wait_for("every session protected", Duration::from_secs(20), || {
+        sample(&proxy, "tiproxy_session_protected") == SESSIONS as u64
+    })
+    .await;
+
+    // The TiDB's network goes silent: nothing in, nothing out.
+    ns.exec(&["iptables", "-A", "INPUT", "-j", "DROP"]);
+    ns.exec(&["iptables", "-A", "OUTPUT", "-j", "DROP"]);
+    let silent = Instant::now();
+    // Unhealthy within a few status checks (~1 s), then the unhealthy
+    // profile's bound (3 s); 15 s leaves room for a loaded machine.
+    let took = loop {
+        let restored = sample(&proxy, "tiproxy_session_restore_total{result=\"ok\"}");
+        if restored == on_cut as u64 {
+            break silent.elapsed();
+        }
+        if silent.elapsed() > Duration::from_secs(15) {
+            let metrics = proxy.get("/metrics").1;
+            let restore: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tiproxy_session_restore")
+                        || l.starts_with("tiproxy_balance_migrate_total")
+                })
+                .collect();
+            panic!(
+                "{restored} of {on_cut} sessions on the cut TiDB restored within 15 s\n{}\nsessions: {}\nproxy log:\n{}",
+                restore.join("\n"),
+                proxy.get("/api/sessions").1,
+                proxy.log.lock().expect("log")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "FIGURE network cut -> last restore: {took:?} ({on_cut} idle sessions restored, {:.1} s wall)",
+        silent.elapsed().as_secs_f64()
+    );
+
+    for s in &mut sessions {
+        let id = s.id;
+        let port = port_of(&mut s.conn).await;
+        assert_eq!(port, live.sql.port(), "client {id} is on the live TiDB");
+        let (echo, me): (i64, String) = s
+            .conn
+            .exec_first(&s.stmt, (id as i64,))
+            .await
+            .unwrap_or_else(|e| panic!("client {id} prepared statement: {e}"))
+            .expect("a row");
+        assert_eq!((echo, me), (id as i64, format!("client-{id}")));
+        let db: Option<String> = s
+            .conn
+            .query_first("SELECT DATABASE()")
+            .await
+            .expect("database()");
+        assert_eq!(db.as_deref(), Some("db0"), "client {id} database");
+    }
+    assert_eq!(
+        sample(&proxy, "tiproxy_session_restore_total{result=\"failed\"}"),
+        0
+    );
+    ns.exec(&["iptables", "-F"]);
 }

@@ -109,6 +109,10 @@ impl<T: Clone> Session<T> {
         }
         if starting && self.cfg.protect.enabled {
             self.protect.on_command(payload, header.len);
+            #[cfg(feature = "sim-mutations")]
+            if self.planted(PlantedBug::ResendInFlight) && payload.len() == header.len {
+                self.in_flight = Some(Bytes::copy_from_slice(payload));
+            }
         }
         match self.tracker.on_client_packet(header.len, payload) {
             ClientPacket::Forward => Disposition::Forward(Leg::Backend),

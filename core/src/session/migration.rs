@@ -51,8 +51,15 @@ pub(super) enum Migration<T> {
         states: Bytes,
         token: Bytes,
         deadline: Instant,
+        /// Targets a restore already failed on (a dial that failed, a
+        /// TiDB that refused the token while shutting down).
+        failed: u8,
     },
 }
+
+/// Backends a restore tries before the session closes: the first pick and
+/// two more when a dial or handshake fails.
+pub const RESTORE_TARGETS: usize = 3;
 
 /// A move under way.
 #[derive(Debug)]
@@ -64,6 +71,8 @@ pub(super) struct Move<T> {
     stage: Stage,
     /// A restore after the old backend died, not a move.
     restore: bool,
+    /// For a restore: how many targets it failed on before this one.
+    failed: u8,
 }
 
 #[derive(Debug)]
@@ -90,7 +99,13 @@ enum Stage {
 impl<T> Migration<T> {
     /// A restore onto `target` with a state copy: the target's handshake
     /// first, the old backend already gone.
-    pub(super) fn restore(target: T, deadline: Instant, states: Bytes, token: Bytes) -> Self {
+    pub(super) fn restore(
+        target: T,
+        deadline: Instant,
+        states: Bytes,
+        token: Bytes,
+        failed: u8,
+    ) -> Self {
         Migration::Running(Move {
             target,
             deadline,
@@ -101,6 +116,7 @@ impl<T> Migration<T> {
                 old_lost: true,
             },
             restore: true,
+            failed,
         })
     }
 
@@ -234,6 +250,7 @@ impl<T: Clone> Session<T> {
             deadline: now + self.cfg.migration_timeout,
             stage: Stage::HiddenCommit { begin_len },
             restore: false,
+            failed: 0,
         });
         self.relay.legs[1].seq = 0;
         self.relay.legs[1].reset_out_seq = true;
@@ -319,6 +336,7 @@ impl<T: Clone> Session<T> {
                 reader: StatesReader::new(deprecate_eof),
             },
             restore: false,
+            failed: 0,
         });
         self.send_show_session_states();
     }
@@ -452,6 +470,10 @@ impl<T: Clone> Session<T> {
             self.relay.legs[2] = Default::default();
             self.actions.push_back(Action::CloseLeg(Leg::NewBackend));
         }
+        let m = match self.retry_restore(now, m, &reason) {
+            Ok(()) => return,
+            Err(m) => m,
+        };
         if m.restore {
             self.events.push_back(Event::Restore {
                 outcome: RestoreOutcome::Failed(reason.to_string()),
@@ -469,6 +491,48 @@ impl<T: Clone> Session<T> {
         }
         self.at_boundary(now);
         self.drain_held(now);
+    }
+
+    /// A restore that failed before the target took the state (its dial
+    /// failed, or it refused the token, e.g. while shutting down) tries
+    /// another backend, up to [`RESTORE_TARGETS`] in all and within the
+    /// restore's deadline: nothing ran on the failed one, so nothing can
+    /// run twice. Gives the move back when it is not retried.
+    fn retry_restore(
+        &mut self,
+        now: Instant,
+        m: Move<T>,
+        reason: &MigrationFailure,
+    ) -> Result<(), Move<T>> {
+        if !m.restore || usize::from(m.failed) + 1 >= RESTORE_TARGETS || now >= m.deadline {
+            return Err(m);
+        }
+        let Move {
+            deadline,
+            stage:
+                Stage::Handshake {
+                    states,
+                    token,
+                    old_lost: true,
+                    ..
+                },
+            failed,
+            ..
+        } = m
+        else {
+            return Err(m);
+        };
+        self.migration = Migration::AwaitTarget {
+            states,
+            token,
+            deadline,
+            failed: failed + 1,
+        };
+        self.actions.push_back(Action::PickRestoreTarget {
+            reason: format!("a restore attempt failed: {reason}"),
+            failed: failed + 1,
+        });
+        Ok(())
     }
 
     /// The old backend's connection ended (EOF or reset). What the backend
@@ -498,10 +562,20 @@ impl<T: Clone> Session<T> {
                     else {
                         return;
                     };
+                    let exporting = matches!(m.stage, Stage::Export { .. });
                     self.events.push_back(Event::MigrationFailed {
                         target: m.target,
                         reason: MigrationFailure::OldBackendLost(reason.to_string()),
                     });
+                    // Only the proxy's own SHOW SESSION_STATES was in
+                    // flight (a TiDB that stopped answering is often being
+                    // moved away from when its connections die): the
+                    // session is as idle as before the move, so its state
+                    // copy still serves. A hidden COMMIT's outcome is
+                    // unknown: that one closes.
+                    if exporting && self.phase == Phase::Command && self.try_restore(now, reason) {
+                        return;
+                    }
                 }
             }
         }

@@ -248,6 +248,9 @@ pub struct Session<T = String> {
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Option<PlantedBug>,
+    /// With `ResendInFlight` planted: the running command's packet.
+    #[cfg(feature = "sim-mutations")]
+    in_flight: Option<Bytes>,
 }
 
 /// The handshake response slot before the client sent one.
@@ -298,6 +301,8 @@ impl<T: Clone> Session<T> {
             command_done: None,
             #[cfg(feature = "sim-mutations")]
             planted: None,
+            #[cfg(feature = "sim-mutations")]
+            in_flight: None,
             cfg,
         }
     }

@@ -53,6 +53,10 @@ pub enum Action<T = String> {
     PickRestoreTarget {
         /// How the backend was lost (for logs).
         reason: String,
+        /// How many targets this restore already failed on. The driver
+        /// does not pick them again (nor the lost backend): 0 starts a
+        /// new list.
+        failed: u8,
     },
 }
 

@@ -17,4 +17,9 @@ pub enum PlantedBug {
     /// renewing, not after a change, and restores from whatever copy it
     /// holds: a restored session loses its recent changes.
     RestoreStaleCopy,
+    /// A restore does not wait for the statement in flight: when the
+    /// backend dies mid-statement outside a transaction, the proxy
+    /// restores the session anyway and sends the statement again on the
+    /// new backend, though the lost one may have executed it.
+    ResendInFlight,
 }

@@ -340,6 +340,8 @@ impl<T: Clone> Session<T> {
     /// (returns true), or reports why not (returns false: the caller closes
     /// it as the server closed it).
     pub(super) fn try_restore(&mut self, now: Instant, reason: &str) -> bool {
+        #[cfg(feature = "sim-mutations")]
+        self.plant_resend();
         let busy = !self.tracker.at_safe_point()
             || !matches!(self.migration, Migration::None | Migration::Pending { .. })
             || self.close_at_safe_point;
@@ -367,9 +369,11 @@ impl<T: Clone> Session<T> {
             states: copy.states,
             token: copy.token,
             deadline: now + self.cfg.migration_timeout,
+            failed: 0,
         };
         self.actions.push_back(Action::PickRestoreTarget {
             reason: reason.to_string(),
+            failed: 0,
         });
         true
     }
@@ -382,6 +386,7 @@ impl<T: Clone> Session<T> {
             states,
             token,
             deadline,
+            failed,
         } = std::mem::replace(&mut self.migration, Migration::None)
         else {
             return;
@@ -391,19 +396,48 @@ impl<T: Clone> Session<T> {
                 self.actions.push_back(Action::ConnectNewBackend {
                     target: target.clone(),
                 });
-                self.migration = Migration::restore(target, deadline, states, token);
+                self.migration = Migration::restore(target, deadline, states, token, failed);
             }
             None => {
+                let why = if failed == 0 {
+                    "no other backend is available".to_string()
+                } else {
+                    format!(
+                        "restores failed on {} other backend(s) and no further one is available",
+                        failed
+                    )
+                };
                 self.events.push_back(Event::Restore {
-                    outcome: RestoreOutcome::Failed("no other backend is available".into()),
+                    outcome: RestoreOutcome::Failed(why.clone()),
                 });
-                self.close_client_with(ProxyError::BackendLost(
-                    "the backend was lost and no other backend is available".into(),
-                ));
+                self.close_client_with(ProxyError::BackendLost(format!(
+                    "the backend was lost: {why}"
+                )));
             }
         }
         let _ = now;
         self.flush();
+    }
+
+    /// The planted `ResendInFlight`: a statement in flight outside a
+    /// transaction is forgotten by the tracker and queued to run again
+    /// after the restore.
+    #[cfg(feature = "sim-mutations")]
+    fn plant_resend(&mut self) {
+        if !self.planted(PlantedBug::ResendInFlight)
+            || self.tracker.is_idle()
+            || self.tracker.in_transaction()
+        {
+            return;
+        }
+        let Some(cmd) = self.in_flight.take() else {
+            return;
+        };
+        self.tracker.abandon_exchange();
+        let mut held = bytes::BytesMut::with_capacity(4 + cmd.len() + self.relay.held.len());
+        crate::packet::write_packet(&mut held, 0, &cmd);
+        held.extend_from_slice(&self.relay.held);
+        self.relay.held = held;
     }
 
     /// Whether the session holds a state copy that would serve a restore

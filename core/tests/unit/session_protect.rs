@@ -319,3 +319,133 @@ fn an_export_after_a_change_that_hangs_closes_the_session() {
         "the copy is stale: nothing to restore from"
     );
 }
+
+#[test]
+fn a_restore_whose_dial_fails_tries_other_backends_then_gives_up() {
+    let mut h = protected();
+    h.take_events();
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert!(h.take_actions().contains(&Action::PickRestoreTarget {
+        reason: "connection reset".into(),
+        failed: 0,
+    }));
+    // The first pick cannot be reached: the driver is asked again, told
+    // which backend failed.
+    h.s.handle_restore_target(h.now, Some("tidb-3:4000".into()));
+    h.pump();
+    h.s.handle_connect_failed(h.now, Leg::NewBackend, "connection refused");
+    h.pump();
+    assert!(!h.s.is_closed(), "one failed dial does not end the session");
+    let picks: Vec<u8> = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::PickRestoreTarget { failed, .. } => Some(failed),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(picks, vec![1], "asked again, one target failed");
+    assert!(
+        restore_outcomes(&h.take_events()).is_empty(),
+        "not counted until it ends"
+    );
+    // The second pick works: restored, the client notices nothing.
+    h.s.handle_restore_target(h.now, Some("tidb-2:4000".into()));
+    h.pump();
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::NewBackend);
+    h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(
+        restore_outcomes(&h.take_events()),
+        vec![RestoreOutcome::Restored]
+    );
+    assert!(h.recv(Leg::Client).is_empty(), "the client hears nothing");
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn a_restore_gives_up_after_three_failed_targets() {
+    // Every pick fails; after three the session closes, as the server
+    // closed it, with one outcome counted.
+    let mut h = protected();
+    h.take_events();
+    h.s.handle_closed(h.now, Leg::Backend, "EOF");
+    h.pump();
+    for target in ["tidb-4:4000", "tidb-5:4000", "tidb-6:4000"] {
+        assert!(
+            h.take_actions()
+                .iter()
+                .any(|a| matches!(a, Action::PickRestoreTarget { .. })),
+            "asked for a target before {target}"
+        );
+        h.s.handle_restore_target(h.now, Some(target.into()));
+        h.pump();
+        h.s.handle_connect_failed(h.now, Leg::NewBackend, "timed out");
+        h.pump();
+    }
+    assert!(h.s.is_closed(), "three failed targets close the session");
+    assert!(
+        !h.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::PickRestoreTarget { .. })),
+        "no fourth pick"
+    );
+    let outcomes = restore_outcomes(&h.take_events());
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert!(matches!(outcomes[0], RestoreOutcome::Failed(_)));
+}
+
+#[test]
+fn no_target_left_after_a_failed_attempt_closes_with_a_clear_reason() {
+    let mut h = protected();
+    h.take_events();
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    h.take_actions();
+    h.s.handle_restore_target(h.now, Some("tidb-3:4000".into()));
+    h.pump();
+    h.s.handle_connect_failed(h.now, Leg::NewBackend, "connection refused");
+    h.pump();
+    h.s.handle_restore_target(h.now, None);
+    h.pump();
+    assert!(h.s.is_closed());
+    let outcomes = restore_outcomes(&h.take_events());
+    let [RestoreOutcome::Failed(why)] = &outcomes[..] else {
+        panic!("{outcomes:?}")
+    };
+    assert!(why.contains("failed on 1 other backend"), "{why}");
+}
+
+#[test]
+fn a_backend_that_dies_while_a_move_exports_is_restored_from_the_copy() {
+    let mut h = protected();
+    // The balancer moves the session off a TiDB that stopped answering:
+    // the export is sent and never answered; then the connection dies.
+    assert!(h.s.handle_redirect(h.now, "tidb-2:4000"));
+    h.pump();
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    h.take_events();
+    h.s.handle_closed(h.now, Leg::Backend, "keepalive timeout");
+    h.pump();
+    assert!(
+        !h.s.is_closed(),
+        "only the proxy's own export was in flight"
+    );
+    let events = h.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::MigrationFailed { .. })),
+        "the move is reported failed: {events:?}"
+    );
+    restore_on_new_backend(&mut h);
+    assert_eq!(
+        restore_outcomes(&h.take_events()),
+        vec![RestoreOutcome::Restored]
+    );
+    assert!(h.recv(Leg::Client).is_empty(), "the client hears nothing");
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}

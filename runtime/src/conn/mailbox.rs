@@ -25,6 +25,9 @@ pub struct Mailbox {
     /// the lock.
     pub(super) pending: std::sync::atomic::AtomicBool,
     pub(super) queue: std::sync::Mutex<Vec<Control>>,
+    /// The session holds a state copy that would serve a restore (kept by
+    /// the connection with `tiproxy_session_protected`).
+    pub(super) protected: std::sync::atomic::AtomicBool,
 }
 
 /// What a listing shows of a session. A connection answers
@@ -67,6 +70,12 @@ impl Mailbox {
     /// bookkeeping).
     pub fn client(&self) -> Option<SocketAddr> {
         *self.client.lock().expect("mailbox lock")
+    }
+
+    /// Whether the session holds a usable state copy now (for the
+    /// simulation's "a protected session outlives its TiDB's crash").
+    pub fn protected(&self) -> bool {
+        self.protected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The backend the session is on.

@@ -14,8 +14,9 @@ use crate::net::Network;
 
 impl<N: Network> Driver<N> {
     /// The backend died under a protected session: restore it on another
-    /// one the router would give a new client, never the lost one.
-    pub(super) fn pick_restore_target(&mut self, reason: &str) {
+    /// one the router would give a new client, never the lost one nor one
+    /// this restore already failed on (`failed` of them: the last picks).
+    pub(super) fn pick_restore_target(&mut self, reason: &str, failed: u8) {
         // The lost socket is of no more use (it would answer EOF forever).
         self.backend = None;
         // A move that was pending will not happen: the restore replaces it.
@@ -25,9 +26,20 @@ impl<N: Network> Driver<N> {
         let lost: Vec<String> = self
             .lease
             .as_ref()
-            .map(|l| vec![l.backend().addr.clone()])
-            .unwrap_or_default();
+            .map(|l| l.backend().addr.clone())
+            .into_iter()
+            .collect();
+        if failed == 0 {
+            self.restore_tried.clear();
+        }
+        let lost: Vec<String> = lost
+            .into_iter()
+            .chain(self.restore_tried.iter().cloned())
+            .collect();
         let target = self.shared.router.pick(&lost);
+        if let Some(t) = &target {
+            self.restore_tried.push(t.addr.clone());
+        }
         debug!(
             conn_id = self.conn_id,
             from = lost.first().map(String::as_str).unwrap_or("-"),
@@ -72,6 +84,9 @@ impl<N: Network> Driver<N> {
         let p = self.session.is_protected(now);
         if p != self.protected {
             self.protected = p;
+            self.ctl
+                .protected
+                .store(p, std::sync::atomic::Ordering::Relaxed);
             if p {
                 metrics().protect.protected.inc();
             } else {

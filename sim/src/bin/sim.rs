@@ -33,7 +33,8 @@ struct Args {
     /// Plant a deliberate bug in the proxy (mutation testing; needs
     /// `--features sim-mutations`): a sweep should fail. route-to-draining |
     /// no-evacuation | leak-lease-on-move | move-inside-transaction |
-    /// forget-user-variable | restore-stale-copy
+    /// forget-user-variable | restore-stale-copy |
+    /// resend-in-flight
     #[arg(long, value_parser = parse_bug)]
     plant: Option<PlantedBug>,
     /// Run the virtual IP election model (`tiproxy_sim::ha`: at most one
