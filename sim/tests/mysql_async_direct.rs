@@ -172,7 +172,9 @@ async fn autocommit_dml_round_trips() {
     let e = c.query_drop("SELECT nope FROM items").await.unwrap_err();
     assert_eq!(code(&e), Some(1054), "{e}");
     let e = c
-        .query_drop("SELECT * FROM items JOIN items b ON items.id = b.id")
+        .query_drop(
+            "SELECT * FROM items JOIN items b ON items.id = b.id JOIN items c ON c.id = b.id",
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(1105));

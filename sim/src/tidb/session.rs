@@ -720,10 +720,10 @@ impl Session {
                 store.begin_current_read(&mut txn);
             }
             let out = f(self, &mut txn);
-            txn.end_current_read();
             let out = match out {
                 Ok(out) => out,
                 Err(e) => {
+                    txn.end_current_read();
                     txn.restore_writes(saved);
                     if !autocommit {
                         self.txn = Some(txn);
@@ -733,7 +733,10 @@ impl Session {
             };
             if txn.is_pessimistic() {
                 let keys = txn.unlocked_writes();
-                match store.lock_keys(&mut txn, &keys) {
+                // Checked against what the statement read: its for_update_ts.
+                let locking = store.lock_keys(&mut txn, &keys);
+                txn.end_current_read();
+                match locking {
                     Locking::Locked => {}
                     Locking::Stale => {
                         txn.restore_writes(saved);

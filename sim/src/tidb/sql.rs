@@ -150,8 +150,8 @@ pub struct Select {
     pub from: Option<TableName>,
     /// The FROM table's alias.
     pub alias: Option<String>,
-    /// A second table joined to the first.
-    pub join: Option<Join>,
+    /// A second table joined to the first (boxed: most SELECTs have none).
+    pub join: Option<Box<Join>>,
     /// WHERE.
     pub filter: Option<Expr>,
     /// GROUP BY.
@@ -1379,7 +1379,7 @@ impl<'a> Parser<'a> {
             } else {
                 let t = self.table_name()?;
                 alias = self.alias()?;
-                join = self.join()?;
+                join = self.join()?.map(Box::new);
                 if self.is_op(",")
                     || self.is_kw("JOIN")
                     || self.is_kw("LEFT")
@@ -2122,7 +2122,7 @@ mod tests {
 
     #[test]
     fn unsupported_statements_say_so() {
-        let e = parse("SELECT a FROM t, u", false).unwrap_err();
+        let e = parse("SELECT a FROM t, u, v", false).unwrap_err();
         assert_eq!(e.code, 1105);
         assert!(e.message.contains("unsupported in the TiDB double"), "{e}");
         let e = parse("ALTER TABLE t ADD c INT", false).unwrap_err();
