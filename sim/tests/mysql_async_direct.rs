@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{code, conn, fleet, sql_addr};
 use mysql_async::TxOpts;
 use mysql_async::prelude::*;
@@ -170,7 +172,9 @@ async fn autocommit_dml_round_trips() {
     let e = c.query_drop("SELECT nope FROM items").await.unwrap_err();
     assert_eq!(code(&e), Some(1054), "{e}");
     let e = c
-        .query_drop("SELECT * FROM items JOIN items b ON items.id = b.id")
+        .query_drop(
+            "SELECT * FROM items JOIN items b ON items.id = b.id JOIN items c ON c.id = b.id",
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(1105));
@@ -256,6 +260,13 @@ async fn transactions_commit_roll_back_and_conflict() {
         Some(2)
     );
 
+    // Optimistic transactions (TiDB's default is pessimistic: b's UPDATE
+    // would wait for a's row lock instead).
+    for c in [&mut a, &mut b] {
+        c.query_drop("SET tidb_txn_mode = 'optimistic'")
+            .await
+            .unwrap();
+    }
     // First committer wins.
     a.query_drop("BEGIN").await.unwrap();
     b.query_drop("BEGIN").await.unwrap();
@@ -626,4 +637,179 @@ async fn grouping_and_subqueries() {
         .await
         .unwrap_err();
     assert_eq!(code(&nope), Some(1146), "{nope}");
+}
+
+/// Two-table joins as MySQL answers them: INNER / LEFT / comma, aliases,
+/// `t.*`, WHERE, GROUP BY, ORDER BY, LIMIT, prepared, and its errors.
+#[tokio::test]
+async fn two_table_joins() {
+    let f = fleet(1, TidbOptions::default()).await;
+    let mut c = conn(&sql_addr(&f, 0), "root", "", Some("test"))
+        .await
+        .unwrap();
+    c.query_drop("CREATE TABLE u (id INT PRIMARY KEY, name VARCHAR(16))")
+        .await
+        .unwrap();
+    c.query_drop("CREATE TABLE o (id INT PRIMARY KEY, uid INT, amt INT)")
+        .await
+        .unwrap();
+    c.query_drop("INSERT INTO u VALUES (1, 'ann'), (2, 'bob'), (3, 'cy')")
+        .await
+        .unwrap();
+    c.query_drop("INSERT INTO o VALUES (10, 1, 5), (11, 1, 7), (12, 2, 3), (13, 9, 1)")
+        .await
+        .unwrap();
+    let top: Vec<(String, i64)> = c
+        .query("SELECT u.name, o.amt FROM u JOIN o ON o.uid = u.id ORDER BY o.amt DESC LIMIT 2")
+        .await
+        .unwrap();
+    assert_eq!(top, [("ann".into(), 7), ("ann".into(), 5)]);
+    let per_user: Vec<(String, i64, Option<i64>)> = c
+        .query(
+            "SELECT x.name, COUNT(y.id), SUM(y.amt) FROM u AS x LEFT JOIN o y ON y.uid = x.id \
+             GROUP BY x.name ORDER BY x.name",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        per_user,
+        [
+            ("ann".into(), 2, Some(12)),
+            ("bob".into(), 1, Some(3)),
+            ("cy".into(), 0, None)
+        ]
+    );
+    let without: Vec<i64> = c
+        .query("SELECT u.id FROM u LEFT OUTER JOIN o ON o.uid = u.id WHERE o.id IS NULL")
+        .await
+        .unwrap();
+    assert_eq!(without, [3]);
+    let over: Vec<(String, i64)> = c
+        .exec(
+            "SELECT name, amt FROM u, o WHERE uid = u.id AND amt > ? ORDER BY amt",
+            (4,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(over, [("ann".into(), 5), ("ann".into(), 7)]);
+    let star: Option<(i64, i64, i64, String)> = c
+        .query_first("SELECT o.*, u.name FROM o INNER JOIN u ON u.id = o.uid WHERE o.id = 12")
+        .await
+        .unwrap();
+    assert_eq!(star, Some((12, 2, 3, "bob".into())));
+    let e = c
+        .query_drop("SELECT id FROM u JOIN o ON o.uid = u.id")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(1052), "{e}");
+    let e = c
+        .query_drop("SELECT * FROM u JOIN u ON 1")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(1066), "{e}");
+    let e = c
+        .query_drop("SELECT w.* FROM u JOIN o ON o.uid = u.id")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(1051), "{e}");
+}
+
+/// TiDB's default pessimistic transactions: a writer waits for another's
+/// row lock instead of failing at commit (no lost update); a cycle of
+/// waits is a deadlock (1213, that transaction rolled back); a wait ends
+/// after `innodb_lock_wait_timeout` (1205, only the statement fails).
+#[tokio::test]
+async fn pessimistic_writers_wait_for_row_locks() {
+    let f = fleet(2, TidbOptions::default()).await;
+    let mut a = conn(&sql_addr(&f, 0), "root", "", Some("test"))
+        .await
+        .unwrap();
+    let mut b = conn(&sql_addr(&f, 1), "root", "", Some("test"))
+        .await
+        .unwrap();
+    a.query_drop("CREATE TABLE acct (id INT PRIMARY KEY, bal INT)")
+        .await
+        .unwrap();
+    a.query_drop("INSERT INTO acct VALUES (1, 100), (2, 100)")
+        .await
+        .unwrap();
+    let mode: Option<String> = a.query_first("SELECT @@tidb_txn_mode").await.unwrap();
+    assert_eq!(mode.as_deref(), Some("pessimistic"));
+
+    // b waits for a's lock, then updates what a committed.
+    a.query_drop("BEGIN").await.unwrap();
+    a.query_drop("UPDATE acct SET bal = bal + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    b.query_drop("BEGIN").await.unwrap();
+    let waiting = tokio::spawn(async move {
+        b.query_drop("UPDATE acct SET bal = bal + 10 WHERE id = 1")
+            .await
+            .map(|()| b)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "b waits for a's row lock");
+    a.query_drop("COMMIT").await.unwrap();
+    let mut b = waiting.await.unwrap().unwrap();
+    b.query_drop("COMMIT").await.unwrap();
+    let bal: Option<i64> = a
+        .query_first("SELECT bal FROM acct WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(bal, Some(111), "no lost update");
+
+    // a waits for b on id 2; b then wants id 1: a deadlock, b rolled back.
+    a.query_drop("BEGIN").await.unwrap();
+    b.query_drop("BEGIN").await.unwrap();
+    a.query_drop("UPDATE acct SET bal = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    b.query_drop("UPDATE acct SET bal = 0 WHERE id = 2")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        a.query_drop("UPDATE acct SET bal = 5 WHERE id = 2")
+            .await
+            .map(|()| a)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = b
+        .query_drop("UPDATE acct SET bal = 7 WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(1213), "{e}");
+    let in_txn: Option<i64> = b.query_first("SELECT @@in_transaction").await.unwrap();
+    assert_eq!(in_txn, Some(0), "the deadlocked transaction is rolled back");
+    let mut a = waiting.await.unwrap().unwrap();
+    a.query_drop("COMMIT").await.unwrap();
+    let bals: Vec<i64> = b.query("SELECT bal FROM acct ORDER BY id").await.unwrap();
+    assert_eq!(bals, [0, 5]);
+
+    // innodb_lock_wait_timeout: the statement fails, the transaction stays.
+    b.query_drop("SET innodb_lock_wait_timeout = 1")
+        .await
+        .unwrap();
+    a.query_drop("BEGIN").await.unwrap();
+    a.query_drop("UPDATE acct SET bal = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    b.query_drop("BEGIN").await.unwrap();
+    b.query_drop("UPDATE acct SET bal = 2 WHERE id = 2")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = b
+        .query_drop("UPDATE acct SET bal = 2 WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(1205), "{e}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    b.query_drop("COMMIT").await.unwrap();
+    a.query_drop("ROLLBACK").await.unwrap();
+    let bals: Vec<i64> = a.query("SELECT bal FROM acct ORDER BY id").await.unwrap();
+    assert_eq!(bals, [0, 2]);
 }

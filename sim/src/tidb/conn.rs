@@ -673,7 +673,13 @@ impl<S: Stream> Conn<S> {
         }
         let n = stmts.len();
         for (i, st) in stmts.iter().enumerate() {
-            let res = self.session().execute(st);
+            let started = tokio::time::Instant::now();
+            let res = loop {
+                let res = self.session().execute(st);
+                if !self.wait_for_lock(started).await {
+                    break res;
+                }
+            };
             let sleep = std::mem::take(&mut self.session().sleep);
             if !sleep.is_zero() {
                 // Answer what is done so far, then wait as SLEEP() does.
@@ -693,6 +699,25 @@ impl<S: Stream> Conn<S> {
             }
         }
         Ok(())
+    }
+
+    /// After a statement: if it met a lock, waits until some lock is
+    /// released (true: run it again) or until `innodb_lock_wait_timeout`
+    /// after `started` (false: its 1205 stands).
+    async fn wait_for_lock(&mut self, started: tokio::time::Instant) -> bool {
+        let Some(mut wait) = self.session().lock_wait.take() else {
+            return false;
+        };
+        let deadline = started + self.session().lock_wait_timeout();
+        match tokio::time::timeout_at(deadline, wait.rx.changed()).await {
+            Ok(Ok(())) => true,
+            // The store is gone (the cluster shut down) or the wait timed
+            // out: the statement fails with its 1205.
+            Ok(Err(_)) | Err(_) => {
+                self.session().stop_waiting(wait.txn_id);
+                false
+            }
+        }
     }
 
     fn field_list(&mut self, body: &[u8]) {
@@ -767,7 +792,13 @@ impl<S: Stream> Conn<S> {
             .and_then(|s| s.prepared(id))
             .map(|p| p.parsed.text.clone());
         self.mark("Execute", text);
-        let res = self.session().execute_prepared(id, &params);
+        let started = tokio::time::Instant::now();
+        let res = loop {
+            let res = self.session().execute_prepared(id, &params);
+            if !self.wait_for_lock(started).await {
+                break res;
+            }
+        };
         let sleep = std::mem::take(&mut self.session().sleep);
         if !sleep.is_zero() {
             tokio::time::sleep(sleep).await;

@@ -39,6 +39,24 @@ impl SqlError {
         )
     }
 
+    /// 1205, as TiDB words it (`ErrLockWaitTimeout`).
+    pub fn lock_wait_timeout() -> Self {
+        Self::new(
+            1205,
+            "HY000",
+            "Lock wait timeout exceeded; try restarting transaction",
+        )
+    }
+
+    /// 1213, as TiDB words it (`ErrDeadlock`); the transaction is rolled back.
+    pub fn deadlock() -> Self {
+        Self::new(
+            1213,
+            "40001",
+            "Deadlock found when trying to get lock; try restarting transaction",
+        )
+    }
+
     /// 1105 with a free-form message.
     pub fn other(message: impl Into<String>) -> Self {
         Self::new(1105, "HY000", message)

@@ -37,9 +37,12 @@
 //!   [GROUP BY ... [HAVING expr]] [LIMIT n [OFFSET m] | LIMIT m, n] [FOR
 //!   UPDATE]`; aggregates `COUNT(*)`, `COUNT(e)`, `SUM`, `MIN`, `MAX`, `AVG`
 //!   over the whole table or per group; uncorrelated scalar and IN
-//!   subqueries; `information_schema.SCHEMATA | TABLES | COLUMNS` (no
-//!   joins). Primary-key conditions (`id = k`, `BETWEEN`,
-//!   `>=`, `<`, ...) narrow the scan.
+//!   subqueries; `information_schema.SCHEMATA | TABLES | COLUMNS`; table
+//!   aliases, `t.*`, `t.c`. Two-table joins: `FROM a [AS x] [INNER] JOIN b
+//!   [AS y] ON expr`, `LEFT [OUTER] JOIN ... ON`, `FROM a, b` (nested loop,
+//!   up to 4,000,000 row pairs; 1052 for an ambiguous column, 1066 for a
+//!   repeated alias). Primary-key conditions (`id = k`, `BETWEEN`,
+//!   `>=`, `<`, ...) narrow a single table's scan.
 //! - `INSERT INTO t [(cols)] VALUES (...), (...)` (auto-increment, last
 //!   insert id, 1062 on a duplicate key), `UPDATE t SET c = expr, ... [WHERE]
 //!   [LIMIT]`, `DELETE FROM t [WHERE] [LIMIT]`.
@@ -53,10 +56,16 @@
 //! - `BEGIN` / `START TRANSACTION [...]` / `COMMIT` / `ROLLBACK`,
 //!   `SET [SESSION|GLOBAL] var = v`, `SET @@var = v`, `SET @u = v`,
 //!   `SET NAMES cs [COLLATE c]`, `SET autocommit = 0|1`, `SET TRANSACTION ...`
-//!   (accepted, no effect). Autocommit statements commit at once (retried on
-//!   write conflicts); with autocommit off the first table access opens a
-//!   transaction. IN_TRANS is set in every OK/EOF while one is open.
-//!   A conflicting COMMIT fails with 9007.
+//!   (accepted, no effect). Autocommit statements commit at once; with
+//!   autocommit off the first table access opens a transaction. IN_TRANS
+//!   is set in every OK/EOF while one is open. Transactions are
+//!   pessimistic by default (`tidb_txn_mode`, as TiDB): a write statement
+//!   reads the latest rows and locks what it writes until the transaction
+//!   ends; a writer that meets a lock waits (autocommit ones too), up to
+//!   `innodb_lock_wait_timeout` (50 s, then 1205 for the statement); a
+//!   wait that closes a cycle is a deadlock (1213, transaction rolled
+//!   back). With `tidb_txn_mode = 'optimistic'` a conflicting COMMIT fails
+//!   with 9007 (first committer wins).
 //! - `SHOW PROCESSLIST`, `SHOW DATABASES`, `SHOW [FULL] TABLES`, `SHOW
 //!   [GLOBAL|SESSION] VARIABLES [LIKE 'p']`, `SHOW CREATE TABLE`, `SHOW WARNINGS` (empty),
 //!   `SHOW SESSION_STATES`, `SET SESSION_STATES '<json>'`.

@@ -16,16 +16,17 @@ use super::error::SqlError;
 use super::server::Instance;
 use super::sql::{
     BinOp, Delete, Expr, Insert, Parsed, PrepareSource, Select, SelectItem, SetItem, Stmt,
-    TableName, Update, is_aggregate, parse,
+    TableName, Update, bare_column, is_aggregate, parse,
 };
-use super::store::{Row, TableSchema, Txn};
+use super::store::{Locking, Row, TableSchema, Txn};
 use super::sysvar::{self, Scope};
 use super::time::format_datetime;
 use super::value::{BINARY_COLLATION, UTF8MB4_BIN, Value, column_flag, column_type};
 
-/// How many times an autocommit statement is retried after a write conflict.
+mod join;
 mod query;
 
+/// How many times an autocommit statement is retried after a write conflict.
 const AUTOCOMMIT_RETRIES: usize = 10;
 
 /// A result column's definition.
@@ -102,8 +103,9 @@ impl Column {
             db: schema.db.clone(),
             table: schema.name.clone(),
             org_table: schema.name.clone(),
-            name: alias.unwrap_or(&c.name).to_string(),
-            org_name: c.name.clone(),
+            // A join's columns are named `q.c`; the client sees `c`.
+            name: alias.unwrap_or(bare_column(&c.name)).to_string(),
+            org_name: bare_column(&c.name).to_string(),
             charset,
             length,
             ty,
@@ -191,6 +193,18 @@ pub struct Session {
     /// Time requested by SLEEP() in the last statement; the connection
     /// waits it out before answering.
     pub sleep: Duration,
+    /// Set when the last statement met another transaction's lock: the
+    /// connection waits on it and runs the statement again.
+    pub lock_wait: Option<LockWait>,
+}
+
+/// A statement waiting for a lock (see [`Session::lock_wait`]).
+#[derive(Debug)]
+pub struct LockWait {
+    /// Changes when any lock is released.
+    pub rx: tokio::sync::watch::Receiver<u64>,
+    /// The waiting transaction.
+    pub txn_id: u64,
 }
 
 /// Per-statement context: bound parameters and the database unqualified
@@ -220,6 +234,7 @@ impl Session {
             found_rows: 0,
             affected_rows: 0,
             sleep: Duration::ZERO,
+            lock_wait: None,
         }
     }
 
@@ -574,7 +589,8 @@ impl Session {
             Stmt::Delete(del) => self.write(|s, txn| s.delete(txn, del, ctx)),
             Stmt::Begin => {
                 self.implicit_commit()?;
-                self.txn = Some(self.cluster.store().begin());
+                let pessimistic = self.pessimistic();
+                self.txn = Some(self.cluster.store().begin_mode(pessimistic));
                 Ok(Output::ok())
             }
             Stmt::Commit => {
@@ -673,35 +689,113 @@ impl Session {
     }
 
     /// Runs `f` in the open transaction, or in one of its own: committed
-    /// at once with autocommit (retried on write conflicts), kept open
-    /// without. A failed statement leaves the transaction as it was.
+    /// at once with autocommit, kept open without. A failed statement
+    /// leaves the transaction as it was.
+    ///
+    /// A pessimistic transaction's statement reads the latest commits and
+    /// locks the keys it wrote (`store` module doc). Autocommit statements
+    /// lock too, whatever `tidb_txn_mode` says: TiDB's mode names explicit
+    /// transactions, but an autocommit write that meets a lock waits for
+    /// it as well (TiKV resolves the lock before the prewrite goes on). A
+    /// statement that must wait returns 1205 with `lock_wait` set: the
+    /// connection waits for a lock release and runs it again, and sends the
+    /// 1205 once `innodb_lock_wait_timeout` has passed (TiDB rolls back only
+    /// the statement). A deadlock rolls back the whole transaction (1213),
+    /// as TiDB does.
     fn write<F>(&mut self, mut f: F) -> Result<Output, SqlError>
     where
         F: FnMut(&mut Self, &mut Txn) -> Result<Output, SqlError>,
     {
-        if self.txn.is_none() && self.autocommit() {
-            let mut attempt = 0;
-            loop {
-                let mut txn = self.cluster.store().begin();
-                let out = f(self, &mut txn)?;
-                match self.cluster.store().commit(txn) {
-                    Ok(()) => return Ok(out),
-                    Err(e) if e.code == 9007 && attempt < AUTOCOMMIT_RETRIES => attempt += 1,
-                    Err(e) => return Err(e),
+        let store = Arc::clone(self.cluster.store());
+        let autocommit = self.txn.is_none() && self.autocommit();
+        let mut attempt = 0;
+        loop {
+            let mut txn = match self.txn.take() {
+                Some(t) => t,
+                None if autocommit => store.begin_mode(true),
+                None => store.begin_mode(self.pessimistic()),
+            };
+            let saved = txn.snapshot_writes();
+            if txn.is_pessimistic() {
+                store.begin_current_read(&mut txn);
+            }
+            let out = f(self, &mut txn);
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    txn.end_current_read();
+                    txn.restore_writes(saved);
+                    if !autocommit {
+                        self.txn = Some(txn);
+                    }
+                    return Err(e);
+                }
+            };
+            if txn.is_pessimistic() {
+                let keys = txn.unlocked_writes();
+                // Checked against what the statement read: its for_update_ts.
+                let locking = store.lock_keys(&mut txn, &keys);
+                txn.end_current_read();
+                match locking {
+                    Locking::Locked => {}
+                    Locking::Stale => {
+                        txn.restore_writes(saved);
+                        if !autocommit {
+                            self.txn = Some(txn);
+                        }
+                        attempt += 1;
+                        if attempt > AUTOCOMMIT_RETRIES * 10 {
+                            return Err(SqlError::other(
+                                "pessimistic write statement kept meeting newer commits",
+                            ));
+                        }
+                        continue;
+                    }
+                    Locking::Wait(rx) => {
+                        txn.restore_writes(saved);
+                        self.lock_wait = Some(LockWait {
+                            rx,
+                            txn_id: txn.id(),
+                        });
+                        if !autocommit {
+                            self.txn = Some(txn);
+                        }
+                        return Err(SqlError::lock_wait_timeout());
+                    }
+                    Locking::Deadlock => return Err(SqlError::deadlock()),
                 }
             }
+            if !autocommit {
+                self.txn = Some(txn);
+                return Ok(out);
+            }
+            match store.commit(txn) {
+                Ok(()) => return Ok(out),
+                Err(e) if e.code == 9007 && attempt < AUTOCOMMIT_RETRIES => attempt += 1,
+                Err(e) => return Err(e),
+            }
         }
-        let mut txn = match self.txn.take() {
-            Some(t) => t,
-            None => self.cluster.store().begin(),
-        };
-        let saved = txn.snapshot_writes();
-        let out = f(self, &mut txn);
-        if out.is_err() {
-            txn.restore_writes(saved);
-        }
-        self.txn = Some(txn);
-        out
+    }
+
+    /// Whether new explicit transactions are pessimistic (`tidb_txn_mode`;
+    /// TiDB treats an empty value as optimistic).
+    fn pessimistic(&self) -> bool {
+        self.sys_var("tidb_txn_mode")
+            .is_some_and(|m| m.eq_ignore_ascii_case("pessimistic"))
+    }
+
+    /// `innodb_lock_wait_timeout`: how long a statement waits for a lock.
+    pub fn lock_wait_timeout(&self) -> Duration {
+        let secs = self
+            .sys_var("innodb_lock_wait_timeout")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(50);
+        Duration::from_secs(secs)
+    }
+
+    /// Forgets the wait of a statement that gave up (lock wait timeout).
+    pub fn stop_waiting(&self, txn_id: u64) {
+        self.cluster.store().stop_waiting(txn_id);
     }
 
     /// Runs a read in the open transaction or a fresh snapshot (opening a
@@ -711,7 +805,8 @@ impl Session {
         f: impl FnOnce(&mut Self, &Txn) -> Result<T, SqlError>,
     ) -> Result<T, SqlError> {
         if self.txn.is_none() && !self.autocommit() {
-            self.txn = Some(self.cluster.store().begin());
+            let pessimistic = self.pessimistic();
+            self.txn = Some(self.cluster.store().begin_mode(pessimistic));
         }
         match self.txn.take() {
             Some(txn) => {
@@ -926,7 +1021,8 @@ impl Session {
         let mut conjuncts = Vec::new();
         collect_conjuncts(f, &mut conjuncts);
         let pk_name = &schema.columns[schema.pk].name;
-        let is_pk = |e: &Expr| matches!(e, Expr::Column(c) if c.eq_ignore_ascii_case(pk_name));
+        let is_pk =
+            |e: &Expr| matches!(e, Expr::Column(c) if bare_column(c).eq_ignore_ascii_case(pk_name));
         for c in conjuncts {
             let (op, k) = match c {
                 Expr::Bin(op, a, b) if is_pk(a) && !refs_column(b) => (*op, self.const_int(b, ctx)),
@@ -1004,7 +1100,11 @@ impl Session {
         let Some(from) = &s.from else {
             return self.select_without_table(s, ctx);
         };
-        let (schema, mut rows) = match self.information_schema(from, s.filter.as_ref(), ctx)? {
+        let found = match &s.join {
+            Some(join) => Some(self.join_rows(s, from, join, ctx)?),
+            None => self.information_schema(from, s.filter.as_ref(), ctx)?,
+        };
+        let (schema, mut rows) = match found {
             Some(found) => found,
             None => {
                 let schema = self.schema_of(from, ctx)?;
@@ -1016,7 +1116,7 @@ impl Session {
         let aggregate = !s.group_by.is_empty()
             || s.items.iter().any(|i| match i {
                 SelectItem::Expr { expr, .. } => expr.has_aggregate(),
-                SelectItem::Star => false,
+                SelectItem::Star | SelectItem::TableStar(_) => false,
             });
         // Output columns: definitions, and how to compute each.
         enum Src<'e> {
@@ -1030,15 +1130,19 @@ impl Session {
                 SelectItem::Star => {
                     for i in 0..schema.columns.len() {
                         srcs.push(Src::Col(i));
-                        names.push(schema.columns[i].name.clone());
+                        names.push(bare_column(&schema.columns[i].name).to_string());
+                    }
+                }
+                SelectItem::TableStar(q) => {
+                    for i in join::table_star(s, &schema, q)? {
+                        srcs.push(Src::Col(i));
+                        names.push(bare_column(&schema.columns[i].name).to_string());
                     }
                 }
                 SelectItem::Expr { expr, name } => {
                     match expr {
                         Expr::Column(c) if !aggregate => {
-                            let i = schema
-                                .column(c)
-                                .ok_or_else(|| SqlError::unknown_column(c, "field list"))?;
+                            let i = column_index(&schema, c)?;
                             srcs.push(Src::Col(i));
                         }
                         e => srcs.push(Src::Expr(e)),
@@ -1232,9 +1336,12 @@ impl Session {
         };
         match stmt {
             Stmt::Select(s) => {
-                let schema = match &s.from {
-                    Some(t) => Some(self.schema_of(t, &ctx)?),
-                    None => None,
+                let schema = match (&s.from, &s.join) {
+                    (Some(t), Some(j)) => {
+                        Some(self.join_schema(t, s.alias.as_deref(), j, &ctx)?.schema)
+                    }
+                    (Some(t), None) => Some(self.schema_of(t, &ctx)?),
+                    (None, _) => None,
                 };
                 let mut cols = Vec::new();
                 for item in &s.items {
@@ -1244,7 +1351,12 @@ impl Session {
                                 cols.push(Column::of_table(sc, i, None));
                             }
                         }
-                        (SelectItem::Star, None) => {
+                        (SelectItem::TableStar(q), Some(sc)) => {
+                            for i in join::table_star(s, sc, q)? {
+                                cols.push(Column::of_table(sc, i, None));
+                            }
+                        }
+                        (SelectItem::Star | SelectItem::TableStar(_), None) => {
                             return Err(SqlError::new(1096, "HY000", "No tables used"));
                         }
                         (
@@ -1436,9 +1548,7 @@ impl Session {
                 let Some((schema, r)) = row else {
                     return Err(SqlError::unknown_column(c, "field list"));
                 };
-                let i = schema
-                    .column(c)
-                    .ok_or_else(|| SqlError::unknown_column(c, "field list"))?;
+                let i = column_index(schema, c)?;
                 r[i].clone()
             }
             Expr::CountStar => {
@@ -1708,6 +1818,28 @@ impl Session {
             rows,
         }
     }
+}
+
+/// A column's index in `schema`: 1052 if both sides of a join have an
+/// unqualified `c`, 1054 if neither has it, as MySQL.
+fn column_index(schema: &TableSchema, c: &str) -> Result<usize, SqlError> {
+    schema.column(c).ok_or_else(|| {
+        let suffix = format!(".{}", c.to_lowercase());
+        let sides = schema
+            .columns
+            .iter()
+            .filter(|col| col.name.to_lowercase().ends_with(&suffix))
+            .count();
+        if !c.contains('.') && sides > 1 {
+            SqlError::new(
+                1052,
+                "23000",
+                format!("Column '{c}' in field list is ambiguous"),
+            )
+        } else {
+            SqlError::unknown_column(c, "field list")
+        }
+    })
 }
 
 fn out_of_range() -> SqlError {

@@ -148,6 +148,10 @@ pub struct Select {
     pub items: Vec<SelectItem>,
     /// FROM table (DUAL is `None`).
     pub from: Option<TableName>,
+    /// The FROM table's alias.
+    pub alias: Option<String>,
+    /// A second table joined to the first (boxed: most SELECTs have none).
+    pub join: Option<Box<Join>>,
     /// WHERE.
     pub filter: Option<Expr>,
     /// GROUP BY.
@@ -162,11 +166,27 @@ pub struct Select {
     pub offset: Option<Expr>,
 }
 
+/// A two-table join: `[INNER | LEFT [OUTER]] JOIN t [AS a] ON ...`, or a
+/// comma (an inner join whose condition is in WHERE).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Join {
+    /// LEFT JOIN: every row of the first table, NULLs where nothing matches.
+    pub left: bool,
+    /// The joined table.
+    pub table: TableName,
+    /// Its alias.
+    pub alias: Option<String>,
+    /// ON (`None`: every pair).
+    pub on: Option<Expr>,
+}
+
 /// One item of a select list.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SelectItem {
     /// `*`.
     Star,
+    /// `t.*`: the columns of the table (or alias) `t`.
+    TableStar(String),
     /// An expression and its column name (alias or source text).
     Expr {
         /// The expression.
@@ -352,7 +372,8 @@ pub enum Expr {
         /// Name, lowercase.
         name: String,
     },
-    /// A column (the table qualifier is dropped).
+    /// A column, as `c` or `t.c` (a database qualifier is dropped); see
+    /// [`bare_column`].
     Column(String),
     /// A function call; name uppercase.
     Func(String, Vec<Expr>),
@@ -1307,9 +1328,9 @@ impl<'a> Parser<'a> {
                 && matches!(self.peek_at(1), Some(Tok::Op(".")))
                 && matches!(self.peek_at(2), Some(Tok::Op("*")));
             if qualified_star {
-                // `t.*`: the one table's columns.
-                self.pos += 3;
-                items.push(SelectItem::Star);
+                let t = self.ident()?;
+                self.pos += 2;
+                items.push(SelectItem::TableStar(t));
             } else if self.eat_op("*") {
                 items.push(SelectItem::Star);
             } else {
@@ -1337,7 +1358,7 @@ impl<'a> Parser<'a> {
                             let text = &self.sql[self.toks[start].start..self.toks[end - 1].end];
                             match &expr {
                                 // A column's name is the column, not `t.c`.
-                                Expr::Column(c) => c.clone(),
+                                Expr::Column(c) => bare_column(c).to_string(),
                                 // MySQL names a string literal column by its value.
                                 Expr::Lit(Value::Str(s)) => s.clone(),
                                 _ => text.to_string(),
@@ -1351,25 +1372,22 @@ impl<'a> Parser<'a> {
                 break;
             }
         }
+        let (mut alias, mut join) = (None, None);
         let from = if self.eat_kw("FROM") {
             if self.eat_kw("DUAL") {
                 None
             } else {
                 let t = self.table_name()?;
-                // An alias: `FROM t AS x` / `FROM t x`.
-                if self.eat_kw("AS") {
-                    self.ident()?;
-                } else if let Some(Tok::Word(w)) = self.peek()
-                    && !is_reserved(w)
-                {
-                    self.pos += 1;
-                }
+                alias = self.alias()?;
+                join = self.join()?.map(Box::new);
                 if self.is_op(",")
                     || self.is_kw("JOIN")
                     || self.is_kw("LEFT")
                     || self.is_kw("INNER")
+                    || self.is_kw("RIGHT")
+                    || self.is_kw("CROSS")
                 {
-                    return self.unsupported("joins");
+                    return self.unsupported("joins of more than two tables");
                 }
                 Some(t)
             }
@@ -1436,6 +1454,8 @@ impl<'a> Parser<'a> {
             distinct,
             items,
             from,
+            alias,
+            join,
             filter,
             group_by,
             having,
@@ -1443,6 +1463,73 @@ impl<'a> Parser<'a> {
             limit,
             offset,
         })
+    }
+
+    /// A table alias: `AS x` or a bare word that is not a keyword.
+    fn alias(&mut self) -> PResult<Option<String>> {
+        if self.eat_kw("AS") {
+            return self.ident().map(Some);
+        }
+        match self.peek() {
+            Some(Tok::Word(w)) if !is_reserved(w) => {
+                let w = w.clone();
+                self.pos += 1;
+                Ok(Some(w))
+            }
+            Some(Tok::Quoted(w)) => {
+                let w = w.clone();
+                self.pos += 1;
+                Ok(Some(w))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The join after the FROM table, if any.
+    fn join(&mut self) -> PResult<Option<Join>> {
+        let left = if self.eat_op(",") {
+            let table = self.table_name()?;
+            let alias = self.alias()?;
+            return Ok(Some(Join {
+                left: false,
+                table,
+                alias,
+                on: None,
+            }));
+        } else if self.eat_kw("LEFT") {
+            self.eat_kw("OUTER");
+            true
+        } else {
+            if self.is_kw("RIGHT") || self.is_kw("NATURAL") || self.is_kw("STRAIGHT_JOIN") {
+                return self.unsupported("RIGHT, NATURAL and STRAIGHT joins");
+            }
+            if !self.eat_kw("INNER") {
+                self.eat_kw("CROSS");
+            }
+            if !self.is_kw("JOIN") {
+                return Ok(None);
+            }
+            false
+        };
+        self.expect_kw("JOIN")?;
+        let table = self.table_name()?;
+        let alias = self.alias()?;
+        let on = if self.eat_kw("ON") {
+            Some(self.expr()?)
+        } else if self.is_kw("USING") {
+            return self.unsupported("JOIN ... USING");
+        } else if left {
+            // LEFT JOIN needs a condition, as MySQL says.
+            return self.err();
+        } else {
+            None
+        };
+        Ok(Some(Join {
+            left,
+            table,
+            alias,
+            on,
+        }))
     }
 
     fn set(&mut self) -> PResult<Stmt> {
@@ -1785,12 +1872,18 @@ impl<'a> Parser<'a> {
     }
 
     fn column_ref(&mut self, first: String) -> PResult<Expr> {
-        let mut name = first;
-        // `t.c` or `db.t.c`: the double has no joins, the qualifier adds nothing.
+        // `c`, `t.c` or `db.t.c`: the table qualifier names a join's side;
+        // the database adds nothing (the two tables differ by name or alias).
+        let mut parts = vec![first];
         while self.eat_op(".") {
-            name = self.ident()?;
+            parts.push(self.ident()?);
         }
-        Ok(Expr::Column(name))
+        let n = parts.len();
+        Ok(Expr::Column(if n == 1 {
+            parts.remove(0)
+        } else {
+            format!("{}.{}", parts[n - 2], parts[n - 1])
+        }))
     }
 }
 
@@ -1821,13 +1914,52 @@ fn parse_num(n: &str) -> Value {
     }
 }
 
+/// A column reference without its table qualifier: `c` of `t.c`.
+pub fn bare_column(c: &str) -> &str {
+    c.rsplit('.').next().unwrap_or(c)
+}
+
 /// Words that end an expression or a select item (so are not aliases).
 fn is_reserved(w: &str) -> bool {
     const RESERVED: &[&str] = &[
-        "FROM", "WHERE", "ORDER", "LIMIT", "GROUP", "HAVING", "FOR", "LOCK", "AND", "OR", "NOT",
-        "AS", "ON", "JOIN", "LEFT", "RIGHT", "INNER", "UNION", "BY", "ASC", "DESC", "OFFSET", "IS",
-        "IN", "BETWEEN", "LIKE", "SET", "VALUES", "INTO", "SELECT", "DIV", "MOD", "USING",
+        "FROM",
+        "WHERE",
+        "ORDER",
+        "LIMIT",
+        "GROUP",
+        "HAVING",
+        "FOR",
+        "LOCK",
+        "AND",
+        "OR",
+        "NOT",
+        "AS",
+        "ON",
+        "JOIN",
+        "LEFT",
+        "RIGHT",
+        "INNER",
+        "UNION",
+        "BY",
+        "ASC",
+        "DESC",
+        "OFFSET",
+        "IS",
+        "IN",
+        "BETWEEN",
+        "LIKE",
+        "SET",
+        "VALUES",
+        "INTO",
+        "SELECT",
+        "DIV",
+        "MOD",
+        "USING",
         "INTERVAL",
+        "OUTER",
+        "CROSS",
+        "NATURAL",
+        "STRAIGHT_JOIN",
     ];
     RESERVED.iter().any(|r| r.eq_ignore_ascii_case(w))
 }
@@ -1867,7 +1999,7 @@ mod tests {
             .iter()
             .map(|i| match i {
                 SelectItem::Expr { name, .. } => name.clone(),
-                SelectItem::Star => "*".into(),
+                SelectItem::Star | SelectItem::TableStar(_) => "*".into(),
             })
             .collect();
         assert_eq!(names, vec!["three", "y"]);
@@ -1990,7 +2122,7 @@ mod tests {
 
     #[test]
     fn unsupported_statements_say_so() {
-        let e = parse("SELECT a FROM t, u", false).unwrap_err();
+        let e = parse("SELECT a FROM t, u, v", false).unwrap_err();
         assert_eq!(e.code, 1105);
         assert!(e.message.contains("unsupported in the TiDB double"), "{e}");
         let e = parse("ALTER TABLE t ADD c INT", false).unwrap_err();

@@ -3,17 +3,28 @@
 //!
 //! Tables are `BTreeMap`s from an integer primary key to multi-version rows.
 //! A transaction reads the snapshot of its start timestamp plus its own
-//! buffered writes and commits atomically; a commit fails with TiDB's write
-//! conflict (9007) if another transaction committed one of its keys after it
-//! started (first committer wins). DDL is not transactional: it applies at
-//! once, as TiDB's does.
+//! buffered writes and commits atomically. DDL is not transactional: it
+//! applies at once, as TiDB's does.
+//!
+//! Two transaction modes, as TiDB's `tidb_txn_mode`:
+//! - *optimistic*: a commit fails with TiDB's write conflict (9007) if
+//!   another transaction committed one of its keys after it started, or
+//!   holds a lock on one (first committer wins);
+//! - *pessimistic* (TiDB's default): each write statement reads the latest
+//!   committed rows (TiDB's `for_update_ts`) and locks the keys it writes
+//!   until the transaction ends, so its commit cannot conflict. A statement
+//!   that meets another transaction's lock waits for it ([`Locking::Wait`]);
+//!   a wait that would close a cycle is a deadlock ([`Locking::Deadlock`]),
+//!   found at once as TiKV's detector does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::watch;
+
 use super::error::SqlError;
-use super::sql::{ColType, CreateTable, IndexDef};
+use super::sql::{ColType, CreateTable, IndexDef, bare_column};
 use super::value::{Value, column_flag, column_type};
 
 /// A row: one value per column, in schema order.
@@ -52,11 +63,32 @@ pub struct ColumnSchema {
 }
 
 impl TableSchema {
-    /// The index of a column, case-insensitively.
+    /// The index of a column, case-insensitively. `t.c` finds a join's
+    /// column `t.c`, or a table's `c` (the qualifier names the table); `c`
+    /// finds a table's `c`, or the join column `t.c` when only one side
+    /// has a `c`.
     pub fn column(&self, name: &str) -> Option<usize> {
-        self.columns
+        let find = |n: &str| {
+            self.columns
+                .iter()
+                .position(|c| c.name.eq_ignore_ascii_case(n))
+        };
+        if let Some(i) = find(name) {
+            return Some(i);
+        }
+        if name.contains('.') {
+            return find(bare_column(name));
+        }
+        let suffix = format!(".{}", name.to_lowercase());
+        let mut sides = self
+            .columns
             .iter()
-            .position(|c| c.name.eq_ignore_ascii_case(name))
+            .enumerate()
+            .filter(|(_, c)| c.name.to_lowercase().ends_with(&suffix));
+        match (sides.next(), sides.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
     }
 }
 
@@ -164,6 +196,12 @@ struct Inner {
     by_id: HashMap<u64, (String, String)>,
     /// Start timestamps of open transactions, with counts.
     active: BTreeMap<u64, usize>,
+    /// The last transaction id handed out.
+    txn_ids: u64,
+    /// Pessimistic locks: (table id, key) -> the holding transaction's id.
+    locks: HashMap<(u64, i64), u64>,
+    /// Lock waits: waiting transaction id -> the id of the one it waits for.
+    waits: HashMap<u64, u64>,
 }
 
 #[derive(Debug)]
@@ -188,9 +226,37 @@ struct Version {
 }
 
 /// The store. Cheap to share: every method locks one mutex briefly.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     inner: Mutex<Inner>,
+    /// Bumped (under `inner`'s mutex) whenever locks are released: what a
+    /// lock waiter awaits before it tries again.
+    released: watch::Sender<u64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            released: watch::Sender::new(0),
+        }
+    }
+}
+
+/// What [`Store::lock_keys`] decided.
+#[derive(Debug)]
+pub enum Locking {
+    /// Every key is locked by the transaction and none was committed after
+    /// its `for_update_ts`.
+    Locked,
+    /// A key was committed after the statement read it: run the statement
+    /// again on fresh data (TiDB retries it with a new `for_update_ts`).
+    Stale,
+    /// Another transaction holds a key: wait for a change, then run the
+    /// statement again.
+    Wait(watch::Receiver<u64>),
+    /// Waiting would close a cycle of waits.
+    Deadlock,
 }
 
 /// An open transaction: a snapshot timestamp and buffered writes. Dropping
@@ -198,7 +264,15 @@ pub struct Store {
 #[derive(Debug)]
 pub struct Txn {
     store: Arc<Store>,
+    /// Unique; names the transaction in locks and waits.
+    id: u64,
     start_ts: u64,
+    /// Pessimistic mode: writes lock their keys (see the module doc).
+    pessimistic: bool,
+    /// While a pessimistic write statement runs: the timestamp it reads at.
+    for_update_ts: Option<u64>,
+    /// Keys this transaction has locked.
+    locked: HashSet<(u64, i64)>,
     /// (table id, key) -> new row, or `None` for a delete.
     writes: BTreeMap<(u64, i64), Option<Row>>,
 }
@@ -207,6 +281,36 @@ impl Txn {
     /// The snapshot timestamp.
     pub fn start_ts(&self) -> u64 {
         self.start_ts
+    }
+
+    /// The timestamp reads see: the statement's `for_update_ts` while a
+    /// pessimistic write runs, else the start timestamp.
+    fn read_ts(&self) -> u64 {
+        self.for_update_ts.unwrap_or(self.start_ts)
+    }
+
+    /// The transaction's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether the transaction is pessimistic.
+    pub fn is_pessimistic(&self) -> bool {
+        self.pessimistic
+    }
+
+    /// Ends a current read started with [`Store::begin_current_read`].
+    pub fn end_current_read(&mut self) {
+        self.for_update_ts = None;
+    }
+
+    /// Keys written but not yet locked (what the last statement wrote).
+    pub fn unlocked_writes(&self) -> Vec<(u64, i64)> {
+        self.writes
+            .keys()
+            .filter(|k| !self.locked.contains(k))
+            .copied()
+            .collect()
     }
 
     /// Buffers a write.
@@ -238,6 +342,17 @@ impl Drop for Txn {
             if *n == 0 {
                 inner.active.remove(&self.start_ts);
             }
+        }
+        // Commit or rollback: the locks go, and so does a wait (a session
+        // closed while waiting).
+        inner.waits.remove(&self.id);
+        if !self.locked.is_empty() {
+            for k in &self.locked {
+                if inner.locks.get(k) == Some(&self.id) {
+                    inner.locks.remove(k);
+                }
+            }
+            self.store.released.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 }
@@ -286,16 +401,82 @@ impl Store {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a transaction on the latest snapshot.
+    /// Starts an optimistic transaction on the latest snapshot.
     pub fn begin(self: &Arc<Self>) -> Txn {
+        self.begin_mode(false)
+    }
+
+    /// Starts a transaction on the latest snapshot, pessimistic or not.
+    pub fn begin_mode(self: &Arc<Self>, pessimistic: bool) -> Txn {
         let mut inner = self.lock();
         let start_ts = inner.ts;
         *inner.active.entry(start_ts).or_default() += 1;
+        inner.txn_ids += 1;
         Txn {
             store: Arc::clone(self),
+            id: inner.txn_ids,
             start_ts,
+            pessimistic,
+            for_update_ts: None,
+            locked: HashSet::new(),
             writes: BTreeMap::new(),
         }
+    }
+
+    /// Makes `txn`'s reads see the latest commits (plus its own writes)
+    /// until [`Txn::end_current_read`]: a pessimistic write statement.
+    /// The versions it reads stay: they are the newest.
+    pub fn begin_current_read(&self, txn: &mut Txn) {
+        txn.for_update_ts = Some(self.lock().ts);
+    }
+
+    /// Locks `keys` for `txn` (a pessimistic write statement's keys),
+    /// all or none. Leaves a wait edge for deadlock detection when it
+    /// must wait; the next call (or the transaction's end) removes it.
+    pub fn lock_keys(&self, txn: &mut Txn, keys: &[(u64, i64)]) -> Locking {
+        let mut inner = self.lock();
+        inner.waits.remove(&txn.id);
+        let read_ts = txn.read_ts();
+        for k in keys {
+            let Some(holder) = inner.locks.get(k).copied() else {
+                continue;
+            };
+            if holder == txn.id {
+                continue;
+            }
+            // A cycle: the holder waits, transitively, for us. (Each
+            // transaction waits for at most one other; the walk is bounded
+            // by the number of waits.)
+            let mut at = holder;
+            for _ in 0..=inner.waits.len() {
+                match inner.waits.get(&at) {
+                    Some(&next) if next == txn.id => return Locking::Deadlock,
+                    Some(&next) => at = next,
+                    None => break,
+                }
+            }
+            inner.waits.insert(txn.id, holder);
+            return Locking::Wait(self.released.subscribe());
+        }
+        let stale = keys.iter().any(|(table, k)| {
+            table_by_id(&inner, *table)
+                .and_then(|t| t.rows.get(k))
+                .and_then(|v| v.last())
+                .is_some_and(|v| v.ts > read_ts)
+        });
+        if stale {
+            return Locking::Stale;
+        }
+        for k in keys {
+            inner.locks.insert(*k, txn.id);
+            txn.locked.insert(*k);
+        }
+        Locking::Locked
+    }
+
+    /// Forgets `txn`'s lock wait (it gave up: lock wait timeout).
+    pub fn stop_waiting(&self, txn_id: u64) {
+        self.lock().waits.remove(&txn_id);
     }
 
     /// Whether a database exists.
@@ -531,7 +712,7 @@ impl Store {
             let t = table_by_id(&inner, schema.id)
                 .ok_or_else(|| SqlError::no_such_table(&schema.db, &schema.name))?;
             for (k, versions) in t.rows.range(range) {
-                if let Some(v) = versions.iter().rev().find(|v| v.ts <= txn.start_ts)
+                if let Some(v) = versions.iter().rev().find(|v| v.ts <= txn.read_ts())
                     && let Some(row) = &v.row
                 {
                     out.insert(*k, Arc::clone(row));
@@ -588,15 +769,33 @@ impl Store {
                     "Information schema is changed during the execution of the statement (a table written by this transaction was dropped) [try again later]",
                 ));
             };
-            if let Some(last) = t.rows.get(k).and_then(|v| v.last())
-                && last.ts > txn.start_ts
-            {
+            // A pessimistic transaction's keys are locked and were read at
+            // their latest version: nothing can conflict.
+            if txn.locked.contains(&(*table_id, *k)) {
+                continue;
+            }
+            // A key another transaction has locked is about to change:
+            // a conflict as much as a newer commit.
+            let locked_by_other = inner
+                .locks
+                .get(&(*table_id, *k))
+                .is_some_and(|&holder| holder != txn.id);
+            let newer = t
+                .rows
+                .get(k)
+                .and_then(|v| v.last())
+                .map(|v| v.ts)
+                .filter(|&ts| ts > txn.start_ts);
+            if newer.is_some() || locked_by_other {
                 return Err(SqlError::new(
                     9007,
                     "HY000",
                     format!(
                         "Write conflict, txnStartTS={}, conflictCommitTS={}, key={{tableID={}, handle={}}}, reason=optimistic [try again later]",
-                        txn.start_ts, last.ts, table_id, k
+                        txn.start_ts,
+                        newer.unwrap_or(0),
+                        table_id,
+                        k
                     ),
                 ));
             }
@@ -739,5 +938,57 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, vec![1, 2]);
+    }
+
+    #[test]
+    fn pessimistic_locks_wait_and_find_deadlocks() {
+        let (s, t) = setup();
+        let mut a = s.begin_mode(true);
+        let mut b = s.begin_mode(true);
+        assert!(matches!(s.lock_keys(&mut a, &[(t.id, 1)]), Locking::Locked));
+        assert!(matches!(s.lock_keys(&mut b, &[(t.id, 2)]), Locking::Locked));
+        let Locking::Wait(rx) = s.lock_keys(&mut b, &[(t.id, 1)]) else {
+            panic!("b waits for a")
+        };
+        assert!(!rx.has_changed().unwrap());
+        // a now waits for b's key: a cycle.
+        assert!(matches!(
+            s.lock_keys(&mut a, &[(t.id, 2)]),
+            Locking::Deadlock
+        ));
+        // Rolling a back releases its lock and wakes b.
+        drop(a);
+        assert!(rx.has_changed().unwrap());
+        assert!(matches!(s.lock_keys(&mut b, &[(t.id, 1)]), Locking::Locked));
+        // An optimistic writer of a locked key conflicts at commit.
+        let mut o = s.begin();
+        o.put(t.id, 1, row(1, 9));
+        assert_eq!(s.commit(o).unwrap_err().code, 9007);
+        b.put(t.id, 1, row(1, 5));
+        s.commit(b).unwrap();
+        let seen = s
+            .scan(&s.begin(), &t, (Bound::Unbounded, Bound::Unbounded))
+            .unwrap();
+        assert_eq!(seen[0].1[1], Value::Int(5));
+    }
+
+    #[test]
+    fn current_reads_see_later_commits_and_stale_locks_retry() {
+        let (s, t) = setup();
+        let all = (Bound::Unbounded, Bound::Unbounded);
+        let mut p = s.begin_mode(true);
+        let mut w = s.begin();
+        w.put(t.id, 1, row(1, 10));
+        s.commit(w).unwrap();
+        assert!(s.scan(&p, &t, all).unwrap().is_empty(), "snapshot read");
+        // Locking a key committed after what the statement read: run again.
+        assert!(matches!(s.lock_keys(&mut p, &[(t.id, 1)]), Locking::Stale));
+        s.begin_current_read(&mut p);
+        assert_eq!(s.scan(&p, &t, all).unwrap()[0].1[1], Value::Int(10));
+        assert!(matches!(s.lock_keys(&mut p, &[(t.id, 1)]), Locking::Locked));
+        p.end_current_read();
+        p.put(t.id, 1, row(1, 11));
+        // A pessimistic commit does not conflict with what it locked.
+        s.commit(p).unwrap();
     }
 }

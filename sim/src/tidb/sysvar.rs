@@ -83,6 +83,7 @@ pub const SYSVARS: &[SysVar] = &[
     var("group_concat_max_len", "1024", Int, Both),
     var("init_connect", "", Str, Global),
     var("interactive_timeout", "28800", Int, Both),
+    var("innodb_lock_wait_timeout", "50", Int, Both),
     var("lower_case_table_names", "2", Int, ReadOnly),
     var("max_allowed_packet", "67108864", Int, Both),
     var("max_execution_time", "0", Int, Both),
@@ -99,7 +100,8 @@ pub const SYSVARS: &[SysVar] = &[
     var("sql_safe_updates", "OFF", Bool, Both),
     var("sql_select_limit", "18446744073709551615", Int, Both),
     var("system_time_zone", "UTC", Str, ReadOnly),
-    var("tidb_txn_mode", "optimistic", Str, Both),
+    // TiDB's default since v3.0.8 (`DefTiDBTxnMode`): pessimistic.
+    var("tidb_txn_mode", "pessimistic", Str, Both),
     var("time_zone", "SYSTEM", Str, Both),
     var("transaction_isolation", "REPEATABLE-READ", Str, Both),
     var("transaction_read_only", "OFF", Bool, Both),
