@@ -139,6 +139,8 @@ struct Driver<N: Network> {
     sniff: Option<HeaderSniff>,
     /// Counted in `tiproxy_session_protected`.
     protected: bool,
+    /// Traffic capture's tap (`crate::traffic`).
+    tap: crate::traffic::ConnTap,
 }
 
 /// Serves one accepted client connection to its end.
@@ -193,6 +195,7 @@ pub async fn serve<N: Network>(
         traffic: Default::default(),
         sniff,
         protected: false,
+        tap: Default::default(),
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -733,6 +736,9 @@ impl<N: Network> Driver<N> {
     /// Reads once from `leg` into the session, at most `budget` bytes;
     /// ready with whether the leg reached its end (EOF or an error).
     fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg, budget: usize) -> Poll<bool> {
+        if leg == Leg::Client {
+            self.tap.sync(&mut self.session);
+        }
         let Some(io) = (match leg {
             Leg::Client => Some(&mut self.client),
             Leg::Backend => self.backend.as_mut(),
