@@ -26,6 +26,7 @@ use crate::net::{Network, Prefixed};
 use crate::state::State;
 
 mod cpu_profile;
+mod traffic;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -357,6 +358,10 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
                 }
                 None => error(StatusCode::NOT_FOUND, format!("unknown backend {addr}")),
             }
+        }
+        (_, ["traffic", op]) => {
+            let op = op.to_string();
+            traffic::route(st, &op, req).await
         }
         (Method::GET, ["sessions"]) => {
             // Each connection describes itself; one that does not answer

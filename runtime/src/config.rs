@@ -59,8 +59,10 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Working directory for generated files (auto-certs).
     pub workdir: String,
-    /// TiProxy's traffic replay switch (not applicable, warned about).
-    pub enable_traffic_replay: bool,
+    /// TiProxy's switch of `/api/traffic` (capture): unset means on, as
+    /// TiProxy's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_traffic_replay: Option<bool>,
     /// Virtual IP failover between proxies.
     pub ha: HaConfig,
     /// TiProxy's metering section (not applicable, warned about).
@@ -274,7 +276,8 @@ pub struct SecurityConfig {
     pub sql_tls: TlsConfig,
     /// Refuse backends without TLS.
     pub require_backend_tls: bool,
-    /// TiProxy's capture encryption key (not applicable, warned about).
+    /// The AES-256 key of `aes256-ctr` traffic captures (its first 32
+    /// bytes).
     pub encryption_key_path: String,
 }
 
@@ -754,16 +757,6 @@ impl Config {
                 !self.metering.is_empty(),
                 "[metering]",
                 "TiDB Cloud's usage metering; there is no metering here",
-            ),
-            (
-                self.enable_traffic_replay,
-                "enable-traffic-replay",
-                "TiProxy's traffic capture and replay API (/api/traffic) is not in this build",
-            ),
-            (
-                !self.security.encryption_key_path.is_empty(),
-                "security.encryption-key-path",
-                "it encrypts TiProxy's traffic capture files; there is no capture to files here",
             ),
             (
                 !self.balance.routing_rule.is_empty(),

@@ -141,6 +141,8 @@ struct Driver<N: Network> {
     protected: bool,
     /// Targets the restore under way picked and failed on.
     restore_tried: Vec<String>,
+    /// Traffic capture's tap (`crate::traffic`).
+    tap: crate::traffic::ConnTap,
 }
 
 /// Serves one accepted client connection to its end.
@@ -196,6 +198,7 @@ pub async fn serve<N: Network>(
         sniff,
         protected: false,
         restore_tried: Vec::new(),
+        tap: Default::default(),
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -738,6 +741,9 @@ impl<N: Network> Driver<N> {
     /// Reads once from `leg` into the session, at most `budget` bytes;
     /// ready with whether the leg reached its end (EOF or an error).
     fn poll_read_leg(&mut self, cx: &mut Context<'_>, leg: Leg, budget: usize) -> Poll<bool> {
+        if leg == Leg::Client {
+            self.tap.sync(&mut self.session);
+        }
         let Some(io) = (match leg {
             Leg::Client => Some(&mut self.client),
             Leg::Backend => self.backend.as_mut(),

@@ -25,6 +25,7 @@ pub mod reload;
 pub mod router;
 pub mod state;
 pub mod tls;
+pub mod traffic;
 
 pub use proxy::{Proxy, StartError, start, start_on};
 

@@ -36,7 +36,11 @@ fn keys(workdir: &str, cert: &str, key: &str) -> Vec<(&'static str, Check)> {
         ),
         (
             "enable-traffic-replay",
-            NotApplicable("traffic capture and replay API"),
+            Acted(
+                "/enable-traffic-replay",
+                json!(true),
+                "tests/tests/traffic.rs",
+            ),
         ),
         ("metering", NotApplicable("TiDB Cloud's usage metering")),
         (
@@ -243,7 +247,11 @@ fn keys(workdir: &str, cert: &str, key: &str) -> Vec<(&'static str, Check)> {
         ),
         (
             "encryption-key-path",
-            NotApplicable("encrypts TiProxy's traffic capture files"),
+            Acted(
+                "/security/encryption-key-path",
+                serde_json::Value::Null,
+                "tests/tests/traffic.rs",
+            ),
         ),
         (
             "require-backend-tls",

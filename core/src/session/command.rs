@@ -107,6 +107,12 @@ impl<T: Clone> Session<T> {
             self.start_hidden_commit(now, payload);
             return Disposition::Consumed;
         }
+        if starting {
+            self.tap_command(
+                payload,
+                payload.len() == header.len && header.len < 0xff_ffff,
+            );
+        }
         if starting && self.cfg.protect.enabled {
             self.protect.on_command(payload, header.len);
             #[cfg(feature = "sim-mutations")]
@@ -127,6 +133,7 @@ impl<T: Clone> Session<T> {
                 Disposition::Forward(Leg::Backend)
             }
             ClientPacket::Quit => {
+                self.tap_quit();
                 self.close(SessionError::ClientQuit);
                 Disposition::Consumed
             }
@@ -207,6 +214,7 @@ impl<T: Clone> Session<T> {
         header: PacketHeader,
         prefix: &[u8],
     ) -> Disposition {
+        self.tap_response(prefix);
         match self.tracker.on_backend_packet(header.len, prefix) {
             Err(e) => {
                 self.backend_protocol_error(e.to_string());

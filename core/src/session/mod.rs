@@ -54,6 +54,7 @@
 //! and events.
 
 mod backend;
+mod capture;
 mod command;
 mod export;
 pub mod migration;
@@ -245,6 +246,8 @@ pub struct Session<T = String> {
     events: VecDeque<Event<T>>,
     /// The last finished command, not yet polled.
     command_done: Option<Event<T>>,
+    /// Traffic capture's copy of the running command.
+    tap: capture::Tap,
     /// The bug planted by the simulation's mutation test.
     #[cfg(feature = "sim-mutations")]
     planted: Option<PlantedBug>,
@@ -299,6 +302,7 @@ impl<T: Clone> Session<T> {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             command_done: None,
+            tap: capture::Tap::default(),
             #[cfg(feature = "sim-mutations")]
             planted: None,
             #[cfg(feature = "sim-mutations")]
@@ -714,6 +718,9 @@ impl<T: Clone> Session<T> {
     fn command_done_as(&mut self, now: Instant, ok: bool, command: Option<Command>) {
         if self.cfg.protect.enabled {
             self.protect.on_done(command, ok, self.response_started);
+        }
+        if let Some(start) = self.command_started {
+            self.tap_done(ok, now.saturating_duration_since(start));
         }
         if let (Some(cmd), Some(start)) = (command, self.command_started) {
             let done = Event::CommandDone {

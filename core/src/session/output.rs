@@ -112,6 +112,18 @@ pub enum Event<T = String> {
         /// Time from the command's first byte to its last response byte.
         elapsed: Duration,
     },
+    /// With the capture tap on ([`Session::set_capture`]): a finished
+    /// command's bytes, for traffic capture.
+    Captured {
+        /// The command's payload, the command byte first.
+        payload: Bytes,
+        /// False when the backend answered with ERR.
+        ok: bool,
+        /// Time from the command's first byte to its last response byte.
+        elapsed: Duration,
+        /// For COM_STMT_PREPARE, the statement id the backend assigned.
+        stmt_id: u32,
+    },
     /// A session that was waiting to move or close reached a safe point.
     SafePoint,
     /// The session began to move.

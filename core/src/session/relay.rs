@@ -466,6 +466,10 @@ impl<T: Clone> Session<T> {
         {
             return whole;
         }
+        // Traffic capture records a command's bytes (one packet at most).
+        if self.tap_wants_whole(header.len) {
+            return whole;
+        }
         self.tracker.client_prefix_needed(header.len)
     }
 

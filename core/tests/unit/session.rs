@@ -1745,3 +1745,78 @@ mod export_legs;
 
 #[path = "session_protect.rs"]
 mod protect;
+
+// --------------------------------------------------------------------
+// Capture tap
+// --------------------------------------------------------------------
+
+fn captured(events: &[Event]) -> Vec<(Vec<u8>, bool, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Captured {
+                payload,
+                ok,
+                stmt_id,
+                ..
+            } => Some((payload.to_vec(), *ok, *stmt_id)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_capture_tap_reports_whole_commands_outcomes_and_statement_ids() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.query_ok("select 'not captured'", StatusFlags::AUTOCOMMIT);
+    assert!(captured(&h.take_events()).is_empty(), "off by default");
+
+    h.s.set_capture(true);
+    let long = format!("select '{}'", "x".repeat(300));
+    h.query_ok(&long, StatusFlags::AUTOCOMMIT);
+    let mut want = vec![0x03];
+    want.extend_from_slice(long.as_bytes());
+    assert_eq!(captured(&h.take_events()), vec![(want, true, 0)]);
+
+    // An ERR answer.
+    h.send(Leg::Client, 0, b"\x03select nope");
+    h.recv(Leg::Backend);
+    h.send(Leg::Backend, 1, &err(1054, "Unknown column"));
+    h.recv(Leg::Client);
+    assert_eq!(
+        captured(&h.take_events()),
+        vec![(b"\x03select nope".to_vec(), false, 0)]
+    );
+
+    // A prepare names the statement id the backend gave.
+    h.send(Leg::Client, 0, b"\x16select 1");
+    h.recv(Leg::Backend);
+    let mut p = BytesMut::new();
+    PrepareOk {
+        statement_id: 42,
+        columns: 0,
+        params: 0,
+        warnings: 0,
+    }
+    .write(&mut p);
+    h.send(Leg::Backend, 1, &p);
+    h.recv(Leg::Client);
+    assert_eq!(
+        captured(&h.take_events()),
+        vec![(b"\x16select 1".to_vec(), true, 42)]
+    );
+
+    // A command without a response (COM_STMT_CLOSE) and COM_QUIT.
+    h.send(Leg::Client, 0, b"\x19\x2a\x00\x00\x00");
+    h.recv(Leg::Backend);
+    assert_eq!(
+        captured(&h.take_events()),
+        vec![(b"\x19\x2a\x00\x00\x00".to_vec(), true, 0)]
+    );
+    h.s.set_capture(false);
+    h.query_ok("select 'off again'", StatusFlags::AUTOCOMMIT);
+    assert!(captured(&h.take_events()).is_empty());
+    h.s.set_capture(true);
+    h.send(Leg::Client, 0, b"\x01");
+    assert_eq!(captured(&h.take_events()), vec![(vec![0x01], true, 0)]);
+}

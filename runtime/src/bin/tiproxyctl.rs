@@ -112,6 +112,34 @@ enum Cmd {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Traffic capture in TiProxy's native format (TiProxy's commands).
+    Traffic {
+        #[command(subcommand)]
+        op: TrafficOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TrafficOp {
+    /// Capture every command of every session into files.
+    Capture {
+        /// Directory for the traffic files (on the proxy's host).
+        #[arg(long)]
+        output: String,
+        /// How long, as Go writes durations (`15s`, `1m30s`).
+        #[arg(long)]
+        duration: String,
+        /// `aes256-ctr` (key: the proxy's security.encryption-key-path).
+        #[arg(long)]
+        encryption_method: Option<String>,
+        /// gzip the files (TiProxy's default; `--compress=false` to not).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        compress: bool,
+    },
+    /// Stop the running capture.
+    Cancel,
+    /// The jobs: status, progress, errors.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -286,6 +314,25 @@ fn main() -> ExitCode {
             };
             ("POST", path, String::new())
         }
+        Cmd::Traffic { op } => match op {
+            TrafficOp::Capture {
+                output,
+                duration,
+                encryption_method,
+                compress,
+            } => {
+                let mut f = form_urlencoded::Serializer::new(String::new());
+                f.append_pair("output", output)
+                    .append_pair("duration", duration)
+                    .append_pair("compress", if *compress { "true" } else { "false" });
+                if let Some(m) = encryption_method {
+                    f.append_pair("encrypt-method", m);
+                }
+                ("POST", "/api/traffic/capture".to_string(), f.finish())
+            }
+            TrafficOp::Cancel => ("POST", "/api/traffic/cancel".to_string(), String::new()),
+            TrafficOp::Show => ("GET", "/api/traffic/show".to_string(), String::new()),
+        },
     };
     // The TiDB doubles' control API is plain HTTP.
     let tls = if matches!(args.cmd, Cmd::Tidb { .. }) {

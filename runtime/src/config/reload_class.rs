@@ -22,6 +22,9 @@ const RELOADABLE: &[&str] = &[
     "labels.zone",
     "security.server-tls",
     "security.server-http-tls",
+    // Read by each `POST /api/traffic/capture`.
+    "enable-traffic-replay",
+    "security.encryption-key-path",
     "security.sql-tls",
     // Every open connection re-applies them (`keepalive`).
     "proxy.frontend-keepalive",
@@ -36,10 +39,8 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.port-range",
     "proxy.public-endpoints",
     "proxy.backend-clusters",
-    "enable-traffic-replay",
     "metering",
     "log.simple",
-    "security.encryption-key-path",
 ];
 
 fn under(key: &str, prefix: &str) -> bool {

@@ -59,6 +59,16 @@ impl<N: Network> Driver<N> {
                     l.backend().metrics.handshake(took as f64 / 1e6);
                 }
             }
+            Event::Captured {
+                payload,
+                ok,
+                elapsed,
+                stmt_id,
+            } => {
+                let db = self.session.database();
+                self.tap
+                    .captured(conn_id, db, payload, ok, elapsed, stmt_id);
+            }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {
                 self.move_resolved(MoveOutcome::Moved);

@@ -166,6 +166,9 @@ pub struct Metrics {
     outbound_packets: IntCounterVec,
     /// Bytes exchanged with backends in another zone than the proxy's.
     pub cross_location_bytes: IntCounter,
+    /// Captures stopped early, by reason (queue_full, disk_slow,
+    /// write_error, canceled).
+    pub traffic_capture_stopped: IntCounterVec,
 
     // tiproxy_replay_*
     /// Commands a traffic replay has yet to send.
@@ -425,6 +428,12 @@ impl Metrics {
             "Bytes exchanged with backends outside the proxy's zone.",
         );
 
+        let traffic_capture_stopped = r.counter_vec(
+            "tiproxy_traffic_capture_stopped_total",
+            "Traffic captures stopped before their duration, by reason.",
+            &["reason"],
+        );
+
         // tiproxy_replay_*
         let replay_pending_cmds = r.int_gauge(
             "tiproxy_replay_pending_cmds",
@@ -483,6 +492,7 @@ impl Metrics {
             outbound_bytes,
             outbound_packets,
             cross_location_bytes,
+            traffic_capture_stopped,
             replay_pending_cmds,
             replay_wait_time,
             protect,
