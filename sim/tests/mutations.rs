@@ -89,3 +89,11 @@ fn forgetting_a_user_variable_is_caught() {
 fn restoring_from_a_stale_copy_is_caught() {
     assert_caught(PlantedBug::RestoreStaleCopy, &[Invariant::SessionStateKept]);
 }
+
+#[test]
+fn resending_the_statement_in_flight_is_caught() {
+    assert_caught(
+        PlantedBug::ResendInFlight,
+        &[Invariant::NoClientError, Invariant::CommitsExactlyOnce],
+    );
+}

@@ -710,10 +710,9 @@ impl<S: Stream> Conn<S> {
         };
         let deadline = started + self.session().lock_wait_timeout();
         match tokio::time::timeout_at(deadline, wait.rx.changed()).await {
-            Ok(Ok(())) => true,
-            // The store is gone (the cluster shut down) or the wait timed
-            // out: the statement fails with its 1205.
-            Ok(Err(_)) | Err(_) => {
+            Ok(()) => true,
+            // The wait timed out: the statement fails with its 1205.
+            Err(_) => {
                 self.session().stop_waiting(wait.txn_id);
                 false
             }

@@ -202,7 +202,7 @@ pub struct Session {
 #[derive(Debug)]
 pub struct LockWait {
     /// Changes when any lock is released.
-    pub rx: tokio::sync::watch::Receiver<u64>,
+    pub rx: super::store::ReleaseWatch,
     /// The waiting transaction.
     pub txn_id: u64,
 }
