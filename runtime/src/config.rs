@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 mod balance;
 mod ha;
 mod keepalive;
+mod listen;
+mod not_applicable;
 mod reload_class;
 
 pub use ha::{HaConfig, VirtualIp};
@@ -87,8 +89,9 @@ pub struct ProxyConfig {
     /// or `{ addr = "host:port", status-addr = "host:10080" }` to also
     /// watch the TiDB status port (500 means draining: sessions move away).
     pub backend_addrs: Vec<BackendEntry>,
-    /// TiProxy's port range (accepted, not implemented).
-    pub port_range: Vec<u16>,
+    /// TiProxy's port range `[first, last]`: with one host in `addr`, a
+    /// listener on each port of the range (`addr`'s own port is unused).
+    pub port_range: Vec<i64>,
     /// Maximum client connections; 0 means unlimited.
     pub max_connections: u64,
     /// TiProxy's memory-based rejection threshold (accepted, not implemented).
@@ -121,7 +124,8 @@ pub struct ProxyConfig {
     pub graceful_close_conn_timeout: u64,
     /// TiProxy's public endpoints (accepted, not implemented).
     pub public_endpoints: Vec<String>,
-    /// TiProxy's multi-cluster list (accepted, not implemented).
+    /// TiProxy's multi-cluster list (accepted, not implemented: one
+    /// cluster per proxy here; start-up says so when it is set).
     pub backend_clusters: Vec<toml::Table>,
     /// TiProxy's failover list (accepted, not implemented).
     pub fail_backend_list: Vec<String>,
@@ -557,16 +561,7 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        let addrs = split_list(&self.proxy.addr);
-        if addrs.is_empty() {
-            return Err(err(
-                "proxy.addr",
-                "must name at least one host:port to listen on".into(),
-            ));
-        }
-        for a in &addrs {
-            check_host_port(a).map_err(|m| err("proxy.addr", m))?;
-        }
+        self.proxy.sql_addrs().map_err(|(key, m)| err(key, m))?;
         check_host_port(&self.api.addr).map_err(|m| err("api.addr", m))?;
         for b in &self.proxy.backend_addrs {
             check_host_port(b.addr()).map_err(|m| err("proxy.backend-addrs", m))?;
@@ -723,16 +718,6 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if !self.proxy.port_range.is_empty() {
-            warnings.push(format!(
-                "{file}: proxy.port-range is not implemented and is ignored"
-            ));
-        }
-        if !self.proxy.backend_clusters.is_empty() {
-            warnings.push(format!(
-                "{file}: proxy.backend-clusters is not implemented and is ignored"
-            ));
-        }
         self.ha.virtual_ip().map_err(|(key, m)| err(key, m))?;
         if self.ha.half_set() {
             warnings.push(format!(
@@ -741,40 +726,6 @@ impl Config {
         }
         self.not_applicable(file, warnings);
         Ok(())
-    }
-
-    /// TiProxy keys that do not apply to this build, each with the reason
-    /// the user sees at start-up when it is set.
-    fn not_applicable(&self, file: &str, warnings: &mut Vec<String>) {
-        let set = [
-            (
-                !self.proxy.public_endpoints.is_empty(),
-                "proxy.public-endpoints",
-                "it tells TiDB Cloud's traffic metering which clients are public; \
-                 there is no metering here",
-            ),
-            (
-                !self.metering.is_empty(),
-                "[metering]",
-                "TiDB Cloud's usage metering; there is no metering here",
-            ),
-            (
-                !self.balance.routing_rule.is_empty(),
-                "balance.routing-rule",
-                "it picks one of proxy.backend-clusters by client or proxy address or port; \
-                 this build serves one cluster",
-            ),
-            (
-                self.log.simple,
-                "log.simple",
-                "TiProxy's tiproxyctl-style short lines; log.encoder chooses the format here",
-            ),
-        ];
-        for (_, key, why) in set.into_iter().filter(|(on, _, _)| *on) {
-            warnings.push(format!(
-                "{file}: {key} does not apply here and is ignored: {why}"
-            ));
-        }
     }
 
     /// The working directory (for auto-certs).

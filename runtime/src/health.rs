@@ -5,7 +5,7 @@
 //! core reports; it decides nothing itself.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -34,6 +34,7 @@ pub(crate) async fn probe_loop<N: Network>(st: Arc<State<N>>) {
     let mut next_probe = tokio::time::Instant::now();
     let mut checks = JoinSet::new();
     let mut in_flight: BTreeMap<String, tokio::task::Id> = BTreeMap::new();
+    let streaks = Arc::new(ProbeStreaks::default());
     loop {
         if st.config_generation() != generation {
             generation = st.config_generation();
@@ -63,12 +64,14 @@ pub(crate) async fn probe_loop<N: Network>(st: Arc<State<N>>) {
             in_flight.retain(|_, v| *v != id);
         }
         if hc.enable {
-            for b in st.shared.router.backends() {
+            let backends = st.shared.router.backends();
+            streaks.retain(|addr| backends.iter().any(|b| b.addr == addr));
+            for b in backends {
                 if in_flight.contains_key(&b.addr) {
                     continue;
                 }
                 let addr = b.addr.clone();
-                let h = checks.spawn(check_backend(st.clone(), b, d, probe_due));
+                let h = checks.spawn(check_backend(st.clone(), b, d, probe_due, streaks.clone()));
                 in_flight.insert(addr, h.id());
             }
         }
@@ -88,9 +91,10 @@ async fn check_backend<N: Network>(
     b: Arc<crate::router::Backend>,
     d: crate::config::HealthCheckDurations,
     probe_due: bool,
+    streaks: Arc<ProbeStreaks>,
 ) {
     let started = tokio::time::Instant::now();
-    if check_backend_once(&st, &b, d, probe_due).await {
+    if check_backend_once(&st, &b, d, probe_due, &streaks).await {
         crate::metrics::metrics()
             .health_check_seconds
             .set(started.elapsed().as_secs_f64());
@@ -103,6 +107,7 @@ async fn check_backend_once<N: Network>(
     b: &Arc<crate::router::Backend>,
     d: crate::config::HealthCheckDurations,
     mut probe_due: bool,
+    streaks: &ProbeStreaks,
 ) -> bool {
     let router = &st.shared.router;
     if let Some(status) = &b.status_addr {
@@ -149,14 +154,98 @@ async fn check_backend_once<N: Network>(
             Err(ProbeError::Backend(_)) => Err(CheckFailure::Backend),
         },
     );
+    let now = tokio::time::Instant::now().into_std();
     match answer {
-        Ok(profile) => router.set_profile(profile),
+        Ok(profile) => {
+            router.set_profile(profile);
+            if let Some(n) = streaks.ended(&b.addr) {
+                info!(backend = %b.addr, failed_probes = n, "backend probe succeeds again");
+            }
+        }
         Err(ProbeError::Backend(e)) if out.transition == Some(Transition::ProbeFailed) => {
-            warn!(backend = %b.addr, "backend probe failed: {e}");
+            match streaks.failed(&b.addr, now) {
+                StreakLine::First => {
+                    warn!(backend = %b.addr, "backend probe failed: {e}; no new connections go there until a probe succeeds");
+                }
+                StreakLine::Still { failed, for_ } => {
+                    warn!(backend = %b.addr, failed_probes = failed, "backend probe still failing after {for_:?}: {e}");
+                }
+                StreakLine::Quiet => {}
+            }
         }
         Err(_) => {}
     }
     true
+}
+
+/// How often a backend whose probes keep failing is logged again.
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs of failed probes per backend, so an unreachable backend is logged
+/// once when its probes start failing, then once a minute with a count,
+/// and once when a probe succeeds again (not at every probe).
+#[derive(Debug, Default)]
+struct ProbeStreaks(Mutex<BTreeMap<String, Streak>>);
+
+/// One backend's run of failed probes.
+#[derive(Debug)]
+struct Streak {
+    since: std::time::Instant,
+    failed: u64,
+    logged: std::time::Instant,
+}
+
+/// What to log for a failed probe.
+#[derive(Debug, PartialEq)]
+enum StreakLine {
+    /// The run begins.
+    First,
+    /// The run goes on: `failed` probes over `for_`.
+    Still { failed: u64, for_: Duration },
+    /// Logged recently.
+    Quiet,
+}
+
+impl ProbeStreaks {
+    fn runs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Streak>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A probe of `addr` failed at `now`.
+    fn failed(&self, addr: &str, now: std::time::Instant) -> StreakLine {
+        let mut runs = self.runs();
+        let Some(s) = runs.get_mut(addr) else {
+            runs.insert(
+                addr.to_string(),
+                Streak {
+                    since: now,
+                    failed: 1,
+                    logged: now,
+                },
+            );
+            return StreakLine::First;
+        };
+        s.failed += 1;
+        if now.saturating_duration_since(s.logged) < STILL_FAILING_EVERY {
+            return StreakLine::Quiet;
+        }
+        s.logged = now;
+        StreakLine::Still {
+            failed: s.failed,
+            for_: now.saturating_duration_since(s.since),
+        }
+    }
+
+    /// A probe of `addr` succeeded: the number of failed probes before it,
+    /// if it had been failing.
+    fn ended(&self, addr: &str) -> Option<u64> {
+        self.runs().remove(addr).map(|s| s.failed)
+    }
+
+    /// Forgets backends that left the set.
+    fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
+        self.runs().retain(|a, _| keep(a));
+    }
 }
 
 /// Why a probe got no greeting.
@@ -222,4 +311,47 @@ async fn probe<N: Network>(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ProbeError::Backend(format!("no greeting within {timeout:?}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{ProbeStreaks, STILL_FAILING_EVERY, StreakLine};
+
+    #[test]
+    fn a_failing_backend_is_logged_once_then_once_a_minute_with_a_count() {
+        let s = ProbeStreaks::default();
+        let t0 = Instant::now();
+        let every = Duration::from_millis(500);
+        assert_eq!(s.failed("a:1", t0), StreakLine::First);
+        let mut lines = Vec::new();
+        // Two minutes of probes every 0.5 s.
+        for i in 1..=240u32 {
+            match s.failed("a:1", t0 + every * i) {
+                StreakLine::Quiet => {}
+                l => lines.push(l),
+            }
+        }
+        assert_eq!(
+            lines,
+            [
+                StreakLine::Still {
+                    failed: 121,
+                    for_: STILL_FAILING_EVERY
+                },
+                StreakLine::Still {
+                    failed: 241,
+                    for_: STILL_FAILING_EVERY * 2
+                },
+            ]
+        );
+        // Another backend has its own run; success ends a run with its count.
+        assert_eq!(s.failed("b:1", t0), StreakLine::First);
+        assert_eq!(s.ended("a:1"), Some(241));
+        assert_eq!(s.ended("a:1"), None);
+        assert_eq!(s.failed("a:1", t0 + every * 300), StreakLine::First);
+        s.retain(|a| a != "b:1");
+        assert_eq!(s.ended("b:1"), None);
+    }
 }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, split_list};
+use crate::config::Config;
 use crate::conn::{self, Control, Mailbox, Shared};
 use crate::metrics::metrics;
 use crate::net::{Network, TokioNet};
@@ -41,6 +41,10 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The SQL listen addresses are not usable (a config built without
+    /// `Config::from_toml`'s checks).
+    #[error("{0}: {1}")]
+    SqlAddrs(&'static str, String),
     /// `[ha] interface` is unusable.
     #[error("ha.interface: {0}")]
     Ha(crate::ha::LinkError),
@@ -112,9 +116,18 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         handshake_timeout: Duration::from_secs(15),
     });
     let mut listeners = Vec::new();
-    for addr in split_list(&config.proxy.addr) {
+    let key = if config.proxy.port_range.is_empty() {
+        "proxy.addr"
+    } else {
+        "proxy.port-range"
+    };
+    let sql_addrs = config
+        .proxy
+        .sql_addrs()
+        .map_err(|(key, m)| StartError::SqlAddrs(key, m))?;
+    for addr in sql_addrs {
         let l = net.bind(&addr).await.map_err(|source| StartError::Listen {
-            key: "proxy.addr",
+            key,
             addr: addr.clone(),
             source,
         })?;
@@ -171,6 +184,10 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
     tasks.spawn(crate::balance::balance_loop(state.clone()));
     if net.has_keepalive() {
         tasks.spawn(crate::keepalive::keepalive_loop(state.clone()));
+    }
+    let sec = &state.config.security;
+    if sec.server_tls.auto_certs || sec.server_http_tls.auto_certs {
+        tasks.spawn(tls::renew_loop(state.clone()));
     }
     let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
     let ha = start_ha(&net, &state, &pd, &cluster_tls, &advertise, &mut tasks).await?;

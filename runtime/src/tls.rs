@@ -13,9 +13,13 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsConfig;
 
+mod renew;
 #[cfg(test)]
 mod tests;
 mod verify;
+
+pub use renew::renew_after;
+pub(crate) use renew::renew_loop;
 
 use verify::{AllowedClientCn, AllowedCn, ClusterVerifier};
 pub use verify::{

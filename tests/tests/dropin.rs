@@ -25,7 +25,7 @@ enum Check {
     NotApplicable(&'static str),
 }
 
-fn keys(workdir: &str, cert: &str, key: &str) -> Vec<(&'static str, Check)> {
+fn keys(workdir: &str, cert: &str, key: &str, sql_port: u16) -> Vec<(&'static str, Check)> {
     use Check::*;
     use serde_json::json;
     let v = |x: serde_json::Value| x;
@@ -61,7 +61,11 @@ fn keys(workdir: &str, cert: &str, key: &str) -> Vec<(&'static str, Check)> {
         ),
         (
             "port-range",
-            NotApplicable("proxy.port-range is not implemented"),
+            Acted(
+                "/proxy/port-range",
+                json!([sql_port, sql_port]),
+                "tests/tests/dropin.rs",
+            ),
         ),
         (
             "max-connections",
@@ -410,17 +414,18 @@ fn a_tiproxy_production_config_with_every_key_changed_starts_and_each_key_is_acc
         .collect();
     let log_path = logfile.display().to_string();
     let mut api_addr = None;
+    // port-range: the SQL port comes from the range, not from addr's 6000.
     let p = ProxyProcess::start_with_config(|sql, api| {
         api_addr = Some(api);
         format!(
             r#"workdir = "{workdir}"
 enable-traffic-replay = true
 [proxy]
-addr = "{sql}"
+addr = "127.0.0.1:6000"
 advertise-addr = "10.1.2.3"
 pd-addrs = ""
 backend-addrs = [{backends}]
-port-range = [7000, 7001]
+port-range = [{port}, {port}]
 max-connections = 500
 high-memory-usage-reject-threshold = 0.8
 conn-buffer-size = 65536
@@ -504,6 +509,7 @@ type = "s3"
 "#,
             backends = entries.join(", "),
             dir = dir.path().display(),
+            port = sql.port(),
         )
     });
     let api = api_addr.expect("api address");
@@ -533,7 +539,7 @@ type = "s3"
 
     let root = workspace();
     let mut report = Vec::new();
-    for (key, check) in keys(&workdir, &cert, &key) {
+    for (key, check) in keys(&workdir, &cert, &key, p.sql.port()) {
         match check {
             Check::Acted(pointer, want, test) => {
                 let got = &effective
@@ -598,5 +604,152 @@ type = "s3"
     assert!(
         serde_json::from_str::<serde_json::Value>(first).is_ok(),
         "json encoder: {first}"
+    );
+}
+
+/// Whether a loopback port can be bound now.
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn port_range_listens_on_every_port_of_the_range_and_each_proxies() {
+    let tidb = TidbDouble::start(1, 0, &[]);
+    let backend = tidb.instances()[0].sql;
+    // Three ports around the free one ProxyProcess waits on, so the range
+    // holds it; `addr`'s own port (6000) is not listened on.
+    let mut range = None;
+    let p = ProxyProcess::start_with_config(|sql, api| {
+        let s = sql.port();
+        let (first, last) = [(s, s + 2), (s - 1, s + 1), (s - 2, s)]
+            .into_iter()
+            .find(|&(a, b)| (a..=b).all(|p| p == s || port_free(p)))
+            .expect("two free ports beside the SQL port");
+        range = Some((first, last));
+        format!(
+            "[proxy]\naddr = \"127.0.0.1:6000\"\nport-range = [{first}, {last}]\n\
+             pd-addrs = \"\"\nbackend-addrs = [\"{backend}\"]\n[api]\naddr = \"{api}\"\n"
+        )
+    });
+    let (first, last) = range.expect("range");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use mysql_async::prelude::Queryable;
+        for port in first..=last {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut c = mysql_async::Conn::new(tiproxy_tests::double_opts(addr))
+                .await
+                .unwrap_or_else(|e| panic!("connect through port {port} of the range: {e}"));
+            let served: Option<u16> = c.query_first("SELECT @@port").await.expect("query");
+            assert_eq!(
+                served,
+                Some(backend.port()),
+                "port {port} proxies to the TiDB"
+            );
+            c.disconnect().await.expect("disconnect");
+        }
+    });
+    drop(p);
+
+    // Config errors name the key and say what to fix; tiproxy exits 2.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    for (cfg, says) in [
+        (
+            "addr = \"127.0.0.1:6000\"\nport-range = [7000]",
+            "proxy.port-range: [7000] must hold exactly two ports",
+        ),
+        (
+            "addr = \"127.0.0.1:6000\"\nport-range = [7001, 7000]",
+            "proxy.port-range: [7001, 7000] is not a range of ports",
+        ),
+        (
+            "addr = \"127.0.0.1:6000\"\nport-range = [7000, 70000]",
+            "proxy.port-range: [7000, 70000] is not a range of ports",
+        ),
+        (
+            "addr = \"127.0.0.1:6000,127.0.0.2:6000\"\nport-range = [7000, 7001]",
+            "with proxy.port-range it must name exactly one host",
+        ),
+    ] {
+        std::fs::write(&path, format!("[proxy]\n{cfg}\n")).expect("write");
+        let out = Command::new(binary("tiproxy"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run tiproxy");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cfg}: {err}");
+        assert!(err.contains(says), "{cfg}: wanted {says:?} in {err}");
+    }
+}
+
+/// The not-after time of the PEM certificate at `path`.
+fn not_after(path: &Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+#[test]
+fn auto_certs_are_renewed_before_they_expire_and_the_new_one_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let workdir = dir.path().join("work");
+    let pem = workdir.join("server-http-cert.pem");
+    let tidb = TidbDouble::start(1, 0, &[]);
+    let backend = tidb.instances()[0].sql;
+    let started = Instant::now();
+    let p = ProxyProcess::start_with_config(|sql, api| {
+        format!(
+            "workdir = \"{}\"\n[proxy]\naddr = \"{sql}\"\npd-addrs = \"\"\n\
+             backend-addrs = [\"{backend}\"]\n[api]\naddr = \"{api}\"\n\
+             [security.server-http-tls]\nauto-certs = true\nautocert-expire-duration = \"4s\"\n",
+            workdir.display()
+        )
+    });
+    let first = not_after(&pem).expect("the first auto-cert is written at start");
+    // Renewed at half its 4 s life: the file gets a later certificate.
+    let renewed = loop {
+        match not_after(&pem) {
+            Some(t) if t > first => break t,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the 4 s auto-cert was not renewed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Once the first has expired, the API still verifies against the new
+    // certificate: the proxy serves it, not the expired one.
+    let expired = std::time::UNIX_EPOCH + Duration::from_secs(first as u64 + 1);
+    while std::time::SystemTime::now() < expired {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The file is written just before the proxy swaps certificates (and
+    // renewals go on every 2 s), so a try may hold the next one: retry.
+    let ca = pem.display().to_string();
+    let mut last = String::new();
+    let served = (0..5).any(|_| {
+        let out = Command::new(binary("tiproxyctl"))
+            .args(["--host", "localhost", "--port", &p.api.port().to_string()])
+            .args(["--ca", &ca, "health"])
+            .output()
+            .expect("run tiproxyctl");
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(300));
+        out.status.success()
+    });
+    assert!(
+        served,
+        "the renewed certificate (not after {renewed}) is served after the first expired: {last}"
+    );
+    assert!(
+        p.log
+            .lock()
+            .expect("log")
+            .contains("security.server-http-tls: auto-cert renewed before it expires"),
+        "renewal is logged"
     );
 }

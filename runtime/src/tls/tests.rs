@@ -288,3 +288,26 @@ fn auto_certs_honour_rsa_key_size_and_expire_duration() {
     let (_, bits, _) = auto_cert_facts(1024, "");
     assert_eq!(bits, 2048, "raised to the floor the TLS library accepts");
 }
+
+#[test]
+fn auto_certs_are_renewed_a_day_before_expiry_or_at_half_a_short_life() {
+    let auto = |expire: &str| TlsConfig {
+        auto_certs: true,
+        autocert_expire_duration: expire.into(),
+        ..TlsConfig::default()
+    };
+    let h = |n: u64| Duration::from_secs(n * 3600);
+    assert_eq!(super::renew_after(&auto("")), Some(h(89 * 24)));
+    assert_eq!(super::renew_after(&auto("72h")), Some(h(48)));
+    assert_eq!(super::renew_after(&auto("24h")), Some(h(12)));
+    assert_eq!(
+        super::renew_after(&auto("4s")),
+        Some(Duration::from_secs(2))
+    );
+    let files = TlsConfig {
+        cert: "/etc/tiproxy/cert.pem".into(),
+        ..auto("")
+    };
+    assert_eq!(super::renew_after(&files), None, "files are not generated");
+    assert_eq!(super::renew_after(&TlsConfig::default()), None);
+}
