@@ -470,9 +470,8 @@ impl<T: Clone> Session<T> {
             self.relay.legs[2] = Default::default();
             self.actions.push_back(Action::CloseLeg(Leg::NewBackend));
         }
-        let m = match self.retry_restore(now, m, &reason) {
-            Ok(()) => return,
-            Err(m) => m,
+        let Some(m) = self.retry_restore(now, m, &reason) else {
+            return;
         };
         if m.restore {
             self.events.push_back(Event::Restore {
@@ -503,9 +502,9 @@ impl<T: Clone> Session<T> {
         now: Instant,
         m: Move<T>,
         reason: &MigrationFailure,
-    ) -> Result<(), Move<T>> {
+    ) -> Option<Move<T>> {
         if !m.restore || usize::from(m.failed) + 1 >= RESTORE_TARGETS || now >= m.deadline {
-            return Err(m);
+            return Some(m);
         }
         let Move {
             deadline,
@@ -520,7 +519,7 @@ impl<T: Clone> Session<T> {
             ..
         } = m
         else {
-            return Err(m);
+            return Some(m);
         };
         self.migration = Migration::AwaitTarget {
             states,
@@ -532,7 +531,7 @@ impl<T: Clone> Session<T> {
             reason: format!("a restore attempt failed: {reason}"),
             failed: failed + 1,
         });
-        Ok(())
+        None
     }
 
     /// The old backend's connection ended (EOF or reset). What the backend

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-
 use super::error::SqlError;
 use super::sql::{ColType, CreateTable, IndexDef, bare_column};
 use super::value::{Value, column_flag, column_type};
