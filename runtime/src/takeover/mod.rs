@@ -71,12 +71,21 @@ pub fn version() -> String {
     std::env::var("TIPROXY_VERSION_OVERRIDE").unwrap_or_else(|_| crate::VERSION.to_string())
 }
 
+/// The handover format this process announces: [`wire::FORMAT`], or
+/// `TIPROXY_TAKEOVER_FORMAT` (tests stand in a build with another format).
+fn format() -> u32 {
+    std::env::var("TIPROXY_TAKEOVER_FORMAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(wire::FORMAT)
+}
+
 /// This process's hello.
 pub fn hello(config: &Config) -> Hello {
     let pd = !config.proxy.effective_pd_addrs().is_empty();
     let tls = config.security.require_backend_tls || config.security.sql_tls.client_enabled();
     Hello {
-        format: wire::FORMAT,
+        format: format(),
         version: version(),
         sql: split_list(&config.proxy.addr),
         api: config.api.addr.clone(),
