@@ -424,6 +424,10 @@ impl<N: Network> Driver<N> {
                 return Poll::Ready(Wake::Progress);
             }
         }
+        // A takeover waits for the point where the last reply is written.
+        if self.handover.is_some() && self.may_offer() {
+            return Poll::Ready(Wake::Progress);
+        }
         if self.poll_op(cx).is_ready() {
             return Poll::Ready(Wake::Progress);
         }

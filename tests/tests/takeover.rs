@@ -335,6 +335,13 @@ fn replace(mut old: Proc, s: &Setup, version: &str) -> Proc {
         new.log()
     );
     assert!(new.alive(), "the new process died:\n{}", new.log());
+    // A takeover is quiet: nothing refused, nothing resumed.
+    let old_log = old.log();
+    assert!(
+        !old_log.contains("[WARN]") && !old_log.contains("[ERROR]"),
+        "old:\n{old_log}\nnew:\n{}",
+        new.log()
+    );
     let log = new.log();
     assert!(
         log.contains("took over the listeners") && log.contains(version),

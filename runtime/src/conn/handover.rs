@@ -92,7 +92,7 @@ impl<N: Network> Driver<N> {
             self.handover = None;
             return Outcome::NotYet;
         }
-        if self.op.is_some() || self.new_backend.is_some() || !self.session.may_export() {
+        if !self.may_offer() {
             return Outcome::NotYet;
         }
         let (Some(client), Some(backend), Some(lease)) = (
@@ -137,6 +137,12 @@ impl<N: Network> Driver<N> {
             return Outcome::Gone;
         }
         Outcome::NotYet
+    }
+
+    /// Whether the session is at a point it can be offered: exportable,
+    /// and no dial or TLS handshake under way.
+    pub(super) fn may_offer(&self) -> bool {
+        self.op.is_none() && self.new_backend.is_none() && self.session.may_export()
     }
 
     /// The new process runs the session: leave every shared table without

@@ -319,10 +319,11 @@ impl Listening {
     }
 }
 
-/// Binds the takeover socket, unless another live proxy serves it.
-async fn bind(config: &Config) -> Option<UnixListener> {
+/// Binds the takeover socket, unless another live proxy serves it (after
+/// a takeover, the old process, whose socket this one replaces).
+async fn bind(config: &Config, replace: bool) -> Option<UnixListener> {
     let path = socket_path(config);
-    if UnixStream::connect(&path).await.is_ok() {
+    if !replace && UnixStream::connect(&path).await.is_ok() {
         warn!(
             path = %path.display(),
             "another running proxy serves this workdir's takeover socket; this one cannot be taken over (give it its own workdir)"
@@ -351,10 +352,11 @@ pub async fn run(
     listening: Arc<Listening>,
     inherited: Option<UnixStream>,
 ) {
+    let replace = inherited.is_some();
     if let Some(conn) = inherited {
         adopt(&st, conn).await;
     }
-    let Some(server) = bind(&st.config).await else {
+    let Some(server) = bind(&st.config, replace).await else {
         return std::future::pending().await;
     };
     loop {
@@ -406,7 +408,7 @@ async fn adopt(st: &Arc<State<TokioNet>>, s: UnixStream) {
                         continue;
                     }
                     Err(reason) => {
-                        debug!(conn_id = id, "cannot adopt the session: {reason}");
+                        warn!(conn_id = id, "cannot adopt the session (the old process keeps it): {reason}");
                         Msg::Nack { id, reason }
                     }
                 };
@@ -595,7 +597,7 @@ async fn sessions(st: &Arc<State<TokioNet>>, s: UnixStream) -> Result<(), Takeov
                     answer(&mut ledger, &mut waiting, id, true);
                 }
                 Some(Ok(Some(Msg::Nack { id, reason }))) if waiting.contains_key(&id) => {
-                    debug!(conn_id = id, "the new process refused the session: {reason}");
+                    warn!(conn_id = id, "the new process refused the session; it stays here: {reason}");
                     answer(&mut ledger, &mut waiting, id, false);
                 }
                 Some(Ok(Some(other))) => break Some(format!("unexpected {other:?}")),
