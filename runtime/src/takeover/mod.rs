@@ -408,7 +408,10 @@ async fn adopt(st: &Arc<State<TokioNet>>, s: UnixStream) {
                         continue;
                     }
                     Err(reason) => {
-                        warn!(conn_id = id, "cannot adopt the session (the old process keeps it): {reason}");
+                        warn!(
+                            conn_id = id,
+                            "cannot adopt the session (the old process keeps it): {reason}"
+                        );
                         Msg::Nack { id, reason }
                     }
                 };
