@@ -4,7 +4,9 @@
 //! session, carries out the session's actions (dial, TLS upgrade, swap,
 //! close), arms the one timer the session asks for, and reports events to
 //! metrics, logs and the router. It reads into a per-thread scratch buffer,
-//! so an idle connection owns no read buffer at all.
+//! so an idle connection owns no read buffer at all. Dialling lives in
+//! `dial`, the connection's part in a takeover by a new process in
+//! `handover`.
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};

@@ -112,10 +112,9 @@ pub struct Metrics {
     pub owner: IntGaugeVec,
     /// Server start and close.
     pub server_event: IntCounterVec,
-    /// Sessions in the proxy's own takeover, by `result`: `handed_over`
-    /// (old process), `adopted` (new process), `resumed` (came back to
-    /// the old process), `kept` (could not move: TLS), `closed` (adopted,
-    /// then lost with the new process' end before running).
+    /// Sessions in the proxy's own takeover, by `result`: `handed_over`,
+    /// `resumed` (refused, or the new process is gone) and `kept` (could
+    /// not move: TLS) in the old process; `adopted` in the new one.
     pub takeover_sessions: IntCounterVec,
     /// Internal errors by kind ([`err_type`]).
     pub server_err: IntCounterVec,
