@@ -204,7 +204,8 @@ mod tests {
             while let Some((id, acked)) = self.to_old.pop_front() {
                 self.old.handle_answer(id, acked).expect("a valid answer");
             }
-            self.to_new.clear();
+            // What the old process sent stays readable by the new one,
+            // whose answers now fail (EPIPE).
             self.old.handle_lost();
         }
 
@@ -267,6 +268,7 @@ mod tests {
         /// Never both; never neither unless the client left or the new
         /// process (which ran it) died.
         fn check(&self, quiescent: bool) {
+            assert!(!self.shut || self.to_old.is_empty());
             for id in 0..N {
                 let old = self.old.runs(id);
                 let new = self.new_runs.contains(&id);
