@@ -4,7 +4,9 @@
 //! session, carries out the session's actions (dial, TLS upgrade, swap,
 //! close), arms the one timer the session asks for, and reports events to
 //! metrics, logs and the router. It reads into a per-thread scratch buffer,
-//! so an idle connection owns no read buffer at all.
+//! so an idle connection owns no read buffer at all. Dialling lives in
+//! `dial`, the connection's part in a takeover by a new process in
+//! `handover`.
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -17,26 +19,28 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tiproxy_core::error::ProxyError;
-use tiproxy_core::health::{Dial, LocalExhaustion};
 use tiproxy_core::proxy_protocol::ProxyHeader;
 use tiproxy_core::session::{Action, Leg, Session, SessionConfig};
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::ReadBuf;
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::metrics::{LegTraffic, PendingMove, metrics};
 use crate::net::{Network, Prefixed};
 use crate::proxy_header::HeaderSniff;
 use crate::router::{BackendProfile, Lease, Router};
-use crate::tls;
 
 mod client_header;
+mod dial;
 mod events;
+mod handover;
 mod mailbox;
 mod restore;
 mod socket;
 
+use self::dial::ConnectError;
 use self::events::counted;
+pub use self::handover::{HandOverTx, Handover, Imported, Offer, import};
 pub use self::mailbox::{Control, DescribeReply, Mailbox, SessionInfo, uptime_ms};
 use self::socket::{Io, write_all};
 use tiproxy_core::balance::MoveOutcome;
@@ -86,14 +90,6 @@ thread_local! {
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The one asynchronous operation a connection may have in flight.
-/// Why a backend dial found no backend.
-enum ConnectError {
-    /// No backend could be reached: what the last attempt said.
-    Unreachable(String),
-    /// The proxy itself is out of descriptors or memory.
-    Local(LocalExhaustion),
-}
-
 enum Op<S> {
     Connect {
         leg: Leg,
@@ -143,6 +139,8 @@ struct Driver<N: Network> {
     restore_tried: Vec<String>,
     /// Traffic capture's tap (`crate::traffic`).
     tap: crate::traffic::ConnTap,
+    /// A takeover asked for the session (`handover`).
+    handover: Option<HandOverTx>,
 }
 
 /// Serves one accepted client connection to its end.
@@ -199,6 +197,7 @@ pub async fn serve<N: Network>(
         protected: false,
         restore_tried: Vec::new(),
         tap: Default::default(),
+        handover: None,
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -261,6 +260,9 @@ impl<N: Network> Driver<N> {
             self.apply_outputs();
             if self.closing {
                 break;
+            }
+            if self.handover.is_some() && matches!(self.offer().await, handover::Outcome::Gone) {
+                return;
             }
             let Wake::Progress = poll_fn(|cx| self.poll_io(cx)).await;
         }
@@ -330,161 +332,6 @@ impl<N: Network> Driver<N> {
         }
         if self.shared.protect.enabled {
             self.update_protected();
-        }
-    }
-
-    fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
-        let shared = self.shared.clone();
-        let new_client = target.is_none();
-        let dial = async move {
-            let mut tried: Vec<String> = Vec::new();
-            let mut last_err = match shared.router.backends().len() {
-                0 => String::from("no backend is configured"),
-                n => format!(
-                    "none of the {n} backends is reachable now (they failed recent connects or probes)"
-                ),
-            };
-            loop {
-                let backend = match &target {
-                    Some(t) => {
-                        if !tried.is_empty() {
-                            return Err(ConnectError::Unreachable(last_err));
-                        }
-                        // Chosen when the move was asked, maybe long ago
-                        // (the session waited for its safe point): a target
-                        // that began to drain, failed or left since is not
-                        // dialled (seed 26189 moved two sessions onto a
-                        // draining TiDB). The move fails without a cool-down
-                        // and the balance loop picks again.
-                        if !shared.router.accepts(t) {
-                            let why = t.health().why_not(Instant::now().into_std()).map_or_else(
-                                || "it takes no sessions now".to_string(),
-                                |w| w.to_string(),
-                            );
-                            return Err(ConnectError::Unreachable(format!(
-                                "backend {} cannot take the session: {why}",
-                                t.addr
-                            )));
-                        }
-                        t.clone()
-                    }
-                    None => match shared.router.pick(&tried) {
-                        Some(b) => b,
-                        None => return Err(ConnectError::Unreachable(last_err)),
-                    },
-                };
-                tried.push(backend.addr.clone());
-                let dial = match tokio::time::timeout(
-                    shared.dial_timeout,
-                    shared.net.connect(&backend.addr),
-                )
-                .await
-                {
-                    Ok(Ok(s)) => {
-                        let _ = shared.router.handle_dial(&backend, Dial::Connected);
-                        match shared.router.lease(&backend) {
-                            Some(lease) => return Ok((s, lease)),
-                            // Not a failure of the backend: the socket closes
-                            // and a new client tries another; a move fails
-                            // without a cool-down and the balance loop picks
-                            // again.
-                            None => {
-                                last_err = format!(
-                                    "backend {} left the backend set while it was dialled",
-                                    backend.addr
-                                );
-                                continue;
-                            }
-                        }
-                    }
-                    // Out of descriptors: the proxy's condition, not the
-                    // backend's; other backends would fail the same way.
-                    Ok(Err(e)) => match crate::net::local_exhaustion(&e) {
-                        Some(what) => {
-                            let _ = shared.router.handle_dial(&backend, Dial::Local(what));
-                            return Err(ConnectError::Local(what));
-                        }
-                        None => format!("cannot connect to {}: {e}", backend.addr),
-                    },
-                    Err(_) => format!(
-                        "cannot connect to {}: timed out after {:?}",
-                        backend.addr, shared.dial_timeout
-                    ),
-                };
-                let _ = shared.router.handle_dial(&backend, Dial::Failed);
-                metrics()
-                    .dial_backend_fail
-                    .with_label_values(&[&backend.addr])
-                    .inc();
-                warn!("{dial}");
-                last_err = dial;
-            }
-        };
-        self.op = Some(Op::Connect {
-            leg,
-            fut: Box::pin(events::timed_get_backend(dial, new_client)),
-        });
-    }
-
-    fn start_tls(&mut self, leg: Leg, early: Bytes) {
-        let now = Instant::now().into_std();
-        match leg {
-            Leg::Client => {
-                let Some(acceptor) = self.shared.server_tls.get() else {
-                    self.session
-                        .handle_close("TLS requested without server TLS");
-                    return;
-                };
-                let Io::Plain(s) = std::mem::replace(&mut self.client, Io::Upgrading) else {
-                    self.session.handle_close("TLS requested twice");
-                    return;
-                };
-                self.op = Some(Op::AcceptTls(Box::pin(
-                    acceptor.accept(Prefixed::new(early, s)),
-                )));
-            }
-            Leg::Backend | Leg::NewBackend => {
-                let slot = if leg == Leg::Backend {
-                    &mut self.backend
-                } else {
-                    &mut self.new_backend
-                };
-                let (Some(connector), Some(Io::Plain(s))) =
-                    (self.shared.backend_tls.get(), slot.take())
-                else {
-                    let reason = "security.sql-tls is not configured";
-                    if leg == Leg::Backend {
-                        self.session.handle_connect_failed(now, leg, reason);
-                    } else {
-                        self.session.handle_closed(now, leg, reason);
-                    }
-                    return;
-                };
-                *slot = Some(Io::Upgrading);
-                let lease = if leg == Leg::Backend {
-                    &self.lease
-                } else {
-                    &self.new_lease
-                };
-                let name = tls::server_name(
-                    lease
-                        .as_ref()
-                        .map(|l| l.backend().addr.as_str())
-                        .unwrap_or("tidb"),
-                );
-                // The SSL request is still queued: it must reach the backend
-                // before the TLS ClientHello.
-                let pending = Bytes::copy_from_slice(self.session.transmit(leg));
-                self.session.advance_transmit(leg, pending.len());
-                self.op = Some(Op::ConnectTls {
-                    leg,
-                    fut: Box::pin(async move {
-                        let mut s = s;
-                        s.write_all(&pending).await?;
-                        connector.connect(name, s).await
-                    }),
-                });
-            }
         }
     }
 
@@ -587,6 +434,10 @@ impl<N: Network> Driver<N> {
                 return Poll::Ready(Wake::Progress);
             }
         }
+        // A takeover waits for the point where the last reply is written.
+        if self.handover.is_some() && self.may_offer() {
+            return Poll::Ready(Wake::Progress);
+        }
         if self.poll_op(cx).is_ready() {
             return Poll::Ready(Wake::Progress);
         }
@@ -603,6 +454,7 @@ impl<N: Network> Driver<N> {
                 }
                 Control::CloseAtSafePoint => self.session.handle_close_at_safe_point(now),
                 Control::Keepalive => self.apply_keepalive(),
+                Control::HandOver(tx) => self.handover = Some(tx),
                 Control::Close(why) => self.session.handle_close(why),
                 Control::Describe(reply) => {
                     let Some(reply) = reply.lock().expect("reply lock").take() else {

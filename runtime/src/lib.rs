@@ -24,10 +24,11 @@ pub mod proxy_header;
 pub mod reload;
 pub mod router;
 pub mod state;
+pub mod takeover;
 pub mod tls;
 pub mod traffic;
 
-pub use proxy::{Proxy, StartError, start, start_on};
+pub use proxy::{Proxy, StartError, start, start_on, start_takeover};
 
 /// `<version> (git <hash>)` of this build.
 pub const VERSION: &str = concat!(

@@ -1,4 +1,5 @@
-//! Starting and stopping the proxy: listeners, the accept loop with
+//! Starting and stopping the proxy: listeners (bound, or inherited from
+//! the process taken over, [`crate::takeover`]), the accept loop with
 //! `max-connections` (and refusals when out of descriptors), the HTTP API,
 //! graceful shutdown. Backend health checks live in [`crate::health`].
 
@@ -59,6 +60,17 @@ pub struct Proxy<N: Network = TokioNet> {
     tasks: JoinSet<()>,
     /// Ends the virtual IP election first on shutdown (`[ha]`).
     ha: Option<crate::ha::Resign>,
+    /// Copies of the listeners for a takeover (`None` in the simulation).
+    listening: Option<Arc<crate::takeover::Listening>>,
+    /// Started with `--takeover`: where the old process sends sessions.
+    adopting: Option<tokio::net::UnixStream>,
+}
+
+/// Listeners inherited from the process taken over.
+struct Inherit<L> {
+    sql: Vec<L>,
+    api: L,
+    next_id: u32,
 }
 
 /// Starts the proxy on the real network. Listeners are bound when this
@@ -69,6 +81,46 @@ pub async fn start(config: Config) -> Result<Proxy, StartError> {
 
 /// Starts the proxy on `net`.
 pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, StartError> {
+    start_inner(net, config, None).await
+}
+
+/// Starts the proxy on the listeners taken over from a running one
+/// ([`crate::takeover::connect`]); [`Proxy::serve_takeover`] then
+/// receives its sessions.
+pub async fn start_takeover(
+    net: TokioNet,
+    config: Config,
+    inherited: crate::takeover::Inherited,
+) -> Result<Proxy, StartError> {
+    let listen = |key: &'static str, l: std::net::TcpListener| {
+        tokio::net::TcpListener::from_std(l).map_err(|source| StartError::Listen {
+            key,
+            addr: String::from("(inherited)"),
+            source,
+        })
+    };
+    let crate::takeover::Inherited {
+        sql,
+        api,
+        next_id,
+        conn,
+        ..
+    } = inherited;
+    let sql = sql
+        .into_iter()
+        .map(|l| listen("proxy.addr", l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let api = listen("api.addr", api)?;
+    let mut proxy = start_inner(net, config, Some(Inherit { sql, api, next_id })).await?;
+    proxy.adopting = Some(conn);
+    Ok(proxy)
+}
+
+async fn start_inner<N: Network>(
+    net: N,
+    config: Config,
+    inherit: Option<Inherit<N::Listener>>,
+) -> Result<Proxy<N>, StartError> {
     let workdir = config.workdir();
     let server_tls = tls::server_config(&config.security.server_tls, "server-tls", &workdir)?;
     let api_tls = tls::server_config(
@@ -115,32 +167,39 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         dial_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(15),
     });
-    let mut listeners = Vec::new();
-    let key = if config.proxy.port_range.is_empty() {
-        "proxy.addr"
-    } else {
-        "proxy.port-range"
+    let (listeners, api_listener, next_id) = match inherit {
+        Some(i) => (i.sql, i.api, i.next_id),
+        None => {
+            let key = if config.proxy.port_range.is_empty() {
+                "proxy.addr"
+            } else {
+                "proxy.port-range"
+            };
+            let sql_addrs = config
+                .proxy
+                .sql_addrs()
+                .map_err(|(key, m)| StartError::SqlAddrs(key, m))?;
+            let mut listeners = Vec::new();
+            for addr in sql_addrs {
+                let l = net.bind(&addr).await.map_err(|source| StartError::Listen {
+                    key,
+                    addr: addr.clone(),
+                    source,
+                })?;
+                listeners.push(l);
+            }
+            let api = net
+                .bind(&config.api.addr)
+                .await
+                .map_err(|source| StartError::Listen {
+                    key: "api.addr",
+                    addr: config.api.addr.clone(),
+                    source,
+                })?;
+            (listeners, api, 1)
+        }
     };
-    let sql_addrs = config
-        .proxy
-        .sql_addrs()
-        .map_err(|(key, m)| StartError::SqlAddrs(key, m))?;
-    for addr in sql_addrs {
-        let l = net.bind(&addr).await.map_err(|source| StartError::Listen {
-            key,
-            addr: addr.clone(),
-            source,
-        })?;
-        listeners.push(l);
-    }
-    let api_listener = net
-        .bind(&config.api.addr)
-        .await
-        .map_err(|source| StartError::Listen {
-            key: "api.addr",
-            addr: config.api.addr.clone(),
-            source,
-        })?;
+    let listening = crate::takeover::Listening::capture(&listeners, &api_listener).map(Arc::new);
     let sql_addrs: Vec<SocketAddr> = listeners
         .iter()
         .filter_map(|l| net.listener_addr(l).ok())
@@ -156,7 +215,7 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         shared,
         conns: Mutex::new(BTreeMap::new()),
         count: AtomicU64::new(0),
-        next_id: AtomicU32::new(1),
+        next_id: AtomicU32::new(next_id.max(1)),
         draining: AtomicBool::new(false),
         stop_accepting: Notify::new(),
         stopped: Notify::new(),
@@ -174,10 +233,14 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         cluster_tls: cluster_tls.clone(),
     });
     let mut tasks = JoinSet::new();
-    for l in listeners {
-        tasks.spawn(accept_loop(state.clone(), l));
+    let accepting = listeners
+        .into_iter()
+        .map(|l| tasks.spawn(accept_loop(state.clone(), l)))
+        .collect();
+    let api_task = tasks.spawn(crate::api::serve(state.clone(), api_listener));
+    if let Some(l) = &listening {
+        l.set_tasks(accepting, api_task);
     }
-    tasks.spawn(crate::api::serve(state.clone(), api_listener));
     tasks.spawn(memory_loop(state.clone()));
     tasks.spawn(crate::health::probe_loop(state.clone()));
     tasks.spawn(crate::balance::metrics_loop(state.clone()));
@@ -216,6 +279,8 @@ pub async fn start_on<N: Network>(net: N, config: Config) -> Result<Proxy<N>, St
         api_addr,
         tasks,
         ha,
+        listening,
+        adopting: None,
     })
 }
 
@@ -298,7 +363,18 @@ impl<N: Network> Proxy<N> {
     /// `graceful-wait-before-shutdown`, stop accepting, close each session at
     /// its next safe point within `graceful-close-conn-timeout`, then close
     /// the rest.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop(true).await
+    }
+
+    /// After a takeover: the new process serves the listeners, so no
+    /// unhealthy period; the sessions that could not move close at their
+    /// next safe point within `graceful-close-conn-timeout`.
+    pub async fn shutdown_after_takeover(self) {
+        self.stop(false).await
+    }
+
+    async fn stop(mut self, report_unhealthy: bool) {
         if let Some(ha) = self.ha.take() {
             // Before anything closes: the address moves while this proxy
             // still accepts, so no client is refused.
@@ -308,7 +384,7 @@ impl<N: Network> Proxy<N> {
         st.draining.store(true, Ordering::Relaxed);
         let live = st.live_config();
         let wait = Duration::from_secs(live.proxy.graceful_wait_before_shutdown);
-        if !wait.is_zero() {
+        if report_unhealthy && !wait.is_zero() {
             info!(
                 "shutting down: reporting unhealthy for {wait:?} (graceful-wait-before-shutdown)"
             );
@@ -347,6 +423,41 @@ impl<N: Network> Proxy<N> {
     }
 }
 
+impl Proxy<TokioNet> {
+    /// Receives the sessions of the process taken over (when started by
+    /// [`start_takeover`]), then serves the takeover socket; resolves once
+    /// another process took this one over (shut down then with
+    /// [`Proxy::shutdown_after_takeover`]).
+    pub fn serve_takeover(&mut self) -> tokio::task::JoinHandle<()> {
+        let st = self.state.clone();
+        let adopting = self.adopting.take();
+        match self.listening.clone() {
+            Some(l) => tokio::spawn(crate::takeover::run(st, l, adopting)),
+            None => tokio::spawn(std::future::pending()),
+        }
+    }
+}
+
+/// Enters a connection in the table (and the counts) under `id`.
+pub(crate) fn register<N: Network>(st: &State<N>, id: u32) -> Arc<Mailbox> {
+    let tx = Arc::new(Mailbox::default());
+    st.conns.lock().expect("conn table").insert(id, tx.clone());
+    st.count.fetch_add(1, Ordering::Relaxed);
+    // What a session's buffers may take, counted against the memory
+    // threshold until the next sample sees it (TiProxy: both buffers).
+    st.memory.session_delta(2 * st.shared.buffer_limit as i64);
+    metrics().connections.inc();
+    tx
+}
+
+/// Removes a connection [`register`] entered.
+pub(crate) fn unregister<N: Network>(st: &State<N>, id: u32) {
+    st.conns.lock().expect("conn table").remove(&id);
+    st.count.fetch_sub(1, Ordering::Relaxed);
+    st.memory.session_delta(-2 * st.shared.buffer_limit as i64);
+    metrics().connections.dec();
+}
+
 /// Samples the memory in use for `high-memory-usage-reject-threshold`.
 async fn memory_loop<N: Network>(st: Arc<State<N>>) {
     let net = st.shared.net.clone();
@@ -359,7 +470,7 @@ async fn memory_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
+pub(crate) async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
     let net = st.shared.net.clone();
     // Read while descriptors are free: the refusal message names the limit.
     let _ = crate::net::fd_limit();
@@ -439,23 +550,12 @@ async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
                 break id;
             }
         };
-        let tx = Arc::new(Mailbox::default());
-        let rx = tx.clone();
-        st.conns.lock().expect("conn table").insert(id, tx);
-        st.count.fetch_add(1, Ordering::Relaxed);
-        // What a session's buffers may take, counted against the memory
-        // threshold until the next sample sees it (TiProxy: both buffers).
-        let buffers = 2 * st.shared.buffer_limit as i64;
-        st.memory.session_delta(buffers);
-        metrics().connections.inc();
+        let rx = register(&st, id);
         metrics().create_connection.inc();
         let st2 = st.clone();
         net.spawn_connection(stream, move |stream| async move {
             conn::serve(st2.shared.clone(), stream, peer, id, rx).await;
-            st2.conns.lock().expect("conn table").remove(&id);
-            st2.count.fetch_sub(1, Ordering::Relaxed);
-            st2.memory.session_delta(-buffers);
-            metrics().connections.dec();
+            unregister(&st2, id);
         });
     }
 }

@@ -16,6 +16,10 @@ struct Args {
     /// TiProxy's flag: a host, or a DNS name; the SQL port is added).
     #[arg(long = "advertise-addr", value_name = "HOST")]
     advertise_addr: Option<String>,
+    /// Take over from the proxy running with the same `workdir`: its
+    /// listeners, then its sessions (see README, "Upgrading in place").
+    #[arg(long)]
+    takeover: bool,
     /// Deprecated in TiProxy and ignored: `[log] encoder` decides.
     #[arg(long = "log_encoder", value_name = "ENCODER")]
     log_encoder: Option<String>,
@@ -86,7 +90,19 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let proxy = match tiproxy_runtime::start_on(net, config).await {
+        let started = if args.takeover {
+            match tiproxy_runtime::takeover::connect(&config).await {
+                Ok(inherited) => tiproxy_runtime::start_takeover(net, config, inherited).await,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("tiproxy: {e}");
+                    return ExitCode::from(3);
+                }
+            }
+        } else {
+            tiproxy_runtime::start_on(net, config).await
+        };
+        let mut proxy = match started {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("cannot start: {e}");
@@ -104,12 +120,22 @@ fn main() -> ExitCode {
         // The wall-clock monitor (`tiproxy_monitor_*`): the real process
         // only, the simulation's clock is virtual.
         let monitor = tokio::spawn(tiproxy_runtime::metrics::monitor_loop());
-        wait_for_signal().await;
+        let mut takeover = proxy.serve_takeover();
+        let taken_over = tokio::select! {
+            _ = wait_for_signal() => false,
+            r = &mut takeover => r.is_ok(),
+        };
+        takeover.abort();
         monitor.abort();
         if let Some(w) = watch {
             w.abort();
         }
-        proxy.shutdown().await;
+        if taken_over {
+            tracing::info!("taken over by a new process: exiting once the sessions left here end");
+            proxy.shutdown_after_takeover().await;
+        } else {
+            proxy.shutdown().await;
+        }
         ExitCode::SUCCESS
     })
 }

@@ -160,6 +160,9 @@ pub enum Control {
     /// Re-apply the keepalive profiles: they changed, or the backend's
     /// health did ([`crate::keepalive`]).
     Keepalive,
+    /// Hand the session to a new process at its next exportable point
+    /// ([`crate::takeover`]).
+    HandOver(super::handover::HandOverTx),
 }
 
 #[cfg(test)]

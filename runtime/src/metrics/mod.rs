@@ -112,6 +112,10 @@ pub struct Metrics {
     pub owner: IntGaugeVec,
     /// Server start and close.
     pub server_event: IntCounterVec,
+    /// Sessions in the proxy's own takeover, by `result`: `handed_over`,
+    /// `resumed` (refused, or the new process is gone) and `kept` (could
+    /// not move: TLS) in the old process; `adopted` in the new one.
+    pub takeover_sessions: IntCounterVec,
     /// Internal errors by kind ([`err_type`]).
     pub server_err: IntCounterVec,
     /// Wall clock jumps backwards.
@@ -291,6 +295,11 @@ impl Metrics {
             "Server events (start, close).",
             &["type"],
         );
+        let takeover_sessions = r.counter_vec(
+            "tiproxy_takeover_sessions_total",
+            "Sessions in a takeover by a new proxy process, by result.",
+            &["result"],
+        );
         let server_err = r.counter_vec("tiproxy_server_err", "Internal errors by kind.", &["type"]);
         let time_jump_back = r.counter(
             "tiproxy_monitor_time_jump_back_total",
@@ -465,6 +474,7 @@ impl Metrics {
             maxprocs,
             owner,
             server_event,
+            takeover_sessions,
             server_err,
             time_jump_back,
             keep_alive,
