@@ -227,7 +227,7 @@ struct Version {
 }
 
 /// The store. Cheap to share: every method locks one mutex briefly.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Store {
     inner: Mutex<Inner>,
     /// Bumped (under `inner`'s mutex) whenever locks are released: what a
@@ -235,14 +235,6 @@ pub struct Store {
     released: Arc<Released>,
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Self {
-            inner: Mutex::default(),
-            released: Arc::default(),
-        }
-    }
-}
 
 /// A counter of lock releases and its waiters. Not a `tokio::sync::watch`:
 /// a watch parks its waiters in shards picked by tokio's unseeded RNG, so
