@@ -156,7 +156,8 @@ impl<T: Clone> Session<T> {
                         // its auth data from the proxy's salt, so name a plugin the
                         // backend does not have; it answers with an auth switch
                         // carrying its own salt, which the client answers.
-                        self.pending_user = Some((cu.username.clone(), cu.database.clone()));
+                        self.pending_user =
+                            Some(Box::new((cu.username.clone(), cu.database.clone())));
                         cu.auth_response = Bytes::new();
                         if self.client_caps.contains(CapabilityFlags::PLUGIN_AUTH) {
                             cu.auth_plugin =
@@ -225,9 +226,10 @@ impl<T: Clone> Session<T> {
                 Disposition::Forward(Leg::Client)
             }
             Ok(BackendPacket::Done { ok }) => {
-                if let Some((user, db)) = self.pending_user.take()
+                if let Some(pending) = self.pending_user.take()
                     && ok
                 {
+                    let (user, db) = *pending;
                     self.user = user;
                     self.database = Some(db).filter(|d| !d.is_empty());
                 }

@@ -227,7 +227,8 @@ pub struct Session<T = String> {
     user: Bytes,
     database: Option<Bytes>,
     /// COM_CHANGE_USER in flight: the user and database it asked for.
-    pending_user: Option<(Bytes, Bytes)>,
+    /// Boxed: rare, and the session stays small.
+    pending_user: Option<Box<(Bytes, Bytes)>>,
     tracker: CommandTracker,
     /// The move sequence; owns its target, deadline and exported state.
     migration: Migration<T>,

@@ -235,7 +235,6 @@ pub struct Store {
     released: Arc<Released>,
 }
 
-
 /// A counter of lock releases and its waiters. Not a `tokio::sync::watch`:
 /// a watch parks its waiters in shards picked by tokio's unseeded RNG, so
 /// they would wake in a different order in every process and a simulation
