@@ -147,7 +147,12 @@ impl ClientSession {
                 continue;
             }
             let op = self.pick();
+            // The world hears which sessions are mid-operation: one with a
+            // statement in flight when its TiDB breaks cannot be restored.
+            let conn = self.conn;
+            self.world.op_running(conn, true);
             let _ = self.operation(op).await;
+            self.world.op_running(conn, false);
             let think = self
                 .rng
                 .random_range(0..=self.plan.think_max.as_millis() as u64);

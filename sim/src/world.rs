@@ -148,6 +148,9 @@ struct Inner {
     /// broke (crash protection on): proxy connection id, the TiDB and
     /// when. They must be restored, not broken.
     protected_at: BTreeMap<u32, (usize, Duration)>,
+    /// Sessions (proxy connection ids) whose client is in an operation:
+    /// a statement of theirs may be in flight.
+    in_op: BTreeSet<u32>,
     ledger: Ledger,
     /// Where each session was last seen at the end of its workload.
     finals: BTreeMap<usize, IpAddr>,
@@ -347,12 +350,15 @@ impl World {
         // With crash protection, the sessions holding a usable copy now
         // are expected to be restored (a lossy partition is not counted:
         // its hold lets the copies age and the moves off it race).
+        let in_op = self.lock().in_op.clone();
         let protected: BTreeSet<u32> = if restorable && self.scenario.protection {
             self.proxy()
                 .map(|st| {
                     st.sessions()
                         .into_iter()
-                        .filter(|(id, mb)| on_it.contains(id) && mb.protected())
+                        .filter(|(id, mb)| {
+                            on_it.contains(id) && mb.protected() && !in_op.contains(id)
+                        })
                         .map(|(id, _)| id)
                         .collect()
                 })
@@ -434,6 +440,17 @@ impl World {
         }
         // A connect while no TiDB could take it.
         conn.is_none() && self.no_tidb_could_take(&g, at)
+    }
+
+    /// Session `conn`'s client starts (`true`) or ends an operation.
+    pub fn op_running(&self, conn: Option<u32>, running: bool) {
+        let Some(c) = conn else { return };
+        let mut g = self.lock();
+        if running {
+            g.in_op.insert(c);
+        } else {
+            g.in_op.remove(&c);
+        }
     }
 
     /// For a session that was protected when its TiDB broke: whether its

@@ -617,21 +617,30 @@ fn port_range_listens_on_every_port_of_the_range_and_each_proxies() {
     let tidb = TidbDouble::start(1, 0, &[]);
     let backend = tidb.instances()[0].sql;
     // Three ports around the free one ProxyProcess waits on, so the range
-    // holds it; `addr`'s own port (6000) is not listened on.
-    let mut range = None;
-    let p = ProxyProcess::start_with_config(|sql, api| {
-        let s = sql.port();
-        let (first, last) = [(s, s + 2), (s - 1, s + 1), (s - 2, s)]
-            .into_iter()
-            .find(|&(a, b)| (a..=b).all(|p| p == s || port_free(p)))
-            .expect("two free ports beside the SQL port");
-        range = Some((first, last));
-        format!(
-            "[proxy]\naddr = \"127.0.0.1:6000\"\nport-range = [{first}, {last}]\n\
-             pd-addrs = \"\"\nbackend-addrs = [\"{backend}\"]\n[api]\naddr = \"{api}\"\n"
-        )
-    });
-    let (first, last) = range.expect("range");
+    // holds it; `addr`'s own port (6000) is not listened on. When its
+    // neighbours are taken (other tests run beside this one), that start
+    // uses a range of one and is tried again on another port.
+    let mut found = None;
+    for _ in 0..20 {
+        let mut range = None;
+        let p = ProxyProcess::start_with_config(|sql, api| {
+            let s = sql.port();
+            let (first, last) = [(s, s + 2), (s - 1, s + 1), (s - 2, s)]
+                .into_iter()
+                .find(|&(a, b)| (a..=b).all(|p| p == s || port_free(p)))
+                .inspect(|r| range = Some(*r))
+                .unwrap_or((s, s));
+            format!(
+                "[proxy]\naddr = \"127.0.0.1:6000\"\nport-range = [{first}, {last}]\n\
+                 pd-addrs = \"\"\nbackend-addrs = [\"{backend}\"]\n[api]\naddr = \"{api}\"\n"
+            )
+        });
+        if let Some(r) = range {
+            found = Some((p, r));
+            break;
+        }
+    }
+    let (p, (first, last)) = found.expect("three free ports in a row within 20 tries");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         use mysql_async::prelude::Queryable;

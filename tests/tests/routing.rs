@@ -90,13 +90,16 @@ async fn random_sends_new_connections_to_every_tidb_even_a_failing_one() {
         "{first} of {N} new connections on one of two equal TiDBs"
     );
     // Random among all that accept, the best a little more often (11 in
-    // 21): the failing TiDB still gets about 10 in 21 (29 of 60; 15 to 45
-    // is more than 3.5 standard deviations either way).
+    // 21): the failing TiDB still gets about 10 in 21 (29 of 60). The
+    // lower bound is loose: on a loaded machine a probe of the failing
+    // TiDB may time out, and while it counts as unreachable it takes no
+    // connection (14 of 60 was seen under CI plus a simulation sweep).
+    // prefer-idle gives it none, so any share tells the policies apart.
     fail_first(&cluster, &tidbs, &proxy).await;
     let failing = landed_on(&proxy, &tidbs[0]).await;
     eprintln!("FIGURE random, one TiDB failing: {failing} of {N} on it");
     assert!(
-        (15..=45).contains(&failing),
+        (5..=45).contains(&failing),
         "{failing} of {N} new connections on the failing TiDB under random"
     );
 }
