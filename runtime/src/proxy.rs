@@ -368,9 +368,17 @@ impl<N: Network> Proxy<N> {
     }
 
     /// After a takeover: the new process serves the listeners, so no
-    /// unhealthy period; the sessions that could not move close at their
-    /// next safe point within `graceful-close-conn-timeout`.
+    /// unhealthy period. The sessions that could not move (TLS, or busy
+    /// through the handover) are served on until they end, for up to
+    /// `graceful-close-conn-timeout`; then the rest close at their next
+    /// safe point, as in a graceful shutdown.
     pub async fn shutdown_after_takeover(self) {
+        let st = self.state.clone();
+        let timeout = Duration::from_secs(st.live_config().proxy.graceful_close_conn_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while st.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.stop(false).await
     }
 
