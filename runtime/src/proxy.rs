@@ -399,6 +399,9 @@ impl<N: Network> Proxy<N> {
             tokio::time::sleep(wait).await;
         }
         st.stop_accepting.notify_waiters();
+        if report_unhealthy && let Some(l) = &self.listening {
+            l.stop_listening();
+        }
         let open = st.connections();
         if open > 0 {
             info!(

@@ -276,6 +276,19 @@ impl Listening {
         *self.api_task.lock().expect("listening") = Some(api);
     }
 
+    /// A graceful shutdown (not one after a takeover, where the new process
+    /// accepts on these very sockets): the SQL listening sockets stop
+    /// listening. The accept loops have returned, but these copies would
+    /// keep the sockets open, and a new client would wait in the backlog
+    /// until the process exits instead of being refused at once.
+    pub fn stop_listening(&self) {
+        for (name, fd) in &self.sql {
+            if let Err(e) = rustix::net::shutdown(fd, rustix::net::Shutdown::Both) {
+                debug!("{name}: shutting the listening socket down: {e}");
+            }
+        }
+    }
+
     fn stop_sql(&self) {
         for h in self.accepting.lock().expect("listening").drain(..) {
             h.abort();
