@@ -73,6 +73,8 @@ pub struct ClientSession {
     conn: Option<u32>,
     /// When the running operation began.
     op_started: Duration,
+    /// An operation is running.
+    in_op: bool,
     expected: Option<Expected>,
     /// (`@@hostname`, `CONNECTION_ID()`) last seen on this connection.
     identity: Option<(String, String)>,
@@ -117,6 +119,7 @@ impl ClientSession {
             client: None,
             conn: None,
             op_started: Duration::ZERO,
+            in_op: false,
             expected: None,
             identity: None,
             seq: 0,
@@ -150,9 +153,12 @@ impl ClientSession {
             // The world hears which sessions are mid-operation: one with a
             // statement in flight when its TiDB breaks cannot be restored.
             let conn = self.conn;
+            self.in_op = true;
             self.world.op_running(conn, true);
             let _ = self.operation(op).await;
+            self.in_op = false;
             self.world.op_running(conn, false);
+            self.world.op_running(self.conn, false);
             let think = self
                 .rng
                 .random_range(0..=self.plan.think_max.as_millis() as u64);
@@ -302,6 +308,12 @@ impl ClientSession {
         match tokio::time::timeout(OP_TIMEOUT, RawClient::connect(stream, &opts)).await {
             Ok(Ok(c)) => {
                 self.conn = Some(c.connection_id);
+                // A reconnect inside an operation: the new session is
+                // mid-operation too (seed 4200724: its setup's
+                // COM_STMT_PREPARE was in flight at a crash).
+                if self.in_op {
+                    self.world.op_running(self.conn, true);
+                }
                 self.client = Some(c);
             }
             Ok(Err(e)) => {

@@ -77,13 +77,14 @@ fn every_seed_keeps_every_invariant() {
 
 /// Seeds that found real bugs (see sim/README.md) stay in the suite, and
 /// so do 20702, which found the checker's availability model wrong (a
-/// TiDB that restarts while PD is down), and 4100406 and 4100457, which
-/// found `protected-survives-crash` holding a session mid-operation to it.
+/// TiDB that restarts while PD is down), and 4100406, 4100457 and
+/// 4200724, which found `protected-survives-crash` holding a session
+/// mid-operation to it.
 #[test]
 fn seeds_that_found_bugs_pass() {
     for seed in [
         27, 72, 88, 2957, 20702, 21465, 22601, 22856, 23109, 25333, 26189, 499830, 542964, 544025,
-        551460, 553115, 747323, 4100406, 4100457,
+        551460, 553115, 747323, 4100406, 4100457, 4200724,
     ] {
         let o = run_seed(seed);
         assert!(
