@@ -192,17 +192,7 @@ pub async fn connect(config: &Config) -> Result<Inherited, TakeoverError> {
         (Msg::Refused { reason }, _) => return Err(TakeoverError::Refused(reason)),
         (m, _) => return Err(proto(format!("unexpected {m:?}"))),
     };
-    if let Some(why) = incompatible(&ours, &theirs) {
-        let _ = wire::send(
-            &s,
-            &Msg::Refused {
-                reason: why.clone(),
-            },
-            &[],
-        )
-        .await;
-        return Err(TakeoverError::Refused(why));
-    }
+    refuse_if_incompatible(&s, &ours, &theirs).await?;
     let (names, next_id, fds) = match recv_within(&s).await? {
         (Msg::Listeners { names, next_id }, fds) => (names, next_id, fds),
         (Msg::Refused { reason }, _) => return Err(TakeoverError::Refused(reason)),
@@ -359,6 +349,27 @@ async fn bind(config: &Config, replace: bool) -> Option<UnixListener> {
 /// Runs a process's part: first, with `inherited`, receives the sessions
 /// of the process it took over from; then serves the takeover socket until
 /// another process took this one over (returns then: shut down, keeping
+/// Both sides' check of the other's hello: an incompatible one is told why
+/// (best effort) and the takeover ends with that reason.
+async fn refuse_if_incompatible(
+    s: &UnixStream,
+    ours: &Hello,
+    theirs: &Hello,
+) -> Result<(), TakeoverError> {
+    let Some(why) = incompatible(ours, theirs) else {
+        return Ok(());
+    };
+    let _ = wire::send(
+        s,
+        &Msg::Refused {
+            reason: why.clone(),
+        },
+        &[],
+    )
+    .await;
+    Err(TakeoverError::Refused(why))
+}
+
 /// only what could not move).
 pub async fn run(
     st: Arc<State<TokioNet>>,
@@ -493,17 +504,7 @@ async fn hand_over(
         (Msg::Hello(h), _) => h,
         (m, _) => return Err(proto(format!("unexpected {m:?}"))),
     };
-    if let Some(why) = incompatible(&ours, &theirs) {
-        let _ = wire::send(
-            &s,
-            &Msg::Refused {
-                reason: why.clone(),
-            },
-            &[],
-        )
-        .await;
-        return Err(TakeoverError::Refused(why));
-    }
+    refuse_if_incompatible(&s, &ours, &theirs).await?;
     wire::send(&s, &Msg::Hello(ours.clone()), &[])
         .await
         .map_err(proto)?;
