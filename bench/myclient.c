@@ -10,6 +10,14 @@
  *       opens N authenticated connections from PROCS child processes, prints
  *       "READY opened=.. failed=.. secs=.." (plus "FIRST_ERROR ..." if any),
  *       then holds them open until SIGTERM/SIGINT.
+ *
+ *   myclient bigrows HOST PORT USER PASS ROWS ROUNDS
+ *       ROUNDS times: "SELECT REPEAT('x', 1 MiB) FROM mysql.seq_1_to_ROWS" (MariaDB's
+ *       sequence engine), streamed with mysql_use_result; prints
+ *       "bytes=.. secs=.. mb_per_s=.. errors=.."
+ *
+ * With MYCLIENT_TLS=1 in the environment every connection asks for TLS
+ * (the server certificate is not verified: the benchmark uses auto-certs).
  */
 #include <errno.h>
 #include <mysql.h>
@@ -37,6 +45,12 @@ static MYSQL *open_conn(const char *host, int port, const char *user,
     }
     unsigned int timeout = 20;
     mysql_options(m, MYSQL_OPT_CONNECT_TIMEOUT, &timeout);
+    const char *tls = getenv("MYCLIENT_TLS");
+    if (tls && strcmp(tls, "1") == 0) {
+        my_bool on = 1, off = 0;
+        mysql_options(m, MYSQL_OPT_SSL_ENFORCE, &on);
+        mysql_options(m, MYSQL_OPT_SSL_VERIFY_SERVER_CERT, &off);
+    }
     if (!mysql_real_connect(m, host, user, pass, NULL, port, NULL, 0)) {
         snprintf(err, errlen, "%u %s", mysql_errno(m), mysql_error(m));
         mysql_close(m);
@@ -88,6 +102,48 @@ static int latency(const char *host, int port, const char *user,
            wall * 1e6 / n, lat[n / 2], lat[(long)(n * 0.99)], wall, n);
     free(lat);
     return 0;
+}
+
+static int bigrows(const char *host, int port, const char *user,
+                   const char *pass, long rows, long rounds) {
+    char err[512], q[128];
+    MYSQL *m = open_conn(host, port, user, pass, err, sizeof err);
+    if (!m) {
+        fprintf(stderr, "connect: %s\n", err);
+        return 1;
+    }
+    snprintf(q, sizeof q, "SELECT b FROM sbtest.big WHERE id <= %ld", rows);
+    double bytes = 0, t0 = now_s();
+    long errors = 0;
+    for (long r = 0; r < rounds; r++) {
+        if (mysql_real_query(m, q, strlen(q)) != 0) {
+            fprintf(stderr, "query: %u %s\n", mysql_errno(m), mysql_error(m));
+            errors++;
+            break;
+        }
+        MYSQL_RES *res = mysql_use_result(m);
+        if (!res) {
+            fprintf(stderr, "use_result: %u %s\n", mysql_errno(m), mysql_error(m));
+            errors++;
+            break;
+        }
+        MYSQL_ROW row;
+        long got = 0;
+        while ((row = mysql_fetch_row(res))) {
+            unsigned long *len = mysql_fetch_lengths(res);
+            bytes += len[0];
+            got++;
+        }
+        if (mysql_errno(m) || got != rows) {
+            fprintf(stderr, "fetch: %ld of %ld rows: %u %s\n", got, rows, mysql_errno(m), mysql_error(m));
+            errors++;
+        }
+        mysql_free_result(res);
+    }
+    double secs = now_s() - t0;
+    mysql_close(m);
+    printf("bytes=%.0f secs=%.3f mb_per_s=%.1f errors=%ld\n", bytes, secs, bytes / secs / 1e6, errors);
+    return errors ? 1 : 0;
 }
 
 static volatile sig_atomic_t stop_flag = 0;
@@ -155,7 +211,7 @@ static int idle(const char *host, int port, const char *user, const char *pass,
 
 int main(int argc, char **argv) {
     if (argc != 8) {
-        fprintf(stderr, "usage: %s latency|idle HOST PORT USER PASS N WARMUP|PROCS\n", argv[0]);
+        fprintf(stderr, "usage: %s latency|idle|bigrows HOST PORT USER PASS N WARMUP|PROCS|ROUNDS\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1], *host = argv[2], *user = argv[4], *pass = argv[5];
@@ -163,6 +219,7 @@ int main(int argc, char **argv) {
     long n = atol(argv[6]), extra = atol(argv[7]);
     if (strcmp(mode, "latency") == 0) return latency(host, port, user, pass, n, extra);
     if (strcmp(mode, "idle") == 0) return idle(host, port, user, pass, n, (int)extra);
+    if (strcmp(mode, "bigrows") == 0) return bigrows(host, port, user, pass, n, extra);
     fprintf(stderr, "unknown mode %s\n", mode);
     return 2;
 }

@@ -281,6 +281,10 @@ async fn route<N: Network>(st: &State<N>, req: Request<Incoming>) -> Resp {
                 Err(e) => error(StatusCode::NOT_FOUND, e),
             }
         }
+        (Method::GET, ["debug", "workers"]) => reply(
+            StatusCode::OK,
+            json!({ "workers": st.shared.net.workers_info().unwrap_or_default() }),
+        ),
         (Method::GET, ["metrics"]) => text("text/plain; version=0.0.4", metrics().render()),
         (Method::GET, ["debug", "pprof", "profile"]) => {
             cpu_profile::profile(query_param(&req, "seconds")).await

@@ -141,6 +141,9 @@ struct Driver<N: Network> {
     tap: crate::traffic::ConnTap,
     /// A takeover asked for the session (`handover`).
     handover: Option<HandOverTx>,
+    /// A command just ended: a moment to ask whether this connection
+    /// should move to another worker thread (`crate::workers`).
+    may_rehome: bool,
 }
 
 /// Serves one accepted client connection to its end.
@@ -198,6 +201,7 @@ pub async fn serve<N: Network>(
         restore_tried: Vec::new(),
         tap: Default::default(),
         handover: None,
+        may_rehome: false,
     });
     *d.ctl.client.lock().expect("mailbox lock") = Some(source);
     // The driver lives on the heap, once: the task's future stays a few
@@ -264,9 +268,51 @@ impl<N: Network> Driver<N> {
             if self.handover.is_some() && matches!(self.offer().await, handover::Outcome::Gone) {
                 return;
             }
+            if std::mem::take(&mut self.may_rehome)
+                && self.movable()
+                && let Some(to) = self.shared.net.rehome_target()
+            {
+                return self.rehome(to).await;
+            }
             let Wake::Progress = poll_fn(|cx| self.poll_io(cx)).await;
         }
         Box::pin(self.finish()).await;
+    }
+
+    /// Whether the connection can move to another thread now: plain
+    /// sockets only, and nothing in flight that belongs to this thread's
+    /// runtime (a dial, a TLS handshake, a takeover's offer).
+    fn movable(&self) -> bool {
+        self.op.is_none()
+            && self.new_backend.is_none()
+            && self.handover.is_none()
+            && matches!(self.client, Io::Plain(_))
+            && matches!(self.backend, Some(Io::Plain(_)))
+    }
+
+    /// Moves this connection, sockets and session, to worker `to`; ends
+    /// when the connection does.
+    fn rehome(mut self: Box<Self>, to: usize) -> BoxFut<()> {
+        let (Io::Plain(client), Some(Io::Plain(backend))) = (
+            std::mem::replace(&mut self.client, Io::Upgrading),
+            self.backend.take(),
+        ) else {
+            unreachable!("movable() checked both sockets are plain");
+        };
+        // The timer belongs to this thread's runtime; the loop re-arms it.
+        self.timer = None;
+        let net = self.shared.net.clone();
+        Box::pin(async move {
+            net.rehome(to, vec![client, backend], move |mut streams| async move {
+                let (Some(backend), Some(client)) = (streams.pop(), streams.pop()) else {
+                    return;
+                };
+                self.client = Io::Plain(client);
+                self.backend = Some(Io::Plain(backend));
+                Box::pin(self.run()).await
+            })
+            .await
+        })
     }
 
     /// Carries out actions and reports events.

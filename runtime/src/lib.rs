@@ -27,6 +27,7 @@ pub mod state;
 pub mod takeover;
 pub mod tls;
 pub mod traffic;
+pub mod workers;
 
 pub use proxy::{Proxy, StartError, start, start_on, start_takeover};
 

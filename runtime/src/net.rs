@@ -6,7 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -77,6 +76,34 @@ pub trait Network: Clone + Send + Sync + 'static {
         None
     }
 
+    /// Each connection worker thread's load (`GET /api/debug/workers`);
+    /// `None` (the default) without worker threads.
+    fn workers_info(&self) -> Option<Vec<crate::workers::WorkerInfo>> {
+        None
+    }
+
+    /// At a point where a connection may move to another thread: the
+    /// worker it should move to (`crate::workers`). By default never.
+    fn rehome_target(&self) -> Option<usize> {
+        None
+    }
+
+    /// Moves a connection's `streams` to worker `to` and runs `cont` with
+    /// them there; completes when `cont` does. By default `cont` runs here.
+    fn rehome<F, Fut>(
+        &self,
+        to: usize,
+        streams: Vec<Self::Stream>,
+        cont: F,
+    ) -> impl Future<Output = ()> + Send
+    where
+        F: FnOnce(Vec<Self::Stream>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let _ = to;
+        cont(streams)
+    }
+
     /// Runs an accepted connection's task. By default on the current runtime.
     fn spawn_connection<F, Fut>(&self, stream: Self::Stream, serve: F)
     where
@@ -89,55 +116,34 @@ pub trait Network: Clone + Send + Sync + 'static {
 
 /// The real network, through tokio.
 ///
-/// With [`TokioNet::with_workers`], connections are spread over
-/// single-threaded runtimes, one per thread: a connection's client and
-/// backend sockets are then driven by one thread, with no cross-thread
-/// wake-ups or work stealing on the hot path (as HAProxy runs).
+/// With [`TokioNet::with_workers`], connections run on single-threaded
+/// runtimes, one per thread (`crate::workers`): a connection's client and
+/// backend sockets are driven by one thread, with no cross-thread wake-ups
+/// or work stealing on the hot path (as HAProxy runs), and connections
+/// gather on few threads while the load is light.
 #[derive(Debug, Clone, Default)]
 pub struct TokioNet {
-    workers: Option<Arc<Workers>>,
-}
-
-#[derive(Debug)]
-struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
+    workers: Option<Arc<crate::workers::Workers>>,
 }
 
 impl TokioNet {
-    /// Serves connections on `n` worker threads (at least one).
+    /// Serves connections on `n` worker threads (at least one), placed by
+    /// the default policy.
     pub fn with_workers(n: usize) -> io::Result<Self> {
-        let mut handles = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("tiproxy-worker-{i}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = tx.send(Ok(rt.handle().clone()));
-                    // Drive this runtime's connections for the life of the process.
-                    rt.block_on(std::future::pending::<()>());
-                })?;
-            let handle = rx
-                .recv()
-                .map_err(|_| io::Error::other("worker thread died"))??;
-            handles.push(handle);
-        }
-        Ok(Self {
-            workers: Some(Arc::new(Workers {
-                handles,
-                next: AtomicUsize::new(0),
-            })),
-        })
+        Self::with_placement(n, false)
+    }
+
+    /// As [`TokioNet::with_workers`]; `round_robin` places new connections
+    /// in turn instead of on the first worker that is not busy (the monitor
+    /// still gathers and spreads them).
+    pub fn with_placement(n: usize, round_robin: bool) -> io::Result<Self> {
+        let w = crate::workers::Workers::start(n, Default::default(), round_robin)?;
+        Ok(Self { workers: Some(w) })
+    }
+
+    /// The worker threads, if connections run on them.
+    pub fn workers(&self) -> Option<&Arc<crate::workers::Workers>> {
+        self.workers.as_ref()
     }
 }
 
@@ -200,11 +206,10 @@ impl Network for TokioNet {
             tokio::spawn(serve(stream));
             return;
         };
-        let i = w.next.fetch_add(1, Ordering::Relaxed) % w.handles.len();
         // Move the socket to the worker's reactor.
         match stream.into_std() {
             Ok(std) => {
-                w.handles[i].spawn(async move {
+                w.spawn(w.place(), async move {
                     match tokio::net::TcpStream::from_std(std) {
                         Ok(s) => serve(s).await,
                         Err(e) => tracing::warn!("cannot register an accepted connection: {e}"),
@@ -213,6 +218,56 @@ impl Network for TokioNet {
             }
             Err(e) => tracing::warn!("cannot hand an accepted connection to a worker: {e}"),
         }
+    }
+
+    fn workers_info(&self) -> Option<Vec<crate::workers::WorkerInfo>> {
+        Some(self.workers.as_ref()?.info())
+    }
+
+    fn rehome_target(&self) -> Option<usize> {
+        self.workers.as_ref()?.should_leave()
+    }
+
+    async fn rehome<F, Fut>(&self, to: usize, streams: Vec<Self::Stream>, cont: F)
+    where
+        F: FnOnce(Vec<Self::Stream>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(w) = &self.workers else {
+            return cont(streams).await;
+        };
+        // Out of this thread's reactor: the kernel keeps whatever the
+        // sockets hold meanwhile.
+        let mut std = Vec::with_capacity(streams.len());
+        for s in streams {
+            match s.into_std() {
+                Ok(s) => std.push(s),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot move a connection between worker threads, closing it: {e}"
+                    );
+                    return;
+                }
+            }
+        }
+        let moved = w.spawn(to, async move {
+            let mut streams = Vec::with_capacity(std.len());
+            for s in std {
+                match tokio::net::TcpStream::from_std(s) {
+                    Ok(s) => streams.push(s),
+                    Err(e) => {
+                        tracing::warn!("cannot register a moved connection, closing it: {e}");
+                        return;
+                    }
+                }
+            }
+            cont(streams).await
+        });
+        // This task stays until the connection ends (whoever spawned it
+        // awaits it), but no longer counts as this worker's connection.
+        w.left_here();
+        let _ = moved.await;
+        w.returned_here();
     }
 }
 

@@ -80,10 +80,17 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
-        let net = match tiproxy_runtime::net::TokioNet::with_workers(workers) {
+        let workers = match worker_threads(std::env::var("TIPROXY_WORKER_THREADS").ok()) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("tiproxy: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        // `TIPROXY_WORKER_PLACEMENT=round-robin`: new connections in turn
+        // (the tests use it to make connections move between threads).
+        let round_robin = std::env::var("TIPROXY_WORKER_PLACEMENT").as_deref() == Ok("round-robin");
+        let net = match tiproxy_runtime::net::TokioNet::with_placement(workers, round_robin) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("tiproxy: cannot start worker threads: {e}");
@@ -153,5 +160,22 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully"),
+    }
+}
+
+/// Connection worker threads: `TIPROXY_WORKER_THREADS` when set (as Go's
+/// `GOMAXPROCS` caps TiProxy), otherwise the CPUs this process may use
+/// (affinity and cgroup quota included).
+fn worker_threads(var: Option<String>) -> Result<usize, String> {
+    match var {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "TIPROXY_WORKER_THREADS={v:?} is not a thread count between 1 and 1024"
+            )),
+        },
+        None => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)),
     }
 }

@@ -36,6 +36,7 @@ impl<N: Network> Driver<N> {
                     .observe(started.saturating_sub(self.created_us) as f64 / 1e6);
                 self.commands = self.commands.wrapping_add(1);
                 self.last_command_ms = uptime_ms();
+                self.may_rehome = true;
             }
             Event::BackendGreeting {
                 server_version,

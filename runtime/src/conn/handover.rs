@@ -234,6 +234,7 @@ impl<N: Network> Imported<N> {
             restore_tried: Vec::new(),
             tap: Default::default(),
             handover: None,
+            may_rehome: false,
         });
         d.run().await;
     }
