@@ -329,6 +329,10 @@ def main():
         out.append("## Drain (bench/migration.sh: idle sessions off a TiDB double that shuts down)\n")
         with open(drain) as f:
             out.append(f.read())
+    findings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile-notes.md")
+    if os.path.exists(findings):
+        with open(findings) as f:
+            out.append(f.read())
     notes = os.path.join(a.dir, "notes.txt")
     if os.path.exists(notes) and os.path.getsize(notes):
         out.append("## Problems seen\n")
