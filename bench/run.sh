@@ -318,7 +318,7 @@ if has_phase syscalls; then
             $NF ~ /^(sendto|write|writev|sendmsg)$/ { w += $4 }
             $NF ~ /^(recvfrom|read|readv|recvmsg)$/ { r += $4; if (NF == 6) e += $5 }
             $NF ~ /^epoll_(wait|pwait|pwait2)$/ { p += $4 }
-            $NF == "total" { tot = $3 }
+            $NF == "total" { tot = $4 }
             END { printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t, q, tot, w, r, e + 0, p, tot - w - r - p }
         ' "$TMP/strace-$t.txt" >>"$SYS"
         log "syscalls via $t: $(tail -1 "$SYS")"
