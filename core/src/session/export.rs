@@ -24,8 +24,17 @@
 //! 2 zstd) with its level, and when compression is on the framing's own
 //! export (length-encoded, [`CompressedFraming::export`]). Integers are
 //! little-endian. The sub-machines' exports carry their own versions.
+//!
+//! # The protection copy
+//!
+//! Crash protection's state copy ([`super::protect`]) is not part of the
+//! bytes: it is a TiDB-issued blob with an age, which the carrier hands
+//! over next to them when it has one ([`Session::protection_copy`],
+//! [`Session::adopt_protection_copy`]), so that a carrier without it (an
+//! older peer) still moves sessions; the imported session then takes its
+//! own copy at its next boundary, one `SHOW SESSION_STATES` more.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -43,6 +52,18 @@ pub const EXPORT_MAGIC: &[u8; 4] = b"TPXS";
 
 /// The format version this build writes and reads.
 pub const EXPORT_VERSION: u8 = 1;
+
+/// Crash protection's state copy of a session, as carried next to its
+/// export (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectionCopy {
+    /// `SHOW SESSION_STATES`' state JSON.
+    pub states: Bytes,
+    /// Its session token.
+    pub token: Bytes,
+    /// How long ago the backend gave it.
+    pub age: Duration,
+}
 
 /// Why a session cannot be exported now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +183,38 @@ impl<T: Clone> Session<T> {
             put_leg(&mut b, &self.relay.legs[leg.idx()])?;
         }
         Ok(b.freeze())
+    }
+
+    /// The state copy a restore could use, with its age at `now`: only a
+    /// clean one (taken after the last state change), with protection on.
+    pub fn protection_copy(&self, now: Instant) -> Option<ProtectionCopy> {
+        if !self.cfg.protect.enabled || self.protect.dirty || self.protect.cannot_export {
+            return None;
+        }
+        let c = self.protect.copy.as_ref()?;
+        Some(ProtectionCopy {
+            states: c.states.clone(),
+            token: c.token.clone(),
+            age: now.saturating_duration_since(c.taken),
+        })
+    }
+
+    /// An imported session takes the copy exported with it (made by
+    /// [`Session::protection_copy`] from the same session): it is protected
+    /// at once and exports again only when the copy is due for renewal.
+    /// Returns false, keeping no copy, when protection is off here or the
+    /// copy is too old for its token to be accepted.
+    pub fn adopt_protection_copy(&mut self, copy: ProtectionCopy, now: Instant) -> bool {
+        let max_age = Duration::from_secs(self.cfg.protect.max_age_secs.into());
+        if !self.cfg.protect.enabled || copy.age >= max_age {
+            return false;
+        }
+        let Some(taken) = now.checked_sub(copy.age) else {
+            return false;
+        };
+        self.protect
+            .store(&self.cfg.protect, taken, copy.states, copy.token);
+        self.protect.copy.is_some()
     }
 
     /// A session continuing from `bytes` (made by [`Session::export`]) on

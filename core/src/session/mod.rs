@@ -71,7 +71,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand_core::RngCore;
 
 use self::backend::Expect;
-pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError};
+pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError, ProtectionCopy};
 use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event, RestoreOutcome};
 pub use self::planted::PlantedBug;

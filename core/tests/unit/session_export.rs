@@ -238,3 +238,81 @@ fn the_compressed_shapes_compress_the_client_leg() {
         );
     }
 }
+
+/// With crash protection on, the state copy and its age travel next to the
+/// export: the imported session is protected at once and a plain read
+/// costs it nothing more, where without the copy it is unprotected until
+/// its next command, after which a `SHOW SESSION_STATES` runs. A copy too
+/// old for its token, or one offered to a session without protection, is
+/// not taken.
+#[test]
+fn a_protection_copy_handed_over_spares_the_imported_session_an_export() {
+    let protected = || SessionConfig {
+        protect: crate::session::protect::ProtectConfig {
+            enabled: true,
+            ..Default::default()
+        },
+        ..cfg()
+    };
+    let mut h = Harness::established(protected(), CLIENT_CAPS);
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    for (i, p) in states_result(STATES, TOKEN).iter().enumerate() {
+        h.send(Leg::Backend, (i + 1) as u8, p);
+    }
+    assert!(h.s.is_protected(h.now));
+    let later = h.now + Duration::from_secs(10);
+    let copy = h.s.protection_copy(later).expect("a clean copy");
+    assert_eq!(
+        (&copy.states[..], &copy.token[..], copy.age),
+        (STATES, TOKEN, Duration::from_secs(10))
+    );
+    let bytes = h.s.export().unwrap();
+
+    // The imported session's backend traffic for one plain read.
+    let read_once = |copy: Option<ProtectionCopy>| {
+        let mut b = Harness::new(protected());
+        b.now = later;
+        b.s = Session::import(protected(), &bytes, later).unwrap();
+        let with = copy.is_some();
+        if let Some(c) = copy {
+            assert!(b.s.adopt_protection_copy(c, later));
+        }
+        assert_eq!(b.s.is_protected(later), with);
+        b.pump();
+        b.send(Leg::Client, 0, b"\x03select 1");
+        let mut sent = b.recv(Leg::Backend);
+        let mut answer = vec![vec![1], b"\x03def\x00\x00\x00\x011\x00".to_vec()];
+        answer.extend([eof(StatusFlags::AUTOCOMMIT), b"\x011".to_vec()]);
+        answer.push(eof(StatusFlags::AUTOCOMMIT));
+        for (i, p) in answer.iter().enumerate() {
+            b.send(Leg::Backend, (i + 1) as u8, p);
+        }
+        sent.extend(b.recv(Leg::Backend));
+        sent.into_iter()
+            .map(|p| p.data.to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read_once(Some(copy.clone())),
+        vec![b"\x03select 1".to_vec()]
+    );
+    assert_eq!(
+        read_once(None),
+        vec![
+            b"\x03select 1".to_vec(),
+            b"\x03SHOW SESSION_STATES".to_vec()
+        ]
+    );
+
+    let mut b: Session = Session::import(protected(), &bytes, later).unwrap();
+    let stale = ProtectionCopy {
+        age: Duration::from_secs(50),
+        ..copy.clone()
+    };
+    assert!(!b.adopt_protection_copy(stale, later));
+    assert!(!b.is_protected(later));
+    let mut b: Session = Session::import(cfg(), &bytes, later).unwrap();
+    assert!(!b.adopt_protection_copy(copy, later));
+    assert!(b.protection_copy(later).is_none());
+}

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tiproxy_core::session::Session;
+use tiproxy_core::session::{ProtectionCopy, Session};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -46,6 +46,8 @@ pub struct Offer {
     pub backend: String,
     /// [`Session::export`]'s bytes.
     pub state: Bytes,
+    /// Crash protection's state copy, when the session holds a clean one.
+    pub protect: Option<ProtectionCopy>,
     /// A duplicate of the client socket.
     pub client_fd: OwnedFd,
     /// A duplicate of the backend socket.
@@ -125,6 +127,7 @@ impl<N: Network> Driver<N> {
             client: self.peer,
             backend: lease.backend().addr.clone(),
             state,
+            protect: self.session.protection_copy(Instant::now().into_std()),
             client_fd,
             backend_fd,
             verdict,
@@ -175,13 +178,16 @@ impl<N: Network> std::fmt::Debug for Imported<N> {
     }
 }
 
-/// Rebuilds an exported session for this process; `Err` says why not.
+/// Rebuilds an exported session for this process, with its protection
+/// copy when one came (not kept when protection is off here or it is too
+/// old); `Err` says why not.
 pub fn import<N: Network>(
     shared: &Arc<Shared<N>>,
     conn_id: u32,
     peer: SocketAddr,
     backend: &str,
     state: &[u8],
+    protect: Option<ProtectionCopy>,
 ) -> Result<Imported<N>, String> {
     let b = shared
         .router
@@ -193,8 +199,11 @@ pub fn import<N: Network>(
         .ok_or_else(|| format!("backend {backend} takes no sessions here"))?;
     let profile = shared.router.profile();
     let cfg = session_config(shared, conn_id, &profile, peer, None);
-    let session =
-        Session::import(cfg, state, Instant::now().into_std()).map_err(|e| e.to_string())?;
+    let now = Instant::now().into_std();
+    let mut session = Session::import(cfg, state, now).map_err(|e| e.to_string())?;
+    if let Some(copy) = protect {
+        session.adopt_protection_copy(copy, now);
+    }
     Ok(Imported {
         shared: shared.clone(),
         session,

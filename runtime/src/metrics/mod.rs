@@ -116,6 +116,8 @@ pub struct Metrics {
     /// `resumed` (refused, or the new process is gone) and `kept` (could
     /// not move: TLS) in the old process; `adopted` in the new one.
     pub takeover_sessions: IntCounterVec,
+    /// Takeover attempts this process answered, by result.
+    pub takeovers: IntCounterVec,
     /// Internal errors by kind ([`err_type`]).
     pub server_err: IntCounterVec,
     /// Wall clock jumps backwards.
@@ -300,6 +302,11 @@ impl Metrics {
             "Sessions in a takeover by a new proxy process, by result.",
             &["result"],
         );
+        let takeovers = r.counter_vec(
+            "tiproxy_takeovers_total",
+            "Takeover attempts answered by this process (done, refused, failed).",
+            &["result"],
+        );
         let server_err = r.counter_vec("tiproxy_server_err", "Internal errors by kind.", &["type"]);
         let time_jump_back = r.counter(
             "tiproxy_monitor_time_jump_back_total",
@@ -475,6 +482,7 @@ impl Metrics {
             owner,
             server_event,
             takeover_sessions,
+            takeovers,
             server_err,
             time_jump_back,
             keep_alive,

@@ -9,7 +9,9 @@
 //! incompatible configuration, saying why, and the old process keeps
 //! serving.
 //!
-//! 1. Listeners. The old process stops accepting and passes its listening
+//! 1. Listeners. The old process stops accepting (waiting until its accept
+//!    tasks have ended, so that every connection it accepted is in its
+//!    table and is handed over like the others) and passes its listening
 //!    sockets (SQL and API) by descriptor over SCM_RIGHTS. Not
 //!    SO_REUSEPORT: with one accept queue, a client queued in the backlog
 //!    during the switch is accepted by the new process instead of being
@@ -24,7 +26,9 @@
 //!    the backend, the connection ids unchanged. An `Ack` makes the old
 //!    process close its copies without `shutdown()`; a `Nack`, EOF (the
 //!    new process died) or silence resumes the session in the old one
-//!    ([`ledger`] has the rules and their property test).
+//!    ([`ledger`] has the rules and their property test). With crash
+//!    protection on, the session's state copy rides along (an optional
+//!    field: peers without it still hand sessions over).
 //! 3. Sessions that cannot move (TLS on either leg: the record layer's
 //!    state lives in this process and there is no kernel TLS) stay with
 //!    the old process, which drains them as a graceful shutdown does
@@ -33,7 +37,10 @@
 //!
 //! If the new process dies before the old one finished, the old one keeps
 //! every session it still runs, accepts again on its copies of the
-//! listeners and serves the takeover socket again.
+//! listeners and serves the takeover socket again. Either way the old
+//! process ends an attempt with one line saying how many sessions it
+//! kept, how many were in flight (resumed) and how many it handed over,
+//! and counts the attempt in `tiproxy_takeovers_total{result}`.
 
 pub mod ledger;
 pub mod wire;
@@ -143,6 +150,23 @@ pub enum TakeoverError {
     /// The socket broke or a message was unexpected.
     #[error("takeover failed: {0}")]
     Protocol(String),
+    /// The new process was lost while sessions were moving: what each
+    /// process holds now.
+    #[error(
+        "takeover failed while handing over sessions: {why}; {kept} sessions kept here \
+         ({in_flight} of them were in flight and resumed), {handed_over} handed over \
+         (they belong to the new process and ended with it if it died)"
+    )]
+    Abandoned {
+        /// What went wrong.
+        why: String,
+        /// Sessions this process still runs.
+        kept: usize,
+        /// Sessions waiting for an answer when the socket was lost.
+        in_flight: usize,
+        /// Sessions the new process acknowledged.
+        handed_over: usize,
+    },
 }
 
 fn proto(e: impl std::fmt::Display) -> TakeoverError {
@@ -279,9 +303,28 @@ impl Listening {
         }
     }
 
-    fn stop_sql(&self) {
-        for h in self.accepting.lock().expect("listening").drain(..) {
+    /// Stops accepting and waits until the accept tasks have ended: a
+    /// task busy between `accept()` and registering its connection runs
+    /// on until its next await, so only then are the connection table and
+    /// the next id final (a connection registered later would be missed
+    /// by the takeover and closed by the drain, or its id given twice).
+    async fn stop_sql(&self) {
+        let tasks: Vec<AbortHandle> = self
+            .accepting
+            .lock()
+            .expect("listening")
+            .drain(..)
+            .collect();
+        for h in &tasks {
             h.abort();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while !tasks.iter().all(AbortHandle::is_finished) {
+            if tokio::time::Instant::now() > deadline {
+                warn!("an accept task did not stop within 1s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -388,7 +431,14 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        match hand_over(&st, &listening, s).await {
+        let result = hand_over(&st, &listening, s).await;
+        let label = match &result {
+            Ok(()) => "done",
+            Err(TakeoverError::Refused(_)) => "refused",
+            Err(_) => "failed",
+        };
+        metrics().takeovers.with_label_values(&[label]).inc();
+        match result {
             Ok(()) => return,
             Err(e) => {
                 warn!("{e}; this process keeps serving");
@@ -471,7 +521,12 @@ fn adopt_one(
         .client
         .parse()
         .map_err(|_| format!("bad client address {:?}", sm.client))?;
-    let imported = crate::conn::import(&st.shared, sm.id, peer, &sm.backend, &sm.state)?;
+    let protect = sm.protect.map(|p| tiproxy_core::session::ProtectionCopy {
+        states: p.states.into(),
+        token: p.token.into(),
+        age: Duration::from_millis(p.age_ms),
+    });
+    let imported = crate::conn::import(&st.shared, sm.id, peer, &sm.backend, &sm.state, protect)?;
     let client = std::net::TcpStream::from(client_fd);
     let backend = std::net::TcpStream::from(backend_fd);
     client.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -509,7 +564,7 @@ async fn hand_over(
         .await
         .map_err(proto)?;
     // Stop accepting first: the ids given out so far are final.
-    listening.stop_sql();
+    listening.stop_sql().await;
     let mut names: Vec<String> = listening.sql.iter().map(|(n, _)| n.clone()).collect();
     names.push(listening.api.0.clone());
     let mut fds: Vec<_> = listening.sql.iter().map(|(_, f)| f.as_fd()).collect();
@@ -586,6 +641,15 @@ async fn sessions(st: &Arc<State<TokioNet>>, s: UnixStream) -> Result<(), Takeov
                         client: o.client.to_string(),
                         backend: o.backend.clone(),
                         state: o.state.to_vec(),
+                        protect: o.protect.as_ref().and_then(|c| {
+                            // Not UTF-8 (TiDB writes JSON): not carried, the
+                            // new process exports once more.
+                            Some(wire::ProtectMsg {
+                                states: String::from_utf8(c.states.to_vec()).ok()?,
+                                token: String::from_utf8(c.token.to_vec()).ok()?,
+                                age_ms: c.age.as_millis() as u64,
+                            })
+                        }),
                     });
                     let fds = [o.client_fd.as_fd(), o.backend_fd.as_fd()];
                     ledger.handle_offered(o.id);
@@ -651,10 +715,10 @@ async fn sessions(st: &Arc<State<TokioNet>>, s: UnixStream) -> Result<(), Takeov
                     .count() as u32;
             let _ = wire::send(&s, &Msg::Done { kept: kept_now }, &[]).await;
             reader.abort();
+            let handed_over = ledger.released();
             info!(
-                handed_over = ledger.released(),
-                kept = kept_now,
-                "takeover done; this process exits once it holds nothing"
+                "takeover done: {kept_now} sessions kept here, {handed_over} handed over; \
+                 this process exits once it holds nothing"
             );
             Ok(())
         }
@@ -677,16 +741,20 @@ async fn sessions(st: &Arc<State<TokioNet>>, s: UnixStream) -> Result<(), Takeov
                 }
             }
             reader.abort();
-            for id in ledger.handle_lost() {
-                if let Some((v, _)) = waiting.remove(&id) {
+            let back = ledger.handle_lost();
+            for id in &back {
+                if let Some((v, _)) = waiting.remove(id) {
                     let _ = v.send(false);
                 }
                 m.takeover_sessions.with_label_values(&["resumed"]).inc();
             }
-            Err(TakeoverError::Protocol(format!(
-                "{why} ({} sessions were handed over)",
-                ledger.released()
-            )))
+            let running = mailboxes.iter().filter(|(id, _)| ledger.runs(*id)).count();
+            Err(TakeoverError::Abandoned {
+                why,
+                kept: kept as usize + running,
+                in_flight: back.len(),
+                handed_over: ledger.released(),
+            })
         }
     }
 }

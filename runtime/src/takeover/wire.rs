@@ -101,6 +101,23 @@ pub struct SessionMsg {
     pub backend: String,
     /// [`tiproxy_core::session::Session::export`]'s bytes.
     pub state: Vec<u8>,
+    /// Crash protection's state copy, when the session holds a clean one.
+    /// Optional both ways, so it needs no new [`FORMAT`]: a peer without
+    /// it ignores it, and a session that comes without one exports its
+    /// state once more in the new process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect: Option<ProtectMsg>,
+}
+
+/// A session's protection copy on the takeover socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectMsg {
+    /// `SHOW SESSION_STATES`' state JSON.
+    pub states: String,
+    /// Its session token.
+    pub token: String,
+    /// Its age when sent, in milliseconds.
+    pub age_ms: u64,
 }
 
 /// Why a frame could not be read.
@@ -225,6 +242,42 @@ mod tests {
         assert!(fds.is_empty());
         drop(a);
         assert!(recv(&b).await.unwrap().is_none());
+    }
+
+    /// The protection copy is optional both ways: a session message from a
+    /// peer without it reads as one without a copy, and a peer that does
+    /// not know the field reads past it.
+    #[test]
+    fn the_protection_copy_is_optional_both_ways() {
+        let old =
+            r#"{"kind":"session","id":3,"client":"127.0.0.1:5","backend":"b:4000","state":[1,2]}"#;
+        let Msg::Session(m) = serde_json::from_str::<Msg>(old).unwrap() else {
+            panic!("not a session")
+        };
+        assert_eq!(m.protect, None);
+        let with = Msg::Session(SessionMsg {
+            protect: Some(ProtectMsg {
+                states: "{}".into(),
+                token: "{\"t\":1}".into(),
+                age_ms: 1200,
+            }),
+            ..m.clone()
+        });
+        let text = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<Msg>(&text).unwrap(), with);
+        /// The session message as an older build declares it.
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum OldMsg {
+            Session { id: u32, state: Vec<u8> },
+        }
+        let OldMsg::Session { id, state } = serde_json::from_str(&text).unwrap();
+        assert_eq!((id, state), (3, vec![1, 2]));
+        assert_eq!(
+            serde_json::to_string(&Msg::Session(m)).unwrap(),
+            old,
+            "no copy, no field"
+        );
     }
 
     #[tokio::test]
