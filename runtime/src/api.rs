@@ -529,6 +529,9 @@ fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_
         "incoming_moves": st.router().incoming(b),
         "supports_migration": st.router().can_export(b),
         "zone": b.zone(),
+        // `proxy.backend-clusters` (or `default` for `pd-addrs`); null for
+        // a static backend.
+        "cluster": st.clusters.cluster_of(&b.addr),
         "cpu_usage": cpu.map(|c| c.usage),
         "memory_usage": memory,
         "score": score,

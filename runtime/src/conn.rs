@@ -57,8 +57,9 @@ pub struct Shared<N: Network> {
     pub backend_tls: crate::tls::Live<tokio_rustls::TlsConnector>,
     /// `security.require-backend-tls`.
     pub require_backend_tls: bool,
-    /// Accept PROXY v2 headers (optional) and write them to backends.
-    pub proxy_protocol: bool,
+    /// Accept PROXY v2 headers (optional) and write them to backends;
+    /// reloadable (TiProxy's), read by each new connection.
+    pub proxy_protocol: std::sync::atomic::AtomicBool,
     /// TCP keepalive profiles (reloadable).
     pub keepalive: crate::keepalive::Profiles,
     /// Bytes buffered towards a slow peer before reading pauses.
@@ -133,6 +134,9 @@ struct Driver<N: Network> {
     /// With `proxy-protocol`: looking for a PROXY header in the client's
     /// first bytes (they come after the greeting).
     sniff: Option<HeaderSniff>,
+    /// A PROXY header goes first on each backend leg (`proxy-protocol` as
+    /// it was when the connection came).
+    backend_header: bool,
     /// Counted in `tiproxy_session_protected`.
     protected: bool,
     /// Targets the restore under way picked and failed on.
@@ -164,9 +168,13 @@ pub async fn serve<N: Network>(
     // With `proxy-protocol`, a PROXY header in the client's first bytes
     // may name another source later (`client_header`).
     let source = peer;
-    let sniff = shared.proxy_protocol.then(HeaderSniff::default);
+    let sniff = shared
+        .proxy_protocol
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(HeaderSniff::default);
     let profile = shared.router.profile();
     let cfg = session_config(&shared, conn_id, &profile, source, local);
+    let backend_header = cfg.proxy_header.is_some();
     let now = Instant::now().into_std();
     #[cfg_attr(not(feature = "sim-mutations"), allow(unused_mut))]
     let mut session = shared
@@ -197,6 +205,7 @@ pub async fn serve<N: Network>(
         pending_move: None,
         traffic: Default::default(),
         sniff,
+        backend_header,
         protected: false,
         restore_tried: Vec::new(),
         tap: Default::default(),
@@ -239,7 +248,12 @@ fn session_config<N: Network>(
         charset: profile.charset,
         server_tls: shared.server_tls.is_some(),
         backend_tls,
-        proxy_header: match (shared.proxy_protocol, local) {
+        proxy_header: match (
+            shared
+                .proxy_protocol
+                .load(std::sync::atomic::Ordering::Relaxed),
+            local,
+        ) {
             (true, Some(destination)) => Some(ProxyHeader::Proxy {
                 source,
                 destination,
@@ -716,7 +730,7 @@ mod size_tests {
             server_tls: crate::tls::Live::new(None),
             backend_tls: crate::tls::Live::new(None),
             require_backend_tls: false,
-            proxy_protocol: false,
+            proxy_protocol: Default::default(),
             keepalive: Default::default(),
             buffer_limit: 1,
             protect: Default::default(),

@@ -26,6 +26,29 @@ use crate::config::{BackendEntry, Config};
 use crate::pd::{PdClient, PdConnector, PdWatch, WatchNews};
 use crate::router::Router;
 
+mod clusters;
+
+pub use clusters::{Clusters, Context};
+
+/// Where one cluster's discovery puts its TiDB list.
+#[derive(Debug)]
+pub struct Sink {
+    /// The cluster's name.
+    pub cluster: String,
+    merge: Arc<clusters::Merge>,
+}
+
+impl Sink {
+    fn new(cluster: String, merge: Arc<clusters::Merge>) -> Self {
+        Self { cluster, merge }
+    }
+
+    /// The router the lists end up in.
+    fn router(&self) -> &Router {
+        self.merge.router()
+    }
+}
+
 /// `security.cluster-tls` as in effect at each connection to PD.
 pub type ClusterTls = Arc<crate::tls::Live<Arc<rustls::ClientConfig>>>;
 
@@ -164,13 +187,14 @@ pub async fn watch_pd<P: PdConnector>(
     pd: Vec<String>,
     tls: ClusterTls,
     cfg: Config,
-    router: Arc<Router>,
+    sink: Sink,
     status: StatusCell,
 ) {
+    let router = sink.router();
     let mut backoff = Duration::from_millis(200);
     let mut outage_logged = false;
     loop {
-        match watch_once(&connector, &pd, tls.get(), &cfg, &router, &status).await {
+        match watch_once(&connector, &pd, tls.get(), &cfg, &sink, &status).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 crate::metrics::metrics()
@@ -179,7 +203,7 @@ pub async fn watch_pd<P: PdConnector>(
                 s.pd_error = Some(e.clone());
                 drop(s);
                 if !outage_logged {
-                    warn!(pd = ?pd, backends = router.backends().len(), "PD unreachable, serving the last known backends: {e}");
+                    warn!(cluster = %sink.cluster, pd = ?pd, backends = router.backends().len(), "PD unreachable, serving the last known backends: {e}");
                     outage_logged = true;
                 } else {
                     debug!("PD still unreachable: {e}");
@@ -200,11 +224,11 @@ async fn watch_once<P: PdConnector>(
     pd: &[String],
     tls: Option<Arc<rustls::ClientConfig>>,
     cfg: &Config,
-    router: &Router,
+    sink: &Sink,
     status: &StatusCell,
 ) -> Result<(), String> {
     let mut client = connector.connect(pd, tls).await?;
-    let rev = list(&mut client, cfg, router, status).await?;
+    let rev = list(&mut client, cfg, sink, status).await?;
     let mut w1 = client.watch_prefix(TIDB_TOPOLOGY, rev + 1).await?;
     let mut w2 = client.watch_prefix(KEYSPACE_TOPOLOGY, rev + 1).await?;
     loop {
@@ -215,7 +239,7 @@ async fn watch_once<P: PdConnector>(
             m = w2.next() => m?,
         };
         if news == WatchNews::Changed {
-            list(&mut client, cfg, router, status).await?;
+            list(&mut client, cfg, sink, status).await?;
         }
     }
 }
@@ -225,7 +249,7 @@ async fn watch_once<P: PdConnector>(
 async fn list<C: PdClient>(
     client: &mut C,
     cfg: &Config,
-    router: &Router,
+    sink: &Sink,
     status: &StatusCell,
 ) -> Result<i64, String> {
     let a = client.get_prefix(TIDB_TOPOLOGY).await?;
@@ -242,17 +266,10 @@ async fn list<C: PdClient>(
             .map(|(k, v)| (k.as_str(), v.as_slice())),
     );
     let entries = backends_for(&instances, cfg);
-    let before: Vec<String> = router
-        .backends()
-        .iter()
-        .filter(|b| !b.should_evacuate())
-        .map(|b| b.addr.clone())
-        .collect();
     let after: Vec<String> = entries.iter().map(|e| e.addr().to_string()).collect();
-    if before != after {
-        info!(backends = ?after, "backends from PD");
+    if sink.merge.install(&sink.cluster, entries) {
+        info!(cluster = %sink.cluster, backends = ?after, "backends from PD");
     }
-    router.set_backends(&entries);
     let mut s = status.lock().expect("status lock");
     if s.pd_error.is_some() {
         info!("PD reachable again");

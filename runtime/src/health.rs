@@ -276,7 +276,11 @@ async fn probe<N: Network>(
                 None => ProbeError::Backend(e.to_string()),
             }
         })?;
-        if st.shared.proxy_protocol {
+        if st
+            .shared
+            .proxy_protocol
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             // Backends that expect PROXY headers expect them on every
             // connection; a probe is the proxy's own (LOCAL).
             let mut h = BytesMut::new();

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -137,9 +137,9 @@ async fn start_inner<N: Network>(
     let cluster_tls = Arc::new(tls::Live::new(tls::cluster_config(
         &config.security.cluster_tls,
     )?));
-    let pd = config.proxy.effective_pd_addrs();
+    let clusters = config.proxy.clusters();
     let statics = &config.proxy.backend_addrs;
-    if !pd.is_empty() && !statics.is_empty() {
+    if !clusters.is_empty() && !statics.is_empty() {
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
     let router = Arc::new(Router::new(statics));
@@ -149,7 +149,7 @@ async fn start_inner<N: Network>(
     }
     let discovery_status: crate::discovery::StatusCell =
         Arc::new(Mutex::new(crate::discovery::DiscoveryStatus {
-            pd: !pd.is_empty(),
+            pd: !clusters.is_empty(),
             ..Default::default()
         }));
     let shared = Arc::new(Shared {
@@ -158,7 +158,7 @@ async fn start_inner<N: Network>(
         server_tls: tls::Live::new(server_tls.map(tokio_rustls::TlsAcceptor::from)),
         backend_tls: tls::Live::new(backend_tls.map(tokio_rustls::TlsConnector::from)),
         require_backend_tls: config.security.require_backend_tls,
-        proxy_protocol: config.proxy.proxy_protocol == "v2",
+        proxy_protocol: AtomicBool::new(config.proxy.proxy_protocol == "v2"),
         keepalive: crate::keepalive::Profiles::new(crate::keepalive::ProfileSet::from_config(
             &config.proxy,
         )),
@@ -231,6 +231,8 @@ async fn start_inner<N: Network>(
         api_tls: tls::Live::new(api_tls.map(tokio_rustls::TlsAcceptor::from)),
         api_refusals: tls::RefusalLog::default(),
         cluster_tls: cluster_tls.clone(),
+        clusters: crate::discovery::Clusters::new(router.clone()),
+        cluster_context: OnceLock::new(),
     });
     let mut tasks = JoinSet::new();
     let accepting = listeners
@@ -253,24 +255,31 @@ async fn start_inner<N: Network>(
         tasks.spawn(tls::renew_loop(state.clone()));
     }
     let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
-    let ha = start_ha(&net, &state, &pd, &cluster_tls, &advertise, &mut tasks).await?;
-    if !pd.is_empty() {
-        tasks.spawn(crate::discovery::watch_pd(
-            net.pd(),
-            pd.clone(),
-            cluster_tls.clone(),
-            state.config.clone(),
-            router.clone(),
-            discovery_status,
-        ));
-        tasks.spawn(crate::discovery::register(
-            net.pd(),
-            pd,
-            cluster_tls,
-            advertise,
-            api_addr.port(),
-        ));
+    // TiProxy's virtual IP is elected in the one cluster's PD: with several
+    // clusters (or none) it is off.
+    let pd = match clusters.as_slice() {
+        [one] => one.normal().1,
+        _ => Vec::new(),
+    };
+    if clusters.len() > 1 && state.config.ha.virtual_ip().is_ok_and(|v| v.is_some()) {
+        warn!(
+            "[ha] virtual-ip needs exactly one backend cluster to elect an owner in; the virtual IP is off"
+        );
     }
+    let ha = match clusters.len() {
+        0 | 1 => start_ha(&net, &state, &pd, &cluster_tls, &advertise, &mut tasks).await?,
+        _ => None,
+    };
+    let ctx = crate::discovery::Context {
+        tls: cluster_tls,
+        status: discovery_status,
+        advertise,
+        api_port: api_addr.port(),
+    };
+    state
+        .clusters
+        .sync(&net.pd(), &clusters, &state.config, &ctx);
+    let _ = state.cluster_context.set(ctx);
     metrics().server_event.with_label_values(&["start"]).inc();
     info!(sql = ?sql_addrs, api = %api_addr, backends = ?router.backends().iter().map(|b| b.addr.clone()).collect::<Vec<_>>(), "tiproxy started");
     Ok(Proxy {
@@ -428,6 +437,7 @@ impl<N: Network> Proxy<N> {
         }
         st.stopped.notify_waiters();
         self.tasks.abort_all();
+        st.clusters.stop();
         while self.tasks.join_next().await.is_some() {}
         metrics().server_event.with_label_values(&["close"]).inc();
         info!("tiproxy stopped");

@@ -484,6 +484,7 @@ impl Router {
                 } else {
                     // Gone: if it comes back, it is a new server.
                     self.with_moves(|l| l.forget_backend(&b.addr));
+                    metrics().forget_backend(&b.addr);
                 }
             }
         }

@@ -54,6 +54,11 @@ pub struct State<N: Network> {
     /// TLS towards PD and TiDB status ports (`security.cluster-tls`);
     /// `None`: plain. Shared with the PD tasks.
     pub(crate) cluster_tls: Arc<tls::Live<Arc<rustls::ClientConfig>>>,
+    /// `proxy.backend-clusters` (or `pd-addrs`): each cluster's discovery
+    /// and registration.
+    pub(crate) clusters: crate::discovery::Clusters,
+    /// What the cluster tasks need, set once at start.
+    pub(crate) cluster_context: std::sync::OnceLock<crate::discovery::Context>,
 }
 
 /// What a configuration change did.
@@ -185,8 +190,17 @@ impl<N: Network> State<N> {
             .store(new.proxy.max_connections, Ordering::Relaxed);
         self.memory
             .set_threshold(new.proxy.high_memory_usage_reject_threshold);
+        self.shared
+            .proxy_protocol
+            .store(new.proxy.proxy_protocol == "v2", Ordering::Relaxed);
         if !pd && new.proxy.backend_addrs != old.proxy.backend_addrs {
             self.shared.router.set_backends(&new.proxy.backend_addrs);
+        }
+        if new.proxy.backend_clusters != old.proxy.backend_clusters
+            && let Some(ctx) = self.cluster_context.get()
+        {
+            let want = new.proxy.clusters();
+            self.clusters.sync(&self.shared.net.pd(), &want, &new, ctx);
         }
         if let Some(c) = server_tls {
             self.shared

@@ -145,7 +145,15 @@ fn keys(workdir: &str, cert: &str, key: &str, sql_port: u16) -> Vec<(&'static st
         ),
         (
             "backend-clusters",
-            NotApplicable("proxy.backend-clusters is not implemented"),
+            Acted(
+                "/proxy/backend-clusters/0/name",
+                json!("c2"),
+                "tests/tests/backend_clusters.rs",
+            ),
+        ),
+        (
+            "ns-servers",
+            NotApplicable("ns-servers does not apply here"),
         ),
         (
             "fail-backend-list",
@@ -317,7 +325,7 @@ fn keys(workdir: &str, cert: &str, key: &str, sql_port: u16) -> Vec<(&'static st
         ),
         (
             "routing-rule",
-            NotApplicable("this build serves one cluster"),
+            NotApplicable("here every TiDB of every cluster is one group"),
         ),
         (
             "policy",

@@ -147,3 +147,41 @@ fn the_api_port_takes_requests_with_and_without_a_proxy_header() {
     assert_eq!(get_after(plain.api, b"", "/api/admin/config"), Some(200));
     assert_ne!(get_after(plain.api, &h, "/api/admin/config"), Some(200));
 }
+
+/// `proxy.proxy-protocol` is reloadable in TiProxy: switched on in the file,
+/// the next connection's header is read (before, the header bytes are not
+/// a handshake and the client is refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_protocol_applies_on_hot_reload() {
+    let tidb = TidbDouble::start(1, 0, &["--proxy-protocol"]);
+    let backend = TidbDouble::backend_entry(&tidb.instances()[0]);
+    let p = ProxyProcess::start_with_backends(&[backend], "");
+    let lb = load_balancer(p.sql, "10.9.8.6:4321").await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), Conn::new(double_opts(lb)))
+            .await
+            .map_or(true, |r| r.is_err()),
+        "a header was read with proxy-protocol off"
+    );
+    let text = std::fs::read_to_string(&p.config).expect("config");
+    std::fs::write(
+        &p.config,
+        text.replacen("[proxy]\n", "[proxy]\nproxy-protocol = \"v2\"\n", 1),
+    )
+    .expect("write config");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !p.log.lock().unwrap().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "{}", p.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut behind = Conn::new(double_opts(lb))
+        .await
+        .unwrap_or_else(|e| panic!("after the reload: {e}\n{}", p.log.lock().unwrap()));
+    let one: Option<i64> = behind.query_first("SELECT 1").await.expect("query");
+    assert_eq!(one, Some(1));
+    assert!(
+        session_clients(&p).iter().any(|c| c == "10.9.8.6:4321"),
+        "{:?}",
+        session_clients(&p)
+    );
+}

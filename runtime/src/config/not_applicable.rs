@@ -7,12 +7,18 @@ impl Config {
     /// TiProxy keys that do not apply to this build, each with the reason
     /// the user sees at start-up when it is set.
     pub(super) fn not_applicable(&self, file: &str, warnings: &mut Vec<String>) {
-        if !self.proxy.backend_clusters.is_empty() {
+        for c in self
+            .proxy
+            .backend_clusters
+            .iter()
+            .filter(|c| !c.ns_servers.is_empty())
+        {
             warnings.push(format!(
-                "{file}: proxy.backend-clusters is not implemented and is ignored: \
-                 this build serves the one TiDB cluster of proxy.pd-addrs (or \
-                 proxy.backend-addrs), with the system's DNS resolver; run one proxy \
-                 per cluster"
+                "{file}: proxy.backend-clusters[{}].ns-servers does not apply here and is \
+                 ignored: it names TiDB Cloud's per-cluster DNS servers for its tenants' \
+                 private names; this build resolves PD and TiDB names with the system's \
+                 resolver for every cluster",
+                c.name.trim()
             ));
         }
         let set = [
@@ -30,8 +36,8 @@ impl Config {
             (
                 !self.balance.routing_rule.is_empty(),
                 "balance.routing-rule",
-                "it picks one of proxy.backend-clusters by client or proxy address or port; \
-                 this build serves one cluster",
+                "it groups TiDBs by client or proxy address or by TiDB's tiproxy-port \
+                 label; here every TiDB of every cluster is one group",
             ),
             (
                 self.log.simple,

@@ -14,6 +14,8 @@ const RELOADABLE: &[&str] = &[
     "proxy.failover-timeout",
     "proxy.graceful-wait-before-shutdown",
     "proxy.graceful-close-conn-timeout",
+    // TiProxy's reloadable: each new connection reads it.
+    "proxy.proxy-protocol",
     "log.level",
     "log.log-file",
     "balance",
@@ -31,6 +33,8 @@ const RELOADABLE: &[&str] = &[
     "proxy.backend-healthy-keepalive",
     "proxy.backend-unhealthy-keepalive",
     "security.cluster-tls",
+    // Each cluster's discovery starts, restarts or stops (`discovery::Clusters`).
+    "proxy.backend-clusters",
 ];
 
 /// Keys accepted for TiProxy compatibility that do nothing in this build:
@@ -38,7 +42,6 @@ const RELOADABLE: &[&str] = &[
 const NOT_IMPLEMENTED: &[&str] = &[
     "proxy.port-range",
     "proxy.public-endpoints",
-    "proxy.backend-clusters",
     "metering",
     "log.simple",
 ];

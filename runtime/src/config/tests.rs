@@ -134,3 +134,24 @@ fn keepalive_takes_seconds_or_tiproxy_durations_within_the_kernels_limits() {
     let e = parse("[proxy.frontend-keepalive]\nidle = \"soon\"\n").unwrap_err();
     assert!(e.message.contains("soon"), "{e:?}");
 }
+
+/// TiProxy's reload classes of the keys issue 16 left: `proxy-protocol`
+/// and `backend-clusters` are reloadable there (and applied here);
+/// `advertise-addr` is not (TiProxy registers it once), so a change says
+/// a restart is needed.
+#[test]
+fn reload_classes_follow_tiproxy() {
+    let (old, _) = parse("[proxy]\npd-addrs = \"a:1\"").unwrap();
+    let (new, _) = parse(
+        "[proxy]\npd-addrs = \"a:1\"\nproxy-protocol = \"v2\"\nadvertise-addr = \"tiproxy-0.svc\"\n\
+         [[proxy.backend-clusters]]\nname = \"c\"\npd-addrs = \"b:1\"",
+    )
+    .unwrap();
+    let (live, restart) = super::classify(&old, &new, true);
+    assert!(live.iter().any(|k| k == "proxy.proxy-protocol"), "{live:?}");
+    assert!(
+        live.iter().any(|k| k.starts_with("proxy.backend-clusters")),
+        "{live:?}"
+    );
+    assert_eq!(restart, vec!["proxy.advertise-addr".to_string()]);
+}

@@ -173,7 +173,7 @@ impl<N: Network> Driver<N> {
     /// A backend leg connected: its traffic is framed from here, past the
     /// PROXY header (all the session has queued on it yet), if any.
     pub(super) fn leg_connected(&mut self, leg: Leg) {
-        let header = if self.shared.proxy_protocol {
+        let header = if self.backend_header {
             self.session.transmit(leg).len()
         } else {
             0

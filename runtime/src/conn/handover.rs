@@ -239,6 +239,8 @@ impl<N: Network> Imported<N> {
             pending_move: None,
             traffic: Default::default(),
             sniff: None,
+            // An adopted session's backend connection is already open.
+            backend_header: false,
             protected: false,
             restore_tried: Vec::new(),
             tap: Default::default(),

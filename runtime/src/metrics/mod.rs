@@ -257,6 +257,50 @@ impl Registrar {
 }
 
 impl Metrics {
+    /// Deletes every series of the backend `addr` (label `backend`, `from`
+    /// or `to`), as TiProxy's `DelBackend` does when a backend leaves: a
+    /// proxy in front of a churning cluster does not grow `/metrics`
+    /// forever.
+    pub fn forget_backend(&self, addr: &str) {
+        fn forget<T: prometheus::core::MetricVecBuilder>(
+            vec: &prometheus::core::MetricVec<T>,
+            addr: &str,
+        ) {
+            use prometheus::core::Collector;
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let pairs = m.get_label();
+                    if pairs
+                        .iter()
+                        .any(|p| matches!(p.name(), "backend" | "from" | "to") && p.value() == addr)
+                    {
+                        // By name: collected pairs are sorted, not in
+                        // the declared order remove_label_values needs.
+                        let labels: std::collections::HashMap<&str, &str> =
+                            pairs.iter().map(|p| (p.name(), p.value())).collect();
+                        let _ = vec.remove(&labels);
+                    }
+                }
+            }
+        }
+        forget(&self.query_total, addr);
+        forget(&self.query_duration, addr);
+        forget(&self.handshake_duration, addr);
+        forget(&self.backend_status, addr);
+        forget(&self.dial_backend_fail, addr);
+        forget(&self.ping_duration, addr);
+        forget(&self.backend_metric, addr);
+        forget(&self.backend_conn, addr);
+        forget(&self.backend_score, addr);
+        forget(&self.migrate, addr);
+        forget(&self.migrate_duration, addr);
+        forget(&self.pending_migrate, addr);
+        forget(&self.inbound_bytes, addr);
+        forget(&self.inbound_packets, addr);
+        forget(&self.outbound_bytes, addr);
+        forget(&self.outbound_packets, addr);
+    }
+
     fn new() -> Self {
         let mut r = Registrar {
             registry: Registry::new(),
@@ -581,4 +625,35 @@ pub fn clock_us() -> u64 {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_micros() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metrics;
+    use crate::config::BackendEntry;
+    use crate::router::Router;
+
+    #[test]
+    fn a_removed_backend_leaves_no_series() {
+        let (gone, kept) = ("10.9.9.9:4000", "10.9.9.8:4000");
+        let r = Router::new(&[
+            BackendEntry::Addr(gone.into()),
+            BackendEntry::Addr(kept.into()),
+        ]);
+        let m = metrics();
+        m.backend_status.with_label_values(&[gone]).set(1);
+        m.migrate
+            .with_label_values(&[kept, gone, "status", "succeed"])
+            .inc();
+        m.query_total.with_label_values(&[gone, "query"]).inc();
+        m.query_total.with_label_values(&[kept, "query"]).inc();
+        assert!(m.render().contains(gone));
+        r.set_backends(&[BackendEntry::Addr(kept.into())]);
+        let text = m.render();
+        assert!(!text.contains(gone), "{text}");
+        assert!(
+            text.contains(&format!("tiproxy_session_query_total{{backend=\"{kept}\"")),
+            "{text}"
+        );
+    }
 }

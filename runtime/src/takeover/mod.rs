@@ -89,7 +89,7 @@ fn format() -> u32 {
 
 /// This process's hello.
 pub fn hello(config: &Config) -> Hello {
-    let pd = !config.proxy.effective_pd_addrs().is_empty();
+    let pd = !config.proxy.clusters().is_empty();
     let tls = config.security.require_backend_tls || config.security.sql_tls.client_enabled();
     Hello {
         format: format(),
