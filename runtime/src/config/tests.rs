@@ -134,3 +134,20 @@ fn keepalive_takes_seconds_or_tiproxy_durations_within_the_kernels_limits() {
     let e = parse("[proxy.frontend-keepalive]\nidle = \"soon\"\n").unwrap_err();
     assert!(e.message.contains("soon"), "{e:?}");
 }
+
+#[test]
+fn session_protection_delay_is_a_duration_up_to_ten_seconds() {
+    let (c, _) = parse("").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 200);
+    let (c, _) = parse("[proxy]\nsession-protection-delay = \"1.5s\"\n").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 1500);
+    let (c, _) = parse("[proxy]\nsession-protection-delay = \"0s\"\n").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 0);
+    for bad in ["\"11s\"", "\"soon\"", "200"] {
+        let e = parse(&format!("[proxy]\nsession-protection-delay = {bad}\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("session-protection-delay"),
+            "{bad}: {e}"
+        );
+    }
+}
