@@ -108,6 +108,10 @@ pub struct ProxyConfig {
     /// Largest state copy kept per session, in bytes (1 KiB to 16 MiB);
     /// a session with more state is not protected.
     pub session_state_cap: i64,
+    /// How long a session must stay idle after a state change before its
+    /// copy is re-exported (Go-style duration, `"0s"` to `"10s"`; `"0s"`:
+    /// at once). Back-to-back statements then cost no export.
+    pub session_protection_delay: String,
     /// Keepalive on client connections.
     #[serde(deserialize_with = "Keepalive::frontend_over")]
     pub frontend_keepalive: Keepalive,
@@ -148,6 +152,7 @@ impl Default for ProxyConfig {
             conn_buffer_size: 0,
             session_protection: false,
             session_state_cap: 64 * 1024,
+            session_protection_delay: "200ms".into(),
             frontend_keepalive: Keepalive::default(),
             backend_healthy_keepalive: Keepalive::backend_healthy(),
             backend_unhealthy_keepalive: Keepalive::backend_unhealthy(),
@@ -178,6 +183,11 @@ impl ProxyConfig {
         tiproxy_core::session::protect::ProtectConfig {
             enabled: self.session_protection,
             state_cap: self.session_state_cap.clamp(0, u32::MAX.into()) as u32,
+            // Validated at load (at most 10 s); the default if unparsable.
+            delay_ms: parse_duration(&self.session_protection_delay)
+                .map_or(tiproxy_core::session::protect::DEFAULT_DELAY_MS, |d| {
+                    d.as_millis().min(u16::MAX.into()) as u16
+                }),
             ..Default::default()
         }
     }
@@ -638,6 +648,14 @@ impl Config {
             return Err(err(
                 "proxy.session-state-cap",
                 format!("{cap} is out of range; use 1024 to 16777216"),
+            ));
+        }
+        let delay = &self.proxy.session_protection_delay;
+        let d = parse_duration(delay).map_err(|m| err("proxy.session-protection-delay", m))?;
+        if d > Duration::from_secs(10) {
+            return Err(err(
+                "proxy.session-protection-delay",
+                format!("\"{delay}\" is out of range; use 0s to 10s"),
             ));
         }
         if !["debug", "info", "warn", "error", "fatal", "trace"]

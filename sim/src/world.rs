@@ -42,7 +42,10 @@ pub enum Invariant {
     /// 7. With crash protection on, a session the proxy held a usable state
     ///    copy for when its TiDB crashed (or closed it without a graceful
     ///    wait) carries on without an error: only a statement that raced
-    ///    the crash, or no TiDB to restore on, excuses one.
+    ///    the crash, or no TiDB to restore on, excuses one. "Usable" is the
+    ///    proxy's own verdict: a copy taken after the session's last state
+    ///    change (one changed within `proxy.session-protection-delay` is
+    ///    not protected) and young enough for its token.
     ProtectedSurvives,
     /// The simulation itself failed (a host panicked, or it ran too long).
     Simulation,

@@ -326,6 +326,9 @@ impl<T: Clone> Session<T> {
                 self.send(Leg::Client, payload);
                 self.switch_on_compression(Leg::Client);
                 self.switch_on_compression(Leg::Backend);
+                // The quiet period before the first state copy runs from
+                // the login, as from the end of a command.
+                self.command_started = Some(now);
                 self.at_boundary(now);
                 Disposition::Consumed
             }

@@ -214,7 +214,10 @@ impl<T: Clone> Session<T> {
             return;
         }
         let stale_ok = self.planted(super::PlantedBug::RestoreStaleCopy);
-        if self.relay.held.is_empty() && self.protect.wants_export(&self.cfg.protect, now, stale_ok)
+        if self.relay.held.is_empty()
+            && self
+                .protect
+                .export_due(&self.cfg.protect, now, stale_ok, self.command_started)
         {
             self.start_refresh(now);
         }

@@ -34,6 +34,7 @@
 //! # Layout
 //!
 //! `Session` is an orchestrator over sub-machines that own their state:
+//! - `config`: [`SessionConfig`], the settings a session is created with;
 //! - `relay`: per-leg framing, sequence rewrite, compression staging,
 //!   transmit buffers and the read budget;
 //! - `backend`: the one backend handshake (proxy as client), used for the
@@ -56,6 +57,7 @@
 mod backend;
 mod capture;
 mod command;
+mod config;
 mod export;
 pub mod migration;
 mod output;
@@ -71,11 +73,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand_core::RngCore;
 
 use self::backend::Expect;
+pub use self::config::{BackendTls, SessionConfig};
 pub use self::export::{EXPORT_MAGIC, EXPORT_VERSION, ExportError, ImportError, ProtectionCopy};
 use self::migration::{Migration, MigrationFailure};
 pub use self::output::{Action, Event, RestoreOutcome};
 pub use self::planted::PlantedBug;
-use self::protect::{ProtectConfig, Protection};
+use self::protect::Protection;
 use self::relay::Relay;
 use crate::command::Command;
 use crate::error::{ProxyError, SessionError};
@@ -113,78 +116,6 @@ impl std::fmt::Display for Leg {
             Leg::Backend => "backend",
             Leg::NewBackend => "new backend",
         })
-    }
-}
-
-/// When the proxy uses TLS towards backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BackendTls {
-    /// Never.
-    #[default]
-    Off,
-    /// When the client used TLS and the backend offers it (TiProxy's default).
-    MatchClient,
-    /// Always; a backend without TLS is an error (`require-backend-tls`).
-    Required,
-}
-
-/// Settings of one session, fixed at creation.
-#[derive(Debug, Clone)]
-pub struct SessionConfig {
-    /// Connection id shown to the client (allocated by the proxy).
-    pub connection_id: u32,
-    /// Server version announced to the client; taken from a backend.
-    pub server_version: Bytes,
-    /// Capabilities announced to the client. Intersected with
-    /// [`CapabilityFlags::PROXY_SUPPORTED`]; the driver removes what the
-    /// backends lack (learned from their greetings) and `SSL` when no server
-    /// certificate is configured.
-    pub capabilities: CapabilityFlags,
-    /// MariaDB extended capabilities announced to the client (the backends'
-    /// offer), within [`MariaDbCapabilities::PROXY_SUPPORTED`]; when any
-    /// remain the greeting clears `CLIENT_MYSQL`. Empty for TiDB and MySQL.
-    pub mariadb_capabilities: MariaDbCapabilities,
-    /// Collation announced in the greeting.
-    pub charset: u8,
-    /// Whether the client may upgrade to TLS.
-    pub server_tls: bool,
-    /// TLS towards backends.
-    pub backend_tls: BackendTls,
-    /// PROXY v2 header written before every backend handshake.
-    pub proxy_header: Option<ProxyHeader>,
-    /// Largest handshake packet accepted from a client.
-    pub max_handshake_len: usize,
-    /// Time allowed from accept to an authenticated session.
-    pub handshake_timeout: Duration,
-    /// Time allowed for one move.
-    pub migration_timeout: Duration,
-    /// Use zlib compression towards backends that support it.
-    pub compress_backend: bool,
-    /// Read budget: a leg is not read while the session holds this many
-    /// bytes towards the other side (`proxy.conn-buffer-size`).
-    pub buffer_limit: usize,
-    /// Crash protection ([`protect`]).
-    pub protect: ProtectConfig,
-}
-
-impl Default for SessionConfig {
-    fn default() -> Self {
-        Self {
-            connection_id: 1,
-            server_version: Bytes::from_static(b"8.0.11-TiDB-v8.5.0"),
-            capabilities: CapabilityFlags::PROXY_SUPPORTED - CapabilityFlags::SSL,
-            mariadb_capabilities: MariaDbCapabilities::empty(),
-            charset: 46,
-            server_tls: false,
-            backend_tls: BackendTls::Off,
-            proxy_header: None,
-            max_handshake_len: 64 * 1024,
-            handshake_timeout: Duration::from_secs(15),
-            migration_timeout: Duration::from_secs(10),
-            compress_backend: false,
-            buffer_limit: 32 * 1024,
-            protect: ProtectConfig::default(),
-        }
     }
 }
 
@@ -613,12 +544,19 @@ impl<T: Clone> Session<T> {
                 ));
             }
         }
-        if let Some(w) = self.protect.wake(&self.cfg.protect)
+        if let Some(w) = self.protect_wake()
             && now >= w
         {
-            // The copy's token nears its end: renew it now if the session
-            // is idle, else at its next safe point.
-            self.protect.wake_armed = false;
+            if self
+                .protect
+                .wake(&self.cfg.protect)
+                .is_some_and(|r| now >= r)
+            {
+                // The copy's token nears its end: renew it now if the
+                // session is idle, else at its next safe point.
+                self.protect.wake_armed = false;
+            }
+            // A quiet period that ended: the export starts.
             self.at_boundary(now);
         }
         if let Some(d) = self.migration.deadline()
@@ -718,7 +656,11 @@ impl<T: Clone> Session<T> {
     /// record it (commands without a response).
     fn command_done_as(&mut self, now: Instant, ok: bool, command: Option<Command>) {
         if self.cfg.protect.enabled {
-            self.protect.on_done(command, ok, self.response_started);
+            let elapsed = self
+                .command_started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+            self.protect
+                .on_done(elapsed, command, ok, self.response_started);
         }
         if let Some(start) = self.command_started {
             self.tap_done(ok, now.saturating_duration_since(start));

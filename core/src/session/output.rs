@@ -198,7 +198,7 @@ impl<T: Clone> Session<T> {
         [
             self.handshake_deadline,
             self.migration.deadline(),
-            self.protect.wake(&self.cfg.protect),
+            self.protect_wake(),
         ]
         .into_iter()
         .flatten()

@@ -9,6 +9,8 @@ fn protected_cfg() -> SessionConfig {
     SessionConfig {
         protect: ProtectConfig {
             enabled: true,
+            // Export at once; the quiet period's own tests set a delay.
+            delay_ms: 0,
             ..ProtectConfig::default()
         },
         ..cfg()
@@ -448,4 +450,138 @@ fn a_backend_that_dies_while_a_move_exports_is_restored_from_the_copy() {
     );
     assert!(h.recv(Leg::Client).is_empty(), "the client hears nothing");
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+// ---------------------------------------------------------------------
+// The quiet period (`proxy.session-protection-delay`): a stale copy is
+// re-exported only once the session has been idle for the delay.
+// ---------------------------------------------------------------------
+
+const DELAY: Duration = Duration::from_millis(200);
+
+/// An established session with the default quiet period, its first copy
+/// taken once the login was followed by the delay's silence.
+fn protected_with_delay() -> Harness {
+    let mut cfg = protected_cfg();
+    cfg.protect.delay_ms = DELAY.as_millis() as u16;
+    let mut h = Harness::established(cfg, CLIENT_CAPS);
+    assert!(h.recv(Leg::Backend).is_empty(), "no export right at login");
+    assert_eq!(h.s.poll_timeout(), Some(h.now + DELAY));
+    h.now += DELAY;
+    h.s.handle_timeout(h.now);
+    h.pump();
+    answer_refresh(&mut h, STATES);
+    assert!(h.s.is_protected(h.now));
+    h
+}
+
+#[test]
+fn a_state_change_is_copied_only_after_the_quiet_period() {
+    let mut h = protected_with_delay();
+    let t0 = h.now;
+    h.query_ok("SET @a = 1", StatusFlags::AUTOCOMMIT);
+    assert!(!h.s.is_protected(h.now), "the copy is stale at once");
+    assert!(h.recv(Leg::Backend).is_empty(), "no export yet");
+    assert_eq!(h.s.poll_timeout(), Some(t0 + DELAY));
+    // Just before the period ends: still nothing.
+    h.now = t0 + DELAY - Duration::from_millis(1);
+    h.s.handle_timeout(h.now);
+    h.pump();
+    assert!(h.recv(Leg::Backend).is_empty());
+    h.now = t0 + DELAY;
+    h.s.handle_timeout(h.now);
+    h.pump();
+    answer_refresh(&mut h, STATES);
+    assert!(h.s.is_protected(h.now));
+    assert!(h.recv(Leg::Client).is_empty(), "the client sees nothing");
+}
+
+#[test]
+fn commands_within_the_quiet_period_postpone_the_export() {
+    let mut h = protected_with_delay();
+    let t0 = h.now;
+    // A busy session: a change, then a command every 100 ms for a second.
+    // Not one export reaches the backend: every packet it gets is the
+    // client's own (query_ok asserts exactly one per command).
+    h.query_ok("SET @a = 1", StatusFlags::AUTOCOMMIT);
+    for i in 1..=10u32 {
+        h.now = t0 + Duration::from_millis(100) * i;
+        // The quiet period runs from the last command's end.
+        assert_eq!(h.s.poll_timeout(), Some(h.now + DELAY / 2));
+        h.s.handle_timeout(h.now);
+        h.pump();
+        assert!(h.recv(Leg::Backend).is_empty(), "no export at {i}");
+        h.send(Leg::Client, 0, format!("\x03SET @a = {i}").as_bytes());
+        h.recv_one(Leg::Backend);
+        // No quiet-period timer while the statement runs: only the
+        // renewal of the copy taken at t0.
+        assert_eq!(h.s.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+        h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+        h.recv_one(Leg::Client);
+        assert!(!h.s.is_protected(h.now));
+    }
+    let last = h.now;
+    assert_eq!(h.s.poll_timeout(), Some(last + DELAY));
+    h.now = last + DELAY;
+    h.s.handle_timeout(h.now);
+    h.pump();
+    answer_refresh(&mut h, STATES);
+    assert!(h.s.is_protected(h.now));
+}
+
+#[test]
+fn a_crash_inside_the_quiet_period_closes_as_the_server_did() {
+    let mut h = protected_with_delay();
+    h.query_ok("SET @a = 1", StatusFlags::AUTOCOMMIT);
+    h.now += DELAY / 2;
+    h.take_events();
+    h.s.handle_closed(h.now, Leg::Backend, "reset");
+    h.pump();
+    assert!(h.s.is_closed(), "never restored from the stale copy");
+    assert!(!h.take_actions().iter().any(|a| matches!(
+        a,
+        Action::PickRestoreTarget { .. } | Action::ConnectNewBackend { .. }
+    )));
+    assert!(h.recv(Leg::Client).is_empty(), "nothing invented");
+    assert_eq!(
+        restore_outcomes(&h.take_events()),
+        vec![RestoreOutcome::Unprotected(Unprotected::Stale)]
+    );
+}
+
+#[test]
+fn a_crash_after_the_quiet_period_is_restored_from_the_new_copy() {
+    let mut h = protected_with_delay();
+    h.query_ok("SET @a = 1", StatusFlags::AUTOCOMMIT);
+    h.now += DELAY;
+    h.s.handle_timeout(h.now);
+    h.pump();
+    answer_refresh(&mut h, STATES);
+    h.take_events();
+    h.take_actions();
+    h.now += Duration::from_secs(5);
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    assert!(!h.s.is_closed());
+    restore_on_new_backend(&mut h);
+    assert_eq!(
+        restore_outcomes(&h.take_events()),
+        vec![RestoreOutcome::Restored]
+    );
+    assert!(h.recv(Leg::Client).is_empty(), "the client hears nothing");
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+}
+
+#[test]
+fn a_read_after_a_fresh_copy_arms_no_quiet_period() {
+    let mut h = protected_with_delay();
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.recv_one(Leg::Backend);
+    for (i, p) in result_set(1).iter().enumerate() {
+        h.send(Leg::Backend, (i + 1) as u8, p);
+    }
+    h.recv(Leg::Client);
+    assert!(h.s.is_protected(h.now));
+    // Only the renewal timer remains.
+    assert_eq!(h.s.poll_timeout(), Some(h.now + Duration::from_secs(30)));
 }

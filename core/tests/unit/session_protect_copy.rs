@@ -16,12 +16,14 @@ fn a_copy_serves_only_while_clean_fresh_and_within_the_cap() {
     let cfg = ProtectConfig {
         enabled: true,
         state_cap: 100,
+        // Export as soon as asked: the quiet period has its own tests.
+        delay_ms: 0,
         ..ProtectConfig::default()
     };
     let t0 = Instant::now();
     let mut p = Protection::new();
     assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Stale));
-    assert!(p.wants_export(&cfg, t0, false));
+    assert!(p.export_due(&cfg, t0, false, None));
     p.store(
         &cfg,
         t0,
@@ -29,23 +31,23 @@ fn a_copy_serves_only_while_clean_fresh_and_within_the_cap() {
         Bytes::from_static(b"tok"),
     );
     assert!(p.usable(&cfg, t0).is_ok());
-    assert!(!p.wants_export(&cfg, t0 + Duration::from_secs(29), false));
-    assert!(p.wants_export(&cfg, t0 + Duration::from_secs(30), false));
+    assert!(!p.export_due(&cfg, t0 + Duration::from_secs(29), false, None));
+    assert!(p.export_due(&cfg, t0 + Duration::from_secs(30), false, None));
     assert_eq!(
         p.usable(&cfg, t0 + Duration::from_secs(50)).err(),
         Some(Unprotected::Expired)
     );
     // A read keeps the copy; a change spoils it.
     p.on_command(b"\x03SELECT 1", 9);
-    p.on_done(Some(Command::Query), true, true);
+    p.on_done(Duration::ZERO, Some(Command::Query), true, true);
     assert!(p.usable(&cfg, t0).is_ok());
     p.on_command(b"\x03SET @a = 1", 11);
-    p.on_done(Some(Command::Query), true, false);
+    p.on_done(Duration::ZERO, Some(Command::Query), true, false);
     assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Stale));
     // Over the cap: unprotected until a smaller state is exported.
     p.store(&cfg, t0, Bytes::from(vec![b'x'; 101]), Bytes::new());
     assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::TooLarge));
     p.refused(true);
     assert_eq!(p.usable(&cfg, t0).err(), Some(Unprotected::Off));
-    assert!(!p.wants_export(&cfg, t0, false));
+    assert!(!p.export_due(&cfg, t0, false, None));
 }

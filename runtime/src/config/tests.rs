@@ -155,3 +155,20 @@ fn reload_classes_follow_tiproxy() {
     );
     assert_eq!(restart, vec!["proxy.advertise-addr".to_string()]);
 }
+
+#[test]
+fn session_protection_delay_is_a_duration_up_to_ten_seconds() {
+    let (c, _) = parse("").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 200);
+    let (c, _) = parse("[proxy]\nsession-protection-delay = \"1.5s\"\n").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 1500);
+    let (c, _) = parse("[proxy]\nsession-protection-delay = \"0s\"\n").unwrap();
+    assert_eq!(c.proxy.protect().delay_ms, 0);
+    for bad in ["\"11s\"", "\"soon\"", "200"] {
+        let e = parse(&format!("[proxy]\nsession-protection-delay = {bad}\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("session-protection-delay"),
+            "{bad}: {e}"
+        );
+    }
+}
