@@ -76,9 +76,9 @@ fn pd_endpoints() -> Vec<String> {
     vec![format!("{PD_HOST}:{PD_PORT}")]
 }
 
-fn proxy_config(protection: bool) -> Config {
+fn proxy_config(protection: bool, delay_ms: u32) -> Config {
     let text = format!(
-        "[proxy]\naddr = \"0.0.0.0:6000\"\npd-addrs = \"{PD_HOST}:{PD_PORT}\"\nsession-protection = {protection}\n\n[api]\naddr = \"0.0.0.0:3080\"\n"
+        "[proxy]\naddr = \"0.0.0.0:6000\"\npd-addrs = \"{PD_HOST}:{PD_PORT}\"\nsession-protection = {protection}\nsession-protection-delay = \"{delay_ms}ms\"\n\n[api]\naddr = \"0.0.0.0:3080\"\n"
     );
     // The text is built here: a parse error is a bug in this function.
     Config::from_toml(&text, Path::new("simulation.toml"))
@@ -357,7 +357,8 @@ async fn proxy_host(
     let net = TurmoilNet::new("proxy")
         .with_rng_seed(s.seed.rotate_left(17) ^ 0x5eed)
         .with_links(world.links.clone());
-    let proxy = tiproxy_runtime::start_on(net, proxy_config(s.protection)).await?;
+    let proxy =
+        tiproxy_runtime::start_on(net, proxy_config(s.protection, s.protection_delay_ms)).await?;
     let st = proxy.state().clone();
     // Before the first session: start_on's tasks have not run yet.
     if let Some(bug) = plant {

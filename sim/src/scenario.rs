@@ -258,6 +258,8 @@ pub struct Scenario {
     /// The proxy runs with `proxy.session-protection = true`: idle
     /// sessions on a crashed TiDB are restored on another one.
     pub protection: bool,
+    /// Its `proxy.session-protection-delay`, in milliseconds.
+    pub protection_delay_ms: u32,
 }
 
 impl Scenario {
@@ -381,8 +383,12 @@ impl Scenario {
             })
             .into_iter()
             .collect();
-        // Crash protection, from a stream of its own (half the seeds).
-        let protection = StdRng::seed_from_u64(seed ^ 0x7072_6f74_6563_7431).random_bool(0.5);
+        // Crash protection, from a stream of its own (half the seeds); of
+        // those, half export at once after a change (quiet period 0), half
+        // wait the default 200 ms of idleness.
+        let mut protect_rng = StdRng::seed_from_u64(seed ^ 0x7072_6f74_6563_7431);
+        let protection = protect_rng.random_bool(0.5);
+        let protection_delay_ms = if protect_rng.random_bool(0.5) { 0 } else { 200 };
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -421,6 +427,7 @@ impl Scenario {
         Scenario {
             seed,
             protection,
+            protection_delay_ms,
             initial_tidbs,
             added_tidb,
             faults,
@@ -493,7 +500,11 @@ impl fmt::Display for Scenario {
             }
         )?;
         if self.protection {
-            writeln!(f, "  proxy: session-protection on")?;
+            writeln!(
+                f,
+                "  proxy: session-protection on, delay {}ms",
+                self.protection_delay_ms
+            )?;
         }
         if self.faults.is_empty() {
             writeln!(f, "  faults: none")?;
