@@ -186,7 +186,7 @@ impl ReplayJob {
     pub fn failures(&self) -> Vec<Failure> {
         let st = self.st.lock().expect("job lock");
         let mut v: Vec<Failure> = st.failures.values().cloned().collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count));
+        v.sort_by_key(|f| std::cmp::Reverse(f.count));
         v
     }
 
