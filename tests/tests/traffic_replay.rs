@@ -222,6 +222,10 @@ async fn a_captured_workload_replays_on_another_cluster() {
         "B holds what A holds after the replay"
     );
     let ratio = took.as_secs_f64() / span.as_secs_f64();
+    eprintln!(
+        "replay at --speed 2: {took:?} for a {span:?} capture ({ratio:.2}), {} commands",
+        recs.len()
+    );
     assert!(
         (0.4..=0.6).contains(&ratio),
         "--speed 2 took {took:?} of a {span:?} capture ({ratio:.2})"
@@ -291,4 +295,174 @@ async fn a_damaged_capture_names_the_place_and_replays_the_rest() {
     let replayed = job["replayed_cmds"].as_u64().unwrap_or(0);
     assert!(replayed >= 5, "the intact part is replayed: {job}");
     assert_eq!(job["failed_cmds"], 0, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_replay_under_every_ps_close() {
+    let db = mariadb();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("ps");
+    let p = ProxyProcess::start(&[db.addr()], "");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+        ],
+    );
+    assert!(ok, "{o}");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    for i in 0..5i64 {
+        let r: Option<i64> = c.exec_first("select ? + 1", (i,)).await.expect("execute");
+        assert_eq!(r, Some(i + 1));
+        let r: Option<String> = c
+            .exec_first("select concat(?, 'x')", (i,))
+            .await
+            .expect("execute");
+        assert_eq!(r, Some(format!("{i}x")));
+    }
+    // A statement closed, then prepared again under a new id.
+    let s = c.prep("select ? * 2").await.expect("prepare");
+    let _: Option<i64> = c.exec_first(&s, (21,)).await.expect("execute");
+    c.close(s).await.expect("close");
+    let _: Option<i64> = c.exec_first("select ? * 2", (4,)).await.expect("execute");
+    c.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
+    for ps_close in ["directed", "always", "never"] {
+        let (ok, o) = ctl(
+            &p,
+            &[
+                "traffic",
+                "replay",
+                "--input",
+                out.to_str().unwrap(),
+                "--username",
+                APP_USER,
+                "--password",
+                APP_PASSWORD,
+                "--speed",
+                "10",
+                "--ps-close",
+                ps_close,
+            ],
+        );
+        assert!(ok, "{o}");
+        let job = wait_done(&p, Duration::from_secs(20));
+        assert_eq!(job["status"], "done", "{ps_close}: {job}");
+        assert_eq!(job["failed_cmds"], 0, "{ps_close}: {job}");
+        assert_eq!(job["other_errors"], 0, "{ps_close}: {job}");
+        assert!(job["replayed_cmds"].as_u64().unwrap_or(0) >= 12, "{job}");
+    }
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            "/x",
+            "--username",
+            "u",
+            "--password",
+            "p",
+            "--ps-close",
+            "sometimes",
+        ],
+    );
+    assert!(!ok && o.contains("invalid ps-close"), "{o}");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            "/x",
+            "--username",
+            "u",
+            "--password",
+            "p",
+            "--speed",
+            "20",
+        ],
+    );
+    assert!(!ok && o.contains("speed should be between"), "{o}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_statement_is_reported_in_show_and_on_the_target() {
+    let db = mariadb();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("f");
+    let p = ProxyProcess::start(&[db.addr()], "");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+        ],
+    );
+    assert!(ok, "{o}");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    c.query_drop("create table replay_ro (id int)")
+        .await
+        .expect("create");
+    for _ in 0..3 {
+        c.query_drop("select * from replay_ro")
+            .await
+            .expect("select");
+    }
+    c.query_drop("drop table replay_ro").await.expect("drop");
+    c.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
+
+    // Read-only: the CREATE is left out, so the SELECTs fail now.
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            out.to_str().unwrap(),
+            "--username",
+            APP_USER,
+            "--password",
+            APP_PASSWORD,
+            "--read-only",
+        ],
+    );
+    assert!(ok, "{o}");
+    let job = wait_done(&p, Duration::from_secs(20));
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["failed_cmds"], 3, "{job}");
+    assert_eq!(job["filtered_cmds"], 2, "CREATE and DROP: {job}");
+    let f = &job["failures"][0];
+    assert_eq!(f["cmd_type"], "Query", "{job}");
+    assert_eq!(f["sample_stmt"], "select * from replay_ro", "{job}");
+    assert_eq!(f["count"], 3, "{job}");
+    assert!(
+        f["sample_err_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1146"),
+        "{job}"
+    );
+    // TiProxy's report table on the target.
+    let mut direct = mysql_async::Conn::new(opts(db.addr()))
+        .await
+        .expect("connect");
+    let rows: Vec<(String, String, i64)> = direct
+        .query("select cmd_type, sample_stmt, count from tiproxy_traffic_replay.fail")
+        .await
+        .expect("the report table");
+    assert!(
+        rows.contains(&("Query".into(), "select * from replay_ro".into(), 3)),
+        "{rows:?}"
+    );
 }

@@ -524,7 +524,12 @@ async fn execute(
         // Execute, send long data, close, reset, fetch.
         0x17..=0x1a | 0x1c => {
             let captured = rec.ps_id;
-            if code == 0x19 && ps_close == PsClose::Never {
+            // `never` keeps statements open; under `always` a captured
+            // close finds its statement closed already.
+            if code == 0x19
+                && (ps_close == PsClose::Never
+                    || (ps_close == PsClose::Always && !ps.contains_key(&captured)))
+            {
                 return Ok(None);
             }
             if !ps.contains_key(&captured) && code == 0x17 && !rec.prepared_stmt.is_empty() {
