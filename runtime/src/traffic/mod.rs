@@ -1,16 +1,18 @@
 //! Traffic capture and replay in TiProxy's native format
 //! (`/api/traffic/*`, `tiproxyctl traffic ...`): the jobs and their
 //! history (`traffic show`), the per-connection tap and the capture job
-//! (`capture`), the replay job (`replay`) and its MySQL client (`client`),
-//! the record format (`format`) and the files (`store`).
+//! (`capture`), the replay job (`replay`), its MySQL client (`client`) and
+//! its report on the target (`report`), the record format (`format`) and
+//! the files (`store`).
 //!
-//! Facts come from TiProxy's `pkg/sqlreplay/{capture,cmd,store,manager}`
+//! Facts come from TiProxy's `pkg/sqlreplay/{capture,cmd,store,manager,replay,conn,report}`
 //! and `pkg/server/api/traffic.go`; the code is this project's own.
 
 pub mod capture;
 mod client;
 pub mod format;
 pub mod replay;
+mod report;
 pub mod store;
 #[cfg(test)]
 mod tests;

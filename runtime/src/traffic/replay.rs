@@ -19,7 +19,7 @@
 //! A failure is a command that succeeded in the capture and fails now;
 //! a command that failed in the capture too is not one. Failures and other
 //! errors are written to the target's `tiproxy_traffic_replay` tables
-//! (TiProxy's) when the replay ends, if the target accepts them.
+//! (`report`) when the replay ends, if the target accepts them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::client::{ClientError, Outcome, ReplayConn};
 use super::format::{self, Decoder, Record};
-use super::store;
+use super::{report, store};
 
 /// TiProxy's bounds of `speed`.
 pub const MIN_SPEED: f64 = 0.1;
@@ -132,10 +132,13 @@ pub struct Failure {
 
 /// Errors that are not a command's (TiProxy's `other_errors` table).
 #[derive(Debug, Clone)]
-struct OtherError {
-    sample_err_msg: String,
-    sample_replay_time: SystemTime,
-    count: u64,
+pub struct OtherError {
+    /// The first one's message.
+    pub sample_err_msg: String,
+    /// When it happened.
+    pub sample_replay_time: SystemTime,
+    /// How many.
+    pub count: u64,
 }
 
 #[derive(Debug, Default)]
@@ -412,7 +415,18 @@ async fn run(job: Arc<ReplayJob>, files: Vec<PathBuf>, key: Option<[u8; 32]>) {
     drop(conns);
     while tasks.join_next().await.is_some() {}
     let _ = reader.await;
-    let outcome = tokio::time::timeout(REPORT_TIMEOUT, write_report(&job)).await;
+    let (failures, other) = {
+        let st = job.st.lock().expect("job lock");
+        (
+            st.failures.values().cloned().collect::<Vec<_>>(),
+            st.other.clone(),
+        )
+    };
+    let outcome = tokio::time::timeout(
+        REPORT_TIMEOUT,
+        report::write(&job.cfg, job.start, &failures, &other),
+    )
+    .await;
     match outcome {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!("traffic replay: the target does not take the report: {e}"),
@@ -486,7 +500,8 @@ async fn replay_conn(job: Arc<ReplayJob>, conn_id: u64, mut rx: mpsc::Receiver<C
                 record_failure(&job, &cmd, format!("ERROR {code}: {message}"));
             }
             Ok(_) => {}
-            Err(ClientError::Prepare(msg)) => record_failure(&job, &cmd, msg),
+            Err(ClientError::Prepare(msg)) if cmd.rec.success => record_failure(&job, &cmd, msg),
+            Err(ClientError::Prepare(_)) => {} // It failed in the capture too.
             Err(e) => {
                 // TiProxy reconnects for the next command; the server's
                 // statements are gone with the connection.
@@ -703,127 +718,6 @@ pub fn digest(sql: &str) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes the failures and other errors to the target's
-/// `tiproxy_traffic_replay` tables (TiProxy's `report/tables.go`).
-async fn write_report(job: &ReplayJob) -> Result<(), String> {
-    let (failures, other) = {
-        let st = job.st.lock().expect("job lock");
-        (
-            st.failures.values().cloned().collect::<Vec<_>>(),
-            st.other.clone(),
-        )
-    };
-    if failures.is_empty() && other.is_empty() {
-        return Ok(());
-    }
-    let mut c = ReplayConn::connect(&job.cfg.addr, &job.cfg.username, &job.cfg.password)
-        .await
-        .map_err(|e| e.to_string())?;
-    let start = ts(job.start);
-    let mut stmts = vec![
-        "set time_zone = '+00:00'".to_string(),
-        "create database if not exists tiproxy_traffic_replay".to_string(),
-        CREATE_FAIL.to_string(),
-        CREATE_OTHER.to_string(),
-    ];
-    for f in &failures {
-        stmts.push(format!(
-            "insert into tiproxy_traffic_replay.fail(replay_start_time, cmd_type, digest, \
-             sample_stmt, sample_err_msg, sample_conn_id, sample_filename, sample_fileline, \
-             sample_capture_time, sample_replay_time, count) \
-             values('{start}', {}, {}, {}, {}, {}, {}, {}, '{}', '{}', {}) \
-             on duplicate key update count = count + {}",
-            hex(f.cmd_type),
-            hex(&f.digest),
-            hex(&f.sample_stmt),
-            hex(&f.sample_err_msg),
-            f.sample_conn_id,
-            hex(&f.sample_filename),
-            f.sample_fileline,
-            ts(f.sample_capture_time),
-            ts(f.sample_replay_time),
-            f.count,
-            f.count
-        ));
-    }
-    for (kind, o) in &other {
-        stmts.push(format!(
-            "insert into tiproxy_traffic_replay.other_errors(replay_start_time, err_type, \
-             sample_err_msg, sample_replay_time, count) values('{start}', {}, {}, '{}', {}) \
-             on duplicate key update count = count + {}",
-            hex(kind),
-            hex(&o.sample_err_msg),
-            ts(o.sample_replay_time),
-            o.count,
-            o.count
-        ));
-    }
-    for s in stmts {
-        let mut p = Vec::with_capacity(s.len() + 1);
-        p.push(format::COM_QUERY);
-        p.extend_from_slice(s.as_bytes());
-        match c.execute(&p).await.map_err(|e| e.to_string())? {
-            Some(Outcome::Err { code, message }) => {
-                return Err(format!("ERROR {code}: {message}"));
-            }
-            _ => continue,
-        }
-    }
-    c.quit().await;
-    Ok(())
-}
-
-const CREATE_FAIL: &str = "create table if not exists tiproxy_traffic_replay.fail(
-    replay_start_time timestamp,
-    cmd_type varchar(32),
-    digest varchar(128),
-    sample_stmt text,
-    sample_err_msg text,
-    sample_conn_id bigint,
-    sample_filename text,
-    sample_fileline int,
-    sample_capture_time timestamp,
-    sample_replay_time timestamp,
-    count bigint,
-    primary key(replay_start_time, cmd_type, digest))";
-
-const CREATE_OTHER: &str = "create table if not exists tiproxy_traffic_replay.other_errors(
-    replay_start_time timestamp,
-    err_type varchar(256),
-    sample_err_msg text,
-    sample_replay_time timestamp,
-    count bigint,
-    primary key(replay_start_time, err_type))";
-
-/// A string as a hex literal: safe under any SQL mode and charset.
-fn hex(s: &str) -> String {
-    if s.is_empty() {
-        return "''".into();
-    }
-    let mut out = String::with_capacity(3 + s.len() * 2);
-    out.push_str("X'");
-    for b in s.as_bytes() {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out.push('\'');
-    out
-}
-
-/// `YYYY-MM-DD HH:MM:SS.ffffff` in UTC.
-fn ts(t: SystemTime) -> String {
-    let d = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
-        d.year(),
-        d.month() as u8,
-        d.day(),
-        d.hour(),
-        d.minute(),
-        d.second(),
-        d.microsecond()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -857,11 +751,5 @@ mod tests {
         assert_eq!(PsClose::parse(""), Ok(PsClose::Directed));
         assert_eq!(PsClose::parse("always"), Ok(PsClose::Always));
         assert!(PsClose::parse("sometimes").is_err());
-    }
-
-    #[test]
-    fn hex_literals() {
-        assert_eq!(hex("a'b"), "X'612762'");
-        assert_eq!(hex(""), "''");
     }
 }
