@@ -63,7 +63,7 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Working directory for generated files (auto-certs).
     pub workdir: String,
-    /// TiProxy's switch of `/api/traffic` (capture): unset means on, as
+    /// TiProxy's switch of `/api/traffic` (capture and replay): unset means on, as
     /// TiProxy's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_traffic_replay: Option<bool>,

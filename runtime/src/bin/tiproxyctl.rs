@@ -112,7 +112,8 @@ enum Cmd {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Traffic capture in TiProxy's native format (TiProxy's commands).
+    /// Traffic capture and replay in TiProxy's native format (TiProxy's
+    /// commands).
     Traffic {
         #[command(subcommand)]
         op: TrafficOp,
@@ -136,7 +137,32 @@ enum TrafficOp {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
         compress: bool,
     },
-    /// Stop the running capture.
+    /// Replay a capture against the cluster behind this proxy.
+    Replay {
+        /// Directory of the traffic files (on the proxy's host).
+        #[arg(long)]
+        input: String,
+        /// The user replay logs in as.
+        #[arg(long)]
+        username: String,
+        /// Its password (asked on the terminal when not given).
+        #[arg(long)]
+        password: Option<String>,
+        /// Speed: 2 replays twice as fast (0.1 to 10).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Only replay statements that do not write.
+        #[arg(long)]
+        read_only: bool,
+        /// When prepared statements are closed: `directed` (as captured),
+        /// `always` (after each execution), `never`.
+        #[arg(long, default_value = "directed")]
+        ps_close: String,
+        /// Where to connect (default: the proxy's own SQL port).
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// Stop the running capture or replay.
     Cancel,
     /// The jobs: status, progress, errors.
     Show,
@@ -329,6 +355,39 @@ fn main() -> ExitCode {
                     f.append_pair("encrypt-method", m);
                 }
                 ("POST", "/api/traffic/capture".to_string(), f.finish())
+            }
+            TrafficOp::Replay {
+                input,
+                username,
+                password,
+                speed,
+                read_only,
+                ps_close,
+                addr,
+            } => {
+                let password = match password {
+                    Some(p) => p.clone(),
+                    None => {
+                        eprint!("Input password for user {username}: ");
+                        let mut line = String::new();
+                        if let Err(e) = std::io::stdin().read_line(&mut line) {
+                            eprintln!("tiproxyctl: cannot read the password: {e}");
+                            return ExitCode::from(2);
+                        }
+                        line.trim_end_matches(['\r', '\n']).to_string()
+                    }
+                };
+                let mut f = form_urlencoded::Serializer::new(String::new());
+                f.append_pair("input", input)
+                    .append_pair("username", username)
+                    .append_pair("password", &password)
+                    .append_pair("speed", &speed.to_string())
+                    .append_pair("readonly", if *read_only { "true" } else { "false" })
+                    .append_pair("ps-close", ps_close);
+                if let Some(a) = addr {
+                    f.append_pair("addr", a);
+                }
+                ("POST", "/api/traffic/replay".to_string(), f.finish())
             }
             TrafficOp::Cancel => ("POST", "/api/traffic/cancel".to_string(), String::new()),
             TrafficOp::Show => ("GET", "/api/traffic/show".to_string(), String::new()),

@@ -290,6 +290,11 @@ impl<R: BufRead> Decoder<R> {
         }
     }
 
+    /// Lines read so far (the next record starts on the line after).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+
     fn err(&self, what: impl Into<String>) -> DecodeError {
         DecodeError {
             file: self.file.clone(),

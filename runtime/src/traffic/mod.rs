@@ -1,13 +1,18 @@
-//! Traffic capture in TiProxy's native format (`/api/traffic/*`,
-//! `tiproxyctl traffic ...`): the jobs and their history (`traffic show`),
-//! the per-connection tap and the capture job (`capture`), the record
-//! format (`format`) and the files (`store`).
+//! Traffic capture and replay in TiProxy's native format
+//! (`/api/traffic/*`, `tiproxyctl traffic ...`): the jobs and their
+//! history (`traffic show`), the per-connection tap and the capture job
+//! (`capture`), the replay job (`replay`), its MySQL client (`client`) and
+//! its report on the target (`report`), the record format (`format`) and
+//! the files (`store`).
 //!
-//! Facts come from TiProxy's `pkg/sqlreplay/{capture,cmd,store,manager}`
+//! Facts come from TiProxy's `pkg/sqlreplay/{capture,cmd,store,manager,replay,conn,report}`
 //! and `pkg/server/api/traffic.go`; the code is this project's own.
 
 pub mod capture;
+mod client;
 pub mod format;
+pub mod replay;
+mod report;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -16,14 +21,56 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 pub use capture::{CaptureConfig, ConnTap};
+pub use replay::{PsClose, ReplayConfig};
 
 /// Jobs kept for `traffic show`, as TiProxy keeps its history.
 const HISTORY: usize = 10;
 
+/// A capture or a replay.
+enum Job {
+    Capture(Arc<capture::CaptureJob>),
+    Replay(Arc<replay::ReplayJob>),
+}
+
+impl Job {
+    fn running(&self) -> bool {
+        match self {
+            Job::Capture(j) => j.running(),
+            Job::Replay(j) => j.running(),
+        }
+    }
+
+    fn show(&self) -> serde_json::Value {
+        match self {
+            Job::Capture(j) => j.show(),
+            Job::Replay(j) => j.show(),
+        }
+    }
+}
+
 /// The jobs of this process.
 #[derive(Default)]
 struct Jobs {
-    history: Vec<Arc<capture::CaptureJob>>,
+    history: Vec<Job>,
+}
+
+impl Jobs {
+    fn check_idle(&self) -> Result<(), String> {
+        match self.history.iter().find(|x| x.running()) {
+            Some(running) => Err(format!(
+                "a job is running: {}",
+                serde_json::to_string(&running.show()).unwrap_or_default()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn push(&mut self, job: Job) {
+        self.history.push(job);
+        if self.history.len() > HISTORY {
+            self.history.remove(0);
+        }
+    }
 }
 
 fn jobs() -> &'static Mutex<Jobs> {
@@ -34,17 +81,18 @@ fn jobs() -> &'static Mutex<Jobs> {
 /// Starts a capture unless a job runs.
 pub fn start_capture(cfg: CaptureConfig) -> Result<(), String> {
     let mut j = jobs().lock().expect("jobs lock");
-    if let Some(running) = j.history.iter().find(|x| x.running()) {
-        return Err(format!(
-            "a job is running: {}",
-            serde_json::to_string(&running.show()).unwrap_or_default()
-        ));
-    }
+    j.check_idle()?;
     let job = capture::start(cfg)?;
-    j.history.push(job);
-    if j.history.len() > HISTORY {
-        j.history.remove(0);
-    }
+    j.push(Job::Capture(job));
+    Ok(())
+}
+
+/// Starts a replay unless a job runs.
+pub fn start_replay(cfg: ReplayConfig) -> Result<(), String> {
+    let mut j = jobs().lock().expect("jobs lock");
+    j.check_idle()?;
+    let job = replay::start(cfg)?;
+    j.push(Job::Replay(job));
     Ok(())
 }
 
@@ -52,8 +100,12 @@ pub fn start_capture(cfg: CaptureConfig) -> Result<(), String> {
 pub fn cancel() -> Result<String, String> {
     let j = jobs().lock().expect("jobs lock");
     match j.history.iter().find(|x| x.running()) {
-        Some(job) => {
+        Some(Job::Capture(job)) => {
             job.fail("manually stopped", "canceled");
+            Ok("stopped".into())
+        }
+        Some(Job::Replay(job)) => {
+            job.fail("manually stopped");
             Ok("stopped".into())
         }
         None => Err("no job running".into()),

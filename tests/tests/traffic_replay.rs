@@ -1,0 +1,468 @@
+//! Traffic replay end to end, two clusters: proxy A in front of MariaDB A
+//! captures a scripted 15 s workload (text and prepared statements,
+//! transactions, multi-statements, four concurrent sessions and one opened
+//! before the capture began), encrypted and compressed; proxy B in front
+//! of MariaDB B (same starting data) replays it with `tiproxyctl traffic
+//! replay --speed 2`: no failures, `CHECKSUM TABLE` equal on A and B, and
+//! the replay takes half the captured span. Then a damaged capture: the
+//! error names the file and offset and the intact part is replayed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, MariaDb};
+use tiproxy_runtime::traffic::format::{Decoder, Record};
+use tiproxy_runtime::traffic::store;
+use tiproxy_tests::{ProxyProcess, binary, mariadb, opts};
+
+fn ctl(p: &ProxyProcess, args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary("tiproxyctl"))
+        .args(["--host", "127.0.0.1", "--port", &p.api.port().to_string()])
+        .args(args)
+        .output()
+        .expect("run tiproxyctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn last_job(p: &ProxyProcess) -> serde_json::Value {
+    let (ok, out) = ctl(p, &["traffic", "show"]);
+    assert!(ok, "traffic show: {out}");
+    let jobs: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    jobs.as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_else(|| panic!("no job: {out}"))
+}
+
+fn wait_done(p: &ProxyProcess, limit: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let j = last_job(p);
+        if j["status"] != "running" {
+            return j;
+        }
+        assert!(start.elapsed() < limit, "job still running: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read_capture(dir: &Path, key: Option<&[u8; 32]>) -> Vec<Record> {
+    let mut out = Vec::new();
+    for f in store::list_files(dir).expect("list") {
+        let r = store::open_file(&f, key).expect("open");
+        let mut d = Decoder::new(r, f.display().to_string());
+        while let Some(r) = d.next_record().unwrap_or_else(|e| panic!("decode: {e}")) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+const SETUP: &[&str] = &[
+    "drop table if exists replay_t",
+    "create table replay_t (id int primary key, v varchar(64), n int not null)",
+    "insert into replay_t values (1, 'one', 1), (2, 'two', 2), (3, 'three', 3)",
+];
+
+async fn checksum(addr: std::net::SocketAddr) -> i64 {
+    let mut c = mysql_async::Conn::new(opts(addr)).await.expect("connect");
+    let row: (String, Option<i64>) = c
+        .query_first("checksum table replay_t")
+        .await
+        .expect("checksum")
+        .expect("a row");
+    row.1.expect("a checksum")
+}
+
+/// One session for about `secs` seconds: every kind of command, ids in
+/// its own range so sessions never collide.
+async fn workload(addr: std::net::SocketAddr, i: i64, secs: u64) {
+    let mut c = mysql_async::Conn::new(opts(addr)).await.expect("connect");
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut k = 0i64;
+    while Instant::now() < end {
+        let id = i * 10_000 + k;
+        c.query_drop(format!(
+            "insert into replay_t values ({id}, 'text {i}', {k})"
+        ))
+        .await
+        .expect("text insert");
+        c.exec_drop(
+            "insert into replay_t values (?, ?, ?)",
+            (id + 5_000, format!("prepared {i}"), k),
+        )
+        .await
+        .expect("prepared insert");
+        c.query_drop("begin").await.expect("begin");
+        c.exec_drop("update replay_t set n = n + ? where id = ?", (1, id))
+            .await
+            .expect("update in a transaction");
+        c.query_drop(format!("update replay_t set v = 'tx {k}' where id = {id}"))
+            .await
+            .expect("update");
+        c.query_drop("commit").await.expect("commit");
+        let r: Vec<(i64, i64)> = c
+            .query(format!(
+                "select count(*), {k} from replay_t where id >= {}; select 3, 4",
+                i * 10_000
+            ))
+            .await
+            .expect("multi-statement");
+        assert_eq!(r.len(), 1);
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    c.disconnect().await.expect("quit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_captured_workload_replays_on_another_cluster() {
+    let (db_a, db_b) = (mariadb(), MariaDb::start().expect("a second MariaDB"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keyfile = dir.path().join("enc.key");
+    let key: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
+    std::fs::write(&keyfile, key).expect("key");
+    let sec = format!(
+        "[security]\nencryption-key-path = \"{}\"\n",
+        keyfile.display()
+    );
+    let a = ProxyProcess::start(&[db_a.addr()], &sec);
+    let b = ProxyProcess::start(&[db_b.addr()], &sec);
+    for addr in [db_a.addr(), db_b.addr()] {
+        let mut c = mysql_async::Conn::new(opts(addr)).await.expect("connect");
+        for s in SETUP {
+            c.query_drop(*s).await.expect("setup");
+        }
+    }
+    assert_eq!(checksum(db_a.addr()).await, checksum(db_b.addr()).await);
+    // Opened before the capture: replay starts it in its database.
+    let mut early = mysql_async::Conn::new(opts(a.sql)).await.expect("connect");
+
+    let out = dir.path().join("capture");
+    let (ok, o) = ctl(
+        &a,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "15s",
+            "--encryption-method",
+            "aes256-ctr",
+        ],
+    );
+    assert!(ok && o.contains("capture started"), "{o}");
+    let mut sessions = Vec::new();
+    for i in 1..=4 {
+        sessions.push(tokio::spawn(workload(a.sql, i, 12)));
+    }
+    for k in 0..4 {
+        early
+            .query_drop(format!("update replay_t set n = n * 2 + {k} where id <= 3"))
+            .await
+            .expect("early update");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    for s in sessions {
+        s.await.expect("workload");
+    }
+    drop(early);
+    let job = wait_done(&a, Duration::from_secs(30));
+    assert_eq!(job["status"], "done", "{job}");
+    let recs = read_capture(&out, Some(&key));
+    let span = recs
+        .last()
+        .unwrap()
+        .start
+        .duration_since(recs[0].start)
+        .unwrap();
+    assert!(span > Duration::from_secs(10), "captured span {span:?}");
+    let before_b = checksum(db_b.addr()).await;
+    assert_ne!(checksum(db_a.addr()).await, before_b, "the workload wrote");
+
+    // Replay on B at twice the speed.
+    let started = Instant::now();
+    let (ok, o) = ctl(
+        &b,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            out.to_str().unwrap(),
+            "--username",
+            APP_USER,
+            "--password",
+            APP_PASSWORD,
+            "--speed",
+            "2",
+        ],
+    );
+    assert!(ok && o.contains("replay started"), "{o}");
+    let job = wait_done(&b, Duration::from_secs(60));
+    let took = started.elapsed();
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["failed_cmds"], 0, "{job}");
+    assert_eq!(job["other_errors"], 0, "{job}");
+    assert_eq!(job["progress"], "100%", "{job}");
+    assert_eq!(job["replayed_cmds"], recs.len(), "{job}");
+    assert_eq!(
+        checksum(db_a.addr()).await,
+        checksum(db_b.addr()).await,
+        "B holds what A holds after the replay"
+    );
+    let ratio = took.as_secs_f64() / span.as_secs_f64();
+    eprintln!(
+        "replay at --speed 2: {took:?} for a {span:?} capture ({ratio:.2}), {} commands",
+        recs.len()
+    );
+    assert!(
+        (0.4..=0.6).contains(&ratio),
+        "--speed 2 took {took:?} of a {span:?} capture ({ratio:.2})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_capture_names_the_place_and_replays_the_rest() {
+    let db = mariadb();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("c");
+    let p = ProxyProcess::start(&[db.addr()], "");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    c.query_drop("create table if not exists replay_damage (id int primary key)")
+        .await
+        .expect("create");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+            "--compress=false",
+        ],
+    );
+    assert!(ok, "{o}");
+    for i in 0..20 {
+        c.query_drop(format!("select {i} from replay_damage"))
+            .await
+            .expect("query");
+    }
+    assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
+    let files = store::list_files(&out).expect("files");
+    let file = files.last().unwrap();
+    let len = std::fs::metadata(file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.set_len(len * 2 / 3).unwrap();
+    drop(f);
+
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            out.to_str().unwrap(),
+            "--username",
+            APP_USER,
+            "--password",
+            APP_PASSWORD,
+            "--read-only",
+        ],
+    );
+    assert!(ok, "{o}");
+    let job = wait_done(&p, Duration::from_secs(20));
+    assert_eq!(job["status"], "canceled", "{job}");
+    let err = job["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(&file.display().to_string())
+            && err.contains("offset")
+            && err.contains("truncated"),
+        "{job}"
+    );
+    let replayed = job["replayed_cmds"].as_u64().unwrap_or(0);
+    assert!(replayed >= 5, "the intact part is replayed: {job}");
+    assert_eq!(job["failed_cmds"], 0, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_replay_under_every_ps_close() {
+    let db = mariadb();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("ps");
+    let p = ProxyProcess::start(&[db.addr()], "");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+        ],
+    );
+    assert!(ok, "{o}");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    for i in 0..5i64 {
+        let r: Option<i64> = c.exec_first("select ? + 1", (i,)).await.expect("execute");
+        assert_eq!(r, Some(i + 1));
+        let r: Option<String> = c
+            .exec_first("select concat(?, 'x')", (i,))
+            .await
+            .expect("execute");
+        assert_eq!(r, Some(format!("{i}x")));
+    }
+    // A statement closed, then prepared again under a new id.
+    let s = c.prep("select ? * 2").await.expect("prepare");
+    let _: Option<i64> = c.exec_first(&s, (21,)).await.expect("execute");
+    c.close(s).await.expect("close");
+    let _: Option<i64> = c.exec_first("select ? * 2", (4,)).await.expect("execute");
+    c.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
+    for ps_close in ["directed", "always", "never"] {
+        let (ok, o) = ctl(
+            &p,
+            &[
+                "traffic",
+                "replay",
+                "--input",
+                out.to_str().unwrap(),
+                "--username",
+                APP_USER,
+                "--password",
+                APP_PASSWORD,
+                "--speed",
+                "10",
+                "--ps-close",
+                ps_close,
+            ],
+        );
+        assert!(ok, "{o}");
+        let job = wait_done(&p, Duration::from_secs(20));
+        assert_eq!(job["status"], "done", "{ps_close}: {job}");
+        assert_eq!(job["failed_cmds"], 0, "{ps_close}: {job}");
+        assert_eq!(job["other_errors"], 0, "{ps_close}: {job}");
+        assert!(job["replayed_cmds"].as_u64().unwrap_or(0) >= 12, "{job}");
+    }
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            "/x",
+            "--username",
+            "u",
+            "--password",
+            "p",
+            "--ps-close",
+            "sometimes",
+        ],
+    );
+    assert!(!ok && o.contains("invalid ps-close"), "{o}");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            "/x",
+            "--username",
+            "u",
+            "--password",
+            "p",
+            "--speed",
+            "20",
+        ],
+    );
+    assert!(!ok && o.contains("speed should be between"), "{o}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_statement_is_reported_in_show_and_on_the_target() {
+    let db = mariadb();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("f");
+    let p = ProxyProcess::start(&[db.addr()], "");
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+        ],
+    );
+    assert!(ok, "{o}");
+    let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
+    c.query_drop("create table replay_ro (id int)")
+        .await
+        .expect("create");
+    for _ in 0..3 {
+        c.query_drop("select * from replay_ro")
+            .await
+            .expect("select");
+    }
+    c.query_drop("drop table replay_ro").await.expect("drop");
+    c.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
+
+    // Read-only: the CREATE is left out, so the SELECTs fail now.
+    let (ok, o) = ctl(
+        &p,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            out.to_str().unwrap(),
+            "--username",
+            APP_USER,
+            "--password",
+            APP_PASSWORD,
+            "--read-only",
+        ],
+    );
+    assert!(ok, "{o}");
+    let job = wait_done(&p, Duration::from_secs(20));
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["failed_cmds"], 3, "{job}");
+    assert_eq!(job["filtered_cmds"], 2, "CREATE and DROP: {job}");
+    let f = &job["failures"][0];
+    assert_eq!(f["cmd_type"], "Query", "{job}");
+    assert_eq!(f["sample_stmt"], "select * from replay_ro", "{job}");
+    assert_eq!(f["count"], 3, "{job}");
+    assert!(
+        f["sample_err_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1146"),
+        "{job}"
+    );
+    // TiProxy's report table on the target.
+    let mut direct = mysql_async::Conn::new(opts(db.addr()))
+        .await
+        .expect("connect");
+    let rows: Vec<(String, String, i64)> = direct
+        .query("select cmd_type, sample_stmt, count from tiproxy_traffic_replay.fail")
+        .await
+        .expect("the report table");
+    assert!(
+        rows.contains(&("Query".into(), "select * from replay_ro".into(), 3)),
+        "{rows:?}"
+    );
+}
