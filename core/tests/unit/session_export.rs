@@ -250,6 +250,9 @@ fn a_protection_copy_handed_over_spares_the_imported_session_an_export() {
     let protected = || SessionConfig {
         protect: crate::session::protect::ProtectConfig {
             enabled: true,
+            // Export as soon as a command ends (no quiet period), so the
+            // backend traffic shows at once.
+            delay_ms: 0,
             ..Default::default()
         },
         ..cfg()
