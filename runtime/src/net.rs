@@ -116,7 +116,7 @@ pub trait Network: Clone + Send + Sync + 'static {
 
 /// The real network, through tokio.
 ///
-/// With [`TokioNet::with_workers`], connections run on single-threaded
+/// With [`TokioNet::with_placement`], connections run on single-threaded
 /// runtimes, one per thread (`crate::workers`): a connection's client and
 /// backend sockets are driven by one thread, with no cross-thread wake-ups
 /// or work stealing on the hot path (as HAProxy runs), and connections
@@ -127,23 +127,13 @@ pub struct TokioNet {
 }
 
 impl TokioNet {
-    /// Serves connections on `n` worker threads (at least one), placed by
-    /// the default policy.
-    pub fn with_workers(n: usize) -> io::Result<Self> {
-        Self::with_placement(n, false)
-    }
-
-    /// As [`TokioNet::with_workers`]; `round_robin` places new connections
-    /// in turn instead of on the first worker that is not busy (the monitor
-    /// still gathers and spreads them).
+    /// Serves connections on `n` worker threads (at least one); with
+    /// `round_robin`, new connections are placed in turn instead of on the
+    /// first worker that is not busy (the monitor still gathers and spreads
+    /// them).
     pub fn with_placement(n: usize, round_robin: bool) -> io::Result<Self> {
         let w = crate::workers::Workers::start(n, Default::default(), round_robin)?;
         Ok(Self { workers: Some(w) })
-    }
-
-    /// The worker threads, if connections run on them.
-    pub fn workers(&self) -> Option<&Arc<crate::workers::Workers>> {
-        self.workers.as_ref()
     }
 }
 

@@ -192,16 +192,6 @@ impl Workers {
         Ok(w)
     }
 
-    /// How many workers.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     fn busy(&self) -> Vec<f64> {
         self.slots
             .iter()
