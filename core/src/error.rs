@@ -48,6 +48,10 @@ pub enum ProxyError {
     /// backend's did.
     #[error("lost connection to the TiDB backend during the query: {0}")]
     BackendLost(String),
+    /// Like [`ProxyError::BackendLost`], but the held command certainly
+    /// never reached a server: no backend is left to run it on.
+    #[error("lost connection to the TiDB backend before the query was sent: {0}")]
+    HeldNotRun(String),
     /// The backend sent bytes the proxy cannot follow.
     #[error("TiDB backend sent an invalid packet: {0}")]
     BackendProtocol(String),
@@ -89,7 +93,7 @@ impl ProxyError {
             // ER_NOT_SUPPORTED_YET
             Self::Incompatible(_) | Self::UnsupportedCommand(_) => 1235,
             // ER_NET_READ_ERROR: the proxy lost its read side to the backend.
-            Self::BackendLost(_) => 1158,
+            Self::BackendLost(_) | Self::HeldNotRun(_) => 1158,
             // ER_MALFORMED_PACKET
             Self::BackendProtocol(_) => 1835,
             // ER_OUT_OF_RESOURCES: as a server out of memory answers.
@@ -108,7 +112,7 @@ impl ProxyError {
                 *b"08004"
             }
             Self::BadHandshake(_) | Self::HandshakeTimeout(_) => *b"08S01",
-            Self::OutOfOrder(_) | Self::BackendLost(_) => *b"08S01",
+            Self::OutOfOrder(_) | Self::BackendLost(_) | Self::HeldNotRun(_) => *b"08S01",
             Self::NoBackend(_) => *b"08S01",
             Self::LocalExhaustion(crate::health::LocalExhaustion::MemoryThreshold { .. }) => {
                 *b"HY000"
@@ -142,6 +146,7 @@ impl ProxyError {
             Self::BackendLost(_) => {
                 "the statement may or may not have been applied; check the TiDB server log"
             }
+            Self::HeldNotRun(_) => "the statement was not run; reconnect and run it again",
             Self::BackendProtocol(_) => {
                 "check the TiDB server log; this is a bug in TiDB or tiproxy"
             }

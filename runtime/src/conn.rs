@@ -382,9 +382,11 @@ impl<N: Network> Driver<N> {
                     }
                 }
                 Action::Close => self.closing = true,
-                Action::PickRestoreTarget { reason, failed } => {
-                    self.pick_restore_target(&reason, failed)
-                }
+                Action::PickRestoreTarget {
+                    reason,
+                    failed,
+                    exclude,
+                } => self.pick_restore_target(&reason, failed, exclude),
             }
         }
         while let Some(e) = self.session.poll_event() {

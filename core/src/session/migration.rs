@@ -92,8 +92,14 @@ enum Stage {
         /// The old backend was lost; the move finishes without it.
         old_lost: bool,
     },
-    /// SET SESSION_STATES sent; expecting OK.
-    Import { old_lost: bool },
+    /// SET SESSION_STATES sent; expecting OK. The state and token stay
+    /// until then: if the old backend is lost and this target fails, the
+    /// session is restored with them on another one.
+    Import {
+        states: Bytes,
+        token: Bytes,
+        old_lost: bool,
+    },
 }
 
 impl<T> Migration<T> {
@@ -157,6 +163,17 @@ impl<T> Migration<T> {
                 stage: Stage::HiddenCommit { .. } | Stage::Export { .. },
                 ..
             }) | Migration::Refresh { .. }
+        )
+    }
+
+    /// Whether the proxy's own COMMIT (before a held BEGIN) is in flight.
+    pub(super) fn hidden_commit(&self) -> bool {
+        matches!(
+            self,
+            Migration::Running(Move {
+                stage: Stage::HiddenCommit { .. },
+                ..
+            })
         )
     }
 
@@ -362,13 +379,18 @@ impl<T: Clone> Session<T> {
             return;
         };
         let Stage::Handshake {
-            states, old_lost, ..
+            states,
+            token,
+            old_lost,
+            ..
         } = &mut m.stage
         else {
             return;
         };
         let states = std::mem::take(states);
         m.stage = Stage::Import {
+            states: states.clone(),
+            token: std::mem::take(token),
             old_lost: *old_lost,
         };
         self.switch_on_compression(Leg::NewBackend);
@@ -426,7 +448,7 @@ impl<T: Clone> Session<T> {
         let Migration::Running(m) = std::mem::replace(&mut self.migration, Migration::None) else {
             return;
         };
-        let old_lost = matches!(m.stage, Stage::Import { old_lost: true });
+        let old_lost = matches!(m.stage, Stage::Import { old_lost: true, .. });
         let mut farewell = self.relay.legs[1].out.take();
         if old_lost {
             farewell.clear();
@@ -462,7 +484,8 @@ impl<T: Clone> Session<T> {
         let old_lost = matches!(
             self.migration,
             Migration::Running(Move {
-                stage: Stage::Handshake { old_lost: true, .. } | Stage::Import { old_lost: true },
+                stage: Stage::Handshake { old_lost: true, .. }
+                    | Stage::Import { old_lost: true, .. },
                 ..
             })
         );
@@ -487,52 +510,73 @@ impl<T: Clone> Session<T> {
             });
         }
         if old_lost {
-            // Nowhere left to run the session.
-            self.close_client_with(ProxyError::BackendLost(reason.to_string()));
+            // Nowhere left to run the session. What the proxy held never
+            // reached a server.
+            self.close_client_with(ProxyError::HeldNotRun(reason.to_string()));
             return;
         }
         self.at_boundary(now);
         self.drain_held(now);
     }
 
-    /// A restore that failed before the target took the state (its dial
-    /// failed, or it refused the token, e.g. while shutting down) tries
-    /// another backend, up to [`RESTORE_TARGETS`] in all and within the
-    /// restore's deadline: nothing ran on the failed one, so nothing can
-    /// run twice. Gives the move back when it is not retried.
+    /// A move or restore whose old backend is gone and whose target failed
+    /// (its dial, its handshake, or SET SESSION_STATES) tries another
+    /// backend with the state it already holds, up to [`RESTORE_TARGETS`]
+    /// in all: nothing of the client's ran on the failed one (held bytes
+    /// are sent only once the import is done), so nothing can run twice.
+    /// A move that lost its old backend turns into a restore here, with a
+    /// deadline of its own (the move's has often passed: a dial that timed
+    /// out used it up); a restore keeps its deadline. Gives the move back
+    /// when it is not retried.
     fn retry_restore(
         &mut self,
         now: Instant,
         m: Move<T>,
         reason: &MigrationFailure,
     ) -> Option<Move<T>> {
-        if !m.restore || usize::from(m.failed) + 1 >= RESTORE_TARGETS || now >= m.deadline {
+        let (states, token) = match &m.stage {
+            Stage::Handshake {
+                states,
+                token,
+                old_lost: true,
+                ..
+            }
+            | Stage::Import {
+                states,
+                token,
+                old_lost: true,
+            } => (states.clone(), token.clone()),
+            _ => return Some(m),
+        };
+        let failed = if m.restore { m.failed + 1 } else { 1 };
+        if usize::from(failed) >= RESTORE_TARGETS || (m.restore && now >= m.deadline) {
             return Some(m);
         }
         let Move {
+            target,
             deadline,
-            stage:
-                Stage::Handshake {
-                    states,
-                    token,
-                    old_lost: true,
-                    ..
-                },
-            failed,
+            restore,
             ..
-        } = m
-        else {
-            return Some(m);
+        } = m;
+        let (deadline, exclude) = if restore {
+            (deadline, None)
+        } else {
+            self.events.push_back(Event::MigrationFailed {
+                target: target.clone(),
+                reason: reason.clone(),
+            });
+            (now + self.cfg.migration_timeout, Some(target))
         };
         self.migration = Migration::AwaitTarget {
             states,
             token,
             deadline,
-            failed: failed + 1,
+            failed,
         };
         self.actions.push_back(Action::PickRestoreTarget {
             reason: format!("a restore attempt failed: {reason}"),
-            failed: failed + 1,
+            failed,
+            exclude,
         });
         None
     }
@@ -546,12 +590,18 @@ impl<T: Clone> Session<T> {
             // have replaced still serves if nothing changed since.
             self.migration = Migration::None;
         }
-        if self.phase == Phase::Command && self.try_restore(now, reason) {
+        // A move past its export finishes below without the old backend;
+        // a restore would only report it busy.
+        if self.phase == Phase::Command
+            && !self.migration.has_new_leg()
+            && self.try_restore(now, reason)
+        {
             return;
         }
+        let mut commit_unknown = false;
         if let Migration::Running(m) = &mut self.migration {
             match &mut m.stage {
-                Stage::Handshake { old_lost, .. } | Stage::Import { old_lost } => {
+                Stage::Handshake { old_lost, .. } | Stage::Import { old_lost, .. } => {
                     // The session's state is already exported: finish the
                     // move without the old backend.
                     *old_lost = true;
@@ -578,6 +628,7 @@ impl<T: Clone> Session<T> {
                     if exporting && self.phase == Phase::Command && self.try_restore(now, reason) {
                         return;
                     }
+                    commit_unknown = !exporting;
                 }
             }
         }
@@ -590,7 +641,13 @@ impl<T: Clone> Session<T> {
             // did reach the backend gets what the backend sent, nothing
             // more: the connection then closes as the server's did.
             Phase::Command if self.tracker.is_idle() && !self.relay.held.is_empty() => {
-                self.close_client_with(ProxyError::BackendLost(reason.to_string()))
+                let reason = reason.to_string();
+                self.close_client_with(if commit_unknown {
+                    // The held BEGIN's implicit commit was in flight.
+                    ProxyError::BackendLost(reason)
+                } else {
+                    ProxyError::HeldNotRun(reason)
+                })
             }
             _ => self.close(SessionError::BackendLost(reason.to_string())),
         }

@@ -570,10 +570,18 @@ impl<T: Clone> Session<T> {
                 // the copy it would have replaced: the session is restored
                 // elsewhere if that copy still serves.
                 let renewal = matches!(self.migration, Migration::Refresh { .. });
+                let commit = self.migration.hidden_commit();
                 self.migration = Migration::None;
-                let why = "TiDB did not answer SHOW SESSION_STATES";
-                if !(renewal && self.try_restore(now, why)) {
-                    self.close_client_with(ProxyError::BackendLost(why.into()));
+                if commit {
+                    // The held BEGIN's implicit commit got no answer.
+                    self.close_client_with(ProxyError::BackendLost(
+                        "TiDB did not answer the COMMIT before BEGIN".into(),
+                    ));
+                } else {
+                    let why = "TiDB did not answer SHOW SESSION_STATES";
+                    if !(renewal && self.try_restore(now, why)) {
+                        self.close_client_with(ProxyError::HeldNotRun(why.into()));
+                    }
                 }
             } else if matches!(self.migration, Migration::AwaitTarget { .. }) {
                 // The driver never named a backend to restore on.

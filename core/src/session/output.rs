@@ -57,6 +57,10 @@ pub enum Action<T = String> {
         /// does not pick them again (nor the lost backend): 0 starts a
         /// new list.
         failed: u8,
+        /// A move's target that failed after the move lost its old
+        /// backend: the restore that takes over starts a new list without
+        /// it.
+        exclude: Option<T>,
     },
 }
 

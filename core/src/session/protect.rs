@@ -447,6 +447,7 @@ impl<T: Clone> Session<T> {
         self.actions.push_back(Action::PickRestoreTarget {
             reason: reason.to_string(),
             failed: 0,
+            exclude: None,
         });
         true
     }
@@ -507,7 +508,7 @@ impl<T: Clone> Session<T> {
                 self.events.push_back(Event::Restore {
                     outcome: RestoreOutcome::Failed(why.clone()),
                 });
-                self.close_client_with(ProxyError::BackendLost(format!(
+                self.close_client_with(ProxyError::HeldNotRun(format!(
                     "the backend was lost: {why}"
                 )));
             }

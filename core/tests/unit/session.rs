@@ -1157,6 +1157,79 @@ fn old_backend_lost_after_export_still_completes_the_move() {
     h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
 }
 
+/// A move past its export whose old backend dies and whose target cannot
+/// be reached: the held query never ran anywhere, so the session is
+/// restored elsewhere with the exported state (not closed with "may or may
+/// not have been applied").
+fn move_loses_old_backend_then_target(h: &mut Harness) {
+    h.s.handle_redirect(h.now, "tidb-3:4000");
+    h.pump();
+    export(h);
+    h.send(Leg::Client, 0, b"\x03select 1");
+    h.s.handle_closed(h.now, Leg::Backend, "TiDB shut down");
+    h.pump();
+    assert!(h.take_actions().contains(&Action::ConnectNewBackend {
+        target: "tidb-3:4000".into()
+    }));
+    h.s.handle_connect_failed(h.now, Leg::NewBackend, "timed out after 5s");
+    h.pump();
+    assert!(!h.s.is_closed());
+    assert!(
+        h.take_actions().contains(&Action::PickRestoreTarget {
+            reason:
+                "a restore attempt failed: could not connect to the new backend: timed out after 5s"
+                    .into(),
+            failed: 1,
+            exclude: Some("tidb-3:4000".into()),
+        })
+    );
+    assert!(h.take_events().iter().any(|e| matches!(
+        e,
+        Event::MigrationFailed {
+            reason: MigrationFailure::Connect(_),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn move_that_lost_its_old_backend_is_restored_on_another_target() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    move_loses_old_backend_then_target(&mut h);
+    h.s.handle_restore_target(h.now, Some("tidb-2:4000".into()));
+    h.pump();
+    new_backend_handshake(&mut h);
+    h.send(Leg::NewBackend, 2, &ok(StatusFlags::AUTOCOMMIT));
+    h.recv_one(Leg::NewBackend);
+    h.send(Leg::NewBackend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert!(h.take_events().contains(&Event::Restore {
+        outcome: RestoreOutcome::Restored
+    }));
+    // The held query runs once, on the new backend.
+    let p = h.recv_one(Leg::Backend);
+    assert_eq!(&p.data[..], b"\x03select 1");
+    assert!(
+        h.recv(Leg::Client).is_empty(),
+        "the client hears nothing yet"
+    );
+}
+
+#[test]
+fn move_that_lost_its_old_backend_and_every_target_says_the_query_did_not_run() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    move_loses_old_backend_then_target(&mut h);
+    h.s.handle_restore_target(h.now, None);
+    h.pump();
+    let p = h.recv_one(Leg::Client);
+    assert_eq!(p.seq, 1, "the error answers the held query");
+    let e = ErrPacket::parse(&p.data).unwrap();
+    assert_eq!(e.code, 1158);
+    let text = e.message_text();
+    assert!(text.contains("before the query was sent"), "{text}");
+    assert!(text.contains("was not run"), "{text}");
+    assert!(h.s.is_closed());
+}
+
 #[test]
 fn stuck_move_times_out_and_stays() {
     let mut h = Harness::established(cfg(), CLIENT_CAPS);

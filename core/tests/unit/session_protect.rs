@@ -331,6 +331,7 @@ fn a_restore_whose_dial_fails_tries_other_backends_then_gives_up() {
     assert!(h.take_actions().contains(&Action::PickRestoreTarget {
         reason: "connection reset".into(),
         failed: 0,
+        exclude: None,
     }));
     // The first pick cannot be reached: the driver is asked again, told
     // which backend failed.

@@ -3,6 +3,8 @@
 //! TiDB died is restored on, and keeping `tiproxy_session_protected` and
 //! `tiproxy_session_restore_total` current.
 
+use std::sync::Arc;
+
 use tiproxy_core::balance::MoveOutcome;
 use tiproxy_core::session::RestoreOutcome;
 use tokio::time::Instant;
@@ -11,12 +13,19 @@ use tracing::{debug, info};
 use super::Driver;
 use crate::metrics::metrics;
 use crate::net::Network;
+use crate::router::Backend;
 
 impl<N: Network> Driver<N> {
     /// The backend died under a protected session: restore it on another
     /// one the router would give a new client, never the lost one nor one
-    /// this restore already failed on (`failed` of them: the last picks).
-    pub(super) fn pick_restore_target(&mut self, reason: &str, failed: u8) {
+    /// this restore already failed on (`failed` of them: the last picks,
+    /// or `exclude`, the target of a move that lost its old backend).
+    pub(super) fn pick_restore_target(
+        &mut self,
+        reason: &str,
+        failed: u8,
+        exclude: Option<Arc<Backend>>,
+    ) {
         // The lost socket is of no more use (it would answer EOF forever).
         self.backend = None;
         // A move that was pending will not happen: the restore replaces it.
@@ -29,9 +38,10 @@ impl<N: Network> Driver<N> {
             .map(|l| l.backend().addr.clone())
             .into_iter()
             .collect();
-        if failed == 0 {
+        if failed == 0 || exclude.is_some() {
             self.restore_tried.clear();
         }
+        self.restore_tried.extend(exclude.map(|b| b.addr.clone()));
         let lost: Vec<String> = lost
             .into_iter()
             .chain(self.restore_tried.iter().cloned())
