@@ -292,6 +292,17 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     let keeper = tokio::spawn(reg.clone().keep_registered(pd.clone()));
     if let Some(f) = fault {
         sleep_until(f.at).await;
+        if let FaultKind::Crash {
+            mid_statement: true,
+            ..
+        } = f.kind
+        {
+            // The crash (and what the invariants excuse) is when a
+            // statement has run, not at `f.at`.
+            h.crash_after_next_statement();
+            let _ =
+                tokio::time::timeout(crate::scenario::MID_STATEMENT_WAIT, h.statement_hit()).await;
+        }
         world.fault_begins(i, s.fault_breaks_sessions(&f), now());
         let restart_after = match f.kind {
             FaultKind::GracefulShutdown {

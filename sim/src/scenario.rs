@@ -38,8 +38,18 @@ pub enum FaultKind {
         /// Starts again (same addresses, same store) this long after the
         /// crash, and registers again.
         restart_after: Option<Duration>,
+        /// It dies in the middle of a statement: the first write outside a
+        /// transaction it runs after `at` (within [`MID_STATEMENT_WAIT`];
+        /// see `TidbHandle::crash_after_next_statement`) is applied and
+        /// never answered, then it is killed. Otherwise it dies at `at`,
+        /// whatever its sessions are doing.
+        mid_statement: bool,
     },
 }
+
+/// How long a crash in the middle of a statement waits for one
+/// ([`FaultKind::Crash::mid_statement`]) before it kills the TiDB anyway.
+pub const MID_STATEMENT_WAIT: Duration = Duration::from_secs(2);
 
 /// One fault, at a simulated time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +77,18 @@ impl Fault {
                     + graceful_wait
                     + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
             }
-            FaultKind::Crash { restart_after, .. } => {
-                self.at + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
+            FaultKind::Crash {
+                restart_after,
+                mid_statement,
+                ..
+            } => {
+                self.at
+                    + if mid_statement {
+                        MID_STATEMENT_WAIT
+                    } else {
+                        Duration::ZERO
+                    }
+                    + restart_after.map_or(Duration::ZERO, |r| r + Duration::from_secs(1))
             }
         }
     }
@@ -278,8 +298,18 @@ impl Scenario {
         // start, so some TiDB always serves.
         let n_faults = rng.random_range(0..=(initial_tidbs - 1).min(2));
         let mut candidates: Vec<usize> = (0..total).collect();
-        // Crash restarts came later: a stream of their own.
+        // Crash protection, from a stream of its own (half the seeds); of
+        // those, half export at once after a change (quiet period 0), half
+        // wait the default 200 ms of idleness.
+        let mut protect_rng = StdRng::seed_from_u64(seed ^ 0x7072_6f74_6563_7431);
+        let protection = protect_rng.random_bool(0.5);
+        let protection_delay_ms = if protect_rng.random_bool(0.5) { 0 } else { 200 };
+        // Crash restarts came later: a stream of their own; crashes in the
+        // middle of a statement later still, another. With protection on,
+        // most faults are crashes (drawn from that stream too): the
+        // protection is what they test.
         let mut restarts = StdRng::seed_from_u64(seed ^ 0x6372_6173_685f_7273);
+        let mut mid = StdRng::seed_from_u64(seed ^ 0x6d69_645f_7374_6d74);
         let mut faults = Vec::new();
         for _ in 0..n_faults {
             let tidb = candidates.remove(rng.random_range(0..candidates.len()));
@@ -289,7 +319,8 @@ impl Scenario {
             {
                 at = at.max(t + Duration::from_secs(2));
             }
-            let kind = if rng.random_bool(0.3) {
+            let crash = rng.random_bool(0.3);
+            let kind = if crash || (protection && mid.random_bool(0.6)) {
                 FaultKind::Crash {
                     lease: Duration::from_secs(
                         Duration::from_millis(rng.random_range(1_000..10_000))
@@ -299,6 +330,7 @@ impl Scenario {
                     restart_after: restarts
                         .random_bool(0.5)
                         .then(|| Duration::from_millis(restarts.random_range(500..8_000))),
+                    mid_statement: mid.random_bool(0.5),
                 }
             } else {
                 FaultKind::GracefulShutdown {
@@ -383,12 +415,6 @@ impl Scenario {
             })
             .into_iter()
             .collect();
-        // Crash protection, from a stream of its own (half the seeds); of
-        // those, half export at once after a change (quiet period 0), half
-        // wait the default 200 ms of idleness.
-        let mut protect_rng = StdRng::seed_from_u64(seed ^ 0x7072_6f74_6563_7431);
-        let protection = protect_rng.random_bool(0.5);
-        let protection_delay_ms = if protect_rng.random_bool(0.5) { 0 } else { 200 };
         let n_sessions = rng.random_range(3..=10);
         let client_hosts = rng.random_range(1..=3usize).min(n_sessions);
         let sessions = (0..n_sessions)
@@ -528,11 +554,17 @@ impl fmt::Display for Scenario {
                 FaultKind::Crash {
                     lease,
                     restart_after,
+                    mid_statement,
                 } => writeln!(
                     f,
-                    "  fault: tidb-{} crashes at {}ms, its PD lease TTL {}s{}",
+                    "  fault: tidb-{} crashes at {}ms{}, its PD lease TTL {}s{}",
                     x.tidb,
                     ms(x.at),
+                    if mid_statement {
+                        " (after its next write)"
+                    } else {
+                        ""
+                    },
                     lease.as_secs(),
                     match restart_after {
                         Some(r) => format!(", restarts {}ms later", ms(r)),

@@ -654,9 +654,33 @@ impl<S: Stream> Conn<S> {
                 true
             }
         };
+        if self.inst.crash_armed() && self.autocommit_write(cmd, &body) && self.inst.take_crash() {
+            // Applied, never answered: the instance is killed now.
+            std::future::pending::<()>().await;
+        }
         self.flush().await?;
         self.mark("Sleep", None);
         Ok(keep)
+    }
+
+    /// Whether the command just run changed something that running it
+    /// twice would show (a write outside a transaction, or a prepare):
+    /// what an armed crash waits for.
+    fn autocommit_write(&self, cmd: Command, body: &[u8]) -> bool {
+        if self.session.as_ref().is_none_or(Session::in_txn) {
+            return false;
+        }
+        match cmd {
+            Command::StmtPrepare => true,
+            Command::Query => {
+                let text = String::from_utf8_lossy(body);
+                let verb = text.split_whitespace().next().unwrap_or("");
+                ["INSERT", "UPDATE", "DELETE", "REPLACE", "PREPARE"]
+                    .iter()
+                    .any(|v| verb.eq_ignore_ascii_case(v))
+            }
+            _ => false,
+        }
     }
 
     async fn query(&mut self, sql: &str) -> io::Result<()> {

@@ -126,6 +126,11 @@ pub struct Instance {
     /// Open SQL connections, handshaking ones included.
     live: AtomicUsize,
     conn_closed: Notify,
+    /// Armed by [`TidbHandle::crash_after_next_statement`]: the next
+    /// statement runs but is never answered, and `crash_hit` wakes the
+    /// caller, who kills the instance.
+    crash_armed: std::sync::atomic::AtomicBool,
+    crash_hit: Notify,
     /// What `/metrics` reports.
     usage: Mutex<Usage>,
     /// The PD and TiKV client counters `/metrics` reports.
@@ -158,6 +163,22 @@ impl Instance {
     /// The current phase.
     pub fn phase(&self) -> Phase {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a crash is armed.
+    pub(crate) fn crash_armed(&self) -> bool {
+        self.crash_armed.load(Ordering::SeqCst)
+    }
+
+    /// Whether this statement is the armed one (it then stays unanswered:
+    /// the caller waits forever and the kill ends it).
+    pub(crate) fn take_crash(&self) -> bool {
+        if self.crash_armed.swap(false, Ordering::SeqCst) {
+            // notify_one keeps the permit if the waiter is not there yet.
+            self.crash_hit.notify_one();
+            return true;
+        }
+        false
     }
 
     /// Moves to `next` if it is later than the current phase.
@@ -327,6 +348,8 @@ impl TidbServer {
             processes: Mutex::new(BTreeMap::new()),
             live: AtomicUsize::new(0),
             conn_closed: Notify::new(),
+            crash_armed: std::sync::atomic::AtomicBool::new(false),
+            crash_hit: Notify::new(),
             usage: Mutex::new(Usage {
                 cpu: 0.0,
                 memory: 0.0,
@@ -460,6 +483,23 @@ impl TidbHandle {
             );
         }
         self.inst.advance(Phase::Stopped);
+    }
+
+    /// Arms a crash in the middle of a statement: the next write outside a
+    /// transaction (`INSERT`, `UPDATE`, `DELETE`, `REPLACE`, a `PREPARE` or
+    /// `COM_STMT_PREPARE`) runs, is applied, and is never answered;
+    /// [`TidbHandle::statement_hit`] resolves then. A TiDB killed by the
+    /// OOM killer or a panic dies like this, after its commit and before
+    /// its reply: the one case where sending the statement again would
+    /// run it twice.
+    pub fn crash_after_next_statement(&self) {
+        self.inst.crash_armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves once an armed statement ran (see
+    /// [`TidbHandle::crash_after_next_statement`]).
+    pub async fn statement_hit(&self) {
+        self.inst.crash_hit.notified().await;
     }
 
     /// Drops every connection and listener at once.
