@@ -300,14 +300,14 @@ mkdir -p "$(dirname "$RESULTS")"
     echo
     echo "| measure | protection off: median (range) | protection on: median (range) | on vs off | target |"
     echo "| --- | ---: | ---: | ---: | --- |"
-    echo "| extra commands to TiDB per state change | $(fmt "$EXTRA_OFF" 4) ($(fmtr "$EXTRA_OFF_RANGE" 4)) | $(fmt "$EXTRA_ON" 4) ($(fmtr "$EXTRA_ON_RANGE" 4)) | +$(awk -v a="$EXTRA_ON" -v b="$EXTRA_OFF" 'BEGIN{printf "%.4f", a - b}') | <= 1: $(met "$(awk -v a="$EXTRA_ON" -v b="$EXTRA_OFF" 'BEGIN{printf "%.3f", a - b}')" 1) (at 3 decimals) |"
+    echo "| extra commands to TiDB per state change | $(fmt "$EXTRA_OFF" 4) ($(fmtr "$EXTRA_OFF_RANGE" 4)) | $(fmt "$EXTRA_ON" 4) ($(fmtr "$EXTRA_ON_RANGE" 4)) | $(awk -v a="$EXTRA_ON" -v b="$EXTRA_OFF" 'BEGIN{x = sprintf("%+.4f", a - b); if (x + 0 == 0) x = "+0.0000"; printf "%s", x}') | <= 1: $(met "$(awk -v a="$EXTRA_ON" -v b="$EXTRA_OFF" 'BEGIN{printf "%.3f", a - b}')" 1) (at 3 decimals) |"
     echo "| proxy CPU per client command (us) | $(fmt "$CPU_OFF" 2) ($(fmtr "$CPU_OFF_RANGE" 2)) | $(fmt "$CPU_ON" 2) ($(fmtr "$CPU_ON_RANGE" 2)) | ${CPU_RATIO}x (same-round pairs: $(fmtr "$RATIO_RANGE" 3)) | <= 1.03x: $(met "$CPU_RATIO" 1.03) |"
     echo "| proxy CPU per command sent to TiDB (us) | $(fmt "$BCPU_OFF" 2) ($(fmtr "$BCPU_OFF_RANGE" 2)) | $(fmt "$BCPU_ON" 2) ($(fmtr "$BCPU_ON_RANGE" 2)) | ${BCPU_RATIO}x | - |"
     echo "| sysbench transactions/s | $(fmt "$TPS_OFF" 0) ($(fmtr "$TPS_OFF_RANGE" 0)) | $(fmt "$TPS_ON" 0) ($(fmtr "$TPS_ON_RANGE" 0)) | $(awk -v a="$TPS_ON" -v b="$TPS_OFF" 'BEGIN{printf "%.3f", a / b}')x | - |"
     echo "| proxy memory per idle session (bytes) | $(fmt "$MEM_OFF" 0) ($(fmtr "$MEM_OFF_RANGE" 0)) | $(fmt "$MEM_ON" 0) ($(fmtr "$MEM_ON_RANGE" 0)) | +$MEM_EXTRA per protected session | - |"
     echo
     awk -v e="$EXTRA_ON" -v b="$BCPU_RATIO" -v c="$CPU_RATIO" -v t="$(awk -v a="$TPS_ON" -v b="$TPS_OFF" 'BEGIN{printf "%.2f", a / b}')" 'BEGIN{
-      printf "Reading: each state change costs %.4f extra command to TiDB (`SHOW SESSION_STATES`). ", e
+      if (e + 0 < 0.00005 && e + 0 > -0.00005) e = 0; printf "Reading: each state change costs %.4f extra command to TiDB (`SHOW SESSION_STATES`). ", e
       printf "The copy is taken only once a session has been idle for proxy.session-protection-delay (200 ms) after a change; "
       printf "sysbench sends its statements back to back, so its sessions export only when they go quiet (at login and at the end of a run). "
       printf "CPU per command sent to TiDB is %sx of unprotected and CPU per client command %sx: ", b, c
@@ -319,7 +319,7 @@ mkdir -p "$(dirname "$RESULTS")"
     echo
     echo "| protection | round | client commands | SETs | prepares | logins | packets to TiDB | extra per state change | proxy CPU (s) | CPU us / command | TPS |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    awk -F'\t' -v hs="$HS" '{ sc = $4 + $9 + $8; printf "| %s | %s | %s | %s | %s | %s | %s | %.4f | %s | %s | %s |\n", $1, $2, $3, $4, $9, $8, $5, sc ? ($5 - $3 - hs * $8) / sc : 0, $6, $3 ? sprintf("%.2f", $6 / $3 * 1e6) : "-", $7 }' "$RUNS"
+    awk -F'\t' -v hs="$HS" '{ sc = $4 + $9 + $8; x = sc ? ($5 - $3 - hs * $8) / sc : 0; if (x < 5e-5 && x > -5e-5) x = 0; printf "| %s | %s | %s | %s | %s | %s | %s | %.4f | %s | %s | %s |\n", $1, $2, $3, $4, $9, $8, $5, x, $6, $3 ? sprintf("%.2f", $6 / $3 * 1e6) : "-", $7 }' "$RUNS"
     echo
     echo "## Raw memory rounds"
     echo
