@@ -540,16 +540,20 @@ impl<N: Network> Driver<N> {
             }
             return Poll::Ready(Wake::Progress);
         }
-        // Timer. One due no later than the session asks for is kept, even
-        // when it asks for none: it fires, the session finds nothing due
-        // (every deadline it checks is `now >= d`) and asks again. Moving
-        // the timer to each later deadline cost a timer-wheel update and a
-        // clock read per command, since the protection's quiet period
-        // restarts at every command (issue 13's 1.03x CPU target).
+        // Timer. One due no later than the session asks for is kept: it
+        // fires, the session finds nothing due (every deadline it checks is
+        // `now >= d`) and asks again. With crash protection on, one is kept
+        // even while the session asks for none (a command runs). Moving
+        // the timer to each later deadline, or dropping it for each command,
+        // cost a timer-wheel update, an allocation and a clock read per
+        // command, since the quiet period restarts at every command (issue
+        // 13's 1.03x CPU target). Without protection an idle connection
+        // holds no timer.
         let want = self.session.poll_timeout().map(Instant::from_std);
         match (want, self.timer.as_mut()) {
             (Some(at), Some(s)) if s.deadline() > at => s.as_mut().reset(at),
             (Some(at), None) => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, Some(_)) if !self.shared.protect.enabled => self.timer = None,
             _ => {}
         }
         if let Some(s) = self.timer.as_mut()
