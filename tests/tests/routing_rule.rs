@@ -17,7 +17,7 @@ use mysql_async::prelude::*;
 use tiproxy_tests::{
     Etcd, ProxyProcess, TidbDouble, double_opts, eventually, http_request_with_body,
 };
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 
 /// A relay on 127.0.0.1 whose connections reach `to` from `source`.
 async fn relay_from(source: &str, to: SocketAddr) -> SocketAddr {
