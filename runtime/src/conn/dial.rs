@@ -37,7 +37,12 @@ impl<N: Network> Driver<N> {
     pub(super) fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
         let shared = self.shared.clone();
         let new_client = target.is_none();
-        let client = self.client_info();
+        // Only a new client is routed by it (a move's target is given).
+        let client = if new_client {
+            self.client_info()
+        } else {
+            Default::default()
+        };
         let dial = async move {
             let mut tried: Vec<String> = Vec::new();
             let mut last_err = match shared.router.backends().len() {
