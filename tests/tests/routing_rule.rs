@@ -8,12 +8,15 @@
 //!
 //! Clients come from 127.0.0.1 (directly) and from 127.0.0.2 / 127.0.0.3
 //! (through a relay whose socket to the proxy is bound to that loopback
-//! address: the MySQL client cannot choose its source address).
+//! address: the MySQL client cannot choose its source address). Behind a
+//! load balancer sending PROXY headers, `proxy_cidr` routes by the
+//! balancer's address and `client_cidr` by the client's the header names.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use mysql_async::prelude::*;
+use tiproxy_core::proxy_protocol::ProxyHeader;
 use tiproxy_tests::{
     Etcd, ProxyProcess, TidbDouble, double_opts, eventually, http_request_with_body,
 };
@@ -21,6 +24,12 @@ use tokio::net::{TcpListener, TcpSocket};
 
 /// A relay on 127.0.0.1 whose connections reach `to` from `source`.
 async fn relay_from(source: &str, to: SocketAddr) -> SocketAddr {
+    relay(source, to, None).await
+}
+
+/// A load balancer on 127.0.0.1 whose connections reach `to` from
+/// `source`, each first sending a PROXY v2 header naming `named`.
+async fn relay(source: &str, to: SocketAddr, named: Option<SocketAddr>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
     let addr = l.local_addr().expect("addr");
     let source: SocketAddr = format!("{source}:0").parse().expect("source");
@@ -32,6 +41,18 @@ async fn relay_from(source: &str, to: SocketAddr) -> SocketAddr {
                 let Ok(mut proxy) = s.connect(to).await else {
                     return;
                 };
+                if let Some(source) = named {
+                    use tokio::io::AsyncWriteExt;
+                    let mut h = bytes::BytesMut::new();
+                    ProxyHeader::Proxy {
+                        source,
+                        destination: to,
+                    }
+                    .write(&mut h);
+                    if proxy.write_all(&h).await.is_err() {
+                        return;
+                    }
+                }
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut proxy).await;
             });
         }
@@ -242,5 +263,40 @@ async fn port_rule_routes_by_listener_port_and_an_unlabelled_port_is_refused() {
             );
         }
         Err(e) => panic!("not a MySQL error: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_load_balancer_proxy_cidr_routes_by_its_address_client_cidr_by_the_header() {
+    // The proxy sends TiDB a PROXY header too (as TiProxy does).
+    let tidb = TidbDouble::start(1, 0, &["--proxy-protocol"]);
+    let i = &tidb.instances()[0];
+    // The TiDB serves the balancer's network, not the client's.
+    let entry = format!(
+        "{{ addr = \"{}\", status-addr = \"{}\", labels = {{ cidr = \"127.0.0.0/8\" }} }}",
+        i.sql, i.status
+    );
+    let client: SocketAddr = "10.9.9.9:5000".parse().expect("addr");
+    for (rule, served) in [("proxy_cidr", true), ("client_cidr", false)] {
+        let p = ProxyProcess::start_with_backends(
+            std::slice::from_ref(&entry),
+            &format!("proxy-protocol = \"v2\"\n[balance]\nrouting-rule = \"{rule}\"\n"),
+        );
+        let lb = relay("127.0.0.1", p.sql, Some(client)).await;
+        match mysql_async::Conn::new(double_opts(lb)).await {
+            Ok(mut c) => {
+                assert!(served, "{rule}: the client 10.9.9.9 got a session");
+                let v: Option<i64> = c.query_first("SELECT 1").await.expect("query");
+                assert_eq!(v, Some(1));
+            }
+            Err(mysql_async::Error::Server(e)) => {
+                assert!(!served, "{rule}: refused: {e:?}");
+                assert!(
+                    e.message.contains("no TiDB serves client address 10.9.9.9"),
+                    "{e:?}"
+                );
+            }
+            Err(e) => panic!("{rule}: not a MySQL error: {e}"),
+        }
     }
 }
