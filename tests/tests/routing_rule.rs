@@ -210,34 +210,28 @@ async fn port_rule_routes_by_listener_port_and_an_unlabelled_port_is_refused() {
             "tiproxy-port=1",
         ],
     );
-    // Three listener ports in a row around the free one ProxyProcess
-    // waits on (tried again when its neighbours are taken).
-    let mut found = None;
-    for _ in 0..20 {
-        let mut first = None;
-        let p = ProxyProcess::start_with_config(|sql, api| {
-            let s = sql.port();
-            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-            let f = [s, s - 1, s - 2]
-                .into_iter()
-                .find(|&f| (f..=f + 2).all(|p| p == s || free(p)));
-            first = f;
-            let (a, b) = f.map_or((s, s), |f| (f, f + 2));
-            format!(
-                "[proxy]\naddr = \"127.0.0.1:6000\"\nport-range = [{a}, {b}]\npd-addrs = \"{}\"\n\
-                 [api]\naddr = \"{api}\"\n[balance]\nrouting-rule = \"port\"\n[log]\nlevel = \"info\"\n",
-                etcd.endpoint()
-            )
-        });
-        if let Some(f) = first {
-            found = Some((p, f));
-            break;
-        }
-    }
-    let (p, base) = found.expect("three free ports in a row within 20 tries");
-    // Instance 1 serves listener `base`, 2 serves `base + 1`; `base + 2`
-    // has no TiDB.
-    for port in [base, base + 1] {
+    // Three listeners (`proxy.addr` as a list): the one ProxyProcess waits
+    // on and two below the kernel's ephemeral range, so no other test's
+    // free port or connection can take them meanwhile.
+    let low = |from: u16| {
+        (from..30000)
+            .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            .expect("a free port below the ephemeral range")
+    };
+    let second = low(20000 + (std::process::id() % 5000) as u16);
+    let third = low(second + 1);
+    let mut base = 0;
+    let p = ProxyProcess::start_with_config(|sql, api| {
+        base = sql.port();
+        format!(
+            "[proxy]\naddr = \"{sql},127.0.0.1:{second},127.0.0.1:{third}\"\npd-addrs = \"{}\"\n\
+             [api]\naddr = \"{api}\"\n[balance]\nrouting-rule = \"port\"\n[log]\nlevel = \"info\"\n",
+            etcd.endpoint()
+        )
+    });
+    // Instance 1 serves listener `base`, 2 serves `second`; `third` has no
+    // TiDB.
+    for port in [base, second] {
         let body = serde_json::json!({ "labels": { "tiproxy-port": port.to_string() } });
         let (s, r) = http_request_with_body(tidb.control, "POST", "/instances", &body.to_string());
         assert!((200..300).contains(&s), "{s} {r}");
@@ -248,17 +242,17 @@ async fn port_rule_routes_by_listener_port_and_an_unlabelled_port_is_refused() {
     .await;
     let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().expect("addr") };
     let _first = open(at(base), 3).await;
-    let _second = open(at(base + 1), 2).await;
+    let _second = open(at(second), 2).await;
     eventually("sessions by listener port", Duration::from_secs(5), || {
         per_instance(&tidb) == [0, 3, 2]
     })
     .await;
-    match mysql_async::Conn::new(double_opts(at(base + 2))).await {
+    match mysql_async::Conn::new(double_opts(at(third))).await {
         Ok(_) => panic!("a port no TiDB is labelled with got a session"),
         Err(mysql_async::Error::Server(e)) => {
             assert!(
                 e.message
-                    .contains(&format!("no TiDB serves listener port {}", base + 2)),
+                    .contains(&format!("no TiDB serves listener port {third}")),
                 "{e:?}"
             );
         }
