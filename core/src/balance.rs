@@ -45,13 +45,21 @@
 //!
 //! Where a new connection goes is [`route`], by TiProxy's `[balance]
 //! routing-policy` ([`Routing`]).
+//!
+//! TiDBs are balanced inside their group (`[balance] routing-rule`,
+//! [`Groups`]): [`plan_grouped`] plans each group on its own, so no move
+//! ever leaves a group.
 
 mod cpu;
+mod group;
 mod health;
 mod ledger;
 mod route;
 
 pub use cpu::{CPU_METRICS_EXPIRY, CPU_MIN_READ_INTERVAL, CpuMeter};
+pub use group::{
+    CIDR_LABEL, ClientInfo, GroupEvent, GroupId, Groups, NoGroup, PORT_LABEL, RoutingRule,
+};
 pub use health::{
     HEALTH_INDICATORS, HEALTH_METRICS_EXPIRY, HEALTH_WINDOW, HealthLevel, HealthMeter,
     HealthReading, Indicator, Judgement,
@@ -628,6 +636,45 @@ pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
         r.load[from] -= 1;
         r.load[to] += 1;
         budget -= 1;
+    }
+    moves
+}
+
+/// The moves of one tick when backends are grouped: `groups[i]` is
+/// backend `i`'s group. Each group is planned on its own ([`plan`]), so a
+/// move's source and target are always in one group; a backend without a
+/// group is in no plan (it never gets sessions). The groups share the
+/// tick's budget.
+pub fn plan_grouped(
+    backends: &[BackendLoad],
+    groups: &[Option<GroupId>],
+    cfg: &BalanceConfig,
+) -> Vec<Move> {
+    let mut ids: Vec<GroupId> = groups.iter().flatten().copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut left = cfg.budget;
+    let mut moves = Vec::new();
+    for id in ids {
+        if left == 0 {
+            break;
+        }
+        let members: Vec<usize> = (0..backends.len())
+            .filter(|&i| groups.get(i).copied().flatten() == Some(id))
+            .collect();
+        let sub: Vec<BackendLoad> = members.iter().map(|&i| backends[i]).collect();
+        let cfg = BalanceConfig {
+            budget: left,
+            ..*cfg
+        };
+        for m in plan(&sub, &cfg) {
+            left = left.saturating_sub(m.count);
+            moves.push(Move {
+                from: members[m.from],
+                to: members[m.to],
+                ..m
+            });
+        }
     }
     moves
 }

@@ -74,7 +74,8 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
 }
 
 /// Every 100 ms: snapshot the backends, plan the tick's moves with
-/// [`tiproxy_core::balance::plan`] (evacuate draining and removed backends,
+/// [`tiproxy_core::balance::plan_grouped`] (inside each routing group:
+/// evacuate draining and removed backends,
 /// then even out the rest with hysteresis), and ask the chosen sessions to
 /// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
 /// sessions may be asked (not moving, not cooling down after a failed
@@ -145,7 +146,7 @@ fn report_health(b: &crate::router::Backend, now: tokio::time::Instant) {
 }
 
 pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
-    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan};
+    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan_grouped};
     let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
     // `[balance]` is reloadable: re-read when the configuration changed.
     let mut generation = st.config_generation();
@@ -229,7 +230,9 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             budget: cfg.budget.min(room),
             ..cfg
         };
-        for m in plan(&snapshot, &cfg) {
+        // Moves stay inside each TiDB's group (`balance.routing-rule`).
+        let groups = router.group_ids(&backends);
+        for m in plan_grouped(&snapshot, &groups, &cfg) {
             let n = (m.count as usize).min(on[m.from].len());
             for (id, mb) in on[m.from].drain(..n) {
                 mb.request_move(router, id, &backends[m.to], m.factor.name());

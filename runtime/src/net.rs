@@ -41,6 +41,14 @@ pub trait Network: Clone + Send + Sync + 'static {
     /// The local address of a connection.
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr>;
 
+    /// The address a connection came from (the TCP peer, which a PROXY
+    /// header does not change: `balance.routing-rule = "proxy_cidr"`).
+    /// `None` by default: the address `accept` returned stands for it.
+    fn peer_addr(&self, s: &Self::Stream) -> Option<SocketAddr> {
+        let _ = s;
+        None
+    }
+
     /// Whether connections have TCP keepalive options
     /// ([`Network::set_keepalive`] does something). By default not: the
     /// simulated network has none, and no keepalive loop runs there.
@@ -177,6 +185,10 @@ impl Network for TokioNet {
 
     fn local_addr(&self, s: &Self::Stream) -> Option<SocketAddr> {
         s.local_addr().ok()
+    }
+
+    fn peer_addr(&self, s: &Self::Stream) -> Option<SocketAddr> {
+        s.peer_addr().ok()
     }
 
     fn has_keepalive(&self) -> bool {

@@ -142,7 +142,7 @@ async fn start_inner<N: Network>(
     if !clusters.is_empty() && !statics.is_empty() {
         info!("serving proxy.backend-addrs until PD answers; then PD's TiDB list replaces it");
     }
-    let router = Arc::new(Router::new(statics));
+    let router = Arc::new(Router::with_rule(statics, config.balance.rule()));
     router.set_balance(crate::router::RoutingSettings::from_config(&config));
     if let Some(seed) = net.rng_seed() {
         router.seed_rng(seed);

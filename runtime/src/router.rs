@@ -7,9 +7,14 @@
 //! [`Router::handle_probe`] and [`Router::handle_dial`]; sessions hold a
 //! [`Lease`] on their backend so counts stay exact. Moves under way,
 //! cool-downs and backends that cannot export sessions are the core's move
-//! ledger, kept here ([`Router::with_moves`]).
+//! ledger, kept here ([`Router::with_moves`]). Backends are picked inside a
+//! [`Scope`]: the group of `[balance] routing-rule` a session belongs to
+//! (`group`).
 
 mod failover;
+mod group;
+
+pub use group::{Scope, client_info};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,8 +24,8 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use tiproxy_core::balance::{
-    BackendLoad, CpuMeter, CpuSample, HealthLevel, HealthMeter, HealthReading, MoveLedger, Policy,
-    Routing, route,
+    BackendLoad, CpuMeter, CpuSample, Groups, HealthLevel, HealthMeter, HealthReading, MoveLedger,
+    Policy, Routing, RoutingRule, route,
 };
 pub use tiproxy_core::health::FAILED_BACKEND_PAUSE;
 use tiproxy_core::health::{
@@ -439,12 +444,22 @@ pub struct Router {
     moves: Mutex<MoveLedger<String>>,
     /// `proxy.fail-backend-list` and `proxy.failover-timeout`.
     fail_list: Mutex<failover::FailList>,
+    /// The groups of `[balance] routing-rule` (backends by SQL address).
+    groups: Mutex<Groups<String>>,
 }
 
 impl Router {
-    /// A router over `entries`.
+    /// A router over `entries`, every backend in one group.
     pub fn new(entries: &[BackendEntry]) -> Self {
-        let r = Self::default();
+        Self::with_rule(entries, RoutingRule::All)
+    }
+
+    /// A router over `entries`, grouped by `rule` (not reloadable).
+    pub fn with_rule(entries: &[BackendEntry], rule: RoutingRule) -> Self {
+        let r = Self {
+            groups: Mutex::new(Groups::new(rule)),
+            ..Self::default()
+        };
         r.set_backends(entries);
         // The configured set is assumed up, so the proxy serves at once.
         for b in r.backends() {
@@ -457,6 +472,12 @@ impl Router {
     /// backends stay listed (flagged) while sessions remain on them, so
     /// their sessions can be moved away.
     pub fn set_backends(&self, entries: &[BackendEntry]) {
+        self.set_cluster_backends(entries, &[]);
+    }
+
+    /// [`Router::set_backends`] where `entries[i]` is of backend cluster
+    /// `clusters[i]` (the port rule's groups are per cluster).
+    pub fn set_cluster_backends(&self, entries: &[BackendEntry], clusters: &[&str]) {
         let mut list = self.backends.write().expect("router lock");
         let mut next = Vec::with_capacity(entries.len());
         for e in entries {
@@ -488,6 +509,7 @@ impl Router {
                 }
             }
         }
+        self.regroup(&next, entries, clusters);
         *list = next;
     }
 
@@ -692,13 +714,17 @@ impl Router {
         }
     }
 
-    /// The backend for a new connection, skipping `exclude`, by the routing
-    /// policy over the balance policy's ranking (by default: healthy, no
-    /// memory risk, least CPU, in this proxy's zone, fewest connections);
-    /// see [`tiproxy_core::balance::route`].
-    pub fn pick(&self, exclude: &[String]) -> Option<Arc<Backend>> {
+    /// The backend for a new connection in `scope`, skipping `exclude`, by
+    /// the routing policy over the balance policy's ranking (by default:
+    /// healthy, no memory risk, least CPU, in this proxy's zone, fewest
+    /// connections); see [`tiproxy_core::balance::route`].
+    pub fn pick(&self, exclude: &[String], scope: Scope) -> Option<Arc<Backend>> {
         let now = Instant::now();
-        let list = self.backends();
+        let list: Vec<Arc<Backend>> = self
+            .backends()
+            .into_iter()
+            .filter(|b| self.in_scope(b, scope))
+            .collect();
         let mut loads: Vec<BackendLoad> = list
             .iter()
             .map(|b| BackendLoad {
@@ -742,65 +768,4 @@ impl Router {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn picks_least_connections_and_skips_failed() {
-        let r = Router::new(&["a:1".into(), "b:1".into()]);
-        let a = r.pick(&[]).unwrap();
-        let _lease = Lease::new(a.clone());
-        let b = r.pick(&[]).unwrap();
-        assert_ne!(a.addr, b.addr, "the idle backend is chosen");
-        let _ = r.handle_dial(&b, Dial::Failed);
-        assert_eq!(r.pick(&[]).unwrap().addr, a.addr);
-        let _ = r.handle_dial(&a, Dial::Failed);
-        assert!(r.pick(&[]).is_none());
-        assert!(!r.has_healthy());
-        let _ = r.handle_dial(&a, Dial::Connected);
-        assert!(r.has_healthy());
-    }
-
-    #[tokio::test]
-    async fn removed_backends_take_no_connections() {
-        let r = Router::new(&["a:1".into(), "b:1".into()]);
-        let a = r.backends()[0].clone();
-        let _lease = Lease::new(a.clone());
-        r.set_backends(&["b:1".into()]);
-        assert!(!a.is_healthy() && a.should_evacuate());
-        assert_eq!(r.pick(&[]).unwrap().addr, "b:1");
-        // Still listed while a session is on it, so it can be evacuated.
-        assert_eq!(r.backends().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn a_dial_leases_only_the_listed_entry() {
-        let r = Router::new(&["a:1".into(), "b:1".into()]);
-        let a = r.find("a:1").unwrap();
-        // A failed check does not refuse a dial that got through.
-        let _ = r.handle_dial(&a, Dial::Failed);
-        let held = r.lease(&a).expect("listed: leased");
-        // Removed while a session is on it: listed, but left the set.
-        r.set_backends(&["b:1".into()]);
-        assert!(r.lease(&a).is_none(), "a backend that left is not leased");
-        drop(held);
-        // Dropped from the list, then back as a new entry: a dial begun on
-        // the old entry must not count there.
-        r.set_backends(&["b:1".into()]);
-        r.set_backends(&["a:1".into(), "b:1".into()]);
-        assert!(r.lease(&a).is_none(), "the old entry is not leased");
-        let now = r.find("a:1").unwrap();
-        let _l = r.lease(&now).expect("the new entry is leased");
-        assert_eq!((now.connections(), a.connections()), (1, 0));
-    }
-
-    #[tokio::test]
-    async fn draining_backends_take_no_connections_and_targets_count_incoming() {
-        let r = Router::new(&["a:1".into(), "b:1".into(), "c:1".into()]);
-        let a = r.find("a:1").unwrap();
-        let _ = r.handle_status(&a, Ok(500));
-        r.with_moves(|l| (0..5).for_each(|c| l.requested(c, "b:1".into())));
-        assert_eq!(r.pick(&[]).unwrap().addr, "c:1");
-        assert_eq!(r.pick(&["c:1".into()]).unwrap().addr, "b:1");
-    }
-}
+mod tests;

@@ -296,10 +296,14 @@ impl<N: Network> State<N> {
             if from.is_some_and(|f| f != b.addr) {
                 continue;
             }
+            // A session stays in its group (`balance.routing-rule`).
+            let Some(scope) = router.scope_of(&b) else {
+                continue;
+            };
             let target = match &fixed {
-                Some(t) if t.addr != b.addr => t.clone(),
+                Some(t) if t.addr != b.addr && router.in_scope(t, scope) => t.clone(),
                 Some(_) => continue,
-                None => match router.pick(std::slice::from_ref(&b.addr)) {
+                None => match router.pick(std::slice::from_ref(&b.addr), scope) {
                     Some(t) => t,
                     None => continue,
                 },

@@ -325,7 +325,11 @@ fn keys(workdir: &str, cert: &str, key: &str, sql_port: u16) -> Vec<(&'static st
         ),
         (
             "routing-rule",
-            NotApplicable("here every TiDB of every cluster is one group"),
+            Acted(
+                "/balance/routing-rule",
+                json!("client_cidr"),
+                "tests/tests/routing_rule.rs",
+            ),
         ),
         (
             "policy",
@@ -415,7 +419,7 @@ fn a_tiproxy_production_config_with_every_key_changed_starts_and_each_key_is_acc
         .iter()
         .map(|i| {
             format!(
-                "{{ addr = \"{}\", status-addr = \"{}\", labels = {{ az = \"east\", zone = \"east\" }} }}",
+                "{{ addr = \"{}\", status-addr = \"{}\", labels = {{ az = \"east\", zone = \"east\", cidr = \"127.0.0.0/8\" }} }}",
                 i.sql, i.status
             )
         })

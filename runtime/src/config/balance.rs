@@ -9,23 +9,28 @@
 use serde::{Deserialize, Serialize};
 use tiproxy_core::balance::{
     COUNT_RATIO_THRESHOLD, CPU_RATE, EVACUATION_RATE, LOCATION_RATE, Policy, REBALANCE_RATE, Rates,
-    Routing,
+    Routing, RoutingRule,
 };
 
 use super::ConfigError;
 
 /// Keys of `[balance]` that take effect only after a restart (the label
-/// also picks the TiDBs PD discovery uses). Every other key is reloadable.
-pub const RESTART_REQUIRED: &[&str] = &["balance.label-name"];
+/// also picks the TiDBs PD discovery uses; the routing rule forms the
+/// groups sessions live in, not reloadable in TiProxy either). Every other
+/// key is reloadable.
+pub const RESTART_REQUIRED: &[&str] = &["balance.label-name", "balance.routing-rule"];
 
-/// `[balance]`: TiProxy's policy, routing policy, label matching and
-/// per-factor rates (`routing-rule` is read but not used).
+/// `[balance]`: TiProxy's policy, routing rule and policy, label matching
+/// and per-factor rates.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct BalanceConfig {
     /// Label used to match backends to this proxy. Restart required.
     pub label_name: String,
-    /// Routing rule (accepted, not implemented). Reloadable.
+    /// How TiDBs form groups that sessions never leave: `""` (one group),
+    /// `client_cidr` or `proxy_cidr` (by the TiDBs' `cidr` label and the
+    /// connection's source), `port` (by their `tiproxy-port` label and the
+    /// listener port). Restart required.
     pub routing_rule: String,
     /// `resource`, `location` or `connection`. Reloadable.
     pub policy: String,
@@ -197,6 +202,11 @@ impl BalanceConfig {
         Routing::parse(&self.routing_policy).unwrap_or_default()
     }
 
+    /// The routing rule in effect (validated at load).
+    pub fn rule(&self) -> RoutingRule {
+        RoutingRule::parse(&self.routing_rule).unwrap_or_default()
+    }
+
     /// The per-second rates, for [`tiproxy_core::balance::BalanceConfig::new`].
     pub fn rates(&self) -> Rates {
         Rates {
@@ -243,6 +253,17 @@ impl BalanceConfig {
                 format!(
                     "\"{}\" is not one of prefer-idle, random",
                     self.routing_policy
+                ),
+            ));
+        }
+        if RoutingRule::parse(&self.routing_rule).is_none() {
+            // TiProxy: "invalid balance.routing-rule".
+            return Err(err(
+                "routing-rule",
+                format!(
+                    "invalid balance.routing-rule: \"{}\" is not one of client_cidr, \
+                     proxy_cidr, port, or \"\" (one group of every TiDB)",
+                    self.routing_rule
                 ),
             ));
         }
@@ -353,6 +374,32 @@ mod tests {
         let e = parse("[balance]\nrouting-policy = \"idlest\"\n").unwrap_err();
         assert_eq!(e.key, "balance.routing-policy");
         assert!(e.to_string().contains("prefer-idle, random"), "{e}");
+    }
+
+    #[test]
+    fn routing_rule_takes_tiproxy_values_and_needs_a_restart() {
+        let (c, _) = parse("").unwrap();
+        assert_eq!(c.balance.rule(), RoutingRule::All);
+        for (v, r) in [
+            ("client_cidr", RoutingRule::ClientCidr),
+            ("proxy_cidr", RoutingRule::ProxyCidr),
+            ("port", RoutingRule::Port),
+        ] {
+            let (c, w) = parse(&format!("[balance]\nrouting-rule = \"{v}\"\n")).unwrap();
+            assert_eq!(c.balance.rule(), r);
+            assert!(w.is_empty(), "acted on, not reported: {w:?}");
+        }
+        let e = parse("[balance]\nrouting-rule = \"username\"\n").unwrap_err();
+        assert_eq!(e.key, "balance.routing-rule");
+        assert!(
+            e.to_string().contains("invalid balance.routing-rule"),
+            "{e}"
+        );
+        let (old, _) = parse("").unwrap();
+        let (new, _) = parse("[balance]\nrouting-rule = \"port\"\n").unwrap();
+        let (live, restart) = crate::config::classify(&old, &new, true);
+        assert!(live.is_empty(), "{live:?}");
+        assert_eq!(restart, ["balance.routing-rule"]);
     }
 
     #[test]

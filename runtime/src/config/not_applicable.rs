@@ -34,12 +34,6 @@ impl Config {
                 "TiDB Cloud's usage metering; there is no metering here",
             ),
             (
-                !self.balance.routing_rule.is_empty(),
-                "balance.routing-rule",
-                "it groups TiDBs by client or proxy address or by TiDB's tiproxy-port \
-                 label; here every TiDB of every cluster is one group",
-            ),
-            (
                 self.log.simple,
                 "log.simple",
                 "TiProxy's tiproxyctl-style short lines; log.encoder chooses the format here",

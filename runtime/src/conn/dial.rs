@@ -26,9 +26,23 @@ pub(super) enum ConnectError {
 }
 
 impl<N: Network> Driver<N> {
+    /// What `balance.routing-rule` routes this connection by.
+    pub(super) fn client_info(&self) -> tiproxy_core::balance::ClientInfo {
+        let stream = self.client.stream();
+        let tcp_peer = stream.and_then(|s| self.shared.net.peer_addr(s));
+        let local = stream.and_then(|s| self.shared.net.local_addr(s));
+        crate::router::client_info(self.peer, tcp_peer.unwrap_or(self.peer), local)
+    }
+
     pub(super) fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
         let shared = self.shared.clone();
         let new_client = target.is_none();
+        // Only a new client is routed by it (a move's target is given).
+        let client = if new_client {
+            self.client_info()
+        } else {
+            Default::default()
+        };
         let dial = async move {
             let mut tried: Vec<String> = Vec::new();
             let mut last_err = match shared.router.backends().len() {
@@ -61,9 +75,16 @@ impl<N: Network> Driver<N> {
                         }
                         t.clone()
                     }
-                    None => match shared.router.pick(&tried) {
-                        Some(b) => b,
-                        None => return Err(ConnectError::Unreachable(last_err)),
+                    // Its group is asked again at each try: TiDBs come and
+                    // go, and with them groups (TiProxy's `routeOnce`).
+                    None => match shared.router.scope_for(&client) {
+                        Err(no_group) => {
+                            return Err(ConnectError::Unreachable(no_group.to_string()));
+                        }
+                        Ok(scope) => match shared.router.pick(&tried, scope) {
+                            Some(b) => b,
+                            None => return Err(ConnectError::Unreachable(last_err)),
+                        },
                     },
                 };
                 tried.push(backend.addr.clone());

@@ -46,7 +46,13 @@ impl<N: Network> Driver<N> {
             .into_iter()
             .chain(self.restore_tried.iter().cloned())
             .collect();
-        let target = self.shared.router.pick(&lost);
+        // Never outside the session's group (`balance.routing-rule`).
+        let router = &self.shared.router;
+        let scope = match self.lease.as_ref() {
+            Some(l) => router.scope_of(l.backend()),
+            None => router.scope_for(&self.client_info()).ok(),
+        };
+        let target = scope.and_then(|s| router.pick(&lost, s));
         if let Some(t) = &target {
             self.restore_tried.push(t.addr.clone());
         }

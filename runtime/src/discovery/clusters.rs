@@ -3,8 +3,11 @@
 //! configuration changes, and the merge of every cluster's TiDBs into the
 //! router's one backend set.
 //!
-//! As in TiProxy (`balance.routing-rule` unset), the TiDBs of every cluster
-//! form one group: a new session goes to the best TiDB of any cluster.
+//! As in TiProxy, with `balance.routing-rule` unset the TiDBs of every
+//! cluster form one group: a new session goes to the best TiDB of any
+//! cluster. Under a rule, TiDBs are grouped by their labels (the router's
+//! `group`); the port rule's groups are per cluster, so each TiDB is
+//! handed over with its cluster's name.
 //! Removing a cluster removes its TiDBs as a scale-in does: their sessions
 //! move to the remaining TiDBs, exactly as for a TiDB gone from PD. The router keys TiDBs by address: a TiDB address listed by two
 //! clusters is used once, for the first cluster by name (logged).
@@ -68,6 +71,7 @@ impl Merge {
 
     fn apply(&self, sets: &BTreeMap<String, Vec<BackendEntry>>) {
         let mut merged: Vec<BackendEntry> = Vec::new();
+        let mut clusters: Vec<&str> = Vec::new();
         for (name, list) in sets {
             for e in list {
                 if merged.iter().any(|m| m.addr() == e.addr()) {
@@ -78,10 +82,11 @@ impl Merge {
                     );
                 } else {
                     merged.push(e.clone());
+                    clusters.push(name);
                 }
             }
         }
-        self.router.set_backends(&merged);
+        self.router.set_cluster_backends(&merged, &clusters);
     }
 }
 
