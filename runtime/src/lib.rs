@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod flood;
 pub mod ha;
 pub mod health;
 pub mod http_client;

@@ -13,6 +13,11 @@ use super::{Driver, uptime_ms};
 use crate::metrics::{LegTraffic, PendingMove, clock_us, metrics};
 use crate::net::Network;
 use crate::router::{Backend, BackendProfile, Lease};
+
+/// Connections that fail together (a TiDB died under them, no TiDB can take
+/// them, no routing group matches them) log one line a second with a count.
+static CONNECTIONS_FAILED: crate::flood::Flood =
+    crate::flood::Flood::new(std::time::Duration::from_secs(1));
 use tiproxy_core::session::Leg;
 
 impl<N: Network> Driver<N> {
@@ -134,9 +139,21 @@ impl<N: Network> Driver<N> {
                         debug!(conn_id, peer = %self.peer, backend, "{reason}")
                     }
                     SessionError::Refused(ProxyError::NoBackend(_))
-                    | SessionError::BackendLost(_) => {
-                        warn!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
-                    }
+                    | SessionError::BackendLost(_) => match CONNECTIONS_FAILED.admit() {
+                        Some(0) => {
+                            warn!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
+                        }
+                        Some(n) => warn!(
+                            conn_id,
+                            peer = %self.peer,
+                            backend,
+                            failed_since_last_line = n,
+                            "connection failed: {reason}"
+                        ),
+                        None => {
+                            debug!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
+                        }
+                    },
                     _ => info!(conn_id, peer = %self.peer, backend, "connection failed: {reason}"),
                 }
             }

@@ -3,7 +3,7 @@
 //! TiProxy's), `skip-ca`; and what a refused handshake is called in logs,
 //! with [`RefusalLog`] keeping a flood of refusals to a line a minute.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -240,42 +240,38 @@ pub fn describe(e: &rustls::Error) -> String {
 
 /// A refused TLS peer is an attack or a misconfiguration: loud, but a
 /// flood of them is one line a minute with how many there were.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RefusalLog {
-    state: Mutex<RefusalState>,
-}
-
-#[derive(Debug, Default)]
-struct RefusalState {
-    last: Option<tokio::time::Instant>,
-    unlogged: u64,
+    flood: crate::flood::Flood,
 }
 
 /// How often [`RefusalLog`] logs at most.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        Self {
+            flood: crate::flood::Flood::new(REFUSAL_LOG_EVERY),
+        }
+    }
+}
 
 impl RefusalLog {
     /// Notes one refusal of `peer` on `leg` for `why`; logs it unless a
     /// line was logged less than a minute ago (then it is counted into
     /// the next line). Returns whether it logged.
     pub fn refused(&self, leg: &str, peer: &dyn std::fmt::Display, why: &str) -> bool {
-        let now = tokio::time::Instant::now();
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.last
-            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY)
-        {
-            s.unlogged += 1;
-            return false;
+        match self.flood.admit() {
+            None => false,
+            Some(0) => {
+                tracing::warn!(%peer, "{leg}: refused a TLS peer: {why}");
+                true
+            }
+            Some(earlier) => {
+                tracing::warn!(%peer, refused_since_last_line = earlier, "{leg}: refused a TLS peer: {why}");
+                true
+            }
         }
-        let earlier = std::mem::take(&mut s.unlogged);
-        s.last = Some(now);
-        drop(s);
-        if earlier > 0 {
-            tracing::warn!(%peer, refused_since_last_line = earlier, "{leg}: refused a TLS peer: {why}");
-        } else {
-            tracing::warn!(%peer, "{leg}: refused a TLS peer: {why}");
-        }
-        true
     }
 }
 
