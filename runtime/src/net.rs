@@ -199,7 +199,7 @@ impl Network for TokioNet {
         // Move the socket to the worker's reactor.
         match stream.into_std() {
             Ok(std) => {
-                w.spawn(w.place(), async move {
+                w.spawn(w.place(), move || async move {
                     match tokio::net::TcpStream::from_std(std) {
                         Ok(s) => serve(s).await,
                         Err(e) => tracing::warn!("cannot register an accepted connection: {e}"),
@@ -240,7 +240,7 @@ impl Network for TokioNet {
                 }
             }
         }
-        let moved = w.spawn(to, async move {
+        let moved = w.spawn(to, move || async move {
             let mut streams = Vec::with_capacity(std.len());
             for s in std {
                 match tokio::net::TcpStream::from_std(s) {

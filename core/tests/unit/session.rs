@@ -1238,6 +1238,28 @@ fn session_state_stays_small() {
     assert!(event <= 96, "Event grew to {event} bytes");
 }
 
+/// An idle connection holds no buffer space: after the login and after a
+/// result set, once everything is written, every relay buffer has given its
+/// allocation back (issue 15: idle memory per connection; a kept buffer
+/// costs each idle connection what its last exchange left).
+#[test]
+fn idle_session_keeps_no_buffer_space() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    assert_eq!(h.s.buffered(), 0, "buffer space kept after the login");
+    h.send(Leg::Client, 0, b"\x03select a from t");
+    h.recv(Leg::Backend);
+    let wire = result_set_wire(50, 1);
+    h.s.handle_data(h.now, Leg::Backend, &wire);
+    // Not yet written: the bytes stay.
+    assert!(h.s.buffered() >= wire.len());
+    h.pump();
+    assert!(h.s.tracker().is_idle());
+    assert_eq!(h.s.buffered(), 0, "buffer space kept after a result set");
+    assert_eq!(h.recv(Leg::Client).len(), 54, "the whole result set");
+    h.query_ok("commit", StatusFlags::AUTOCOMMIT);
+    assert_eq!(h.s.buffered(), 0);
+}
+
 #[test]
 fn begin_inside_a_transaction_commits_moves_then_begins_on_the_new_backend() {
     let mut h = Harness::established(cfg(), CLIENT_CAPS);
