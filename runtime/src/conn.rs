@@ -753,11 +753,19 @@ mod size_tests {
             1,
             Arc::new(Mailbox::default()),
         );
-        eprintln!(
-            "serve future {} Driver {} Session {}",
+        let (fut, driver) = (
             std::mem::size_of_val(&f),
             std::mem::size_of::<Driver<TokioNet>>(),
+        );
+        eprintln!(
+            "serve future {fut} Driver {driver} Session {}",
             std::mem::size_of::<Session>()
         );
+        // Issue 15's idle budget (3 KB per connection, two 256-byte socket
+        // registrations and a tokio task included): the task's future is
+        // the driver's pointer and its loop (a takeover's offer and the
+        // finish are boxed), the driver holds the session.
+        assert!(fut <= 64, "the connection's future grew to {fut} bytes");
+        assert!(driver <= 1850, "the driver grew to {driver} bytes");
     }
 }

@@ -199,10 +199,13 @@ impl Network for TokioNet {
         // Move the socket to the worker's reactor.
         match stream.into_std() {
             Ok(std) => {
-                w.spawn(w.place(), move || async move {
-                    match tokio::net::TcpStream::from_std(std) {
-                        Ok(s) => serve(s).await,
-                        Err(e) => tracing::warn!("cannot register an accepted connection: {e}"),
+                // No `async` block: the task holds the connection's future
+                // and nothing captured beside it.
+                w.spawn(w.place(), move || match tokio::net::TcpStream::from_std(std) {
+                    Ok(s) => futures_util::future::Either::Left(serve(s)),
+                    Err(e) => {
+                        tracing::warn!("cannot register an accepted connection: {e}");
+                        futures_util::future::Either::Right(std::future::ready(()))
                     }
                 });
             }

@@ -1224,8 +1224,9 @@ fn graceful_close_waits_for_the_transaction() {
     assert!(h.events.contains(&Event::SafePoint));
 }
 
-/// Every idle connection holds one session: keep it small (the runtime's
-/// idle-memory budget is 4 KiB per connection, sockets and task included).
+/// Every idle connection holds one session: keep it small (issue 15: the
+/// runtime's idle-memory budget is 3 KB per connection, sockets and task
+/// included; what only a move or a refresh uses is boxed).
 #[test]
 fn session_state_stays_small() {
     let session = std::mem::size_of::<Session>();
@@ -1234,7 +1235,7 @@ fn session_state_stays_small() {
         "Session {session} B, Event {event} B, Action {} B",
         std::mem::size_of::<Action>()
     );
-    assert!(session <= 1500, "Session grew to {session} bytes");
+    assert!(session <= 1440, "Session grew to {session} bytes");
     assert!(event <= 96, "Event grew to {event} bytes");
 }
 
