@@ -201,11 +201,13 @@ impl Network for TokioNet {
             Ok(std) => {
                 // No `async` block: the task holds the connection's future
                 // and nothing captured beside it.
-                w.spawn(w.place(), move || match tokio::net::TcpStream::from_std(std) {
-                    Ok(s) => futures_util::future::Either::Left(serve(s)),
-                    Err(e) => {
-                        tracing::warn!("cannot register an accepted connection: {e}");
-                        futures_util::future::Either::Right(std::future::ready(()))
+                w.spawn(w.place(), move || {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(s) => futures_util::future::Either::Left(serve(s)),
+                        Err(e) => {
+                            tracing::warn!("cannot register an accepted connection: {e}");
+                            futures_util::future::Either::Right(std::future::ready(()))
+                        }
                     }
                 });
             }
