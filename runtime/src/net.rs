@@ -211,10 +211,15 @@ impl Network for TokioNet {
         // Move the socket to the worker's reactor.
         match stream.into_std() {
             Ok(std) => {
-                w.spawn(w.place(), async move {
+                // No `async` block: the task holds the connection's future
+                // and nothing captured beside it.
+                w.spawn(w.place(), move || {
                     match tokio::net::TcpStream::from_std(std) {
-                        Ok(s) => serve(s).await,
-                        Err(e) => tracing::warn!("cannot register an accepted connection: {e}"),
+                        Ok(s) => futures_util::future::Either::Left(serve(s)),
+                        Err(e) => {
+                            tracing::warn!("cannot register an accepted connection: {e}");
+                            futures_util::future::Either::Right(std::future::ready(()))
+                        }
                     }
                 });
             }
@@ -252,7 +257,7 @@ impl Network for TokioNet {
                 }
             }
         }
-        let moved = w.spawn(to, async move {
+        let moved = w.spawn(to, move || async move {
             let mut streams = Vec::with_capacity(std.len());
             for s in std {
                 match tokio::net::TcpStream::from_std(s) {

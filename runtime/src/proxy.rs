@@ -574,9 +574,14 @@ pub(crate) async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::List
         let rx = register(&st, id);
         metrics().create_connection.inc();
         let st2 = st.clone();
-        net.spawn_connection(stream, move |stream| async move {
-            conn::serve(st2.shared.clone(), stream, peer, id, rx).await;
-            unregister(&st2, id);
+        // A combinator, not an `async` block, which would keep its
+        // captured arguments beside the driver's future for the
+        // connection's life.
+        net.spawn_connection(stream, move |stream| {
+            futures_util::FutureExt::map(
+                conn::serve(st2.shared.clone(), stream, peer, id, rx),
+                move |()| unregister(&st2, id),
+            )
         });
     }
 }

@@ -218,6 +218,15 @@ impl<T: Clone> Session<T> {
     /// Marks `n` bytes of [`Session::transmit`] as written.
     pub fn advance_transmit(&mut self, leg: Leg, n: usize) {
         self.relay.legs[leg.idx()].out.advance(n);
+        // The last byte of an exchange is out and no command runs: the
+        // session goes idle, and idle sessions keep no buffer space.
+        if self.relay.legs[leg.idx()].out.len() == 0
+            && self.client_starts_command()
+            && !self.migration.active()
+            && self.relay.all_written()
+        {
+            self.relay.release_idle();
+        }
     }
 
     /// Bytes held in the session's buffers (for memory accounting).

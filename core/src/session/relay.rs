@@ -110,6 +110,14 @@ impl Transmit {
     pub(super) fn capacity(&self) -> usize {
         self.buf.capacity()
     }
+
+    /// Gives the allocation back when nothing is left to write.
+    fn release_if_empty(&mut self) {
+        if self.len() == 0 && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+            self.read = 0;
+        }
+    }
 }
 
 /// One leg's framing, sequence and output state.
@@ -208,6 +216,31 @@ impl Relay {
                 .iter()
                 .map(|l| l.out.capacity() + l.staging.capacity() + l.rx.stash.capacity())
                 .sum::<usize>()
+    }
+
+    /// Gives back the allocation of every buffer that holds nothing: an
+    /// idle session owns no buffer space (the next command allocates again,
+    /// a small allocation per leg, where keeping them cost every idle
+    /// connection what its last exchange left, up to [`RELEASE_CAPACITY`]
+    /// per buffer).
+    pub(super) fn release_idle(&mut self) {
+        fn release(b: &mut BytesMut) {
+            if b.is_empty() && b.capacity() > 0 {
+                *b = BytesMut::new();
+            }
+        }
+        for l in &mut self.legs {
+            l.out.release_if_empty();
+            release(&mut l.staging);
+            release(&mut l.rx.stash);
+        }
+        release(&mut self.held);
+        release(&mut self.plain);
+    }
+
+    /// Whether every leg's output is written.
+    pub(super) fn all_written(&self) -> bool {
+        self.legs.iter().all(|l| l.queued() == 0)
     }
 
     /// Takes back the decompression buffer (released when it grew large).

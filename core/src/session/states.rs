@@ -81,8 +81,15 @@ enum ReadState {
 }
 
 /// Consumes the result of `SHOW SESSION_STATES`, one packet at a time.
+///
+/// Boxed: a session reads the states only while it moves or refreshes its
+/// protection copy, and every session's migration state holds the room
+/// of the largest thing it may hold (issue 15: idle memory).
 #[derive(Debug)]
-pub struct StatesReader {
+pub struct StatesReader(Box<Reading>);
+
+#[derive(Debug)]
+struct Reading {
     deprecate_eof: bool,
     state: ReadState,
     columns: u64,
@@ -104,17 +111,23 @@ pub enum StatesProgress {
 impl StatesReader {
     /// A reader for a backend leg that negotiated `deprecate_eof`.
     pub fn new(deprecate_eof: bool) -> Self {
-        Self {
+        Self(Box::new(Reading {
             deprecate_eof,
             state: ReadState::First,
             columns: 0,
             joined: BytesMut::new(),
             row: None,
-        }
+        }))
     }
 
     /// Feeds one whole packet payload.
     pub fn feed(&mut self, payload: &[u8]) -> StatesProgress {
+        self.0.feed(payload)
+    }
+}
+
+impl Reading {
+    fn feed(&mut self, payload: &[u8]) -> StatesProgress {
         if payload.len() == MAX_PAYLOAD || !self.joined.is_empty() {
             self.joined.extend_from_slice(payload);
             if payload.len() == MAX_PAYLOAD {

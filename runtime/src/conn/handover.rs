@@ -4,6 +4,7 @@
 //! continuing an imported session.
 
 use std::any::Any;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -188,7 +189,7 @@ pub fn import<N: Network>(
     backend: &str,
     state: &[u8],
     protect: Option<ProtectionCopy>,
-) -> Result<Imported<N>, String> {
+) -> Result<Box<Imported<N>>, String> {
     let b = shared
         .router
         .find(backend)
@@ -204,18 +205,27 @@ pub fn import<N: Network>(
     if let Some(copy) = protect {
         session.adopt_protection_copy(copy, now);
     }
-    Ok(Imported {
+    // Boxed: the connection's task captures it until the driver takes the
+    // session, and keeps the space it held for the task's life.
+    Ok(Box::new(Imported {
         shared: shared.clone(),
         session,
         lease,
         peer,
         conn_id,
-    })
+    }))
 }
 
 impl<N: Network> Imported<N> {
-    /// Serves the session on its sockets to its end.
-    pub async fn serve(self, client: N::Stream, backend: N::Stream, ctl: Arc<Mailbox>) {
+    /// Serves the session on its sockets to its end: the driver is built
+    /// now, and the future returned runs it (not an `async fn`, which would
+    /// keep this session's bytes, moved out, in the task for its life).
+    pub fn serve(
+        self: Box<Self>,
+        client: N::Stream,
+        backend: N::Stream,
+        ctl: Arc<Mailbox>,
+    ) -> impl Future<Output = ()> + Send {
         *ctl.client.lock().expect("mailbox lock") = Some(self.peer);
         ctl.set_backend(Some(self.lease.backend().clone()));
         let d = Box::new(Driver {
@@ -247,6 +257,6 @@ impl<N: Network> Imported<N> {
             handover: None,
             may_rehome: false,
         });
-        d.run().await;
+        d.run()
     }
 }
