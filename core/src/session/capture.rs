@@ -2,12 +2,19 @@
 //! each command's bytes and reports it with its outcome as
 //! [`Event::Captured`] when the command finishes. Off (the default) it
 //! costs one branch per command; on, one copy of the command's first packet.
+//!
+//! With result comparison on as well, the tap digests each response as the
+//! relay forwards it ([`DigestBuilder`]: a few words, no row is held) and
+//! hands the digest over with the command. The relay asks
+//! [`Session::tap_in_row`] per forwarded backend packet: one branch when
+//! comparison is off.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::{Event, Session};
+use crate::digest::DigestBuilder;
 
 /// COM_STMT_PREPARE: its OK response carries the new statement id.
 const COM_STMT_PREPARE: u8 = 0x16;
@@ -20,16 +27,25 @@ pub(super) struct Tap {
     payload: Option<Bytes>,
     /// The statement id a COM_STMT_PREPARE's response named.
     stmt_id: u32,
+    /// With result comparison on: the running command's digest.
+    digest: Option<Box<DigestBuilder>>,
 }
 
 impl<T: Clone> Session<T> {
     /// Turns the capture tap on or off; from the next command on, every
     /// finished command is also reported as [`Event::Captured`].
     pub fn set_capture(&mut self, on: bool) {
+        self.set_capture_compare(on, false);
+    }
+
+    /// [`Self::set_capture`], and with `compare` each captured command also
+    /// carries a digest of its result.
+    pub fn set_capture_compare(&mut self, on: bool, compare: bool) {
         self.tap.on = on;
         if !on {
             self.tap.payload = None;
         }
+        self.tap.digest = (on && compare).then(Box::default);
     }
 
     /// Whether the relay must hand the session a whole client packet: a
@@ -46,12 +62,21 @@ impl<T: Clone> Session<T> {
         if self.tap.on {
             self.tap.stmt_id = 0;
             self.tap.payload = whole.then(|| Bytes::copy_from_slice(payload));
+            if let Some(d) = &mut self.tap.digest {
+                d.finish();
+            }
         }
     }
 
-    /// A response packet arrives before the command finished: a
-    /// COM_STMT_PREPARE's first one names the statement.
-    pub(super) fn tap_response(&mut self, prefix: &[u8]) {
+    /// A response packet of `len` bytes arrives (`prefix` holds the bytes
+    /// asked for; the tracker has not seen it yet): a COM_STMT_PREPARE's
+    /// first one names the statement; the digest notes what it is.
+    pub(super) fn tap_response(&mut self, len: usize, prefix: &[u8]) {
+        if self.tap.payload.is_some()
+            && let Some(d) = &mut self.tap.digest
+        {
+            d.packet(&self.tracker, len, prefix);
+        }
         if let Some(p) = &self.tap.payload
             && p.first() == Some(&COM_STMT_PREPARE)
             && self.tap.stmt_id == 0
@@ -62,14 +87,31 @@ impl<T: Clone> Session<T> {
         }
     }
 
+    /// Whether the bytes the relay forwards from the backend now belong to
+    /// a row being digested.
+    #[inline]
+    pub(super) fn tap_in_row(&self) -> bool {
+        self.tap.digest.as_ref().is_some_and(|d| d.in_row())
+    }
+
+    /// Payload bytes of the row being digested (the relay calls this only
+    /// when [`Self::tap_in_row`]).
+    pub(super) fn tap_feed(&mut self, bytes: &[u8]) {
+        if let Some(d) = &mut self.tap.digest {
+            d.feed(bytes);
+        }
+    }
+
     /// The command finished: report it.
     pub(super) fn tap_done(&mut self, ok: bool, elapsed: Duration) {
         if let Some(payload) = self.tap.payload.take() {
+            let digest = self.tap.digest.as_mut().map(|d| d.finish());
             self.events.push_back(Event::Captured {
                 payload,
                 ok,
                 elapsed,
                 stmt_id: self.tap.stmt_id,
+                digest,
             });
         }
     }
@@ -82,6 +124,7 @@ impl<T: Clone> Session<T> {
                 ok: true,
                 elapsed: Duration::ZERO,
                 stmt_id: 0,
+                digest: None,
             });
         }
     }
