@@ -19,16 +19,22 @@ use crate::digest::DigestBuilder;
 /// COM_STMT_PREPARE: its OK response carries the new statement id.
 const COM_STMT_PREPARE: u8 = 0x16;
 
-/// The tap's state inside a session.
+/// The tap's state inside a session: one pointer, `None` while capture is
+/// off (every session holds one; most never capture).
 #[derive(Debug, Default)]
 pub(super) struct Tap {
-    on: bool,
-    /// The running command's bytes (the command byte first).
+    cur: Option<Box<TapCmd>>,
+}
+
+/// The running command, while capture is on.
+#[derive(Debug, Default)]
+struct TapCmd {
+    /// Its bytes (the command byte first).
     payload: Option<Bytes>,
     /// The statement id a COM_STMT_PREPARE's response named.
     stmt_id: u32,
-    /// With result comparison on: the running command's digest.
-    digest: Option<Box<DigestBuilder>>,
+    /// With result comparison on: its result's digest so far.
+    digest: Option<DigestBuilder>,
 }
 
 impl<T: Clone> Session<T> {
@@ -41,11 +47,14 @@ impl<T: Clone> Session<T> {
     /// [`Self::set_capture`], and with `compare` each captured command also
     /// carries a digest of its result.
     pub fn set_capture_compare(&mut self, on: bool, compare: bool) {
-        self.tap.on = on;
         if !on {
-            self.tap.payload = None;
+            self.tap.cur = None;
+            return;
         }
-        self.tap.digest = (on && compare).then(Box::default);
+        let c = self.tap.cur.get_or_insert_with(Box::default);
+        if compare != c.digest.is_some() {
+            c.digest = compare.then(DigestBuilder::default);
+        }
     }
 
     /// Whether the relay must hand the session a whole client packet: a
@@ -53,16 +62,16 @@ impl<T: Clone> Session<T> {
     /// (16 MiB and more) are not captured; the stash such a packet fills
     /// is bounded by the packet size.
     pub(super) fn tap_wants_whole(&self, len: usize) -> bool {
-        self.tap.on && self.tracker.is_idle() && len < crate::packet::MAX_PAYLOAD
+        self.tap.cur.is_some() && self.tracker.is_idle() && len < crate::packet::MAX_PAYLOAD
     }
 
     /// A command starts: keep its bytes if the tap is on. A command larger
     /// than one packet (16 MiB) is not whole: it is skipped.
     pub(super) fn tap_command(&mut self, payload: &[u8], whole: bool) {
-        if self.tap.on {
-            self.tap.stmt_id = 0;
-            self.tap.payload = whole.then(|| Bytes::copy_from_slice(payload));
-            if let Some(d) = &mut self.tap.digest {
+        if let Some(c) = &mut self.tap.cur {
+            c.stmt_id = 0;
+            c.payload = whole.then(|| Bytes::copy_from_slice(payload));
+            if let Some(d) = &mut c.digest {
                 d.finish();
             }
         }
@@ -72,18 +81,21 @@ impl<T: Clone> Session<T> {
     /// asked for; the tracker has not seen it yet): a COM_STMT_PREPARE's
     /// first one names the statement; the digest notes what it is.
     pub(super) fn tap_response(&mut self, len: usize, prefix: &[u8]) {
-        if self.tap.payload.is_some()
-            && let Some(d) = &mut self.tap.digest
-        {
+        let Some(c) = &mut self.tap.cur else {
+            return;
+        };
+        let Some(p) = &c.payload else {
+            return;
+        };
+        if let Some(d) = &mut c.digest {
             d.packet(&self.tracker, len, prefix);
         }
-        if let Some(p) = &self.tap.payload
-            && p.first() == Some(&COM_STMT_PREPARE)
-            && self.tap.stmt_id == 0
+        if p.first() == Some(&COM_STMT_PREPARE)
+            && c.stmt_id == 0
             && prefix.first() == Some(&0)
             && prefix.len() >= 5
         {
-            self.tap.stmt_id = u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+            c.stmt_id = u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
         }
     }
 
@@ -91,26 +103,32 @@ impl<T: Clone> Session<T> {
     /// a row being digested.
     #[inline]
     pub(super) fn tap_in_row(&self) -> bool {
-        self.tap.digest.as_ref().is_some_and(|d| d.in_row())
+        self.tap
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.digest.as_ref().is_some_and(DigestBuilder::in_row))
     }
 
     /// Payload bytes of the row being digested (the relay calls this only
     /// when [`Self::tap_in_row`]).
     pub(super) fn tap_feed(&mut self, bytes: &[u8]) {
-        if let Some(d) = &mut self.tap.digest {
+        if let Some(d) = self.tap.cur.as_mut().and_then(|c| c.digest.as_mut()) {
             d.feed(bytes);
         }
     }
 
     /// The command finished: report it.
     pub(super) fn tap_done(&mut self, ok: bool, elapsed: Duration) {
-        if let Some(payload) = self.tap.payload.take() {
-            let digest = self.tap.digest.as_mut().map(|d| d.finish());
+        let Some(c) = &mut self.tap.cur else {
+            return;
+        };
+        if let Some(payload) = c.payload.take() {
+            let digest = c.digest.as_mut().map(|d| Box::new(d.finish()));
             self.events.push_back(Event::Captured {
                 payload,
                 ok,
                 elapsed,
-                stmt_id: self.tap.stmt_id,
+                stmt_id: c.stmt_id,
                 digest,
             });
         }
@@ -118,7 +136,7 @@ impl<T: Clone> Session<T> {
 
     /// COM_QUIT: the session ends without a response.
     pub(super) fn tap_quit(&mut self) {
-        if self.tap.on {
+        if self.tap.cur.is_some() {
             self.events.push_back(Event::Captured {
                 payload: Bytes::from_static(&[0x01]),
                 ok: true,

@@ -58,7 +58,7 @@ pub struct Finished {
     /// For COM_STMT_PREPARE, the statement id the server gave.
     pub stmt_id: u32,
     /// With `--compare`: what it got back.
-    pub digest: Option<ResultDigest>,
+    pub digest: Option<Box<ResultDigest>>,
 }
 
 type Running = (mpsc::Sender<Item>, Arc<CaptureJob>);
@@ -155,7 +155,7 @@ impl ConnTap {
             payload,
             ok,
             stmt_id,
-            digest,
+            digest: digest.map(|d| *d),
         };
         for item in init.into_iter().chain(std::iter::once(item)) {
             match tx.try_send(item) {
