@@ -479,12 +479,10 @@ async fn run(job: Arc<CaptureJob>, mut rx: mpsc::Receiver<Item>, writer: RotateW
         }
     }
     set_running(None);
-    let failed = job.st.lock().expect("job lock").err.is_some();
-    if !failed {
-        // What connections sent before they saw the stop.
-        while let Ok(it) = rx.try_recv() {
-            enc.encode(it);
-        }
+    // What connections queued before the stop (the queue is drained on a
+    // tick, so a cancel can find commands there that were sent before it).
+    while let Ok(it) = rx.try_recv() {
+        enc.encode(it);
     }
     drop(rx);
     let rest = std::mem::take(&mut enc.buf);
