@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod command;
 pub mod compress;
+pub mod digest;
 pub mod error;
 pub mod flags;
 pub mod handshake;

@@ -466,3 +466,158 @@ async fn a_failing_statement_is_reported_in_show_and_on_the_target() {
         "{rows:?}"
     );
 }
+
+/// `--compare`: the capture keeps a digest of each result; with one row
+/// changed on B beforehand, the replay names exactly the statements whose
+/// result depends on that row (text, prepared, ordered and unordered
+/// reads, and a write's affected rows) and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn result_comparison_names_the_statements_whose_results_differ() {
+    let (db_a, db_b) = (mariadb(), MariaDb::start().expect("a second MariaDB"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("cmp");
+    let a = ProxyProcess::start(&[db_a.addr()], "");
+    let b = ProxyProcess::start(&[db_b.addr()], "");
+    for addr in [db_a.addr(), db_b.addr()] {
+        let mut c = mysql_async::Conn::new(opts(addr)).await.expect("connect");
+        c.query_drop("drop table if exists cmp_t")
+            .await
+            .expect("drop");
+        c.query_drop("create table cmp_t (id int primary key, v varchar(32), n int)")
+            .await
+            .expect("create");
+        c.query_drop(
+            "insert into cmp_t values (1, 'one', 1), (2, 'two', 2), (3, 'three', 3), \
+             (4, 'four', 4), (5, 'five', 5), (6, 'six', 6), (7, 'seven', 7)",
+        )
+        .await
+        .expect("insert");
+    }
+    let mut direct_b = mysql_async::Conn::new(opts(db_b.addr()))
+        .await
+        .expect("connect");
+    direct_b
+        .query_drop("update cmp_t set v = 'changed' where id = 7")
+        .await
+        .expect("change one row on B");
+
+    let mut c = mysql_async::Conn::new(opts(a.sql)).await.expect("connect");
+    let (ok, o) = ctl(
+        &a,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "3s",
+            "--compare",
+        ],
+    );
+    assert!(ok && o.contains("capture started"), "{o}");
+    let differing = [
+        "select id, v from cmp_t where id = 7",
+        "select v from cmp_t order by id",
+        "select id from cmp_t where v = 'seven'",
+        "update cmp_t set n = n + 1 where v = 'seven'",
+    ];
+    let same = [
+        "select id, v from cmp_t where id = 3",
+        "select count(*), sum(id) from cmp_t",
+        "select v from cmp_t where id < 7",
+        "update cmp_t set n = n + 1 where id = 2",
+        "select n from cmp_t where id = 2",
+    ];
+    for q in differing.iter().chain(&same) {
+        c.query_drop(*q).await.expect("statement");
+    }
+    // Same on both, and failing on both: not a difference.
+    assert!(c.query_drop("select * from cmp_missing").await.is_err());
+    // One prepared statement, one differing execution of two.
+    for id in [4, 7] {
+        let _: Option<String> = c
+            .exec_first("select v from cmp_t where id = ?", (id,))
+            .await
+            .expect("execute");
+    }
+    c.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&a, Duration::from_secs(10))["status"], "done");
+    let recs = read_capture(&out, None);
+    assert!(
+        recs.iter()
+            .filter(|r| r.payload[0] == 0x03)
+            .all(|r| r.digest.is_some()),
+        "every query carries its result digest"
+    );
+
+    let (ok, o) = ctl(
+        &b,
+        &[
+            "traffic",
+            "replay",
+            "--input",
+            out.to_str().unwrap(),
+            "--username",
+            APP_USER,
+            "--password",
+            APP_PASSWORD,
+            "--speed",
+            "10",
+        ],
+    );
+    assert!(ok, "{o}");
+    let job = wait_done(&b, Duration::from_secs(20));
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["failed_cmds"], 0, "{job}");
+    assert_eq!(job["differed_cmds"], differing.len() + 1, "{job}");
+    let mut named: Vec<String> = job["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| d["sample_stmt"].as_str().unwrap_or_default().to_string())
+        .collect();
+    named.sort();
+    let mut want: Vec<String> = differing.iter().map(|s| s.to_string()).collect();
+    want.push("select v from cmp_t where id = ?".into());
+    want.sort();
+    assert_eq!(named, want, "{job}");
+    let sample = |stmt: &str| -> String {
+        job["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["sample_stmt"] == stmt)
+            .and_then(|d| d["sample_diff"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        sample("update cmp_t set n = n + 1 where v = 'seven'"),
+        "captured 0 rows, 1 affected, replayed 0 rows, 0 affected",
+        "{job}"
+    );
+    assert_eq!(
+        sample("select id from cmp_t where v = 'seven'"),
+        "captured 1 rows, 0 affected, replayed 0 rows, 0 affected",
+        "{job}"
+    );
+    assert_eq!(
+        sample("select id, v from cmp_t where id = 7"),
+        "captured 1 rows, 0 affected, replayed as many rows with other values",
+        "{job}"
+    );
+    // And on the target, next to TiProxy's tables.
+    let rows: Vec<(String, String, i64)> = direct_b
+        .query("select cmd_type, sample_stmt, count from tiproxy_traffic_replay.result_diff")
+        .await
+        .expect("the result_diff table");
+    assert_eq!(rows.len(), want.len(), "{rows:?}");
+    assert!(
+        rows.contains(&(
+            "StmtExecute".into(),
+            "select v from cmp_t where id = ?".into(),
+            1
+        )),
+        "{rows:?}"
+    );
+}

@@ -215,7 +215,7 @@ impl<T: Clone> Session<T> {
         header: PacketHeader,
         prefix: &[u8],
     ) -> Disposition {
-        self.tap_response(prefix);
+        self.tap_response(header.len, prefix);
         match self.tracker.on_backend_packet(header.len, prefix) {
             Err(e) => {
                 self.backend_protocol_error(e.to_string());

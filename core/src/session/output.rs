@@ -127,6 +127,8 @@ pub enum Event<T = String> {
         elapsed: Duration,
         /// For COM_STMT_PREPARE, the statement id the backend assigned.
         stmt_id: u32,
+        /// With result comparison on: what the command got back.
+        digest: Option<Box<crate::digest::ResultDigest>>,
     },
     /// A session that was waiting to move or close reached a safe point.
     SafePoint,

@@ -296,6 +296,9 @@ impl<T: Clone> Session<T> {
                     self.relay.legs[to.idx()]
                         .writer()
                         .extend_from_slice(&data[..n]);
+                    if leg == Leg::Backend && self.tap_in_row() {
+                        self.tap_feed(&data[..n]);
+                    }
                 }
                 self.relay.legs[i].rx.pass -= n;
                 data = &data[n..];
@@ -371,6 +374,9 @@ impl<T: Clone> Session<T> {
                     let at = w.len();
                     w.extend_from_slice(&data[..whole]);
                     w[at + 3] = seq;
+                    if leg == Leg::Backend && self.tap_in_row() {
+                        self.tap_feed(&data[HEADER_LEN..whole]);
+                    }
                     data = &data[whole..];
                     continue;
                 }
@@ -432,6 +438,9 @@ impl<T: Clone> Session<T> {
                     .to_bytes(),
                 );
                 w.put_slice(&pkt[HEADER_LEN..]);
+                if from == Leg::Backend && self.tap_in_row() {
+                    self.tap_feed(&pkt[HEADER_LEN..]);
+                }
                 let rx = &mut self.relay.legs[from.idx()].rx;
                 rx.pass = rest;
                 rx.pass_to = Some(to);

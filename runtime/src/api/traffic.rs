@@ -91,6 +91,7 @@ fn capture<N: Network>(st: &State<N>, form: &[u8]) -> Resp {
         encryption_method: field("encrypt-method").unwrap_or_default(),
         key_path: cfg.security.encryption_key_path.clone(),
         file_size,
+        compare: field("compare").is_some_and(|c| c.eq_ignore_ascii_case("true")),
     };
     match traffic::start_capture(c) {
         Ok(()) => plain("capture started"),

@@ -136,6 +136,11 @@ enum TrafficOp {
         /// gzip the files (TiProxy's default; `--compress=false` to not).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
         compress: bool,
+        /// Also keep a digest of each command's result (rows, affected
+        /// rows, error code); a replay of this capture then reports every
+        /// statement whose result differs.
+        #[arg(long)]
+        compare: bool,
     },
     /// Replay a capture against the cluster behind this proxy.
     Replay {
@@ -346,6 +351,7 @@ fn main() -> ExitCode {
                 duration,
                 encryption_method,
                 compress,
+                compare,
             } => {
                 let mut f = form_urlencoded::Serializer::new(String::new());
                 f.append_pair("output", output)
@@ -353,6 +359,9 @@ fn main() -> ExitCode {
                     .append_pair("compress", if *compress { "true" } else { "false" });
                 if let Some(m) = encryption_method {
                     f.append_pair("encrypt-method", m);
+                }
+                if *compare {
+                    f.append_pair("compare", "true");
                 }
                 ("POST", "/api/traffic/capture".to_string(), f.finish())
             }

@@ -70,10 +70,17 @@ impl<N: Network> Driver<N> {
                 ok,
                 elapsed,
                 stmt_id,
+                digest,
             } => {
                 let db = self.session.database();
-                self.tap
-                    .captured(conn_id, db, payload, ok, elapsed, stmt_id);
+                let cmd = crate::traffic::capture::Finished {
+                    payload,
+                    ok,
+                    elapsed,
+                    stmt_id,
+                    digest,
+                };
+                self.tap.captured(conn_id, db, cmd);
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tiproxy_core::digest::ResultDigest;
 use tiproxy_core::session::Session;
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, info};
@@ -30,6 +31,9 @@ use crate::metrics::metrics;
 const MAX_PENDING: usize = 1 << 14;
 const FLUSH_AT: usize = 12 << 20;
 const MAX_BUFFERS: usize = 10;
+/// How often the capture job drains the connections' queue: at this pace
+/// [`MAX_PENDING`] holds over 3 million commands a second.
+const DRAIN_EVERY: Duration = Duration::from_millis(5);
 
 /// One finished command from a connection.
 #[derive(Debug)]
@@ -39,6 +43,22 @@ pub struct Item {
     payload: Bytes,
     ok: bool,
     stmt_id: u32,
+    digest: Option<ResultDigest>,
+}
+
+/// A command a session finished (its `Event::Captured`).
+#[derive(Debug)]
+pub struct Finished {
+    /// The command byte, then the payload.
+    pub payload: Bytes,
+    /// False when the server answered ERR.
+    pub ok: bool,
+    /// From its first byte to its last response byte.
+    pub elapsed: Duration,
+    /// For COM_STMT_PREPARE, the statement id the server gave.
+    pub stmt_id: u32,
+    /// With `--compare`: what it got back.
+    pub digest: Option<Box<ResultDigest>>,
 }
 
 type Running = (mpsc::Sender<Item>, Arc<CaptureJob>);
@@ -86,27 +106,31 @@ impl ConnTap {
         self.generation = g;
         self.running = t.running.lock().expect("tap lock").clone();
         self.inited = false;
-        session.set_capture(self.running.is_some());
+        let compare = self
+            .running
+            .as_ref()
+            .is_some_and(|(_, job)| job.cfg.compare);
+        session.set_capture_compare(self.running.is_some(), compare);
     }
 
     /// A captured command (`Event::Captured`).
-    pub fn captured(
-        &mut self,
-        conn_id: u32,
-        db: Option<&[u8]>,
-        payload: Bytes,
-        ok: bool,
-        elapsed: Duration,
-        stmt_id: u32,
-    ) {
+    pub fn captured(&mut self, conn_id: u32, db: Option<&[u8]>, cmd: Finished) {
         let Some((tx, job)) = &self.running else {
             return;
         };
+        let Finished {
+            payload,
+            ok,
+            elapsed,
+            stmt_id,
+            digest,
+        } = cmd;
         let start = SystemTime::now()
             .checked_sub(elapsed)
             .unwrap_or_else(SystemTime::now);
         let conn_id = u64::from(conn_id);
-        let mut items = Vec::with_capacity(2);
+        // At most two items; no allocation for the common one.
+        let mut init = None;
         if !self.inited {
             self.inited = true;
             if let Some(db) = db.filter(|d| !d.is_empty())
@@ -115,23 +139,25 @@ impl ConnTap {
                 let mut p = Vec::with_capacity(db.len() + 1);
                 p.push(0x02);
                 p.extend_from_slice(db);
-                items.push(Item {
+                init = Some(Item {
                     conn_id,
                     start,
                     payload: p.into(),
                     ok: true,
                     stmt_id: 0,
+                    digest: None,
                 });
             }
         }
-        items.push(Item {
+        let item = Item {
             conn_id,
             start,
             payload,
             ok,
             stmt_id,
-        });
-        for item in items {
+            digest: digest.map(|d| *d),
+        };
+        for item in init.into_iter().chain(std::iter::once(item)) {
             match tx.try_send(item) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -163,6 +189,8 @@ pub struct CaptureConfig {
     pub key_path: String,
     /// Bytes of records per file.
     pub file_size: u64,
+    /// Keep a digest of each command's result (`--compare`).
+    pub compare: bool,
 }
 
 #[derive(Debug, Default)]
@@ -241,6 +269,9 @@ impl CaptureJob {
         if !self.cfg.encryption_method.is_empty() {
             v["encryption-method"] = self.cfg.encryption_method.clone().into();
         }
+        if self.cfg.compare {
+            v["compare"] = true.into();
+        }
         v
     }
 }
@@ -299,6 +330,7 @@ impl Encoder {
             success: it.ok,
             ps_id: 0,
             prepared_stmt: String::new(),
+            digest: it.digest,
         };
         let id_in_payload = || {
             it.payload
@@ -409,15 +441,31 @@ async fn run(job: Arc<CaptureJob>, mut rx: mpsc::Receiver<Item>, writer: RotateW
     };
     let deadline = tokio::time::Instant::now() + job.cfg.duration;
     let mut enc = Encoder::default();
+    // The queue is drained on a tick rather than awaited: a receiver parked
+    // in `recv` is woken by every send, one task wake-up per client
+    // command, which was most of the capture's cost per command.
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = job.stop.notified() => break,
             _ = tokio::time::sleep_until(deadline) => break,
-            item = rx.recv() => match item {
-                Some(it) => enc.encode(it),
-                None => break,
-            },
+            _ = tick.tick() => {}
+        }
+        let mut closed = false;
+        loop {
+            match rx.try_recv() {
+                Ok(it) => enc.encode(it),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            break;
         }
         if enc.buf.len() >= FLUSH_AT {
             let buf = std::mem::take(&mut enc.buf);
@@ -431,12 +479,10 @@ async fn run(job: Arc<CaptureJob>, mut rx: mpsc::Receiver<Item>, writer: RotateW
         }
     }
     set_running(None);
-    let failed = job.st.lock().expect("job lock").err.is_some();
-    if !failed {
-        // What connections sent before they saw the stop.
-        while let Ok(it) = rx.try_recv() {
-            enc.encode(it);
-        }
+    // What connections queued before the stop (the queue is drained on a
+    // tick, so a cancel can find commands there that were sent before it).
+    while let Ok(it) = rx.try_recv() {
+        enc.encode(it);
     }
     drop(rx);
     let rest = std::mem::take(&mut enc.buf);

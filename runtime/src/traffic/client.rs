@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
+use tiproxy_core::digest::{DigestBuilder, ResultDigest};
 use tiproxy_core::handshake::{AuthSwitchRequest, HandshakeResponse, InitialHandshake, plugin};
 use tiproxy_core::packet::{MAX_PAYLOAD as MAX_PACKET, PacketDecoder, Payload, write_packet};
 use tiproxy_core::response::{ErrPacket, OkPacket, PrepareOk};
@@ -72,6 +73,10 @@ pub struct ReplayConn {
     caps: CapabilityFlags,
     tracker: CommandTracker,
     out: BytesMut,
+    /// With result comparison: the digest of the running command's answer.
+    digest: Option<DigestBuilder>,
+    /// The digest of the last command that had an answer.
+    last_digest: Option<ResultDigest>,
 }
 
 fn native_scramble(password: &[u8], salt: &[u8]) -> Vec<u8> {
@@ -148,6 +153,8 @@ impl ReplayConn {
             caps: CapabilityFlags::empty(),
             tracker: CommandTracker::new(false, StatusFlags::empty()),
             out: BytesMut::new(),
+            digest: None,
+            last_digest: None,
         };
         let greeting = c.read().await?;
         if greeting.data.first() == Some(&0xff) {
@@ -264,6 +271,17 @@ impl ReplayConn {
         Ok(next)
     }
 
+    /// Digests every answer from now on ([`Self::last_digest`]), as the
+    /// capture's `--compare` did.
+    pub fn set_compare(&mut self) {
+        self.digest.get_or_insert_with(DigestBuilder::default);
+    }
+
+    /// The digest of the answer to the last command that had one.
+    pub fn last_digest(&self) -> Option<ResultDigest> {
+        self.last_digest
+    }
+
     /// Sends one command payload (command byte first) and reads its whole
     /// response. `Ok(None)`: the command has no response (COM_STMT_CLOSE,
     /// COM_STMT_SEND_LONG_DATA, COM_QUIT).
@@ -310,13 +328,22 @@ impl ReplayConn {
         }
         let mut prepared = None;
         let mut first = true;
+        self.last_digest = None;
         loop {
             let p = self.read().await?;
             if first && payload[0] == 0x16 && p.data.first() == Some(&0x00) {
                 prepared = PrepareOk::parse(&p.data).ok().map(|ok| ok.statement_id);
             }
             first = false;
-            match self.tracker.on_backend_packet(p.data.len(), &p.data) {
+            if let Some(d) = &mut self.digest {
+                d.packet(&self.tracker, p.data.len(), &p.data);
+                d.feed(&p.data);
+            }
+            let done = self.tracker.on_backend_packet(p.data.len(), &p.data);
+            if let (Ok(BackendPacket::Done { .. }), Some(d)) = (&done, &mut self.digest) {
+                self.last_digest = Some(d.finish());
+            }
+            match done {
                 Ok(BackendPacket::Progress) => {}
                 // LOCAL INFILE: the captured file is not in the capture;
                 // send an empty one (the statement then loads nothing).

@@ -8,6 +8,7 @@
 //! # Success: false                             omitted when true
 //! # Captured_ps_id: 1                          omitted when 0
 //! # Prepared_stmt: "select ?"                  Go-quoted; omitted when empty
+//! # Result_digest: 3 0 0 <hex16> <hex16>       ours, with --compare only
 //! # Payload_len: 8                             without the command byte
 //! <payload bytes, binary>\n
 //! ```
@@ -15,11 +16,20 @@
 //! Command names are TiProxy's (`pkg/proxy/net/command.go`, the same as
 //! TiDB's metrics labels). The decoder reads as TiProxy's does, and names
 //! the file, line and byte offset of anything it cannot read.
+//!
+//! `Result_digest` is this project's addition (`--compare`): rows, affected
+//! rows, error code and the unordered and ordered row hashes
+//! ([`ResultDigest`]). It sits among the header lines because TiProxy's
+//! decoder (`NativeDecoder.Decode`) reads every `# key: value` line up to
+//! `Payload_len` and ignores keys it does not know: TiProxy replays such a
+//! capture as if the line were not there. A side file would have needed its
+//! own rotation, compression and encryption in step with the records.
 
 use std::io::BufRead;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use time::{Date, Month, OffsetDateTime, Time, UtcOffset};
+use tiproxy_core::digest::ResultDigest;
 
 /// TiProxy's names of the command bytes, indexed by the byte.
 const NAMES: [&str; 32] = [
@@ -85,6 +95,8 @@ pub struct Record {
     pub ps_id: u32,
     /// The prepared statement's text for statement commands, or empty.
     pub prepared_stmt: String,
+    /// With `--compare`: what the command got back.
+    pub digest: Option<ResultDigest>,
 }
 
 /// Appends one record to `out`.
@@ -108,6 +120,9 @@ pub fn encode(r: &Record, out: &mut Vec<u8>) {
         go_quote(&r.prepared_stmt, out);
         out.push(b'\n');
     }
+    if let Some(d) = &r.digest {
+        let _ = writeln!(out, "# Result_digest: {}", d.to_text());
+    }
     let body = r.payload.get(1..).unwrap_or(&[]);
     let _ = writeln!(out, "# Payload_len: {}", body.len());
     out.extend_from_slice(body);
@@ -128,11 +143,16 @@ pub fn write_rfc3339_nano(t: SystemTime, out: &mut Vec<u8>) {
         d.minute(),
         d.second()
     );
-    let ns = d.nanosecond();
+    let mut ns = d.nanosecond();
     if ns != 0 {
-        let s = format!("{ns:09}");
-        out.push(b'.');
-        out.extend_from_slice(s.trim_end_matches('0').as_bytes());
+        // The fraction without its trailing zeros, without an allocation
+        // (this runs once per captured command).
+        let mut digits = 9;
+        while ns % 10 == 0 {
+            ns /= 10;
+            digits -= 1;
+        }
+        let _ = write!(out, ".{ns:0digits$}");
     }
     out.push(b'Z');
 }
@@ -312,6 +332,7 @@ impl<R: BufRead> Decoder<R> {
         let mut success = true;
         let mut ps_id = 0u32;
         let mut prepared_stmt = String::new();
+        let mut digest = None;
         let record_offset = self.offset;
         loop {
             self.buf.clear();
@@ -363,6 +384,12 @@ impl<R: BufRead> Decoder<R> {
                     prepared_stmt = go_unquote(value)
                         .ok_or_else(|| self.err(format!("bad Prepared_stmt: {value:.80}")))?
                 }
+                "Result_digest" => {
+                    digest = Some(
+                        ResultDigest::from_text(value)
+                            .ok_or_else(|| self.err(format!("bad Result_digest: {value:.80}")))?,
+                    )
+                }
                 "Payload_len" => {
                     let len: usize = value
                         .parse()
@@ -390,6 +417,7 @@ impl<R: BufRead> Decoder<R> {
                         success,
                         ps_id,
                         prepared_stmt,
+                        digest,
                     }));
                 }
                 // Keys a later TiProxy may add are skipped, as its reader does.

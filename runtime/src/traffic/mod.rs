@@ -2,8 +2,8 @@
 //! (`/api/traffic/*`, `tiproxyctl traffic ...`): the jobs and their
 //! history (`traffic show`), the per-connection tap and the capture job
 //! (`capture`), the replay job (`replay`), its MySQL client (`client`) and
-//! its report on the target (`report`), the record format (`format`) and
-//! the files (`store`).
+//! its report on the target (`report`), what it reads from statement texts
+//! (`statement`), the record format (`format`) and the files (`store`).
 //!
 //! Facts come from TiProxy's `pkg/sqlreplay/{capture,cmd,store,manager,replay,conn,report}`
 //! and `pkg/server/api/traffic.go`; the code is this project's own.
@@ -13,6 +13,7 @@ mod client;
 pub mod format;
 pub mod replay;
 mod report;
+mod statement;
 pub mod store;
 #[cfg(test)]
 mod tests;

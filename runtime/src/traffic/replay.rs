@@ -20,19 +20,28 @@
 //! a command that failed in the capture too is not one. Failures and other
 //! errors are written to the target's `tiproxy_traffic_replay` tables
 //! (`report`) when the replay ends, if the target accepts them.
+//!
+//! Result comparison (beyond TiProxy): a capture taken with `--compare`
+//! holds a digest of each command's result; replay digests what the target
+//! answers the same way and reports every command whose result differs
+//! (`differed_cmds`, grouped like failures, in `traffic show` and the
+//! target's `tiproxy_traffic_replay.result_diff`). Rows are compared in
+//! order only when the statement has `ORDER BY`. A command that fails now
+//! but succeeded in the capture is a failure, not also a difference.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
+use tiproxy_core::digest::ResultDigest;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::client::{ClientError, Outcome, ReplayConn};
 use super::format::{self, Decoder, Record};
+use super::statement::{digest, has_order_by, is_read_only, statement};
 use super::{report, store};
 
 /// TiProxy's bounds of `speed`.
@@ -153,8 +162,13 @@ struct ReplayState {
     replayed: u64,
     filtered: u64,
     failed: u64,
+    /// Commands whose result differs from the captured one.
+    differed: u64,
+    /// Whether any command carried a captured digest.
+    compared: bool,
     last_cmd_ts: Option<SystemTime>,
     failures: BTreeMap<(&'static str, String), Failure>,
+    differences: BTreeMap<(&'static str, String), Failure>,
     other: BTreeMap<String, OtherError>,
 }
 
@@ -193,11 +207,22 @@ impl ReplayJob {
         v
     }
 
+    /// The commands whose result differs, grouped like failures (the
+    /// sample's `sample_err_msg` says captured vs replayed), most frequent
+    /// first.
+    pub fn differences(&self) -> Vec<Failure> {
+        let st = self.st.lock().expect("job lock");
+        let mut v: Vec<Failure> = st.differences.values().cloned().collect();
+        v.sort_by_key(|f| std::cmp::Reverse(f.count));
+        v
+    }
+
     /// `traffic show`'s entry: TiProxy's fields
     /// (`pkg/sqlreplay/manager/job.go`), then counts and the first
     /// failures.
     pub fn show(&self) -> serde_json::Value {
         let failures = self.failures();
+        let differences = self.differences();
         let st = self.st.lock().expect("job lock");
         let progress = if st.done && st.err.is_none() {
             1.0
@@ -235,6 +260,26 @@ impl ReplayJob {
                 "count": f.count,
             })).collect::<Vec<_>>(),
         });
+        if st.compared {
+            v["differed_cmds"] = st.differed.into();
+            v["differences"] = differences
+                .iter()
+                .take(SHOW_FAILURES)
+                .map(|f| {
+                    serde_json::json!({
+                        "cmd_type": f.cmd_type,
+                        "digest": f.digest,
+                        "sample_stmt": f.sample_stmt,
+                        "sample_diff": f.sample_err_msg,
+                        "sample_conn_id": f.sample_conn_id,
+                        "sample_filename": f.sample_filename,
+                        "sample_fileline": f.sample_fileline,
+                        "count": f.count,
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
         if self.cfg.read_only {
             v["readonly"] = true.into();
         }
@@ -415,16 +460,17 @@ async fn run(job: Arc<ReplayJob>, files: Vec<PathBuf>, key: Option<[u8; 32]>) {
     drop(conns);
     while tasks.join_next().await.is_some() {}
     let _ = reader.await;
-    let (failures, other) = {
+    let (failures, differences, other) = {
         let st = job.st.lock().expect("job lock");
         (
             st.failures.values().cloned().collect::<Vec<_>>(),
+            st.differences.values().cloned().collect::<Vec<_>>(),
             st.other.clone(),
         )
     };
     let outcome = tokio::time::timeout(
         REPORT_TIMEOUT,
-        report::write(&job.cfg, job.start, &failures, &other),
+        report::write(&job.cfg, job.start, &failures, &differences, &other),
     )
     .await;
     match outcome {
@@ -448,6 +494,7 @@ async fn run(job: Arc<ReplayJob>, files: Vec<PathBuf>, key: Option<[u8; 32]>) {
         None => info!(
             replayed = st.replayed,
             failed = st.failed,
+            differed = st.differed,
             kinds,
             "traffic replay finished"
         ),
@@ -490,6 +537,9 @@ async fn replay_conn(job: Arc<ReplayJob>, conn_id: u64, mut rx: mpsc::Receiver<C
             }
         }
         let c = conn.as_mut().expect("connected above");
+        if cmd.rec.digest.is_some() {
+            c.set_compare();
+        }
         let res = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
@@ -499,7 +549,15 @@ async fn replay_conn(job: Arc<ReplayJob>, conn_id: u64, mut rx: mpsc::Receiver<C
             Ok(Some(Outcome::Err { code, message })) if cmd.rec.success => {
                 record_failure(&job, &cmd, format!("ERROR {code}: {message}"));
             }
-            Ok(_) => {}
+            Ok(Some(_)) => {
+                if let (Some(want), Some(got)) = (
+                    cmd.rec.digest,
+                    conn.as_ref().and_then(ReplayConn::last_digest),
+                ) {
+                    compare(&job, &cmd, want, got);
+                }
+            }
+            Ok(None) => {}
             Err(ClientError::Prepare(msg)) if cmd.rec.success => record_failure(&job, &cmd, msg),
             Err(ClientError::Prepare(_)) => {} // It failed in the capture too.
             Err(e) => {
@@ -595,23 +653,56 @@ async fn execute(
     }
 }
 
+/// Compares a command's captured result with the replayed one.
+fn compare(job: &ReplayJob, cmd: &Cmd, want: ResultDigest, got: ResultDigest) {
+    let ordered = has_order_by(&statement(&cmd.rec));
+    job.st.lock().expect("job lock").compared = true;
+    if want.same_as(&got, ordered) {
+        return;
+    }
+    let what = if want.describe() != got.describe() {
+        format!("captured {}, replayed {}", want.describe(), got.describe())
+    } else if want.unordered == got.unordered {
+        format!(
+            "captured {}, replayed the same rows in another order",
+            want.describe()
+        )
+    } else {
+        format!(
+            "captured {}, replayed as many rows with other values",
+            want.describe()
+        )
+    };
+    record(job, cmd, what, true);
+}
+
 fn record_failure(job: &ReplayJob, cmd: &Cmd, err: String) {
+    record(job, cmd, err, false);
+}
+
+/// Counts a failure (or, with `diff`, a differing result) and keeps the
+/// first sample of its kind.
+fn record(job: &ReplayJob, cmd: &Cmd, err: String, diff: bool) {
     let rec = &cmd.rec;
     let code = rec.payload[0];
-    let stmt = match code {
-        format::COM_QUERY | 0x16 => String::from_utf8_lossy(&rec.payload[1..]).into_owned(),
-        _ => rec.prepared_stmt.clone(),
-    };
+    let stmt = statement(rec);
     let cmd_type = format::command_name(code).unwrap_or("Sleep");
     let key = (cmd_type, digest(&stmt));
-    let mut st = job.st.lock().expect("job lock");
-    st.failed += 1;
-    if let Some(f) = st.failures.get_mut(&key) {
+    let mut guard = job.st.lock().expect("job lock");
+    let st = &mut *guard;
+    let kinds = if diff {
+        st.differed += 1;
+        &mut st.differences
+    } else {
+        st.failed += 1;
+        &mut st.failures
+    };
+    if let Some(f) = kinds.get_mut(&key) {
         f.count += 1;
         return;
     }
-    if st.failures.len() >= MAX_FAILURE_KINDS {
-        return; // Counted in `failed`.
+    if kinds.len() >= MAX_FAILURE_KINDS {
+        return; // Counted in `failed` or `differed`.
     }
     let f = Failure {
         cmd_type,
@@ -625,126 +716,12 @@ fn record_failure(job: &ReplayJob, cmd: &Cmd, err: String) {
         sample_replay_time: SystemTime::now(),
         count: 1,
     };
-    st.failures.insert(key, f);
-}
-
-/// TiProxy's `IsReadOnly` (`pkg/util/lex/filter.go`) by the first words,
-/// and its rule for statement commands: read-only when the statement was
-/// prepared (a writing one never is).
-fn is_read_only(rec: &Record, ps: &HashMap<u32, u32>) -> bool {
-    match rec.payload[0] {
-        format::COM_QUERY | 0x16 => is_read_only_sql(&rec.payload[1..]),
-        0x17..=0x1a | 0x1c => {
-            ps.contains_key(&rec.ps_id)
-                || (!rec.prepared_stmt.is_empty() && is_read_only_sql(rec.prepared_stmt.as_bytes()))
-        }
-        // COM_CREATE_DB, COM_DROP_DB, COM_DELAYED_INSERT.
-        0x05 | 0x06 | 0x10 => false,
-        _ => true,
-    }
-}
-
-fn is_read_only_sql(sql: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(&sql[..sql.len().min(4096)]).to_ascii_lowercase();
-    let words: Vec<&str> = text
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '@' || c == '.'))
-        .filter(|w| !w.is_empty())
-        .collect();
-    match words.first().copied().unwrap_or("") {
-        "select" => !words.windows(2).any(|w| w == ["for", "update"]),
-        "show" | "with" | "use" | "desc" | "describe" | "table" | "do" | "begin" | "commit"
-        | "rollback" => true,
-        "start" => words.get(1) == Some(&"transaction"),
-        "set" => match words.get(1).copied().unwrap_or("") {
-            "session_states" | "session" | "names" | "char" | "charset" | "character"
-            | "transaction" => true,
-            w if w.starts_with("@@global.") => false,
-            w => w.starts_with('@'),
-        },
-        _ => false,
-    }
-}
-
-/// A statement's digest: SHA-256 of its text with literals replaced by
-/// `?`, white space collapsed and keywords lower-cased (TiDB's digest
-/// normalizes the same way with its full parser).
-pub fn digest(sql: &str) -> String {
-    let mut norm = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    let mut space = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' | '"' => {
-                let mut esc = false;
-                for d in chars.by_ref() {
-                    if esc {
-                        esc = false;
-                    } else if d == '\\' {
-                        esc = true;
-                    } else if d == c {
-                        break;
-                    }
-                }
-                norm.push('?');
-            }
-            c if c.is_ascii_digit()
-                && !norm
-                    .chars()
-                    .last()
-                    .is_some_and(|p| p.is_ascii_alphanumeric() || p == '_') =>
-            {
-                while chars
-                    .peek()
-                    .is_some_and(|d| d.is_ascii_alphanumeric() || *d == '.')
-                {
-                    chars.next();
-                }
-                norm.push('?');
-            }
-            c if c.is_whitespace() => {
-                space = true;
-                continue;
-            }
-            c => {
-                if space && !norm.is_empty() {
-                    norm.push(' ');
-                }
-                norm.push(c.to_ascii_lowercase());
-            }
-        }
-        space = false;
-    }
-    let h = Sha256::digest(norm.as_bytes());
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    kinds.insert(key, f);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn read_only_statements_as_tiproxy_sees_them() {
-        assert!(is_read_only_sql(b"SELECT * FROM t"));
-        assert!(!is_read_only_sql(b"select * from t for update"));
-        assert!(is_read_only_sql(b"  begin"));
-        assert!(is_read_only_sql(b"start transaction"));
-        assert!(is_read_only_sql(b"set @a = 1"));
-        assert!(is_read_only_sql(b"SET NAMES utf8mb4"));
-        assert!(!is_read_only_sql(b"set @@global.x = 1"));
-        assert!(!is_read_only_sql(b"set global x = 1"));
-        assert!(!is_read_only_sql(b"insert into t values (1)"));
-        assert!(!is_read_only_sql(b"update t set a = 1"));
-    }
-
-    #[test]
-    fn digests_ignore_literals_and_spacing() {
-        assert_eq!(
-            digest("select * from t where id = 1 and s = 'a'"),
-            digest("SELECT *  FROM t WHERE id = 42 and s = 'b\\'c'")
-        );
-        assert_ne!(digest("select a from t1"), digest("select a from t2"));
-        assert_eq!(digest("select 1").len(), 64);
-    }
 
     #[test]
     fn ps_close_names() {

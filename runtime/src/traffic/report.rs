@@ -1,7 +1,9 @@
 //! The replay's report on the target: failures and other errors in
 //! TiProxy's `tiproxy_traffic_replay.fail` and `.other_errors` tables
 //! (pingcap/tiproxy `pkg/sqlreplay/report/tables.go`: the same columns and
-//! keys, so TiProxy's tooling reads them). Values go in as hex literals,
+//! keys, so TiProxy's tooling reads them). Differing results (`--compare`,
+//! ours) go to `result_diff`, shaped like `fail`; its `sample_err_msg`
+//! says what was captured and what was replayed. Values go in as hex literals,
 //! safe under any SQL mode and character set; times in UTC.
 
 use std::collections::BTreeMap;
@@ -17,9 +19,10 @@ pub async fn write(
     cfg: &ReplayConfig,
     replay_start: SystemTime,
     failures: &[Failure],
+    differences: &[Failure],
     other: &BTreeMap<String, OtherError>,
 ) -> Result<(), String> {
-    if failures.is_empty() && other.is_empty() {
+    if failures.is_empty() && differences.is_empty() && other.is_empty() {
         return Ok(());
     }
     let mut c = ReplayConn::connect(&cfg.addr, &cfg.username, &cfg.password)
@@ -32,9 +35,16 @@ pub async fn write(
         CREATE_FAIL.to_string(),
         CREATE_OTHER.to_string(),
     ];
-    for f in failures {
+    if !differences.is_empty() {
+        stmts.push(CREATE_FAIL.replace(".fail(", ".result_diff("));
+    }
+    let tables = failures
+        .iter()
+        .map(|f| ("fail", f))
+        .chain(differences.iter().map(|f| ("result_diff", f)));
+    for (table, f) in tables {
         stmts.push(format!(
-            "insert into tiproxy_traffic_replay.fail(replay_start_time, cmd_type, digest, \
+            "insert into tiproxy_traffic_replay.{table}(replay_start_time, cmd_type, digest, \
              sample_stmt, sample_err_msg, sample_conn_id, sample_filename, sample_fileline, \
              sample_capture_time, sample_replay_time, count) \
              values('{start}', {}, {}, {}, {}, {}, {}, {}, '{}', '{}', {}) \

@@ -187,7 +187,10 @@ impl RotateWriter {
         let name = self.next_name();
         let f = BufWriter::with_capacity(1 << 20, File::create(self.dir.join(name))?);
         let mut sink = if self.compress {
-            Sink::Gzip(GzEncoder::new(f, Compression::default()))
+            // The fastest level: the writer thread's deflate was the
+            // largest part of the capture's remaining CPU (profile of
+            // bench/capture.sh), and records compress well at any level.
+            Sink::Gzip(GzEncoder::new(f, Compression::fast()))
         } else {
             Sink::Plain(f)
         };

@@ -15,6 +15,7 @@ fn rec(conn_id: u64, payload: &[u8]) -> Record {
         success: true,
         ps_id: 0,
         prepared_stmt: String::new(),
+        digest: None,
     }
 }
 
@@ -57,6 +58,36 @@ fn records_are_tiproxys_native_format_field_by_field() {
     assert_eq!(d.next_record().unwrap(), Some(rec(7, b"\x03select 1")));
     assert_eq!(d.next_record().unwrap(), Some(exec));
     assert_eq!(d.next_record().unwrap(), None);
+}
+
+/// `--compare`'s digest rides in an extra header line. TiProxy's
+/// `NativeDecoder.Decode` needs every line before the payload to start with
+/// `# `, to hold `: ` and a non-empty value, and skips keys it does not
+/// know (its `switch` has no default): the record stays readable to it.
+#[test]
+fn result_digests_ride_in_a_header_tiproxy_skips() {
+    let mut r = rec(7, b"\x03select 1");
+    r.digest = Some(tiproxy_core::digest::ResultDigest {
+        rows: 3,
+        unordered: 0xfeed,
+        ordered: 0xbeef,
+        affected: 0,
+        error: 0,
+    });
+    let mut out = Vec::new();
+    encode(&r, &mut out);
+    let text = String::from_utf8(out.clone()).unwrap();
+    assert_eq!(
+        text,
+        "# Time: 2024-08-27T10:00:00.123456Z\n# Conn_ID: 7\n\
+# Result_digest: 3 0 0 000000000000feed 000000000000beef\n# Payload_len: 8\nselect 1\n"
+    );
+    for line in text.lines().take(4) {
+        let (_, value) = line.strip_prefix("# ").unwrap().split_once(": ").unwrap();
+        assert!(!value.is_empty(), "{line}");
+    }
+    let mut d = Decoder::new(&out[..], "f");
+    assert_eq!(d.next_record().unwrap(), Some(r));
 }
 
 #[test]
