@@ -296,7 +296,7 @@ mkdir -p "$(dirname "$RESULTS")"
     echo "- CPU = tiproxy utime+stime over the run / client commands (tiproxy_session_query_total), in microseconds"
     echo "- memory: a fresh proxy per round, $BENCH_SESSIONS idle sessions (PyMySQL) that each ran one \`SET @v\`; (VmRSS with them - VmRSS before) / sessions; with protection on, measured once tiproxy_session_protected = $BENCH_SESSIONS; $BENCH_MEM_ROUNDS rounds per arm"
     echo "- one session's state copy as TiDB (the double) exports it after one \`SET @v\`: $COPY_BYTES bytes (states JSON plus token)"
-    echo "- load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg). The machine is shared (CI builds and a simulation sweep ran meanwhile), so CPU and TPS are noisy; the arms alternate so both see the same noise. The command counts are exact."
+    echo "- load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg). The benchmark itself loads the machine by about 2-3; a higher load means other work ran meanwhile and CPU and TPS are noisier. The arms alternate so both see the same noise. The command counts are exact."
     echo
     echo "| measure | protection off: median (range) | protection on: median (range) | on vs off | target |"
     echo "| --- | ---: | ---: | ---: | --- |"
