@@ -33,6 +33,24 @@ fn ctl(p: &ProxyProcess, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `tiproxyctl traffic replay` of the capture in `input` as the test's
+/// user, with `extra` arguments.
+fn replay(p: &ProxyProcess, input: &Path, extra: &[&str]) -> (bool, String) {
+    let input = input.to_str().expect("a UTF-8 path");
+    let mut args = vec![
+        "traffic",
+        "replay",
+        "--input",
+        input,
+        "--username",
+        APP_USER,
+        "--password",
+        APP_PASSWORD,
+    ];
+    args.extend_from_slice(extra);
+    ctl(p, &args)
+}
+
 fn last_job(p: &ProxyProcess) -> serde_json::Value {
     let (ok, out) = ctl(p, &["traffic", "show"]);
     assert!(ok, "traffic show: {out}");
@@ -193,21 +211,7 @@ async fn a_captured_workload_replays_on_another_cluster() {
 
     // Replay on B at twice the speed.
     let started = Instant::now();
-    let (ok, o) = ctl(
-        &b,
-        &[
-            "traffic",
-            "replay",
-            "--input",
-            out.to_str().unwrap(),
-            "--username",
-            APP_USER,
-            "--password",
-            APP_PASSWORD,
-            "--speed",
-            "2",
-        ],
-    );
+    let (ok, o) = replay(&b, &out, &["--speed", "2"]);
     assert!(ok && o.contains("replay started"), "{o}");
     let job = wait_done(&b, Duration::from_secs(60));
     let took = started.elapsed();
@@ -268,20 +272,7 @@ async fn a_damaged_capture_names_the_place_and_replays_the_rest() {
     f.set_len(len * 2 / 3).unwrap();
     drop(f);
 
-    let (ok, o) = ctl(
-        &p,
-        &[
-            "traffic",
-            "replay",
-            "--input",
-            out.to_str().unwrap(),
-            "--username",
-            APP_USER,
-            "--password",
-            APP_PASSWORD,
-            "--read-only",
-        ],
-    );
+    let (ok, o) = replay(&p, &out, &["--read-only"]);
     assert!(ok, "{o}");
     let job = wait_done(&p, Duration::from_secs(20));
     assert_eq!(job["status"], "canceled", "{job}");
@@ -333,23 +324,7 @@ async fn prepared_statements_replay_under_every_ps_close() {
     c.disconnect().await.expect("quit");
     assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
     for ps_close in ["directed", "always", "never"] {
-        let (ok, o) = ctl(
-            &p,
-            &[
-                "traffic",
-                "replay",
-                "--input",
-                out.to_str().unwrap(),
-                "--username",
-                APP_USER,
-                "--password",
-                APP_PASSWORD,
-                "--speed",
-                "10",
-                "--ps-close",
-                ps_close,
-            ],
-        );
+        let (ok, o) = replay(&p, &out, &["--speed", "10", "--ps-close", ps_close]);
         assert!(ok, "{o}");
         let job = wait_done(&p, Duration::from_secs(20));
         assert_eq!(job["status"], "done", "{ps_close}: {job}");
@@ -423,20 +398,7 @@ async fn a_failing_statement_is_reported_in_show_and_on_the_target() {
     assert_eq!(wait_done(&p, Duration::from_secs(10))["status"], "done");
 
     // Read-only: the CREATE is left out, so the SELECTs fail now.
-    let (ok, o) = ctl(
-        &p,
-        &[
-            "traffic",
-            "replay",
-            "--input",
-            out.to_str().unwrap(),
-            "--username",
-            APP_USER,
-            "--password",
-            APP_PASSWORD,
-            "--read-only",
-        ],
-    );
+    let (ok, o) = replay(&p, &out, &["--read-only"]);
     assert!(ok, "{o}");
     let job = wait_done(&p, Duration::from_secs(20));
     assert_eq!(job["status"], "done", "{job}");
@@ -550,21 +512,7 @@ async fn result_comparison_names_the_statements_whose_results_differ() {
         "every query carries its result digest"
     );
 
-    let (ok, o) = ctl(
-        &b,
-        &[
-            "traffic",
-            "replay",
-            "--input",
-            out.to_str().unwrap(),
-            "--username",
-            APP_USER,
-            "--password",
-            APP_PASSWORD,
-            "--speed",
-            "10",
-        ],
-    );
+    let (ok, o) = replay(&b, &out, &["--speed", "10"]);
     assert!(ok, "{o}");
     let job = wait_done(&b, Duration::from_secs(20));
     assert_eq!(job["status"], "done", "{job}");
