@@ -3,8 +3,9 @@
 //! transactions, multi-statements, four concurrent sessions and one opened
 //! before the capture began), encrypted and compressed; proxy B in front
 //! of MariaDB B (same starting data) replays it with `tiproxyctl traffic
-//! replay --speed 2`: no failures, `CHECKSUM TABLE` equal on A and B, and
-//! the replay takes half the captured span. Then a damaged capture: the
+//! replay --speed 2`: no failures, no result differing (`--compare`),
+//! `CHECKSUM TABLE` equal on A and B, and the replay takes half the
+//! captured span. Then a damaged capture: the
 //! error names the file and offset and the intact part is replayed.
 
 use std::path::Path;
@@ -15,7 +16,7 @@ use mysql_async::prelude::*;
 use tiproxy_conformance::mariadb::{APP_PASSWORD, APP_USER, MariaDb};
 use tiproxy_runtime::traffic::format::{Decoder, Record};
 use tiproxy_runtime::traffic::store;
-use tiproxy_tests::{ProxyProcess, binary, mariadb, opts};
+use tiproxy_tests::{ProxyProcess, TidbDouble, binary, double_opts, mariadb, opts};
 
 fn ctl(p: &ProxyProcess, args: &[&str]) -> (bool, String) {
     let out = Command::new(binary("tiproxyctl"))
@@ -34,8 +35,18 @@ fn ctl(p: &ProxyProcess, args: &[&str]) -> (bool, String) {
 }
 
 /// `tiproxyctl traffic replay` of the capture in `input` as the test's
-/// user, with `extra` arguments.
+/// MariaDB user, with `extra` arguments.
 fn replay(p: &ProxyProcess, input: &Path, extra: &[&str]) -> (bool, String) {
+    replay_as(p, input, (APP_USER, APP_PASSWORD), extra)
+}
+
+/// `tiproxyctl traffic replay` of the capture in `input` as `user`.
+fn replay_as(
+    p: &ProxyProcess,
+    input: &Path,
+    (user, password): (&str, &str),
+    extra: &[&str],
+) -> (bool, String) {
     let input = input.to_str().expect("a UTF-8 path");
     let mut args = vec![
         "traffic",
@@ -43,9 +54,9 @@ fn replay(p: &ProxyProcess, input: &Path, extra: &[&str]) -> (bool, String) {
         "--input",
         input,
         "--username",
-        APP_USER,
+        user,
         "--password",
-        APP_PASSWORD,
+        password,
     ];
     args.extend_from_slice(extra);
     ctl(p, &args)
@@ -131,8 +142,9 @@ async fn workload(addr: std::net::SocketAddr, i: i64, secs: u64) {
         c.query_drop("commit").await.expect("commit");
         let r: Vec<(i64, i64)> = c
             .query(format!(
-                "select count(*), {k} from replay_t where id >= {}; select 3, 4",
-                i * 10_000
+                "select count(*), {k} from replay_t where id >= {} and id < {}; select 3, 4",
+                i * 10_000,
+                (i + 1) * 10_000
             ))
             .await
             .expect("multi-statement");
@@ -178,6 +190,7 @@ async fn a_captured_workload_replays_on_another_cluster() {
             "15s",
             "--encryption-method",
             "aes256-ctr",
+            "--compare",
         ],
     );
     assert!(ok && o.contains("capture started"), "{o}");
@@ -218,6 +231,8 @@ async fn a_captured_workload_replays_on_another_cluster() {
     assert_eq!(job["status"], "done", "{job}");
     assert_eq!(job["failed_cmds"], 0, "{job}");
     assert_eq!(job["other_errors"], 0, "{job}");
+    // Same starting data: every result compares equal, concurrency or not.
+    assert_eq!(job["differed_cmds"], 0, "{job}");
     assert_eq!(job["progress"], "100%", "{job}");
     assert_eq!(job["replayed_cmds"], recs.len(), "{job}");
     assert_eq!(
@@ -568,4 +583,100 @@ async fn result_comparison_names_the_statements_whose_results_differ() {
         )),
         "{rows:?}"
     );
+}
+
+/// On TiDB, a session opened before the capture starts, in the capture,
+/// from the state TiDB exports (`SET SESSION_STATES '...'` first, as
+/// TiProxy records it): replayed on another cluster, its user variable and
+/// the statement it prepared before the capture are there, so its commands
+/// run without a failure and return what they returned (`--compare`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_older_than_the_capture_replays_from_its_state_on_tidb() {
+    let (tidb_a, tidb_b) = (TidbDouble::start(1, 0, &[]), TidbDouble::start(1, 0, &[]));
+    let (ia, ib) = (&tidb_a.instances()[0], &tidb_b.instances()[0]);
+    for addr in [ia.sql, ib.sql] {
+        let mut c = mysql_async::Conn::new(double_opts(addr))
+            .await
+            .expect("connect");
+        c.query_drop("create database capdb")
+            .await
+            .expect("database");
+        c.query_drop("create table capdb.st (id int primary key, v varchar(32))")
+            .await
+            .expect("create");
+        c.query_drop("insert into capdb.st values (1, 'one'), (2, 'two'), (3, 'three')")
+            .await
+            .expect("insert");
+    }
+    let a = ProxyProcess::start_with_backends(&[TidbDouble::backend_entry(ia)], "");
+    let b = ProxyProcess::start_with_backends(&[TidbDouble::backend_entry(ib)], "");
+    // In a database of its own: the exported state carries it too.
+    let in_db =
+        |addr| mysql_async::OptsBuilder::from_opts(double_opts(addr)).db_name(Some("capdb"));
+    let mut early = mysql_async::Conn::new(in_db(a.sql)).await.expect("connect");
+    early.query_drop("set @k = 2").await.expect("set");
+    let stmt = early
+        .prep("select v from st where id = ?")
+        .await
+        .expect("prepare before the capture");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("states");
+    let (ok, o) = ctl(
+        &a,
+        &[
+            "traffic",
+            "capture",
+            "--output",
+            out.to_str().unwrap(),
+            "--duration",
+            "2s",
+            "--compare",
+        ],
+    );
+    assert!(ok && o.contains("capture started"), "{o}");
+    let v: Option<String> = early.exec_first(&stmt, (1,)).await.expect("execute");
+    assert_eq!(v.as_deref(), Some("one"));
+    let k: Option<i64> = early.query_first("select @k").await.expect("select");
+    assert_eq!(k, Some(2));
+    early
+        .query_drop("update st set v = 'changed' where id = @k")
+        .await
+        .expect("update");
+    let v: Option<String> = early.exec_first(&stmt, (2,)).await.expect("execute");
+    assert_eq!(v.as_deref(), Some("changed"));
+    early.disconnect().await.expect("quit");
+    assert_eq!(wait_done(&a, Duration::from_secs(10))["status"], "done");
+
+    let recs = read_capture(&out, None);
+    let first = recs.first().expect("records");
+    assert!(
+        first.payload.starts_with(b"\x03SET SESSION_STATES '"),
+        "first record: {:?}",
+        String::from_utf8_lossy(&first.payload)
+    );
+    let execs: Vec<&Record> = recs.iter().filter(|r| r.payload[0] == 0x17).collect();
+    assert_eq!(execs.len(), 2, "{recs:?}");
+    assert!(
+        execs
+            .iter()
+            .all(|r| r.prepared_stmt == "select v from st where id = ?"),
+        "executions carry the text of the statement prepared before: {execs:?}"
+    );
+
+    let (ok, o) = replay_as(&b, &out, ("app", "app-Pa55word"), &["--speed", "10"]);
+    assert!(ok, "{o}");
+    let job = wait_done(&b, Duration::from_secs(20));
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["failed_cmds"], 0, "{job}");
+    assert_eq!(job["differed_cmds"], 0, "{job}");
+    assert_eq!(job["replayed_cmds"], recs.len(), "{job}");
+    let mut c = mysql_async::Conn::new(in_db(ib.sql))
+        .await
+        .expect("connect");
+    let v: Option<String> = c
+        .query_first("select v from st where id = 2")
+        .await
+        .expect("select");
+    assert_eq!(v.as_deref(), Some("changed"), "the update ran on B with @k");
 }

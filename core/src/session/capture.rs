@@ -8,13 +8,36 @@
 //! hands the digest over with the command. The relay asks
 //! [`Session::tap_in_row`] per forwarded backend packet: one branch when
 //! comparison is off.
+//!
+//! # Where a session's capture begins
+//!
+//! Replay recreates each session from its first captured command, so the
+//! capture first says what the session was at that point
+//! ([`Event::CaptureStart`], right before its first [`Event::Captured`] and
+//! with the same timing, so the records stay in time order):
+//! - a session whose login ends after the tap was turned on begins with its
+//!   first command, from its login (the driver records its database);
+//! - a session that already ran begins at its first command at a safe
+//!   point (no transaction, cursor or long data: a replay cannot start in
+//!   the middle of a transaction; its commands until then are left out, as
+//!   TiProxy leaves them out). The command waits while the proxy asks the
+//!   backend for the session's state (`SHOW SESSION_STATES`, as for a
+//!   move); TiDB's answer rides in the event, and the capture records it as
+//!   `SET SESSION_STATES '...'` (TiProxy's `initForCapture`,
+//!   `pkg/proxy/backend/backend_conn_mgr.go`). A backend that cannot export
+//!   (MariaDB, MySQL: 1064; TiDB without a signing cert) or refuses (8146)
+//!   gives `None`: the driver records what the proxy tracks (database,
+//!   autocommit). A backend known not to export is not asked again. A
+//!   session that quits before its capture began leaves nothing.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Event, Session};
+use super::migration::Migration;
+use super::{Event, Phase, Session};
 use crate::digest::DigestBuilder;
+use crate::packet::write_packet;
 
 /// COM_STMT_PREPARE: its OK response carries the new statement id.
 const COM_STMT_PREPARE: u8 = 0x16;
@@ -26,9 +49,38 @@ pub(super) struct Tap {
     cur: Option<Box<TapCmd>>,
 }
 
+/// Where a session's capture stands (see the module documentation).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum Start {
+    /// Begun: every command is captured.
+    #[default]
+    Begun,
+    /// Begun with the running command, from this exported state: reported
+    /// ([`Event::CaptureStart`]) with the command, which gives it its time.
+    Begins(Option<Bytes>),
+    /// Turned on before the login ended: begins at the first command.
+    New,
+    /// Turned on for a session that already ran: begins at its first
+    /// command at a safe point, from its exported state.
+    Existing,
+}
+
+/// What the tap makes of a command that starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TapBegin {
+    /// Capture it (if it is whole).
+    Capture,
+    /// Leave it out: the session's capture has not begun.
+    Skip,
+    /// Hold it: the session's state is exported first.
+    Hold,
+}
+
 /// The running command, while capture is on.
 #[derive(Debug, Default)]
 struct TapCmd {
+    /// Where the session's capture stands.
+    start: Start,
     /// Its bytes (the command byte first).
     payload: Option<Bytes>,
     /// The statement id a COM_STMT_PREPARE's response named.
@@ -51,7 +103,17 @@ impl<T: Clone> Session<T> {
             self.tap.cur = None;
             return;
         }
-        let c = self.tap.cur.get_or_insert_with(Box::default);
+        let start = if self.phase == Phase::Command {
+            Start::Existing
+        } else {
+            Start::New
+        };
+        let c = self.tap.cur.get_or_insert_with(|| {
+            Box::new(TapCmd {
+                start,
+                ..TapCmd::default()
+            })
+        });
         if compare != c.digest.is_some() {
             c.digest = compare.then(DigestBuilder::default);
         }
@@ -63,6 +125,64 @@ impl<T: Clone> Session<T> {
     /// is bounded by the packet size.
     pub(super) fn tap_wants_whole(&self, len: usize) -> bool {
         self.tap.cur.is_some() && self.tracker.is_idle() && len < crate::packet::MAX_PAYLOAD
+    }
+
+    /// A command starts (`whole`: its bytes are all here; `quit`: it is
+    /// COM_QUIT): whether the tap captures it, leaves it out, or holds it
+    /// while the session's state is exported ([`Self::tap_hold`]).
+    pub(super) fn tap_begin(&mut self, whole: bool, quit: bool) -> TapBegin {
+        let Some(c) = &mut self.tap.cur else {
+            return TapBegin::Capture;
+        };
+        match c.start {
+            Start::Begun | Start::Begins(_) => return TapBegin::Capture,
+            Start::New => {}
+            Start::Existing => {
+                if quit || !self.tracker.at_safe_point() {
+                    return TapBegin::Skip;
+                }
+                if whole
+                    && !self.protect.cannot_export
+                    && matches!(self.migration, Migration::None | Migration::Pending { .. })
+                {
+                    return TapBegin::Hold;
+                }
+            }
+        }
+        self.tap_started(None);
+        TapBegin::Capture
+    }
+
+    /// Holds the command `payload` (a whole packet, sequence 0) and asks the
+    /// backend for the session's state; the command runs once the answer
+    /// is in ([`Self::tap_started`]).
+    pub(super) fn tap_hold(&mut self, now: std::time::Instant, payload: &[u8]) {
+        let mut held = bytes::BytesMut::with_capacity(4 + payload.len() + self.relay.held.len());
+        write_packet(&mut held, 0, payload);
+        held.extend_from_slice(&self.relay.held);
+        self.relay.held = held;
+        self.start_refresh(now, true);
+    }
+
+    /// The session's capture begins, from `states` (TiDB's exported state)
+    /// or from what the proxy tracks.
+    pub(super) fn tap_started(&mut self, states: Option<Bytes>) {
+        if let Some(c) = &mut self.tap.cur {
+            c.start = Start::Begins(states);
+        }
+    }
+
+    /// Reports where the session's capture began, with the command it
+    /// began with (which took `elapsed`).
+    fn tap_report_start(&mut self, elapsed: Duration) {
+        if let Some(c) = &mut self.tap.cur
+            && let Start::Begins(states) = &mut c.start
+        {
+            let states = states.take();
+            c.start = Start::Begun;
+            self.events
+                .push_back(Event::CaptureStart { states, elapsed });
+        }
     }
 
     /// A command starts: keep its bytes if the tap is on. A command larger
@@ -119,6 +239,7 @@ impl<T: Clone> Session<T> {
 
     /// The command finished: report it.
     pub(super) fn tap_done(&mut self, ok: bool, elapsed: Duration) {
+        self.tap_report_start(elapsed);
         let Some(c) = &mut self.tap.cur else {
             return;
         };
@@ -136,7 +257,12 @@ impl<T: Clone> Session<T> {
 
     /// COM_QUIT: the session ends without a response.
     pub(super) fn tap_quit(&mut self) {
-        if self.tap.cur.is_some() {
+        if self
+            .tap
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.start == Start::Begun)
+        {
             self.events.push_back(Event::Captured {
                 payload: Bytes::from_static(&[0x01]),
                 ok: true,

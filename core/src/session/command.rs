@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use super::backend::Expect;
+use super::capture::TapBegin;
 use super::relay::Disposition;
 use super::{Action, Leg, Phase, PlantedBug, Session};
 use crate::command::Command;
@@ -108,10 +109,15 @@ impl<T: Clone> Session<T> {
             return Disposition::Consumed;
         }
         if starting {
-            self.tap_command(
-                payload,
-                payload.len() == header.len && header.len < 0xff_ffff,
-            );
+            let whole = payload.len() == header.len && header.len < 0xff_ffff;
+            match self.tap_begin(whole, payload.first() == Some(&0x01)) {
+                TapBegin::Capture => self.tap_command(payload, whole),
+                TapBegin::Skip => self.tap_command(payload, false),
+                TapBegin::Hold => {
+                    self.tap_hold(now, payload);
+                    return Disposition::Consumed;
+                }
+            }
         }
         if starting && self.cfg.protect.enabled {
             self.protect.on_command(payload, header.len);

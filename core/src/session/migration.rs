@@ -40,10 +40,13 @@ pub(super) enum Migration<T> {
     /// Crash protection's export ([`super::protect`]): SHOW SESSION_STATES
     /// sent while the session is idle; client input waits. A move asked
     /// for meanwhile starts after it (`then`).
+    /// Traffic capture's start of a session that existed before the
+    /// capture (`capture`, [`super::capture`]) uses the same exchange.
     Refresh {
         reader: StatesReader,
         deadline: Instant,
         then: Option<T>,
+        capture: bool,
     },
     /// The backend died under a protected session: the driver is asked for
     /// another backend ([`Action::PickRestoreTarget`]); client input waits.
@@ -236,7 +239,7 @@ impl<T: Clone> Session<T> {
                 .protect
                 .export_due(&self.cfg.protect, now, stale_ok, self.command_started)
         {
-            self.start_refresh(now);
+            self.start_refresh(now, false);
         }
     }
 

@@ -130,6 +130,17 @@ pub enum Event<T = String> {
         /// With result comparison on: what the command got back.
         digest: Option<Box<crate::digest::ResultDigest>>,
     },
+    /// With the capture tap on: the session's capture begins (before its
+    /// first [`Event::Captured`]); `states` is the state the backend
+    /// exported (TiDB's `SHOW SESSION_STATES` JSON) when the session
+    /// already ran before the capture and the backend could export it.
+    /// `None`: start from what the proxy tracks (database, status flags).
+    CaptureStart {
+        /// The exported state.
+        states: Option<Bytes>,
+        /// How long the first command took, as in its [`Event::Captured`].
+        elapsed: Duration,
+    },
     /// A session that was waiting to move or close reached a safe point.
     SafePoint,
     /// The session began to move.

@@ -354,24 +354,35 @@ fn is_plain_read(sql: &[u8]) -> bool {
 }
 
 impl<T: Clone> Session<T> {
-    /// Sends SHOW SESSION_STATES to refresh the state copy; its answer goes
-    /// to [`Session::on_refresh_packet`], client input waits meanwhile.
-    pub(super) fn start_refresh(&mut self, now: Instant) {
+    /// Sends SHOW SESSION_STATES to refresh the state copy (or, with
+    /// `capture`, to start a session's capture from its state); its answer
+    /// goes to [`Session::on_refresh_packet`], client input waits meanwhile.
+    /// A move asked for and waiting starts after it.
+    pub(super) fn start_refresh(&mut self, now: Instant, capture: bool) {
         let deprecate_eof = self.backend_caps.contains(CapabilityFlags::DEPRECATE_EOF);
         self.protect.wake_armed = false;
+        let then = match std::mem::replace(&mut self.migration, Migration::None) {
+            Migration::Pending { target } => Some(target),
+            _ => None,
+        };
         self.migration = Migration::Refresh {
             reader: StatesReader::new(deprecate_eof),
             deadline: now + self.cfg.migration_timeout,
-            then: None,
+            then,
+            capture,
         };
         self.send_show_session_states();
     }
 
     /// A packet of the refresh's SHOW SESSION_STATES answer.
     pub(super) fn on_refresh_packet(&mut self, now: Instant, payload: &[u8]) {
-        let Migration::Refresh { reader, .. } = &mut self.migration else {
+        let Migration::Refresh {
+            reader, capture, ..
+        } = &mut self.migration
+        else {
             return;
         };
+        let capture = *capture;
         let progress = reader.feed(payload);
         let done = |s: &mut Self| {
             let Migration::Refresh { then, .. } =
@@ -383,15 +394,25 @@ impl<T: Clone> Session<T> {
                 s.migration = Migration::Pending { target };
             }
         };
+        // A capture's export also serves protection, when it is on.
+        let for_protection = !capture || self.cfg.protect.enabled;
         match progress {
             StatesProgress::More => return,
             StatesProgress::Done(exported) => {
                 done(self);
-                self.protect
-                    .store(&self.cfg.protect, now, exported.states, exported.token);
+                if capture {
+                    self.tap_started(Some(exported.states.clone()));
+                }
+                if for_protection {
+                    self.protect
+                        .store(&self.cfg.protect, now, exported.states, exported.token);
+                }
             }
             StatesProgress::Failed(reason) => {
                 done(self);
+                if capture {
+                    self.tap_started(None);
+                }
                 // A backend that does not know the statement (MariaDB,
                 // MySQL: parse error 1064) or hands out no token never
                 // will; TiDB's refusals (8146: temporary tables, locks)
@@ -401,8 +422,10 @@ impl<T: Clone> Session<T> {
                     _ => true,
                 };
                 self.protect.refused(permanent);
-                self.events
-                    .push_back(Event::Unexportable { reason, permanent });
+                if for_protection {
+                    self.events
+                        .push_back(Event::Unexportable { reason, permanent });
+                }
             }
         }
         self.at_boundary(now);

@@ -180,7 +180,17 @@ impl Harness {
 
     /// Runs the whole handshake; returns the session established.
     fn established(cfg: SessionConfig, client_caps: CapabilityFlags) -> Self {
+        Self::established_after(cfg, client_caps, |_| {})
+    }
+
+    /// [`Self::established`], calling `before` on the new session first.
+    fn established_after(
+        cfg: SessionConfig,
+        client_caps: CapabilityFlags,
+        before: impl FnOnce(&mut Session),
+    ) -> Self {
         let mut h = Self::new(cfg);
+        before(&mut h.s);
         h.greeting();
         h.client_response(1, client_caps);
         assert_eq!(h.take_actions(), vec![Action::ConnectBackend]);
@@ -1869,10 +1879,26 @@ fn the_capture_tap_reports_whole_commands_outcomes_and_statement_ids() {
 
     h.s.set_capture(true);
     let long = format!("select '{}'", "x".repeat(300));
-    h.query_ok(&long, StatusFlags::AUTOCOMMIT);
     let mut want = vec![0x03];
     want.extend_from_slice(long.as_bytes());
-    assert_eq!(captured(&h.take_events()), vec![(want, true, 0)]);
+    // The session ran before the capture: its state is asked for first; a
+    // backend that cannot export (MariaDB: 1064) starts it from what the
+    // proxy tracks.
+    h.send(Leg::Client, 0, &want);
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    h.send(
+        Leg::Backend,
+        1,
+        &err(1064, "You have an error in your SQL syntax"),
+    );
+    let got = h.recv_one(Leg::Backend);
+    assert_eq!((got.seq, &got.data[..]), (0, &want[..]));
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    let events = h.take_events();
+    assert_eq!(capture_starts(&events), vec![None]);
+    assert_eq!(captured(&events), vec![(want, true, 0)]);
 
     // An ERR answer.
     h.send(Leg::Client, 0, b"\x03select nope");
@@ -1912,7 +1938,95 @@ fn the_capture_tap_reports_whole_commands_outcomes_and_statement_ids() {
     h.s.set_capture(false);
     h.query_ok("select 'off again'", StatusFlags::AUTOCOMMIT);
     assert!(captured(&h.take_events()).is_empty());
+    // On again: a backend known not to export is not asked again.
     h.s.set_capture(true);
+    h.query_ok("select 'on again'", StatusFlags::AUTOCOMMIT);
+    let events = h.take_events();
+    assert_eq!(capture_starts(&events), vec![None]);
+    assert_eq!(
+        captured(&events),
+        vec![(b"\x03select 'on again'".to_vec(), true, 0)]
+    );
     h.send(Leg::Client, 0, b"\x01");
     assert_eq!(captured(&h.take_events()), vec![(vec![0x01], true, 0)]);
+}
+
+fn capture_starts(events: &[Event]) -> Vec<Option<Vec<u8>>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CaptureStart { states, .. } => Some(states.as_ref().map(|s| s.to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A session that ran before the capture, on TiDB: its first command at a
+/// safe point waits for SHOW SESSION_STATES, whose JSON starts its capture;
+/// commands inside the transaction it was in are left out; a COM_QUIT
+/// before its capture began leaves nothing.
+#[test]
+fn a_session_older_than_the_capture_starts_from_its_exported_state() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    let in_tx = StatusFlags::AUTOCOMMIT | StatusFlags::IN_TRANS;
+    h.query_ok("begin", in_tx);
+    h.s.set_capture(true);
+    // In a transaction: not captured, no export.
+    h.query_ok("update t set n = 1", in_tx);
+    h.query_ok("commit", StatusFlags::AUTOCOMMIT);
+    assert!(
+        h.take_events()
+            .iter()
+            .all(|e| !matches!(e, Event::Captured { .. } | Event::CaptureStart { .. }))
+    );
+    // At a safe point: the command waits for the export, then runs once.
+    h.send(Leg::Client, 0, b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00");
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    assert!(h.recv(Leg::Client).is_empty());
+    let states = br#"{"prepared-stmts":{"1":{"text":"select ?"}},"current-db":"shop"}"#;
+    for (i, p) in states_result(states, b"{\"token\":1}").iter().enumerate() {
+        h.send(Leg::Backend, 1 + i as u8, p);
+    }
+    let exec = h.recv_one(Leg::Backend);
+    assert_eq!(exec.seq, 0);
+    assert_eq!(exec.data[0], 0x17);
+    assert!(h.recv(Leg::Backend).is_empty(), "sent once");
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    let events = h.take_events();
+    assert_eq!(capture_starts(&events), vec![Some(states.to_vec())]);
+    let order: Vec<bool> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CaptureStart { .. } => Some(true),
+            Event::Captured { .. } => Some(false),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, vec![true, false], "the start comes first");
+    assert_eq!(captured(&events).len(), 1);
+
+    // Another session, off and on again, quits first: nothing recorded.
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.set_capture(true);
+    h.send(Leg::Client, 0, b"\x01");
+    let events = h.take_events();
+    assert!(captured(&events).is_empty() && capture_starts(&events).is_empty());
+}
+
+/// A session whose login ends while the capture runs starts with its first
+/// command, from its login (no export asked for).
+#[test]
+fn a_session_newer_than_the_capture_starts_from_its_login() {
+    let mut h = Harness::established_after(cfg(), CLIENT_CAPS, |s| s.set_capture(true));
+    assert!(
+        h.take_events()
+            .iter()
+            .all(|e| !matches!(e, Event::Captured { .. } | Event::CaptureStart { .. }))
+    );
+    h.query_ok("select 1", StatusFlags::AUTOCOMMIT);
+    let events = h.take_events();
+    assert_eq!(capture_starts(&events), vec![None]);
+    assert_eq!(captured(&events), vec![(b"\x03select 1".to_vec(), true, 0)]);
 }

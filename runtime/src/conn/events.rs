@@ -72,7 +72,6 @@ impl<N: Network> Driver<N> {
                 stmt_id,
                 digest,
             } => {
-                let db = self.session.database();
                 let cmd = crate::traffic::capture::Finished {
                     payload,
                     ok,
@@ -80,7 +79,11 @@ impl<N: Network> Driver<N> {
                     stmt_id,
                     digest,
                 };
-                self.tap.captured(conn_id, db, cmd);
+                self.tap.captured(conn_id, cmd);
+            }
+            Event::CaptureStart { states, elapsed } => {
+                let (db, status) = (self.session.database(), self.session.status());
+                self.tap.started(conn_id, db, status, states, elapsed);
             }
             Event::SafePoint | Event::MigrationStarted { .. } => {}
             Event::Migrated { target } => {

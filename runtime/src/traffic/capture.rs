@@ -6,11 +6,19 @@
 //! slowed. The shape follows TiProxy's `pkg/sqlreplay/capture/capture.go`:
 //! 16 Ki pending commands, buffers flushed at 12 MiB, 10 buffers queued.
 //!
-//! A session that existed before the capture began starts, in the capture,
-//! from the state the proxy tracks: its current database (a COM_INIT_DB
-//! record before its first command). TiProxy replays `SHOW SESSION_STATES`
-//! for that on TiDB; this build does not yet (user variables, session
-//! variables and prepared statements of such sessions are not carried).
+//! Where each session's capture begins is the core's decision
+//! (`tiproxy_core::session::capture`): the tap gets `Event::CaptureStart`
+//! before a session's first command and records it as TiProxy does. A
+//! session that logs in during the capture starts from its database
+//! (COM_INIT_DB, TiProxy's `InitConn`). A session that existed before starts
+//! from its exported state on TiDB (`SET SESSION_STATES '...'`, TiProxy's
+//! `initForCapture`; the texts of its prepared statements are taken from
+//! that state so their executions carry them, as TiProxy's
+//! `ExtractPreparedStmtTextsFromSetSessionStatesSQL` does), elsewhere from
+//! what the proxy tracks: its database, and `SET autocommit=0` when it had
+//! turned autocommit off. User variables, other session variables and
+//! statements prepared before the capture are not carried on MariaDB:
+//! their executions are captured without a text and fail in replay.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +28,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tiproxy_core::digest::ResultDigest;
+use tiproxy_core::flags::StatusFlags;
 use tiproxy_core::session::Session;
+use tiproxy_core::session::migration::set_session_states_query;
 use tokio::sync::{Notify, mpsc};
 use tracing::{error, info};
 
@@ -44,6 +54,9 @@ pub struct Item {
     ok: bool,
     stmt_id: u32,
     digest: Option<ResultDigest>,
+    /// A session's start from its exported state: the texts of the
+    /// statements it had prepared, by id.
+    prepared: Option<HashMap<u32, String>>,
 }
 
 /// A command a session finished (its `Event::Captured`).
@@ -90,8 +103,6 @@ fn set_running(r: Option<Running>) {
 pub struct ConnTap {
     generation: u64,
     running: Option<Running>,
-    /// Whether this capture has the connection's starting state.
-    inited: bool,
 }
 
 impl ConnTap {
@@ -105,7 +116,6 @@ impl ConnTap {
         }
         self.generation = g;
         self.running = t.running.lock().expect("tap lock").clone();
-        self.inited = false;
         let compare = self
             .running
             .as_ref()
@@ -113,11 +123,55 @@ impl ConnTap {
         session.set_capture_compare(self.running.is_some(), compare);
     }
 
-    /// A captured command (`Event::Captured`).
-    pub fn captured(&mut self, conn_id: u32, db: Option<&[u8]>, cmd: Finished) {
-        let Some((tx, job)) = &self.running else {
+    /// A session's capture begins (`Event::CaptureStart`): records where
+    /// it starts from, `states` (exported by TiDB) or what the proxy tracks.
+    pub fn started(
+        &mut self,
+        conn_id: u32,
+        db: Option<&[u8]>,
+        status: StatusFlags,
+        states: Option<Bytes>,
+        elapsed: Duration,
+    ) {
+        if self.running.is_none() {
             return;
+        }
+        // The time of the first command: a record never precedes it.
+        let start = SystemTime::now()
+            .checked_sub(elapsed)
+            .unwrap_or_else(SystemTime::now);
+        let item = |payload: Bytes, prepared| Item {
+            conn_id: u64::from(conn_id),
+            start,
+            payload,
+            ok: true,
+            stmt_id: 0,
+            digest: None,
+            prepared,
         };
+        match states {
+            Some(states) => {
+                let prepared = prepared_texts(&states);
+                // Backslash escapes, as TiProxy writes it.
+                let q = set_session_states_query(&states, false).freeze();
+                self.send(item(q, prepared));
+            }
+            None => {
+                if let Some(db) = db.filter(|d| !d.is_empty()) {
+                    let mut p = Vec::with_capacity(db.len() + 1);
+                    p.push(0x02);
+                    p.extend_from_slice(db);
+                    self.send(item(p.into(), None));
+                }
+                if !status.contains(StatusFlags::AUTOCOMMIT) {
+                    self.send(item(Bytes::from_static(b"\x03SET autocommit=0"), None));
+                }
+            }
+        }
+    }
+
+    /// A captured command (`Event::Captured`).
+    pub fn captured(&mut self, conn_id: u32, cmd: Finished) {
         let Finished {
             payload,
             ok,
@@ -128,50 +182,57 @@ impl ConnTap {
         let start = SystemTime::now()
             .checked_sub(elapsed)
             .unwrap_or_else(SystemTime::now);
-        let conn_id = u64::from(conn_id);
-        // At most two items; no allocation for the common one.
-        let mut init = None;
-        if !self.inited {
-            self.inited = true;
-            if let Some(db) = db.filter(|d| !d.is_empty())
-                && payload.first() != Some(&0x01)
-            {
-                let mut p = Vec::with_capacity(db.len() + 1);
-                p.push(0x02);
-                p.extend_from_slice(db);
-                init = Some(Item {
-                    conn_id,
-                    start,
-                    payload: p.into(),
-                    ok: true,
-                    stmt_id: 0,
-                    digest: None,
-                });
-            }
-        }
-        let item = Item {
-            conn_id,
+        self.send(Item {
+            conn_id: u64::from(conn_id),
             start,
             payload,
             ok,
             stmt_id,
             digest: digest.map(|d| *d),
+            prepared: None,
+        });
+    }
+
+    /// Queues an item for the capture job without waiting: a full queue
+    /// stops the capture.
+    fn send(&mut self, item: Item) {
+        let Some((tx, job)) = &self.running else {
+            return;
         };
-        for item in init.into_iter().chain(std::iter::once(item)) {
-            match tx.try_send(item) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    job.fail("encoding traffic is too slow, buffer is full", "queue_full");
-                    self.running = None;
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.running = None;
-                    return;
-                }
+        match tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                job.fail("encoding traffic is too slow, buffer is full", "queue_full");
+                self.running = None;
             }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.running = None,
         }
     }
+}
+
+/// The prepared statements' texts in TiDB's exported session state
+/// (`prepared-stmts`: id -> `{"text": ...}`, TiDB's
+/// `sessionstates.PreparedStmtInfo`); `None` when it has none or is not
+/// the JSON expected (best effort, as TiProxy's reading of it).
+pub(super) fn prepared_texts(states: &[u8]) -> Option<HashMap<u32, String>> {
+    #[derive(serde::Deserialize)]
+    struct States {
+        #[serde(rename = "prepared-stmts", default)]
+        prepared: HashMap<u32, Stmt>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stmt {
+        #[serde(default)]
+        text: String,
+    }
+    let s: States = serde_json::from_slice(states).ok()?;
+    let m: HashMap<u32, String> = s
+        .prepared
+        .into_iter()
+        .filter(|(_, st)| !st.text.is_empty())
+        .map(|(id, st)| (id, st.text))
+        .collect();
+    (!m.is_empty()).then_some(m)
 }
 
 /// What a capture was asked for.
@@ -322,6 +383,9 @@ impl Encoder {
         let Some(&cmd) = it.payload.first() else {
             return;
         };
+        if let Some(prepared) = it.prepared {
+            self.conns.insert(it.conn_id, prepared);
+        }
         let stmts = self.conns.entry(it.conn_id).or_default();
         let mut rec = Record {
             start: it.start,

@@ -207,3 +207,18 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A session that existed before the capture starts from TiDB's exported
+/// state; the texts of its prepared statements come from `prepared-stmts`
+/// (TiDB's `sessionstates.PreparedStmtInfo`: `text`), best effort.
+#[test]
+fn prepared_texts_come_from_the_exported_state() {
+    use super::capture::prepared_texts;
+    let states = br#"{"prepared-stmts":{"1":{"text":"select ?","types":"AQ=="},"4":{"name":"p","text":"update t set v = ?"},"5":{"text":""}},"current-db":"shop"}"#;
+    let got = prepared_texts(states).expect("two statements");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[&1], "select ?");
+    assert_eq!(got[&4], "update t set v = ?");
+    assert_eq!(prepared_texts(br#"{"current-db":"shop"}"#), None);
+    assert_eq!(prepared_texts(b"not json"), None);
+}
