@@ -2030,3 +2030,62 @@ fn a_session_newer_than_the_capture_starts_from_its_login() {
     assert_eq!(capture_starts(&events), vec![None]);
     assert_eq!(captured(&events), vec![(b"\x03select 1".to_vec(), true, 0)]);
 }
+
+/// A move asked for while a session's capture start waits for its export:
+/// the export ends, the move runs, and the held command runs once, on the
+/// new backend, captured after the start.
+#[test]
+fn a_move_asked_for_during_the_capture_export_runs_before_the_held_command() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.set_capture(true);
+    h.send(Leg::Client, 0, b"\x03select @@x");
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    assert!(h.s.handle_redirect(h.now, "tidb-2:4000"));
+    h.pump();
+    for (i, p) in states_result(b"{\"current-db\":\"shop\"}", b"{\"t\":1}")
+        .iter()
+        .enumerate()
+    {
+        h.send(Leg::Backend, 1 + i as u8, p);
+    }
+    full_move(&mut h);
+    assert!(h.events.contains(&Event::Migrated {
+        target: "tidb-2:4000".into()
+    }));
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!((q.seq, &q.data[..]), (0, &b"\x03select @@x"[..]));
+    h.send(Leg::Backend, 1, &ok(StatusFlags::AUTOCOMMIT));
+    assert_eq!(h.recv_one(Leg::Client).seq, 1);
+    let events = h.take_events();
+    assert_eq!(
+        capture_starts(&events),
+        vec![Some(b"{\"current-db\":\"shop\"}".to_vec())]
+    );
+    assert_eq!(
+        captured(&events),
+        vec![(b"\x03select @@x".to_vec(), true, 0)]
+    );
+}
+
+/// The backend lost while a session's capture start waits for its export
+/// (protection off): the held command was never sent, and the client is
+/// told so.
+#[test]
+fn a_backend_lost_during_the_capture_export_says_the_command_did_not_run() {
+    let mut h = Harness::established(cfg(), CLIENT_CAPS);
+    h.s.set_capture(true);
+    h.send(Leg::Client, 0, b"\x03update t set n = 1");
+    let q = h.recv_one(Leg::Backend);
+    assert_eq!(&q.data[..], b"\x03SHOW SESSION_STATES");
+    h.s.handle_closed(h.now, Leg::Backend, "connection reset");
+    h.pump();
+    let answer = h.recv_one(Leg::Client);
+    let e = ErrPacket::parse(&answer.data).unwrap();
+    assert!(
+        e.message_text().contains("was not run"),
+        "{}",
+        e.message_text()
+    );
+    assert!(captured(&h.take_events()).is_empty());
+}
