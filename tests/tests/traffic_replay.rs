@@ -34,6 +34,23 @@ fn ctl(p: &ProxyProcess, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `tiproxyctl traffic capture` into `out` for `duration`, with `extra`
+/// arguments; it must start.
+fn capture(p: &ProxyProcess, out: &Path, duration: &str, extra: &[&str]) {
+    let out = out.to_str().expect("a UTF-8 path");
+    let mut args = vec![
+        "traffic",
+        "capture",
+        "--output",
+        out,
+        "--duration",
+        duration,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, o) = ctl(p, &args);
+    assert!(ok && o.contains("capture started"), "{o}");
+}
+
 /// `tiproxyctl traffic replay` of the capture in `input` as the test's
 /// MariaDB user, with `extra` arguments.
 fn replay(p: &ProxyProcess, input: &Path, extra: &[&str]) -> (bool, String) {
@@ -179,21 +196,12 @@ async fn a_captured_workload_replays_on_another_cluster() {
     let mut early = mysql_async::Conn::new(opts(a.sql)).await.expect("connect");
 
     let out = dir.path().join("capture");
-    let (ok, o) = ctl(
+    capture(
         &a,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "15s",
-            "--encryption-method",
-            "aes256-ctr",
-            "--compare",
-        ],
+        &out,
+        "15s",
+        &["--encryption-method", "aes256-ctr", "--compare"],
     );
-    assert!(ok && o.contains("capture started"), "{o}");
     let mut sessions = Vec::new();
     for i in 1..=4 {
         sessions.push(tokio::spawn(workload(a.sql, i, 12)));
@@ -261,19 +269,7 @@ async fn a_damaged_capture_names_the_place_and_replays_the_rest() {
     c.query_drop("create table if not exists replay_damage (id int primary key)")
         .await
         .expect("create");
-    let (ok, o) = ctl(
-        &p,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "2s",
-            "--compress=false",
-        ],
-    );
-    assert!(ok, "{o}");
+    capture(&p, &out, "2s", &["--compress=false"]);
     for i in 0..20 {
         c.query_drop(format!("select {i} from replay_damage"))
             .await
@@ -309,18 +305,7 @@ async fn prepared_statements_replay_under_every_ps_close() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("ps");
     let p = ProxyProcess::start(&[db.addr()], "");
-    let (ok, o) = ctl(
-        &p,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "2s",
-        ],
-    );
-    assert!(ok, "{o}");
+    capture(&p, &out, "2s", &[]);
     let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
     for i in 0..5i64 {
         let r: Option<i64> = c.exec_first("select ? + 1", (i,)).await.expect("execute");
@@ -387,18 +372,7 @@ async fn a_failing_statement_is_reported_in_show_and_on_the_target() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("f");
     let p = ProxyProcess::start(&[db.addr()], "");
-    let (ok, o) = ctl(
-        &p,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "2s",
-        ],
-    );
-    assert!(ok, "{o}");
+    capture(&p, &out, "2s", &[]);
     let mut c = mysql_async::Conn::new(opts(p.sql)).await.expect("connect");
     c.query_drop("create table replay_ro (id int)")
         .await
@@ -479,19 +453,7 @@ async fn result_comparison_names_the_statements_whose_results_differ() {
         .expect("change one row on B");
 
     let mut c = mysql_async::Conn::new(opts(a.sql)).await.expect("connect");
-    let (ok, o) = ctl(
-        &a,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "3s",
-            "--compare",
-        ],
-    );
-    assert!(ok && o.contains("capture started"), "{o}");
+    capture(&a, &out, "3s", &["--compare"]);
     let differing = [
         "select id, v from cmp_t where id = 7",
         "select v from cmp_t order by id",
@@ -622,19 +584,7 @@ async fn a_session_older_than_the_capture_replays_from_its_state_on_tidb() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("states");
-    let (ok, o) = ctl(
-        &a,
-        &[
-            "traffic",
-            "capture",
-            "--output",
-            out.to_str().unwrap(),
-            "--duration",
-            "2s",
-            "--compare",
-        ],
-    );
-    assert!(ok && o.contains("capture started"), "{o}");
+    capture(&a, &out, "2s", &["--compare"]);
     let v: Option<String> = early.exec_first(&stmt, (1,)).await.expect("execute");
     assert_eq!(v.as_deref(), Some("one"));
     let k: Option<i64> = early.query_first("select @k").await.expect("select");
