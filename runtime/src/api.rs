@@ -494,9 +494,16 @@ fn status<N: Network>(st: &State<N>) -> serde_json::Value {
 fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_json::Value {
     let now = tokio::time::Instant::now();
     let (cpu, memory) = b.resources(now);
-    // The rank among every backend under the policy (lower goes first).
+    // The rank among the backends of its routing group (every backend under
+    // the default rule) under the policy (lower goes first): the ones a new
+    // session of that group is balanced over.
     let router = st.router();
-    let all = router.backends();
+    let scope = router.scope_of(b);
+    let all: Vec<_> = router
+        .backends()
+        .into_iter()
+        .filter(|x| std::ptr::eq(&**x, b) || scope.is_some_and(|s| router.in_scope(x, s)))
+        .collect();
     let loads: Vec<_> = all.iter().map(|x| router.load_of(x, now)).collect();
     let ranks = tiproxy_core::balance::scores(&loads, router.policy());
     let score: serde_json::Map<String, serde_json::Value> = all
@@ -532,6 +539,9 @@ fn backend_json<N: Network>(st: &State<N>, b: &crate::router::Backend) -> serde_
         // `proxy.backend-clusters` (or `default` for `pd-addrs`); null for
         // a static backend.
         "cluster": st.clusters.cluster_of(&b.addr),
+        // `balance.routing-rule`: the CIDRs or `cluster:port` of its group
+        // (`[]`: in none, it gets no session); null under the default rule.
+        "group": router.group_values(b),
         "cpu_usage": cpu.map(|c| c.usage),
         "memory_usage": memory,
         "score": score,

@@ -135,6 +135,25 @@ async fn client_cidr_keeps_sessions_in_their_group_through_scale_out_and_drain()
         accepting(&p).len() == 3
     })
     .await;
+    // `/api/backends` names each TiDB's group.
+    let (_, body) = p.get("/api/backends");
+    let listed: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let mut groups: Vec<String> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|b| b["group"].to_string())
+        .collect();
+    groups.sort();
+    assert_eq!(
+        groups,
+        [
+            r#"["127.0.0.1/32"]"#,
+            r#"["127.0.0.1/32"]"#,
+            r#"["127.0.0.2/32"]"#
+        ],
+        "{body}"
+    );
 
     // Opened: 127.0.0.1's sessions on 0 and 1, 127.0.0.2's on 2.
     let two = relay_from("127.0.0.2", p.sql).await;

@@ -72,6 +72,24 @@ impl Router {
         }
     }
 
+    /// What `b`'s group is keyed by (its CIDRs or `cluster:port`), for the
+    /// API: `None` under the default rule (one group of every TiDB) or
+    /// when `b` is in no group (an empty list).
+    pub fn group_values(&self, b: &Backend) -> Option<Vec<String>> {
+        let groups = self.groups.lock().expect("groups lock");
+        if groups.rule() == RoutingRule::All {
+            return None;
+        }
+        let g = groups.group_of(&b.addr);
+        Some(
+            groups
+                .groups()
+                .find(|(id, _)| Some(*id) == g)
+                .map(|(_, v)| v.to_vec())
+                .unwrap_or_default(),
+        )
+    }
+
     /// Each backend's group, for the balance loop (every backend is in the
     /// one group under the default rule).
     pub fn group_ids(&self, backends: &[Arc<Backend>]) -> Vec<Option<GroupId>> {
