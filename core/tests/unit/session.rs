@@ -581,7 +581,7 @@ fn proxy_header_goes_first_to_every_backend() {
         destination: "10.1.1.2:6000".parse().unwrap(),
     };
     let mut h = Harness::new(SessionConfig {
-        proxy_header: Some(header),
+        proxy_header: Some(Box::new(header)),
         ..cfg()
     });
     h.greeting();
