@@ -233,6 +233,12 @@ impl Legs {
         self.main.iter().chain(self.new.as_deref())
     }
 
+    /// Whether the new backend's leg is allocated.
+    #[cfg(test)]
+    pub(super) fn has_new(&self) -> bool {
+        self.new.is_some()
+    }
+
     /// Drops the new backend's leg when it holds nothing: no bytes, no
     /// framing. Only called while no move runs, when it is at its default.
     fn release_new(&mut self) {
