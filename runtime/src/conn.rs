@@ -773,11 +773,13 @@ mod size_tests {
             "serve future {fut} Driver {driver} Session {}",
             std::mem::size_of::<Session>()
         );
-        // Issue 15's idle budget (3 KB per connection, two 256-byte socket
-        // registrations and a tokio task included): the task's future is
-        // the driver's pointer and its loop (a takeover's offer and the
-        // finish are boxed), the driver holds the session.
+        // Issue 15's idle budget (3 KB of RSS per connection, two 256-byte
+        // socket registrations and a tokio task included, met at 1,448
+        // bytes with ~30 bytes to spare): the task's future is the
+        // driver's pointer and its loop (a takeover's offer and the finish
+        // are boxed), the driver holds the session; what only a move, a
+        // dial or the PROXY-header sniff uses is boxed.
         assert!(fut <= 64, "the connection's future grew to {fut} bytes");
-        assert!(driver <= 1850, "the driver grew to {driver} bytes");
+        assert!(driver <= 1456, "the driver grew to {driver} bytes");
     }
 }
