@@ -31,7 +31,7 @@ impl<N: Network> Driver<N> {
         let stream = self.client.stream();
         let tcp_peer = stream.and_then(|s| self.shared.net.peer_addr(s));
         let local = stream.and_then(|s| self.shared.net.local_addr(s));
-        crate::router::client_info(self.peer, tcp_peer.unwrap_or(self.peer), local)
+        crate::router::client_info(self.peer(), tcp_peer.unwrap_or(self.peer()), local)
     }
 
     pub(super) fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
