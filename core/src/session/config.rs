@@ -43,8 +43,9 @@ pub struct SessionConfig {
     pub server_tls: bool,
     /// TLS towards backends.
     pub backend_tls: BackendTls,
-    /// PROXY v2 header written before every backend handshake.
-    pub proxy_header: Option<ProxyHeader>,
+    /// PROXY v2 header written before every backend handshake (boxed: most
+    /// deployments have none, and every session carries this config).
+    pub proxy_header: Option<Box<ProxyHeader>>,
     /// Largest handshake packet accepted from a client.
     pub max_handshake_len: usize,
     /// Time allowed from accept to an authenticated session.

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::migration::Migration;
-use super::relay::{LegState, Relay};
+use super::relay::{Compressed, LegState, Relay};
 use super::{Leg, Phase, Session, SessionConfig};
 use crate::compress::{Algorithm, CompressedFraming};
 use crate::flags::{CapabilityFlags, MariaDbCapabilities};
@@ -119,10 +119,11 @@ impl<T: Clone> Session<T> {
     fn export_blocker(&self) -> Option<&'static str> {
         let quiet = |l: &LegState| {
             l.out.len() == 0
-                && l.staging.is_empty()
                 && l.rx.stash.is_empty()
                 && l.rx.pass == 0
-                && l.framing.as_ref().is_none_or(|f| f.buffered() == 0)
+                && l.framing
+                    .as_ref()
+                    .is_none_or(|f| f.buffered() == 0 && f.staging.is_empty())
         };
         Some(if self.phase != Phase::Command {
             "not authenticated, or closed"
@@ -343,7 +344,7 @@ fn take_leg(r: &mut Reader<'_>) -> Result<LegState, ImportError> {
         if compression != Some(f.algorithm()) {
             return Err(ImportError::Invalid("compressed framing algorithm"));
         }
-        Some(Box::new(f))
+        Some(Compressed::new(f))
     } else {
         None
     };

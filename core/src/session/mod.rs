@@ -409,8 +409,8 @@ impl<T: Clone> Session<T> {
             // write (COM_STMT_SEND_LONG_DATA then COM_STMT_EXECUTE), and each
             // new command restarts the compressed sequence at 0.
             let mut input = data;
-            // One decompression buffer per session, reused across reads.
-            let mut plain = std::mem::take(&mut self.relay.plain);
+            // One decompression buffer per compressed leg, reused across reads.
+            let mut plain = self.relay.take_plain(leg);
             while !input.is_empty() && self.phase != Phase::Closed {
                 let starts = leg == Leg::Client && self.client_starts_command();
                 let Some(f) = self.relay.legs[leg.idx()].framing.as_mut() else {
@@ -434,7 +434,7 @@ impl<T: Clone> Session<T> {
                 }
             }
             plain.clear();
-            self.relay.keep_plain(plain);
+            self.relay.keep_plain(leg, plain);
         } else {
             self.process(now, leg, data);
         }
@@ -448,7 +448,7 @@ impl<T: Clone> Session<T> {
             && *expect == Expect::Connect
         {
             *expect = Expect::Greeting;
-            if let Some(h) = self.cfg.proxy_header {
+            if let Some(h) = &self.cfg.proxy_header {
                 let mut b = BytesMut::with_capacity(52);
                 h.write(&mut b);
                 self.relay.legs[leg.idx()].out.put(&b);
@@ -462,7 +462,7 @@ impl<T: Clone> Session<T> {
     /// for): backend handshakes from now on open with `header` instead of
     /// the configured one.
     pub fn handle_proxy_header(&mut self, header: ProxyHeader) {
-        self.cfg.proxy_header = Some(header);
+        self.cfg.proxy_header = Some(Box::new(header));
     }
 
     /// The driver could not connect `leg`.

@@ -120,15 +120,49 @@ impl Transmit {
     }
 }
 
+/// A compressed leg's framing, the plain bytes staged for it and its
+/// decompression buffer, in one allocation: a plain leg (nearly every one)
+/// carries none of them inline.
+#[derive(Debug)]
+pub(super) struct Compressed {
+    pub(super) framing: CompressedFraming,
+    /// Plain bytes waiting to be compressed.
+    pub(super) staging: BytesMut,
+    /// Decompressed bytes of the frame being processed, reused.
+    plain: BytesMut,
+}
+
+impl Compressed {
+    pub(super) fn new(framing: CompressedFraming) -> Box<Self> {
+        Box::new(Self {
+            framing,
+            staging: BytesMut::new(),
+            plain: BytesMut::new(),
+        })
+    }
+}
+
+impl std::ops::Deref for Compressed {
+    type Target = CompressedFraming;
+
+    fn deref(&self) -> &CompressedFraming {
+        &self.framing
+    }
+}
+
+impl std::ops::DerefMut for Compressed {
+    fn deref_mut(&mut self) -> &mut CompressedFraming {
+        &mut self.framing
+    }
+}
+
 /// One leg's framing, sequence and output state.
 #[derive(Debug, Default)]
 pub(super) struct LegState {
     /// Bytes ready for the socket.
     pub(super) out: Transmit,
-    /// Plain bytes waiting to be compressed (compressed legs only).
-    pub(super) staging: BytesMut,
-    /// Compressed framing, once switched on.
-    pub(super) framing: Option<Box<CompressedFraming>>,
+    /// Compressed framing and its staging buffer, once switched on.
+    pub(super) framing: Option<Box<Compressed>>,
     /// Compression negotiated, to switch on after authentication.
     pub(super) compression: Option<Algorithm>,
     /// Restart the compressed sequence before encoding `staging`.
@@ -151,7 +185,7 @@ impl LegState {
     /// fits in one frame.
     pub(super) fn next_seq(&mut self, whole: bool) -> u8 {
         if let Some(f) = &self.framing
-            && self.staging.is_empty()
+            && f.staging.is_empty()
             && whole
         {
             self.seq = if self.reset_out_seq { 0 } else { f.seq() };
@@ -162,10 +196,9 @@ impl LegState {
     }
 
     pub(super) fn writer(&mut self) -> &mut BytesMut {
-        if self.framing.is_some() {
-            &mut self.staging
-        } else {
-            self.out.buf_mut()
+        match &mut self.framing {
+            Some(f) => &mut f.staging,
+            None => self.out.buf_mut(),
         }
     }
 
@@ -177,22 +210,100 @@ impl LegState {
 
     /// Bytes queued towards this leg's socket, compressed or not yet.
     fn queued(&self) -> usize {
-        self.out.len() + self.staging.len()
+        self.out.len() + self.framing.as_ref().map_or(0, |f| f.staging.len())
     }
 }
 
-/// The relay's state: three legs, parked client bytes, the reused
-/// decompression buffer.
+/// The three legs' state, indexed by [`Leg::idx`]. The new backend's leg is
+/// used only while a move runs, so it lives in its own allocation, made on
+/// first use and given back by [`Relay::release_idle`]: an idle session
+/// does not carry a third leg's buffers and framing inline (issue 15).
+#[derive(Debug, Default)]
+pub(super) struct Legs {
+    main: [LegState; 2],
+    new: Option<Box<LegState>>,
+}
+
+/// What an absent new-backend leg reads as: a leg with nothing on it.
+static NO_LEG: std::sync::LazyLock<LegState> = std::sync::LazyLock::new(LegState::default);
+
+impl Legs {
+    /// Every leg that exists.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &LegState> {
+        self.main.iter().chain(self.new.as_deref())
+    }
+
+    /// Whether the new backend's leg is allocated.
+    #[cfg(test)]
+    pub(super) fn has_new(&self) -> bool {
+        self.new.is_some()
+    }
+
+    /// Drops the new backend's leg when it holds nothing: no bytes, no
+    /// framing. Only called while no move runs, when it is at its default.
+    fn release_new(&mut self) {
+        if let Some(l) = &self.new
+            && l.queued() == 0
+            && l.rx.stash.is_empty()
+            && l.rx.pass == 0
+            && l.framing.is_none()
+        {
+            self.new = None;
+        }
+    }
+}
+
+impl Legs {
+    /// Leg `i` if it exists (never makes the new backend's).
+    fn get_mut(&mut self, i: usize) -> Option<&mut LegState> {
+        match i {
+            0 | 1 => Some(&mut self.main[i]),
+            _ => self.new.as_deref_mut(),
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Legs {
+    type Output = LegState;
+
+    fn index(&self, i: usize) -> &LegState {
+        match i {
+            0 | 1 => &self.main[i],
+            _ => self.new.as_deref().unwrap_or(&NO_LEG),
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Legs {
+    fn index_mut(&mut self, i: usize) -> &mut LegState {
+        match i {
+            0 | 1 => &mut self.main[i],
+            _ => self.new.get_or_insert_with(Box::default),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Legs {
+    type Item = &'a mut LegState;
+    type IntoIter = std::iter::Chain<
+        std::slice::IterMut<'a, LegState>,
+        std::option::IntoIter<&'a mut LegState>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.main.iter_mut().chain(self.new.as_deref_mut())
+    }
+}
+
+/// The relay's state: three legs and parked client bytes.
 #[derive(Debug, Default)]
 pub(super) struct Relay {
-    pub(super) legs: [LegState; 3],
+    pub(super) legs: Legs,
     /// Client bytes (plain) waiting until the session can take them.
     pub(super) held: BytesMut,
     /// Held bytes are being processed: bytes that must wait again stay in
     /// the buffer being drained instead of being copied back.
     pub(super) draining: bool,
-    /// Decompressed bytes of the frame being processed, reused.
-    pub(super) plain: BytesMut,
 }
 
 impl Relay {
@@ -210,11 +321,16 @@ impl Relay {
     /// Capacity of every buffer (memory accounting).
     pub(super) fn buffered(&self) -> usize {
         self.held.capacity()
-            + self.plain.capacity()
             + self
                 .legs
                 .iter()
-                .map(|l| l.out.capacity() + l.staging.capacity() + l.rx.stash.capacity())
+                .map(|l| {
+                    l.out.capacity()
+                        + l.framing
+                            .as_ref()
+                            .map_or(0, |f| f.staging.capacity() + f.plain.capacity())
+                        + l.rx.stash.capacity()
+                })
                 .sum::<usize>()
     }
 
@@ -222,8 +338,9 @@ impl Relay {
     /// idle session owns no buffer space (the next command allocates again,
     /// a small allocation per leg, where keeping them cost every idle
     /// connection what its last exchange left, up to [`RELEASE_CAPACITY`]
-    /// per buffer).
+    /// per buffer), nor a new backend's leg. Called only while no move runs.
     pub(super) fn release_idle(&mut self) {
+        self.legs.release_new();
         fn release(b: &mut BytesMut) {
             if b.is_empty() && b.capacity() > 0 {
                 *b = BytesMut::new();
@@ -231,11 +348,13 @@ impl Relay {
         }
         for l in &mut self.legs {
             l.out.release_if_empty();
-            release(&mut l.staging);
+            if let Some(f) = &mut l.framing {
+                release(&mut f.staging);
+                release(&mut f.plain);
+            }
             release(&mut l.rx.stash);
         }
         release(&mut self.held);
-        release(&mut self.plain);
     }
 
     /// Whether every leg's output is written.
@@ -243,10 +362,25 @@ impl Relay {
         self.legs.iter().all(|l| l.queued() == 0)
     }
 
-    /// Takes back the decompression buffer (released when it grew large).
-    pub(super) fn keep_plain(&mut self, plain: BytesMut) {
-        if plain.capacity() <= RELEASE_CAPACITY {
-            self.plain = plain;
+    /// Takes `leg`'s decompression buffer, reused across reads.
+    pub(super) fn take_plain(&mut self, leg: Leg) -> BytesMut {
+        self.legs
+            .get_mut(leg.idx())
+            .and_then(|l| l.framing.as_mut())
+            .map(|f| std::mem::take(&mut f.plain))
+            .unwrap_or_default()
+    }
+
+    /// Takes back `leg`'s decompression buffer (released when it grew
+    /// large, or when the leg is gone or no longer compressed).
+    pub(super) fn keep_plain(&mut self, leg: Leg, plain: BytesMut) {
+        if plain.capacity() <= RELEASE_CAPACITY
+            && let Some(f) = self
+                .legs
+                .get_mut(leg.idx())
+                .and_then(|l| l.framing.as_mut())
+        {
+            f.plain = plain;
         }
     }
 
@@ -548,23 +682,26 @@ impl<T: Clone> Session<T> {
         if let Some(alg) = l.compression
             && l.framing.is_none()
         {
-            l.framing = Some(Box::new(CompressedFraming::new(alg)));
+            l.framing = Some(Compressed::new(CompressedFraming::new(alg)));
         }
     }
 
     /// Compresses staged bytes on compressed legs.
     pub(super) fn flush(&mut self) {
         for l in &mut self.relay.legs {
-            if let Some(f) = l.framing.as_mut()
-                && !l.staging.is_empty()
+            if let Some(c) = l.framing.as_mut()
+                && !c.staging.is_empty()
             {
+                let Compressed {
+                    framing, staging, ..
+                } = &mut **c;
                 if std::mem::take(&mut l.reset_out_seq) {
-                    f.reset_seq();
+                    framing.reset_seq();
                 }
-                f.encode(&l.staging, l.out.buf_mut());
-                l.staging.clear();
-                if l.staging.capacity() > RELEASE_CAPACITY {
-                    l.staging = BytesMut::new();
+                framing.encode(staging, l.out.buf_mut());
+                staging.clear();
+                if staging.capacity() > RELEASE_CAPACITY {
+                    *staging = BytesMut::new();
                 }
             }
         }

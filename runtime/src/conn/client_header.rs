@@ -55,7 +55,6 @@ impl<N: Network> Driver<N> {
             Sniffed::Plain(b) => b,
             Sniffed::Header(h, rest) => {
                 if let ProxyHeader::Proxy { source, .. } = h {
-                    self.peer = source;
                     *self.ctl.client.lock().expect("mailbox lock") = Some(source);
                     // Backends hear of the original client; the address it
                     // reached stays this proxy's own, as without a header.
@@ -74,7 +73,7 @@ impl<N: Network> Driver<N> {
             }
             Sniffed::Invalid(e) => {
                 self.sniff = None;
-                info!(conn_id = self.conn_id, peer = %self.peer, "closing connection: bad PROXY protocol header: {e}");
+                info!(conn_id = self.conn_id, peer = %self.peer(), "closing connection: bad PROXY protocol header: {e}");
                 self.session
                     .handle_close("the PROXY protocol header cannot be used");
                 return Poll::Ready(());

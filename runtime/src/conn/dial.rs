@@ -31,7 +31,7 @@ impl<N: Network> Driver<N> {
         let stream = self.client.stream();
         let tcp_peer = stream.and_then(|s| self.shared.net.peer_addr(s));
         let local = stream.and_then(|s| self.shared.net.local_addr(s));
-        crate::router::client_info(self.peer, tcp_peer.unwrap_or(self.peer), local)
+        crate::router::client_info(self.peer(), tcp_peer.unwrap_or(self.peer()), local)
     }
 
     pub(super) fn start_connect(&mut self, leg: Leg, target: Option<Arc<crate::router::Backend>>) {
@@ -134,10 +134,10 @@ impl<N: Network> Driver<N> {
                 last_err = dial;
             }
         };
-        self.op = Some(Op::Connect {
+        self.op = Some(Box::new(Op::Connect {
             leg,
             fut: Box::pin(events::timed_get_backend(dial, new_client)),
-        });
+        }));
     }
 
     pub(super) fn start_tls(&mut self, leg: Leg, early: Bytes) {
@@ -153,18 +153,17 @@ impl<N: Network> Driver<N> {
                     self.session.handle_close("TLS requested twice");
                     return;
                 };
-                self.op = Some(Op::AcceptTls(Box::pin(
+                self.op = Some(Box::new(Op::AcceptTls(Box::pin(
                     acceptor.accept(Prefixed::new(early, s)),
-                )));
+                ))));
             }
             Leg::Backend | Leg::NewBackend => {
-                let slot = if leg == Leg::Backend {
-                    &mut self.backend
+                let taken = if leg == Leg::Backend {
+                    self.backend.take()
                 } else {
-                    &mut self.new_backend
+                    self.new_backend.take().map(|b| *b)
                 };
-                let (Some(connector), Some(Io::Plain(s))) =
-                    (self.shared.backend_tls.get(), slot.take())
+                let (Some(connector), Some(Io::Plain(s))) = (self.shared.backend_tls.get(), taken)
                 else {
                     let reason = "security.sql-tls is not configured";
                     if leg == Leg::Backend {
@@ -174,7 +173,11 @@ impl<N: Network> Driver<N> {
                     }
                     return;
                 };
-                *slot = Some(Io::Upgrading);
+                if leg == Leg::Backend {
+                    self.backend = Some(Io::Upgrading);
+                } else {
+                    self.new_backend = Some(Box::new(Io::Upgrading));
+                }
                 let lease = if leg == Leg::Backend {
                     &self.lease
                 } else {
@@ -190,14 +193,14 @@ impl<N: Network> Driver<N> {
                 // before the TLS ClientHello.
                 let pending = Bytes::copy_from_slice(self.session.transmit(leg));
                 self.session.advance_transmit(leg, pending.len());
-                self.op = Some(Op::ConnectTls {
+                self.op = Some(Box::new(Op::ConnectTls {
                     leg,
                     fut: Box::pin(async move {
                         let mut s = s;
                         s.write_all(&pending).await?;
                         connector.connect(name, s).await
                     }),
-                });
+                }));
             }
         }
     }

@@ -59,7 +59,7 @@ impl<N: Network> Driver<N> {
                 }
             }
             Event::Authenticated { user } => {
-                debug!(conn_id, peer = %self.peer, user = %String::from_utf8_lossy(&user), "authenticated");
+                debug!(conn_id, peer = %self.peer(), user = %String::from_utf8_lossy(&user), "authenticated");
                 if let Some(l) = &self.lease {
                     let took = clock_us().saturating_sub(self.created_us);
                     l.backend().metrics.handshake(took as f64 / 1e6);
@@ -143,28 +143,30 @@ impl<N: Network> Driver<N> {
                     SessionError::ClientQuit
                     | SessionError::ClientClosed
                     | SessionError::Closed(_) => {
-                        debug!(conn_id, peer = %self.peer, backend, "connection closed: {reason}")
+                        debug!(conn_id, peer = %self.peer(), backend, "connection closed: {reason}")
                     }
                     SessionError::AuthFailed { .. } => {
-                        debug!(conn_id, peer = %self.peer, backend, "{reason}")
+                        debug!(conn_id, peer = %self.peer(), backend, "{reason}")
                     }
                     SessionError::Refused(ProxyError::NoBackend(_))
                     | SessionError::BackendLost(_) => match CONNECTIONS_FAILED.admit() {
                         Some(0) => {
-                            warn!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
+                            warn!(conn_id, peer = %self.peer(), backend, "connection failed: {reason}")
                         }
                         Some(n) => warn!(
                             conn_id,
-                            peer = %self.peer,
+                            peer = %self.peer(),
                             backend,
                             failed_since_last_line = n,
                             "connection failed: {reason}"
                         ),
                         None => {
-                            debug!(conn_id, peer = %self.peer, backend, "connection failed: {reason}")
+                            debug!(conn_id, peer = %self.peer(), backend, "connection failed: {reason}")
                         }
                     },
-                    _ => info!(conn_id, peer = %self.peer, backend, "connection failed: {reason}"),
+                    _ => {
+                        info!(conn_id, peer = %self.peer(), backend, "connection failed: {reason}")
+                    }
                 }
             }
         }

@@ -125,7 +125,7 @@ impl<N: Network> Driver<N> {
         let (verdict, answer) = oneshot::channel();
         let offer = Offer {
             id: self.conn_id,
-            client: self.peer,
+            client: self.peer(),
             backend: lease.backend().addr.clone(),
             state,
             protect: self.session.protection_copy(Instant::now().into_std()),
@@ -240,7 +240,6 @@ impl<N: Network> Imported<N> {
             timer: None,
             ctl,
             conn_id: self.conn_id,
-            peer: self.peer,
             closing: false,
             moved_from: None,
             last_command_ms: uptime_ms(),
@@ -252,7 +251,7 @@ impl<N: Network> Imported<N> {
             // An adopted session's backend connection is already open.
             backend_header: false,
             protected: false,
-            restore_tried: Vec::new(),
+            restore_tried: None,
             tap: Default::default(),
             handover: None,
             may_rehome: false,

@@ -38,14 +38,12 @@ impl<N: Network> Driver<N> {
             .map(|l| l.backend().addr.clone())
             .into_iter()
             .collect();
+        let tried = self.restore_tried.get_or_insert_with(Box::default);
         if failed == 0 || exclude.is_some() {
-            self.restore_tried.clear();
+            tried.clear();
         }
-        self.restore_tried.extend(exclude.map(|b| b.addr.clone()));
-        let lost: Vec<String> = lost
-            .into_iter()
-            .chain(self.restore_tried.iter().cloned())
-            .collect();
+        tried.extend(exclude.map(|b| b.addr.clone()));
+        let lost: Vec<String> = lost.into_iter().chain(tried.iter().cloned()).collect();
         // Never outside the session's group (`balance.routing-rule`).
         let router = &self.shared.router;
         let scope = match self.lease.as_ref() {
@@ -54,7 +52,9 @@ impl<N: Network> Driver<N> {
         };
         let target = scope.and_then(|s| router.pick(&lost, s));
         if let Some(t) = &target {
-            self.restore_tried.push(t.addr.clone());
+            self.restore_tried
+                .get_or_insert_with(Box::default)
+                .push(t.addr.clone());
         }
         debug!(
             conn_id = self.conn_id,
