@@ -96,7 +96,7 @@ pub async fn serve<N: Network>(st: Arc<State<N>>, listener: N::Listener) {
             continue;
         };
         let st = st.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             // An optional PROXY header first: HTTP clients speak first, so
             // it is read before anything else.
             let (stream, peer) = if proxy_protocol {

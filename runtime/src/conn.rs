@@ -383,7 +383,7 @@ impl<N: Network> Driver<N> {
                     self.ctl
                         .set_backend(self.lease.as_ref().map(|l| l.backend().clone()));
                     if let Some(mut old) = old {
-                        tokio::spawn(async move {
+                        crate::task::spawn(async move {
                             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                                 if !farewell.is_empty() {
                                     let _ = write_all(&mut old, &farewell).await;

@@ -71,7 +71,10 @@ pub(crate) async fn probe_loop<N: Network>(st: Arc<State<N>>) {
                     continue;
                 }
                 let addr = b.addr.clone();
-                let h = checks.spawn(check_backend(st.clone(), b, d, probe_due, streaks.clone()));
+                let h = crate::task::spawn_in(
+                    &mut checks,
+                    check_backend(st.clone(), b, d, probe_due, streaks.clone()),
+                );
                 in_flight.insert(addr, h.id());
             }
         }

@@ -227,7 +227,7 @@ mod tests {
     /// whatever it is sent.
     fn server(answer: &'static [u8]) -> tokio::io::DuplexStream {
         let (client, mut server) = tokio::io::duplex(1 << 20);
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut head = Vec::new();
             while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -306,7 +306,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_body_is_sent_with_its_length() {
         let (client, mut server) = tokio::io::duplex(1 << 16);
-        let peer = tokio::spawn(async move {
+        let peer = crate::task::spawn(async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 1024];
             while !String::from_utf8_lossy(&got).ends_with("level = 'debug'") {

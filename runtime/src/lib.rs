@@ -26,6 +26,7 @@ pub mod reload;
 pub mod router;
 pub mod state;
 pub mod takeover;
+pub mod task;
 pub mod tls;
 pub mod traffic;
 pub mod workers;

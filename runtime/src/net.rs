@@ -118,7 +118,7 @@ pub trait Network: Clone + Send + Sync + 'static {
         F: FnOnce(Self::Stream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        tokio::spawn(serve(stream));
+        crate::task::spawn(serve(stream));
     }
 }
 
@@ -205,7 +205,7 @@ impl Network for TokioNet {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Some(w) = &self.workers else {
-            tokio::spawn(serve(stream));
+            crate::task::spawn(serve(stream));
             return;
         };
         // Move the socket to the worker's reactor.

@@ -237,22 +237,23 @@ async fn start_inner<N: Network>(
     let mut tasks = JoinSet::new();
     let accepting = listeners
         .into_iter()
-        .map(|l| tasks.spawn(accept_loop(state.clone(), l)))
+        .map(|l| crate::task::spawn_in(&mut tasks, accept_loop(state.clone(), l)))
         .collect();
-    let api_task = tasks.spawn(crate::api::serve(state.clone(), api_listener));
+    let api_task =
+        crate::task::spawn_in(&mut tasks, crate::api::serve(state.clone(), api_listener));
     if let Some(l) = &listening {
         l.set_tasks(accepting, api_task);
     }
-    tasks.spawn(memory_loop(state.clone()));
-    tasks.spawn(crate::health::probe_loop(state.clone()));
-    tasks.spawn(crate::balance::metrics_loop(state.clone()));
-    tasks.spawn(crate::balance::balance_loop(state.clone()));
+    crate::task::spawn_in(&mut tasks, memory_loop(state.clone()));
+    crate::task::spawn_in(&mut tasks, crate::health::probe_loop(state.clone()));
+    crate::task::spawn_in(&mut tasks, crate::balance::metrics_loop(state.clone()));
+    crate::task::spawn_in(&mut tasks, crate::balance::balance_loop(state.clone()));
     if net.has_keepalive() {
-        tasks.spawn(crate::keepalive::keepalive_loop(state.clone()));
+        crate::task::spawn_in(&mut tasks, crate::keepalive::keepalive_loop(state.clone()));
     }
     let sec = &state.config.security;
     if sec.server_tls.auto_certs || sec.server_http_tls.auto_certs {
-        tasks.spawn(tls::renew_loop(state.clone()));
+        crate::task::spawn_in(&mut tasks, tls::renew_loop(state.clone()));
     }
     let advertise = advertise_addr(&state.config.proxy.advertise_addr, sql_addrs[0]);
     // TiProxy's virtual IP is elected in the one cluster's PD: with several
@@ -318,14 +319,17 @@ async fn start_ha<N: Network>(
         address: link,
         status: state.ha.clone(),
     };
-    tasks.spawn(crate::ha::run(
-        net.pd(),
-        pd.to_vec(),
-        cluster_tls.clone(),
-        election,
-        stop,
-        done,
-    ));
+    crate::task::spawn_in(
+        tasks,
+        crate::ha::run(
+            net.pd(),
+            pd.to_vec(),
+            cluster_tls.clone(),
+            election,
+            stop,
+            done,
+        ),
+    );
     Ok(Some(resign))
 }
 
@@ -453,8 +457,8 @@ impl Proxy<TokioNet> {
         let st = self.state.clone();
         let adopting = self.adopting.take();
         match self.listening.clone() {
-            Some(l) => tokio::spawn(crate::takeover::run(st, l, adopting)),
-            None => tokio::spawn(std::future::pending()),
+            Some(l) => crate::task::spawn(crate::takeover::run(st, l, adopting)),
+            None => crate::task::spawn(std::future::pending()),
         }
     }
 }
@@ -541,20 +545,20 @@ pub(crate) async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::List
             continue;
         }
         if st.draining.load(Ordering::Relaxed) {
-            tokio::spawn(refuse(stream, ProxyError::ShuttingDown));
+            crate::task::spawn(refuse(stream, ProxyError::ShuttingDown));
             continue;
         }
         let max = st.max_connections.load(Ordering::Relaxed);
         if max > 0 && st.count.load(Ordering::Relaxed) >= max {
             metrics().reject_max_connections.inc();
             debug!(%peer, "refusing connection: max-connections reached");
-            tokio::spawn(refuse(stream, ProxyError::TooManyConnections(max)));
+            crate::task::spawn(refuse(stream, ProxyError::TooManyConnections(max)));
             continue;
         }
         if let Some(what) = st.memory.refusal(std::time::Instant::now()) {
             metrics().reject_memory.inc();
             st.shared.router.refused_locally(what);
-            tokio::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
+            crate::task::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
             continue;
         }
         if fd_budget.is_some_and(|b| st.count.load(Ordering::Relaxed) as usize >= b) {
@@ -562,7 +566,7 @@ pub(crate) async fn accept_loop<N: Network>(st: Arc<State<N>>, listener: N::List
                 limit: crate::net::fd_limit(),
             };
             st.shared.router.refused_locally(what);
-            tokio::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
+            crate::task::spawn(refuse(stream, ProxyError::LocalExhaustion(what)));
             continue;
         }
         let id = loop {

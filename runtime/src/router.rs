@@ -648,7 +648,7 @@ impl Router {
             && !self.refusals_flush.swap(true, Ordering::Relaxed)
         {
             let router = self.clone();
-            tokio::spawn(async move {
+            crate::task::spawn(async move {
                 tokio::time::sleep_until(Instant::from_std(due)).await;
                 router.refusals_flush.store(false, Ordering::Relaxed);
                 let now = Instant::now().into_std();

@@ -388,7 +388,7 @@ fn start(model: &Arc<Model>, who: usize) -> Running {
         status: status.clone(),
     };
     let tls = Arc::new(tiproxy_runtime::tls::Live::new(None));
-    let task = tokio::spawn(ha::run(
+    let task = tiproxy_runtime::task::spawn(ha::run(
         ModelPd {
             model: model.clone(),
             who,
@@ -442,7 +442,7 @@ async fn scenario(seed: u64) -> Result<Summary, String> {
     let total: u32 = weights.iter().sum::<u32>().max(1);
     let expiry = {
         let model = model.clone();
-        tokio::spawn(async move {
+        tiproxy_runtime::task::spawn(async move {
             loop {
                 tokio::time::sleep(EXPIRY_CHECK).await;
                 let changed = {

@@ -280,7 +280,7 @@ pub async fn serve(store: Arc<PdStore>, delay: Duration) -> turmoil::Result {
     }
     let listener = TcpListener::bind(("0.0.0.0", PD_PORT)).await?;
     let expiry = store.clone();
-    tokio::spawn(async move {
+    tiproxy_runtime::task::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             expiry.expire();
@@ -289,7 +289,7 @@ pub async fn serve(store: Arc<PdStore>, delay: Duration) -> turmoil::Result {
     loop {
         let (stream, _) = listener.accept().await?;
         let store = store.clone();
-        tokio::spawn(async move {
+        tiproxy_runtime::task::spawn(async move {
             let _ = serve_conn(store, stream, delay).await;
         });
     }

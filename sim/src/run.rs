@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub verbose: bool,
     /// A deliberate bug to plant in the proxy (the mutation test).
     pub plant: Option<PlantedBug>,
+    /// Keep the trace's lines and write them to `DIR/seed-N.trace` at the
+    /// end (two runs of a seed whose hashes differ can then be compared).
+    pub trace_dir: Option<std::path::PathBuf>,
 }
 
 /// What a run found.
@@ -103,6 +106,10 @@ fn registration(i: usize, ttl: Duration) -> Registration {
 /// Runs `scenario` to its end and checks every invariant.
 pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
     let seed = scenario.seed;
+    // Tasks go to each host's LocalSet, dropped in spawn order when the
+    // host crashes (`tiproxy_runtime::task`: the trace must not depend on
+    // what other threads of this process spawn).
+    let _local = tiproxy_runtime::task::spawn_locally_on_this_thread();
     let cluster = Cluster::new(ClusterOptions {
         seed: Some(seed),
         clock: Some(Arc::new(|| {
@@ -112,7 +119,12 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         })),
         ..ClusterOptions::default()
     });
-    let world = World::new(scenario.clone(), cluster.clone(), opts.verbose);
+    let world = World::new(
+        scenario.clone(),
+        cluster.clone(),
+        opts.verbose,
+        opts.trace_dir.is_some(),
+    );
     let pd = {
         // Weak: the store lives in the world's hosts, not the other way.
         let w = Arc::downgrade(&world);
@@ -219,6 +231,12 @@ pub fn run(scenario: &Scenario, opts: &RunOptions) -> Outcome {
         check_store(&world, sim_time);
     }
     let (trace_hash, events) = world.trace();
+    if let Some(dir) = &opts.trace_dir {
+        let path = dir.join(format!("seed-{seed}.trace"));
+        if let Err(e) = std::fs::write(&path, world.trace_lines()) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
     Outcome {
         seed,
         trace_hash,
@@ -289,7 +307,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
     world.tidb_started(i, h.clone(), h.sql_addr().ip());
     world.event(now(), format_args!("tidb-{i} started at {}", h.sql_addr()));
     let pd = SimPd::new(Some(world.links.clone()));
-    let keeper = tokio::spawn(reg.clone().keep_registered(pd.clone()));
+    let keeper = tiproxy_runtime::task::spawn(reg.clone().keep_registered(pd.clone()));
     if let Some(f) = fault {
         sleep_until(f.at).await;
         if let FaultKind::Crash {
@@ -311,7 +329,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
             } => {
                 let w = world.clone();
                 let wait_ends = f.at + graceful_wait;
-                tokio::spawn(async move {
+                tiproxy_runtime::task::spawn(async move {
                     sleep_until(wait_ends).await;
                     w.tidb_wait_ended(i, now());
                 });
@@ -341,7 +359,7 @@ async fn tidb_host(world: Arc<World>, i: usize, host: String) -> turmoil::Result
             world.tidb_started(i, h.clone(), h.sql_addr().ip());
             world.tidb_restarted(i);
             world.event(now(), format_args!("tidb-{i} restarted"));
-            tokio::spawn(reg.clone().keep_registered(pd.clone()));
+            tiproxy_runtime::task::spawn(reg.clone().keep_registered(pd.clone()));
         }
     }
     std::future::pending::<()>().await;

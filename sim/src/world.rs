@@ -128,6 +128,8 @@ pub struct Ledger {
 struct Inner {
     hash: Fnv,
     events: u64,
+    /// The trace's lines, when kept (`RunOptions::trace_dir`).
+    lines: Option<String>,
     violations: Vec<Violation>,
     proxy: Option<Arc<State<TurmoilNet>>>,
     tidbs: BTreeMap<usize, TidbHandle>,
@@ -208,13 +210,22 @@ pub fn now() -> Duration {
 
 impl World {
     /// A world for `scenario`.
-    pub fn new(scenario: Scenario, cluster: Arc<Cluster>, verbose: bool) -> Arc<Self> {
+    /// `keep_lines`: keep the trace's text for [`World::trace_lines`].
+    pub fn new(
+        scenario: Scenario,
+        cluster: Arc<Cluster>,
+        verbose: bool,
+        keep_lines: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             scenario,
             cluster,
             verbose,
             links: Links::new(),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                lines: keep_lines.then(String::new),
+                ..Inner::default()
+            }),
         })
     }
 
@@ -232,6 +243,10 @@ impl World {
         g.hash.write(line.as_bytes());
         g.hash.write(b"\n");
         g.events += 1;
+        if let Some(lines) = &mut g.lines {
+            lines.push_str(&line);
+            lines.push('\n');
+        }
     }
 
     /// Records a broken invariant (also a trace event).
@@ -253,6 +268,11 @@ impl World {
     /// Whether any invariant broke.
     pub fn failed(&self) -> bool {
         !self.lock().violations.is_empty()
+    }
+
+    /// The trace's text so far (empty unless kept).
+    pub fn trace_lines(&self) -> String {
+        self.lock().lines.clone().unwrap_or_default()
     }
 
     /// The trace hash and event count so far.

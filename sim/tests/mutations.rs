@@ -28,6 +28,7 @@ fn first_catch(bug: PlantedBug, bound: u64) -> Option<(u64, Vec<Invariant>)> {
             &RunOptions {
                 verbose: false,
                 plant: Some(bug),
+                trace_dir: None,
             },
         );
         (!o.passed()).then(|| (seed, o.violations.iter().map(|v| v.invariant).collect()))

@@ -742,7 +742,7 @@ async fn pessimistic_writers_wait_for_row_locks() {
         .await
         .unwrap();
     b.query_drop("BEGIN").await.unwrap();
-    let waiting = tokio::spawn(async move {
+    let waiting = tiproxy_runtime::task::spawn(async move {
         b.query_drop("UPDATE acct SET bal = bal + 10 WHERE id = 1")
             .await
             .map(|()| b)
@@ -767,7 +767,7 @@ async fn pessimistic_writers_wait_for_row_locks() {
     b.query_drop("UPDATE acct SET bal = 0 WHERE id = 2")
         .await
         .unwrap();
-    let waiting = tokio::spawn(async move {
+    let waiting = tiproxy_runtime::task::spawn(async move {
         a.query_drop("UPDATE acct SET bal = 5 WHERE id = 2")
             .await
             .map(|()| a)

@@ -121,7 +121,8 @@ async fn kill_drops_everything_at_once() {
     let mut a = raw(&info.sql, &root).await;
     a.query("BEGIN").await.unwrap();
     let mut sleeping = raw(&info.sql, &root).await;
-    let during = tokio::spawn(async move { sleeping.query("SELECT SLEEP(30)").await });
+    let during =
+        tiproxy_runtime::task::spawn(async move { sleeping.query("SELECT SLEEP(30)").await });
     sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
     h.kill();

@@ -118,7 +118,7 @@ fn main() -> ExitCode {
             }
         };
         let watch = args.config.zip(loaded).map(|(path, loaded)| {
-            tokio::spawn(tiproxy_runtime::reload::watch(
+            tiproxy_runtime::task::spawn(tiproxy_runtime::reload::watch(
                 proxy.state().clone(),
                 path,
                 loaded,
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
         });
         // The wall-clock monitor (`tiproxy_monitor_*`): the real process
         // only, the simulation's clock is virtual.
-        let monitor = tokio::spawn(tiproxy_runtime::metrics::monitor_loop());
+        let monitor = tiproxy_runtime::task::spawn(tiproxy_runtime::metrics::monitor_loop());
         let mut takeover = proxy.serve_takeover();
         let taken_over = tokio::select! {
             _ = wait_for_signal() => false,

@@ -187,7 +187,7 @@ impl Clusters {
             } else if want.len() > 1 || name != crate::config::DEFAULT_CLUSTER {
                 info!(cluster = %name, pd = ?pd, "added backend cluster");
             }
-            let watch = tokio::spawn(super::watch_pd(
+            let watch = crate::task::spawn(super::watch_pd(
                 connector.clone(),
                 pd.clone(),
                 ctx.tls.clone(),
@@ -195,7 +195,7 @@ impl Clusters {
                 super::Sink::new(name.clone(), self.merge.clone()),
                 ctx.status.clone(),
             ));
-            let register = tokio::spawn(super::register(
+            let register = crate::task::spawn(super::register(
                 connector.clone(),
                 pd,
                 ctx.tls.clone(),

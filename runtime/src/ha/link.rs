@@ -67,7 +67,7 @@ impl Link {
     /// Finds `vip.interface` and its hardware address.
     pub async fn open(vip: &VirtualIp) -> Result<Self, LinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
-        let conn = tokio::spawn(conn);
+        let conn = crate::task::spawn(conn);
         let mut links = handle
             .link()
             .get()

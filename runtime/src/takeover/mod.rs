@@ -344,7 +344,7 @@ impl Listening {
                     .and_then(|f| tokio::net::TcpListener::from_std(f.into()))
                 {
                     Ok(l) => accepting.push(
-                        tokio::spawn(crate::proxy::accept_loop(st.clone(), l)).abort_handle(),
+                        crate::task::spawn(crate::proxy::accept_loop(st.clone(), l)).abort_handle(),
                     ),
                     Err(e) => warn!("cannot accept again on {name}: {e}"),
                 }
@@ -358,7 +358,9 @@ impl Listening {
                 .try_clone()
                 .and_then(|f| tokio::net::TcpListener::from_std(f.into()))
             {
-                Ok(l) => *api = Some(tokio::spawn(crate::api::serve(st.clone(), l)).abort_handle()),
+                Ok(l) => {
+                    *api = Some(crate::task::spawn(crate::api::serve(st.clone(), l)).abort_handle())
+                }
                 Err(e) => warn!("cannot serve the API again on {}: {e}", self.api.0),
             }
         }
@@ -591,7 +593,7 @@ async fn sessions(st: &Arc<State<TokioNet>>, s: UnixStream) -> Result<(), Takeov
     let (answers_tx, mut answers) = mpsc::unbounded_channel();
     let reader = {
         let s = s.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             loop {
                 let r = wire::recv(&s).await;
                 let end = !matches!(r, Ok(Some(_)));

@@ -364,7 +364,7 @@ pub fn start(cfg: CaptureConfig) -> Result<Arc<CaptureJob>, String> {
     let (tx, rx) = mpsc::channel(MAX_PENDING);
     set_running(Some((tx, job.clone())));
     info!(output = %job.cfg.output.display(), duration = ?job.cfg.duration, "traffic capture started");
-    tokio::spawn(run(job.clone(), rx, writer));
+    crate::task::spawn(run(job.clone(), rx, writer));
     Ok(job)
 }
 

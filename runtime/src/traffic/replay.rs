@@ -364,7 +364,7 @@ pub fn start(cfg: ReplayConfig) -> Result<Arc<ReplayJob>, String> {
         stop,
     });
     info!(input = %job.cfg.input.display(), speed = job.cfg.speed, "traffic replay started");
-    tokio::spawn(run(job.clone(), files, key));
+    crate::task::spawn(run(job.clone(), files, key));
     Ok(job)
 }
 
@@ -444,7 +444,7 @@ async fn run(job: Arc<ReplayJob>, files: Vec<PathBuf>, key: Option<[u8; 32]>) {
         let quit = cmd.rec.payload.first() == Some(&0x01);
         let sender = conns.entry(conn_id).or_insert_with(|| {
             let (ctx, crx) = mpsc::channel(CONN_QUEUE);
-            tasks.spawn(replay_conn(job.clone(), conn_id, crx));
+            crate::task::spawn_in(&mut tasks, replay_conn(job.clone(), conn_id, crx));
             ctx
         });
         tokio::select! {

@@ -41,6 +41,23 @@ struct Args {
     /// owner under PD outages, partitions, crashes) for these seeds instead.
     #[arg(long)]
     ha: bool,
+    /// Write each seed's trace to `DIR/seed-N.trace` (to compare two runs
+    /// of a seed whose trace hashes differ).
+    #[arg(long, value_name = "DIR")]
+    trace_dir: Option<std::path::PathBuf>,
+}
+
+/// Log lines carry the simulated time of the host that wrote them (the
+/// seed's run is on the thread named by the line's thread id).
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "{:>10.3}s", t.as_secs_f64()),
+            None => write!(w, "{:>11}", "-"),
+        }
+    }
 }
 
 fn parse_bug(s: &str) -> Result<PlantedBug, String> {
@@ -99,6 +116,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
         )
         .with_writer(std::io::stderr)
+        .with_timer(SimTime)
+        .with_thread_ids(true)
+        .with_ansi(false)
         .try_init();
     let (from, to, single) = match (args.seed, args.seeds) {
         (Some(s), _) => (s, s + 1, true),
@@ -121,6 +141,7 @@ fn main() -> ExitCode {
     let opts = RunOptions {
         verbose: single && !args.quiet,
         plant: args.plant,
+        trace_dir: args.trace_dir.clone(),
     };
     if single {
         // The seed and every option derived from it, first.

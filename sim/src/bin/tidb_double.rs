@@ -215,7 +215,7 @@ impl Control {
             ttl: Duration::from_secs(self.args.pd_ttl),
             tls: self.pd_tls.clone(),
         };
-        let task = tokio::spawn(reg.clone().keep_registered(EtcdPd));
+        let task = tiproxy_runtime::task::spawn(reg.clone().keep_registered(EtcdPd));
         if let Some((old, _)) = self
             .registrations
             .lock()
@@ -327,13 +327,13 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(control = %control_addr, "tidb-double ready");
 
     let accept_ctl = Arc::clone(&ctl);
-    let accept = tokio::spawn(async move {
+    let accept = tiproxy_runtime::task::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let ctl = Arc::clone(&accept_ctl);
-            tokio::spawn(async move {
+            tiproxy_runtime::task::spawn(async move {
                 let svc = service_fn(move |req| {
                     let ctl = Arc::clone(&ctl);
                     async move { Ok::<_, Infallible>(route(&ctl, req).await) }
@@ -459,7 +459,7 @@ async fn route(ctl: &Arc<Control>, req: Request<Incoming>) -> Response<Full<Byte
                     if !ctl.args.pd.is_empty() {
                         let ctl2 = Arc::clone(ctl);
                         let h2 = h.clone();
-                        tokio::spawn(async move {
+                        tiproxy_runtime::task::spawn(async move {
                             h2.stopped().await;
                             ctl2.deregister(i).await;
                         });

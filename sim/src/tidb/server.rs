@@ -358,8 +358,9 @@ impl TidbServer {
             }),
             errors: super::status::ErrorCounters::default(),
         });
-        let accept = tokio::spawn(accept_loop(net.clone(), sql_listener, Arc::clone(&inst)));
-        let status = tokio::spawn(super::status::serve(
+        let accept =
+            tiproxy_runtime::task::spawn(accept_loop(net.clone(), sql_listener, Arc::clone(&inst)));
+        let status = tiproxy_runtime::task::spawn(super::status::serve(
             net,
             status_listener,
             Arc::clone(&inst),
@@ -455,7 +456,7 @@ impl TidbHandle {
     pub fn start_graceful_shutdown(&self) {
         if self.begin_shutdown() {
             let h = self.clone();
-            tokio::spawn(async move { h.shutdown_sequence().await });
+            tiproxy_runtime::task::spawn(async move { h.shutdown_sequence().await });
         }
     }
 

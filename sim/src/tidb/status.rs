@@ -34,7 +34,7 @@ pub(crate) async fn serve<N: Network>(net: N, listener: N::Listener, inst: Arc<I
             r = net.accept(&listener) => {
                 let Ok((stream, peer)) = r else { continue };
                 let inst = Arc::clone(&inst);
-                tokio::spawn(async move {
+                tiproxy_runtime::task::spawn(async move {
                     let Some(tls) = inst.opts.status_tls.clone() else {
                         return serve_conn(stream, inst).await;
                     };
