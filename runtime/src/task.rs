@@ -52,7 +52,7 @@ where
     if LOCAL.get() {
         tokio::task::spawn_local(fut)
     } else {
-        crate::task::spawn(fut)
+        tokio::spawn(fut)
     }
 }
 
@@ -86,6 +86,26 @@ mod tests {
             let _inner = spawn_locally_on_this_thread();
         }
         assert!(!LOCAL.get());
+    }
+
+    #[test]
+    fn outside_a_simulation_tasks_go_to_the_runtime() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("runtime");
+        let on_worker = rt.block_on(async {
+            let mut set = JoinSet::new();
+            spawn_in(&mut set, async { std::thread::current().id() });
+            let a = spawn(async { std::thread::current().id() })
+                .await
+                .expect("task");
+            let b = set.join_next().await.expect("one").expect("task");
+            (a, b)
+        });
+        // Neither ran on this thread (no LocalSet here to run them).
+        let here = std::thread::current().id();
+        assert!(on_worker.0 != here && on_worker.1 != here);
     }
 
     /// Sets a flag when dropped.
