@@ -46,6 +46,12 @@ backend-addrs = [{ addr = "$A_SQL", status-addr = "$A_ST" }, { addr = "$B_SQL", 
 addr = "127.0.0.1:$API"
 [log]
 level = "info"
+# All sessions stay on A until it drains: no evening out by count when B
+# comes back (the drain moves every one of them).
+[balance]
+policy = "connection"
+[balance.conn-count]
+count-ratio-threshold = 1000000
 TOML
 target/release/tiproxy --config "$TMP/proxy.toml" 2>"$TMP/proxy.log" &
 PROXY=$!

@@ -549,6 +549,18 @@ pub fn scores(backends: &[BackendLoad], policy: Policy) -> Vec<Vec<(Factor, u64)
 
 /// The moves of one tick.
 pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
+    plan_steps(backends, cfg, false)
+}
+
+/// Only the evacuations [`plan`] would start (its first step), within
+/// `cfg.budget`: what the runtime asks for between two ticks when moves
+/// under way end and draining backends still hold sessions, so a drain
+/// runs at the rate of its budget rather than at the pace of the ticks.
+pub fn plan_evacuations(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
+    plan_steps(backends, cfg, true)
+}
+
+fn plan_steps(backends: &[BackendLoad], cfg: &BalanceConfig, evacuations_only: bool) -> Vec<Move> {
     let mut r = Ranking::new(backends, cfg.policy);
     let mut movable: Vec<u32> = backends.iter().map(|b| b.movable.min(b.sessions)).collect();
     let mut budget = cfg.budget;
@@ -581,6 +593,9 @@ pub fn plan(backends: &[BackendLoad], cfg: &BalanceConfig) -> Vec<Move> {
             r.load[to] += 1;
             budget -= 1;
         }
+    }
+    if evacuations_only {
+        return moves;
     }
     // 2. Balance among accepting backends: the worst-ranked gives to the
     //    best-ranked, for the first factor that says so.
@@ -649,6 +664,24 @@ pub fn plan_grouped(
     backends: &[BackendLoad],
     groups: &[Option<GroupId>],
     cfg: &BalanceConfig,
+) -> Vec<Move> {
+    grouped(backends, groups, cfg, plan)
+}
+
+/// [`plan_evacuations`] inside each group, as [`plan_grouped`] plans.
+pub fn plan_evacuations_grouped(
+    backends: &[BackendLoad],
+    groups: &[Option<GroupId>],
+    cfg: &BalanceConfig,
+) -> Vec<Move> {
+    grouped(backends, groups, cfg, plan_evacuations)
+}
+
+fn grouped(
+    backends: &[BackendLoad],
+    groups: &[Option<GroupId>],
+    cfg: &BalanceConfig,
+    plan: fn(&[BackendLoad], &BalanceConfig) -> Vec<Move>,
 ) -> Vec<Move> {
     let mut ids: Vec<GroupId> = groups.iter().flatten().copied().collect();
     ids.sort_unstable();

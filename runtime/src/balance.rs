@@ -73,13 +73,6 @@ pub(super) async fn metrics_loop<N: Network>(st: Arc<State<N>>) {
     }
 }
 
-/// Every 100 ms: snapshot the backends, plan the tick's moves with
-/// [`tiproxy_core::balance::plan_grouped`] (inside each routing group:
-/// evacuate draining and removed backends,
-/// then even out the rest with hysteresis), and ask the chosen sessions to
-/// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
-/// sessions may be asked (not moving, not cooling down after a failed
-/// move), how many moves may start, and which backends cannot export.
 /// Closes the sessions still on a backend in `proxy.fail-backend-list`
 /// once its `failover-timeout` elapsed (TiProxy's
 /// `CloseTimedOutFailoverConnections`), one warning per backend and pass.
@@ -145,8 +138,22 @@ fn report_health(b: &crate::router::Backend, now: tokio::time::Instant) {
     }
 }
 
+/// Every 100 ms: snapshot the backends, plan the tick's moves with
+/// [`tiproxy_core::balance::plan_grouped`] (inside each routing group:
+/// evacuate draining and removed backends,
+/// then even out the rest with hysteresis), and ask the chosen sessions to
+/// move. The move ledger ([`tiproxy_core::balance::MoveLedger`]) says which
+/// sessions may be asked (not moving, not cooling down after a failed
+/// move), how many moves may start, and which backends cannot export.
+/// Between ticks, when the bound on moves in flight
+/// ([`tiproxy_core::balance::MAX_MOVES_IN_FLIGHT`]) stopped a plan with
+/// sessions left to evacuate, each end of a move lets it plan evacuations
+/// again ([`tiproxy_core::balance::plan_evacuations_grouped`]) from what
+/// the tick's budget has left.
 pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
-    use tiproxy_core::balance::{BackendLoad, BalanceConfig, plan_grouped};
+    use tiproxy_core::balance::{
+        BackendLoad, BalanceConfig, Factor, plan_evacuations_grouped, plan_grouped,
+    };
     let tick = Duration::from_millis(1000 / u64::from(tiproxy_core::balance::TICKS_PER_SECOND));
     // `[balance]` is reloadable: re-read when the configuration changed.
     let mut generation = st.config_generation();
@@ -159,52 +166,78 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
     };
     fail_list(&st);
     let mut ticks = 0u32;
+    let mut next_tick = tokio::time::Instant::now() + tick;
+    // Move requests made since the tick began: refills between ticks use
+    // what the tick's budget has left, so `migrations-per-second` holds.
+    let mut spent = 0u32;
+    // Whether the last plan stopped at the bound on moves in flight with
+    // sessions still to evacuate: then each end of a move lets the loop
+    // plan evacuations again before the next tick. A drain then runs at
+    // its budget (5,000 moves a second by default) instead of at most
+    // MAX_MOVES_IN_FLIGHT per tick.
+    let mut refill = false;
     loop {
-        tokio::select! {
+        let router = &st.shared.router;
+        let full_tick = tokio::select! {
             biased;
             _ = st.stopped.notified() => return,
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep_until(next_tick) => true,
+            _ = router.moves_ended(), if refill => false,
+        };
+        if full_tick {
+            next_tick = tokio::time::Instant::now() + tick;
+            spent = 0;
+        } else {
+            // Let more moves end, so one plan starts a batch of them.
+            tokio::time::sleep(REFILL_PAUSE).await;
         }
-        if st.config_generation() != generation {
-            generation = st.config_generation();
-            let live = st.live_config();
-            cfg = live.balance.plan_config();
-            st.shared
-                .router
-                .set_balance(crate::router::RoutingSettings::from_config(&live));
-            drop(live);
-            fail_list(&st);
+        refill = false;
+        if full_tick {
+            if st.config_generation() != generation {
+                generation = st.config_generation();
+                let live = st.live_config();
+                cfg = live.balance.plan_config();
+                st.shared
+                    .router
+                    .set_balance(crate::router::RoutingSettings::from_config(&live));
+                drop(live);
+                fail_list(&st);
+            }
+            router.update_failover();
+            close_after_failover_timeout(&st);
         }
-        let router = &st.shared.router;
-        router.update_failover();
-        close_after_failover_timeout(&st);
         let backends = router.backends();
-        ticks += 1;
-        if ticks >= tiproxy_core::balance::TICKS_PER_SECOND {
-            ticks = 0;
-            let now = tokio::time::Instant::now();
-            let loads: Vec<BackendLoad> = backends.iter().map(|b| router.load_of(b, now)).collect();
-            record_scores(&backends, &loads, cfg.policy);
+        if full_tick {
+            ticks += 1;
+            if ticks >= tiproxy_core::balance::TICKS_PER_SECOND {
+                ticks = 0;
+                let now = tokio::time::Instant::now();
+                let loads: Vec<BackendLoad> =
+                    backends.iter().map(|b| router.load_of(b, now)).collect();
+                record_scores(&backends, &loads, cfg.policy);
+            }
         }
         if backends.len() < 2 && !backends.iter().any(|b| b.should_evacuate()) {
             continue;
         }
         let now = tokio::time::Instant::now();
         // Movable sessions per backend, by the ledger.
-        let sessions: Vec<(u32, Arc<Mailbox>, usize)> = st
-            .sessions()
-            .into_iter()
-            .filter_map(|(id, m)| {
-                let b = m.backend()?;
-                let i = backends.iter().position(|x| Arc::ptr_eq(x, &b))?;
-                Some((id, m, i))
-            })
-            .collect();
+        let sessions = st.sessions();
         let mut on: Vec<Vec<(u32, Arc<Mailbox>)>> = vec![Vec::new(); backends.len()];
         let (room, exports) = router.with_moves(|l| {
             l.expire(now.into_std());
-            for (id, m, i) in sessions {
-                if l.can_move(id, now.into_std()) {
+            for (id, m) in sessions {
+                if !l.can_move(id, now.into_std()) {
+                    continue;
+                }
+                // Read under the ledger's lock: a session whose move just
+                // ended shows its new backend by now (its driver sets it
+                // before it tells the ledger). Read before, it could still
+                // show the old one, and be sent where it already was.
+                let Some(b) = m.backend() else {
+                    continue;
+                };
+                if let Some(i) = backends.iter().position(|x| Arc::ptr_eq(x, &b)) {
                     on[i].push((id, m));
                 }
             }
@@ -221,25 +254,45 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
                 ..router.load_of(b, now)
             })
             .collect();
+        let to_evacuate: u32 = snapshot
+            .iter()
+            .filter(|b| b.evacuate)
+            .map(|b| b.movable)
+            .sum();
         // Moves in flight hold a third socket each and compete with the
         // sessions' own traffic: keep their number bounded.
-        if room == 0 {
+        let budget = cfg.budget.saturating_sub(spent).min(room);
+        if budget == 0 {
+            refill = room == 0 && to_evacuate > 0 && spent < cfg.budget;
             continue;
         }
-        let cfg = BalanceConfig {
-            budget: cfg.budget.min(room),
-            ..cfg
-        };
+        let tick_cfg = BalanceConfig { budget, ..cfg };
         // Moves stay inside each TiDB's group (`balance.routing-rule`).
         let groups = router.group_ids(&backends);
-        for m in plan_grouped(&snapshot, &groups, &cfg) {
+        let plan = if full_tick {
+            plan_grouped(&snapshot, &groups, &tick_cfg)
+        } else {
+            plan_evacuations_grouped(&snapshot, &groups, &tick_cfg)
+        };
+        let mut evacuated = 0;
+        for m in plan {
             let n = (m.count as usize).min(on[m.from].len());
             for (id, mb) in on[m.from].drain(..n) {
                 mb.request_move(router, id, &backends[m.to], m.factor.name());
             }
+            spent += n as u32;
+            if m.factor == Factor::Evacuate {
+                evacuated += n as u32;
+            }
         }
+        refill = to_evacuate > evacuated && spent < cfg.budget;
     }
 }
+
+/// How long the balance loop waits, after a move under way ended, before
+/// it plans more evacuations: moves end in bursts, and one plan (a pass
+/// over every session) then starts a batch.
+const REFILL_PAUSE: Duration = Duration::from_millis(10);
 
 /// Once a second: `tiproxy_balance_b_score` (each backend's rank by each
 /// factor of the policy) and whether each backend is outside the proxy's zone (for

@@ -145,6 +145,39 @@ impl TokioNet {
     }
 }
 
+/// The listen backlog asked for; the kernel caps it at
+/// `net.core.somaxconn` (4096 on current kernels). Go's `net.Listen`, so
+/// TiDB and TiProxy, asks for somaxconn too. `TcpListener::bind` asks for
+/// 128 (the standard library's value): a burst of more connects than that
+/// (9,000 clients reconnecting, a drain's moves landing on one TiDB) lost
+/// SYNs to a full accept queue, and each lost SYN waits the kernel's
+/// one-second retransmission.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds a listener to `addr` (`host:port`, the first address that binds)
+/// with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, as `TcpListener::bind` sets.
+pub async fn bind_listener(addr: &str) -> io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 impl Network for TokioNet {
     type Stream = tokio::net::TcpStream;
     type Listener = tokio::net::TcpListener;
@@ -155,7 +188,7 @@ impl Network for TokioNet {
     }
 
     async fn bind(&self, addr: &str) -> io::Result<Self::Listener> {
-        tokio::net::TcpListener::bind(addr).await
+        bind_listener(addr).await
     }
 
     async fn accept(&self, l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
@@ -410,6 +443,29 @@ impl Default for SpareFd {
 mod tests {
     use super::*;
     use tiproxy_core::health::LocalExhaustion;
+
+    #[tokio::test]
+    async fn a_burst_of_connects_beyond_128_waits_for_no_retransmission() {
+        // Nobody accepts: every connection waits in the accept queue. With
+        // the standard library's backlog (128) the 130th SYN is dropped and
+        // its connect takes the kernel's one-second retransmission.
+        let l = bind_listener("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut open = Vec::new();
+        for i in 0..200 {
+            let c = tokio::time::timeout(
+                std::time::Duration::from_millis(900),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            match c {
+                Ok(Ok(s)) => open.push(s),
+                Ok(Err(e)) => panic!("connect {i}: {e}"),
+                Err(_) => panic!("connect {i} waited for a SYN retransmission"),
+            }
+        }
+        assert_eq!(open.len(), 200);
+    }
 
     #[test]
     fn os_errors_of_the_proxy_itself_are_told_apart_from_the_peers() {

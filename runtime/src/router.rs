@@ -442,6 +442,9 @@ pub struct Router {
     /// Moves under way, cool-downs, backends that cannot export sessions;
     /// backends by SQL address.
     moves: Mutex<MoveLedger<String>>,
+    /// Told when moves under way end (the ledger has room again): the
+    /// balance loop then starts more evacuations before its next tick.
+    moves_ended: tokio::sync::Notify,
     /// `proxy.fail-backend-list` and `proxy.failover-timeout`.
     fail_list: Mutex<failover::FailList>,
     /// The groups of `[balance] routing-rule` (backends by SQL address).
@@ -669,7 +672,19 @@ impl Router {
     /// Runs `f` on the move ledger. Never call the router from `f`: the
     /// ledger's lock is held.
     pub fn with_moves<R>(&self, f: impl FnOnce(&mut MoveLedger<String>) -> R) -> R {
-        f(&mut self.moves.lock().expect("move ledger lock"))
+        let mut l = self.moves.lock().expect("move ledger lock");
+        let before = l.in_flight();
+        let r = f(&mut l);
+        if l.in_flight() < before {
+            self.moves_ended.notify_one();
+        }
+        r
+    }
+
+    /// Completes once a move under way ended since the last call (or
+    /// since the router began, the first time).
+    pub async fn moves_ended(&self) {
+        self.moves_ended.notified().await
     }
 
     /// Sessions on their way to `b`.

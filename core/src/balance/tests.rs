@@ -95,6 +95,34 @@ fn draining_backend_is_emptied_over_several_targets() {
 }
 
 #[test]
+fn evacuations_between_ticks_are_the_plans_first_step_only() {
+    // A draining, B and C accepting but uneven: a tick evacuates A and
+    // evens B and C out; a refill between ticks only evacuates.
+    let bs = vec![b(10, false, true), b(0, true, false), b(30, true, false)];
+    let cfg = BalanceConfig {
+        budget: 6,
+        ..BalanceConfig::default()
+    };
+    let tick = plan(&bs, &cfg);
+    let refill = plan_evacuations(&bs, &cfg);
+    assert_eq!(total(&refill), 6, "the whole budget: {refill:?}");
+    assert!(refill.iter().all(|m| m.factor == Factor::Evacuate));
+    let evacuations: Vec<Move> = tick
+        .iter()
+        .copied()
+        .filter(|m| m.factor == Factor::Evacuate)
+        .collect();
+    assert_eq!(refill, evacuations);
+    // Nothing to evacuate: no refill, though the tick would even out.
+    let even = vec![b(0, true, false), b(30, true, false)];
+    assert!(plan_evacuations(&even, &cfg).is_empty());
+    assert!(!plan(&even, &cfg).is_empty());
+    // Grouped: the same, group by group.
+    let groups = [Some(GroupId(0)), Some(GroupId(0)), Some(GroupId(0))];
+    assert_eq!(plan_evacuations_grouped(&bs, &groups, &cfg), refill);
+}
+
+#[test]
 fn scale_out_spreads_two_sessions() {
     // The seed experiment: two clients on one TiDB, a second TiDB joins.
     let mut bs = vec![b(2, true, false), b(0, true, false)];
