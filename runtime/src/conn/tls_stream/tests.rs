@@ -132,8 +132,8 @@ impl Pair {
         };
         for _ in 0..10 {
             let done = pair.server.poll_handshake(&mut cx());
-            let _ = pair.to_client();
-            pair.to_server();
+            let _ = pair.deliver_to_client();
+            pair.deliver_to_server();
             if let Poll::Ready(r) = done {
                 r.unwrap();
                 if !pair.client.is_handshaking() {
@@ -149,7 +149,7 @@ impl Pair {
     }
 
     /// What the server wrote, into the client; the plaintext that came.
-    fn to_client(&mut self) -> Vec<u8> {
+    fn deliver_to_client(&mut self) -> Vec<u8> {
         use std::io::Read;
         let out = std::mem::take(&mut self.wire.lock().unwrap().outbound);
         let mut rd = &out[..];
@@ -174,7 +174,7 @@ impl Pair {
     }
 
     /// What the client has to send, onto the wire.
-    fn to_server(&mut self) {
+    fn deliver_to_server(&mut self) {
         let out = tls_out(&mut self.client);
         self.wire.lock().unwrap().inbound.extend(out);
     }
@@ -223,7 +223,7 @@ impl Pair {
                 Poll::Ready(Err(e)) => panic!("server write: {e}"),
                 Poll::Pending => {
                     self.wire.lock().unwrap().write_room += room;
-                    got.extend(self.to_client());
+                    got.extend(self.deliver_to_client());
                 }
             }
         }
@@ -233,9 +233,9 @@ impl Pair {
                 r.unwrap();
                 break;
             }
-            got.extend(self.to_client());
+            got.extend(self.deliver_to_client());
         }
-        got.extend(self.to_client());
+        got.extend(self.deliver_to_client());
         got
     }
 }
@@ -474,7 +474,7 @@ fn shutdown_sends_close_notify() {
             .build()
             .unwrap();
         rt.block_on(p.server.shutdown()).unwrap();
-        let _ = p.to_client();
+        let _ = p.deliver_to_client();
         assert!(p.client.process_new_packets().unwrap().peer_has_closed());
         let e = p
             .server
