@@ -22,8 +22,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Largest TLS record on the wire: 2^14 plaintext bytes plus TLS 1.2's
@@ -70,6 +72,20 @@ enum Processed {
     NeedInput,
     /// The peer sent close_notify.
     PeerClosed,
+}
+
+/// Appends the record `e` holds to `out`.
+fn encode(e: &mut EncodeTlsData<'_, ServerConnectionData>, out: &mut Vec<u8>) {
+    let at = out.len();
+    let mut need = 512;
+    loop {
+        out.resize(at + need, 0);
+        match e.encode(&mut out[at..]) {
+            Ok(n) => return out.truncate(at + n),
+            Err(EncodeError::InsufficientSize(s)) => need = s.required_size,
+            Err(EncodeError::AlreadyEncoded) => return out.truncate(at),
+        }
+    }
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
@@ -139,22 +155,7 @@ impl<S> ServerTlsStream<S> {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut e) => {
-                    let at = self.outgoing.len();
-                    let mut need = 512;
-                    loop {
-                        self.outgoing.resize(at + need, 0);
-                        match e.encode(&mut self.outgoing[at..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(at + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(s)) => need = s.required_size,
-                            Err(EncodeError::AlreadyEncoded) => {
-                                self.outgoing.truncate(at);
-                                break;
-                            }
-                        }
-                    }
+                    encode(&mut e, &mut self.outgoing);
                     None
                 }
                 // Queued in `outgoing`, which is written before any later
@@ -186,6 +187,19 @@ impl<S> ServerTlsStream<S> {
             consumed += discard;
             if let Some(o) = outcome {
                 return Ok((consumed, o));
+            }
+        }
+    }
+
+    /// Moves the alert rustls queued on an error into `outgoing`.
+    fn queue_alerts(&mut self) {
+        // rustls hands out what it queued before it looks at input again
+        // (where it would repeat the error).
+        for _ in 0..4 {
+            match self.conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, &mut self.outgoing),
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
             }
         }
     }
@@ -271,7 +285,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
                 }
                 end += n;
             }
-            let (consumed, outcome) = self.process(&mut scratch[..end], out)?;
+            let (consumed, outcome) = match self.process(&mut scratch[..end], out) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Tell the peer why (rustls queued a fatal alert), as
+                    // far as the socket takes it now.
+                    self.queue_alerts();
+                    let _ = self.poll_write_outgoing(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
             if let Processed::PeerClosed = outcome {
                 self.peer_closed = true;
             }
@@ -359,7 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
     fn encrypt(
         &mut self,
         f: impl FnOnce(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+            &mut WriteTraffic<'_, ServerConnectionData>,
             &mut [u8],
         ) -> Result<usize, EncryptError>,
         scratch: &mut [u8],
@@ -376,24 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
                         io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
                     });
                 }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    let at = self.outgoing.len();
-                    let mut need = 512;
-                    loop {
-                        self.outgoing.resize(at + need, 0);
-                        match e.encode(&mut self.outgoing[at..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(at + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(s)) => need = s.required_size,
-                            Err(EncodeError::AlreadyEncoded) => {
-                                self.outgoing.truncate(at);
-                                break;
-                            }
-                        }
-                    }
-                }
+                ConnectionState::EncodeTlsData(mut e) => encode(&mut e, &mut self.outgoing),
                 ConnectionState::TransmitTlsData(t) => t.done(),
                 ConnectionState::Closed | ConnectionState::PeerClosed => {
                     return Err(io::Error::new(

@@ -435,8 +435,42 @@ fn garbage_after_the_handshake_is_a_clear_error() {
             let e = p.read_all(100).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData);
             assert!(e.to_string().starts_with("TLS: "), "{e}");
+            // The client is told with an alert, not just a closed socket.
+            let out = std::mem::take(&mut p.wire.lock().unwrap().outbound);
+            p.client.read_tls(&mut &out[..]).unwrap();
+            let e = p.client.process_new_packets().unwrap_err();
+            assert!(
+                matches!(e, rustls::Error::AlertReceived(_)),
+                "{version:?}: {e}"
+            );
         }
     }
+}
+
+#[test]
+fn a_refused_handshake_tells_the_client_why() {
+    // A server for TLS 1.3 only (`min-tls-version`), a client for 1.2 only.
+    let (server_cfg, _) = configs(&rustls::version::TLS13);
+    let (_, client_cfg) = configs(&rustls::version::TLS12);
+    let mut client =
+        ClientConnection::new(client_cfg, ServerName::try_from("tiproxy").unwrap()).unwrap();
+    let wire = Arc::new(Mutex::new(Wire {
+        write_room: usize::MAX,
+        ..Wire::default()
+    }));
+    wire.lock().unwrap().inbound.extend(tls_out(&mut client));
+    let mut server = ServerTlsStream::new(server_cfg, &[], Socket(wire.clone())).unwrap();
+    let Poll::Ready(Err(e)) = server.poll_handshake(&mut cx()) else {
+        panic!("the handshake went on");
+    };
+    assert!(e.to_string().starts_with("TLS: "), "{e}");
+    let out = std::mem::take(&mut wire.lock().unwrap().outbound);
+    client.read_tls(&mut &out[..]).unwrap();
+    let e = client.process_new_packets().unwrap_err();
+    assert_eq!(
+        e,
+        rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
+    );
 }
 
 #[test]
