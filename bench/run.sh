@@ -28,6 +28,7 @@ BENCH_TABLE_SIZE=${BENCH_TABLE_SIZE:-100000}
 BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-9900}
 BENCH_IDLE_PROCS=${BENCH_IDLE_PROCS:-4}     # client processes opening the idle connections
 BENCH_IDLE_SETTLE=${BENCH_IDLE_SETTLE:-3}   # seconds between last connect and the RSS reading
+BENCH_IDLE_OPEN_SECS=${BENCH_IDLE_OPEN_SECS:-180} # time allowed to open them (TLS handshakes are slow on a busy machine)
 BENCH_LAT_QUERIES=${BENCH_LAT_QUERIES:-20000}
 BENCH_LAT_ROUNDS=${BENCH_LAT_ROUNDS:-5}
 BENCH_SYSCALL_EVENTS=${BENCH_SYSCALL_EVENTS:-20000} # point selects traced per proxy
@@ -360,9 +361,9 @@ idle_cycle() { # proxy cycle -> sets CYC_OPENED CYC_FAILED CYC_SECS CYC_OPEN_RSS
     MYCLIENT_TLS=$tls "$TMP/myclient" idle 127.0.0.1 "${PORT[$t]}" "$DB_USER" "$DB_PASS" \
         "$BENCH_IDLE_CONNS" "$BENCH_IDLE_PROCS" >"$out" 2>"$TMP/idle-$t-$c.err" &
     cpid=$!; PIDS+=("$cpid")
-    for _ in $(seq 1800); do grep -qs READY "$out" && break; alive "$cpid" || break; sleep 0.1; done
+    for _ in $(seq $((BENCH_IDLE_OPEN_SECS * 10))); do grep -qs READY "$out" && break; alive "$cpid" || break; sleep 0.1; done
     if ! grep -qs READY "$out"; then
-        note "idle client via $t (cycle $c) did not finish opening connections in 180 s: $(head -c 300 "$TMP/idle-$t-$c.err")"
+        note "idle client via $t (cycle $c) did not finish opening connections in $BENCH_IDLE_OPEN_SECS s: $(head -c 300 "$TMP/idle-$t-$c.err")"
         stop_pid "$cpid"
         return 1
     fi

@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use crate::metrics::{LegTraffic, PendingMove, metrics};
-use crate::net::{Network, Prefixed};
+use crate::net::Network;
 use crate::proxy_header::HeaderSniff;
 use crate::router::{BackendProfile, Lease, Router};
 
@@ -37,12 +37,14 @@ mod handover;
 mod mailbox;
 mod restore;
 mod socket;
+mod tls_stream;
 
 use self::dial::ConnectError;
 use self::events::counted;
 pub use self::handover::{HandOverTx, Handover, Imported, Offer, import};
 pub use self::mailbox::{Control, DescribeReply, Mailbox, SessionInfo, uptime_ms};
 use self::socket::{Io, write_all};
+use self::tls_stream::ServerTlsStream;
 use tiproxy_core::balance::MoveOutcome;
 
 /// What every connection shares.
@@ -96,7 +98,7 @@ enum Op<S> {
         leg: Leg,
         fut: BoxFut<Result<(S, Lease), ConnectError>>,
     },
-    AcceptTls(BoxFut<io::Result<tokio_rustls::server::TlsStream<Prefixed<S>>>>),
+    AcceptTls(BoxFut<io::Result<Box<ServerTlsStream<S>>>>),
     ConnectTls {
         leg: Leg,
         fut: BoxFut<io::Result<tokio_rustls::client::TlsStream<S>>>,
@@ -460,7 +462,7 @@ impl<N: Network> Driver<N> {
                 self.op = None;
                 match res {
                     Ok(s) => {
-                        self.client = Io::ServerTls(Box::new(s));
+                        self.client = Io::ServerTls(s);
                         self.session.handle_tls_established(now, Leg::Client);
                     }
                     Err(e) => {

@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::socket::Io;
+use super::tls_stream::ServerTlsStream;
 use super::{Driver, Op, events};
 use crate::metrics::metrics;
 use crate::net::Network;
-use crate::net::Prefixed;
 use crate::tls;
 
 /// Why a backend dial found no backend.
@@ -153,9 +153,12 @@ impl<N: Network> Driver<N> {
                     self.session.handle_close("TLS requested twice");
                     return;
                 };
-                self.op = Some(Box::new(Op::AcceptTls(Box::pin(
-                    acceptor.accept(Prefixed::new(early, s)),
-                ))));
+                let config = acceptor.config().clone();
+                self.op = Some(Box::new(Op::AcceptTls(Box::pin(async move {
+                    let mut tls = Box::new(ServerTlsStream::new(config, &early, s)?);
+                    tls.handshake().await?;
+                    Ok(tls)
+                }))));
             }
             Leg::Backend | Leg::NewBackend => {
                 let taken = if leg == Leg::Backend {

@@ -7,12 +7,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::net::Prefixed;
+use super::tls_stream::ServerTlsStream;
 
 /// A socket, possibly upgraded to TLS.
 pub(super) enum Io<S> {
     Plain(S),
-    ServerTls(Box<tokio_rustls::server::TlsStream<Prefixed<S>>>),
+    ServerTls(Box<ServerTlsStream<S>>),
     ClientTls(Box<tokio_rustls::client::TlsStream<S>>),
     /// Moved into a TLS handshake in progress.
     Upgrading,
@@ -23,7 +23,7 @@ impl<S> Io<S> {
     pub(super) fn stream(&self) -> Option<&S> {
         match self {
             Io::Plain(s) => Some(s),
-            Io::ServerTls(s) => Some(s.get_ref().0.get_ref()),
+            Io::ServerTls(s) => Some(s.get_ref()),
             Io::ClientTls(s) => Some(s.get_ref().0),
             Io::Upgrading => None,
         }
@@ -38,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     ) -> Poll<io::Result<()>> {
         match self {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::ServerTls(s) => s.poll_read(cx, buf),
             Io::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Io::Upgrading => Poll::Pending,
         }
@@ -51,7 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     ) -> Poll<io::Result<usize>> {
         match self {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::ServerTls(s) => s.poll_write(cx, buf),
             Io::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Io::Upgrading => Poll::Pending,
         }
@@ -60,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Io::Plain(_) => Poll::Ready(Ok(())),
-            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::ServerTls(s) => s.poll_flush(cx),
             Io::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Io::Upgrading => Poll::Pending,
         }
