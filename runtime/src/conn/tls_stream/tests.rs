@@ -222,13 +222,19 @@ impl Pair {
                 Poll::Ready(Ok(n)) => at += n,
                 Poll::Ready(Err(e)) => panic!("server write: {e}"),
                 Poll::Pending => {
-                    self.wire.lock().unwrap().write_room += room;
+                    {
+                        let mut w = self.wire.lock().unwrap();
+                        w.write_room = w.write_room.saturating_add(room);
+                    }
                     got.extend(self.deliver_to_client());
                 }
             }
         }
         loop {
-            self.wire.lock().unwrap().write_room += room;
+            {
+                let mut w = self.wire.lock().unwrap();
+                w.write_room = w.write_room.saturating_add(room);
+            }
             if let Poll::Ready(r) = self.server.poll_flush(&mut cx()) {
                 r.unwrap();
                 break;
