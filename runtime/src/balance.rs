@@ -187,12 +187,6 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
         if full_tick {
             next_tick = tokio::time::Instant::now() + tick;
             spent = 0;
-        } else {
-            // Let more moves end, so one plan starts a batch of them.
-            tokio::time::sleep(REFILL_PAUSE).await;
-        }
-        refill = false;
-        if full_tick {
             if st.config_generation() != generation {
                 generation = st.config_generation();
                 let live = st.live_config();
@@ -205,7 +199,11 @@ pub(super) async fn balance_loop<N: Network>(st: Arc<State<N>>) {
             }
             router.update_failover();
             close_after_failover_timeout(&st);
+        } else {
+            // Let more moves end, so one plan starts a batch of them.
+            tokio::time::sleep(REFILL_PAUSE).await;
         }
+        refill = false;
         let backends = router.backends();
         if full_tick {
             ticks += 1;
