@@ -16,6 +16,18 @@
 //!   [`Policy::pack_below`] of one thread, the highest-numbered worker that
 //!   holds connections sends them all to the lowest.
 //!
+//! Both also look at what else runs ([`room`]): a second thread only helps
+//! when a core is free for it. With less than [`Policy::spread_spare`]
+//! cores idle (host idle time, capped by the cgroup's CPU quota) a hot
+//! worker does not spread unless the proxy uses more than
+//! [`Policy::saturated_used`] cores; with less than [`Policy::contended_spare`] idle
+//! and the proxy using under [`Policy::pack_used`] cores (one thread can
+//! carry it), the workers pack and new connections go to the lowest one,
+//! however busy tokio says it is (tokio counts a thread waiting for a CPU
+//! as busy). This is HAProxy `nbthread 1`'s advantage on a shared 2-core
+//! machine, taken automatically; on a machine with idle cores nothing
+//! changes.
+//!
 //! The monitor only posts how many connections should leave a worker and
 //! where to; each connection checks that count when a command ends (one
 //! relaxed atomic load) and, when it takes one, moves itself: its sockets
@@ -23,13 +35,17 @@
 //! along untouched (`conn`'s `rehome`). Connections with TLS, a dial or a
 //! handshake in progress stay where they are.
 
+pub mod room;
+
 use std::future::Future;
 
 use futures_util::FutureExt;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use room::Room;
 
 thread_local! {
     /// The worker this thread runs, if it is one.
@@ -45,6 +61,18 @@ pub struct Policy {
     pub hot: f64,
     /// All workers together busy less than this: gather on the lowest.
     pub pack_below: f64,
+    /// Spread only with at least this many cores idle.
+    pub spread_spare: f64,
+    /// With fewer cores idle than this, the CPU is contended: gather on
+    /// the lowest worker if the proxy uses under `pack_used` cores.
+    pub contended_spare: f64,
+    /// The most the proxy may use (cores) and still be gathered on one
+    /// thread when the CPU is contended.
+    pub pack_used: f64,
+    /// Using more than this (cores), one thread cannot carry the proxy: a
+    /// hot worker spreads even without idle cores (another thread wins
+    /// the proxy a larger share of the contended CPU).
+    pub saturated_used: f64,
 }
 
 impl Default for Policy {
@@ -53,6 +81,10 @@ impl Default for Policy {
             place_below: 0.7,
             hot: 0.85,
             pack_below: 0.5,
+            spread_spare: 0.5,
+            contended_spare: 0.25,
+            pack_used: 0.75,
+            saturated_used: 0.9,
         }
     }
 }
@@ -69,16 +101,22 @@ pub struct Move {
 }
 
 impl Policy {
+    /// Whether the CPU is contended and one thread can carry the proxy.
+    pub fn contended(&self, room: Option<Room>) -> bool {
+        room.is_some_and(|r| r.spare < self.contended_spare && r.used < self.pack_used)
+    }
+
     /// What the monitor asks for, given each worker's busy fraction over
-    /// the last interval and its connection count.
-    pub fn decide(&self, busy: &[f64], conns: &[usize]) -> Option<Move> {
+    /// the last interval, its connection count and, when known, the CPU
+    /// room.
+    pub fn decide(&self, busy: &[f64], conns: &[usize], room: Option<Room>) -> Option<Move> {
         let n = busy.len().min(conns.len());
         if n < 2 {
             return None;
         }
         let total: f64 = busy[..n].iter().sum();
         let holding: Vec<usize> = (0..n).filter(|&w| conns[w] > 0).collect();
-        if total < self.pack_below && holding.len() > 1 {
+        if (total < self.pack_below || self.contended(room)) && holding.len() > 1 {
             let to = holding[0];
             let from = *holding.last().expect("two workers hold connections");
             return Some(Move {
@@ -86,6 +124,10 @@ impl Policy {
                 to,
                 count: conns[from],
             });
+        }
+        if room.is_some_and(|r| r.spare < self.spread_spare && r.used <= self.saturated_used) {
+            // No core for another thread to run on, and one carries us.
+            return None;
         }
         let hot = (0..n)
             .filter(|&w| busy[w] > self.hot && conns[w] > 1)
@@ -104,8 +146,12 @@ impl Policy {
         })
     }
 
-    /// Where a new connection goes.
-    pub fn place(&self, busy: &[f64]) -> usize {
+    /// Where a new connection goes: the lowest worker not busy, or, when
+    /// the CPU is contended, the lowest.
+    pub fn place(&self, busy: &[f64], contended: bool) -> usize {
+        if contended {
+            return 0;
+        }
         (0..busy.len())
             .find(|&w| busy[w] < self.place_below)
             .or_else(|| (0..busy.len()).min_by(|&a, &b| busy[a].total_cmp(&busy[b])))
@@ -132,6 +178,9 @@ pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     slots: Vec<Slot>,
     policy: Policy,
+    /// The monitor found the CPU contended: new connections go to the
+    /// lowest worker.
+    contended: AtomicBool,
     /// Place new connections round-robin instead (`TIPROXY_WORKER_PLACEMENT
     /// = round-robin`; the monitor still packs and spreads).
     round_robin: Option<AtomicUsize>,
@@ -183,6 +232,7 @@ impl Workers {
             handles,
             slots,
             policy,
+            contended: AtomicBool::new(false),
             round_robin: round_robin.then(AtomicUsize::default),
         });
         if w.handles.len() > 1 {
@@ -205,7 +255,9 @@ impl Workers {
     pub fn place(&self) -> usize {
         match &self.round_robin {
             Some(next) => next.fetch_add(1, Ordering::Relaxed) % self.handles.len(),
-            None => self.policy.place(&self.busy()),
+            None => self
+                .policy
+                .place(&self.busy(), self.contended.load(Ordering::Relaxed)),
         }
     }
 
@@ -285,10 +337,16 @@ impl Workers {
 /// earlier one not yet carried out). Ends with the workers.
 fn monitor(w: std::sync::Weak<Workers>) {
     let mut last: Option<(Instant, Vec<Duration>)> = None;
+    let mut last_cpu = room::Sample::now();
     loop {
         std::thread::sleep(Duration::from_secs(1));
         let Some(w) = w.upgrade() else { return };
         let now = Instant::now();
+        let cpu = room::Sample::now();
+        let room = cpu.since(&last_cpu);
+        last_cpu = cpu;
+        w.contended
+            .store(w.policy.contended(room), Ordering::Relaxed);
         let busy_total: Vec<Duration> = w
             .handles
             .iter()
@@ -309,8 +367,8 @@ fn monitor(w: std::sync::Weak<Workers>) {
             for s in &w.slots {
                 s.leave.store(0, Ordering::Relaxed);
             }
-            if let Some(m) = w.policy.decide(&w.busy(), &conns) {
-                tracing::debug!(?m, busy = ?w.busy(), ?conns, "moving connections between workers");
+            if let Some(m) = w.policy.decide(&w.busy(), &conns, room) {
+                tracing::debug!(?m, busy = ?w.busy(), ?conns, ?room, "moving connections between workers");
                 let slot = &w.slots[m.from];
                 slot.leave_to.store(m.to, Ordering::Relaxed);
                 slot.leave.store(m.count as i64, Ordering::Relaxed);
@@ -328,7 +386,7 @@ mod tests {
     fn a_light_load_gathers_on_the_lowest_worker() {
         let p = Policy::default();
         assert_eq!(
-            p.decide(&[0.1, 0.2], &[5, 7]),
+            p.decide(&[0.1, 0.2], &[5, 7], None),
             Some(Move {
                 from: 1,
                 to: 0,
@@ -336,28 +394,67 @@ mod tests {
             })
         );
         // Already packed: nothing to do.
-        assert_eq!(p.decide(&[0.3, 0.0], &[12, 0]), None);
+        assert_eq!(p.decide(&[0.3, 0.0], &[12, 0], None), None);
         // Busy enough that one thread would be stretched: stay.
-        assert_eq!(p.decide(&[0.4, 0.4], &[6, 6]), None);
+        assert_eq!(p.decide(&[0.4, 0.4], &[6, 6], None), None);
     }
 
     #[test]
     fn a_hot_worker_sheds_to_an_idle_one() {
         let p = Policy::default();
-        let m = p.decide(&[0.95, 0.05], &[16, 0]).unwrap();
+        let m = p.decide(&[0.95, 0.05], &[16, 0], None).unwrap();
         assert_eq!((m.from, m.to), (0, 1));
         assert_eq!(m.count, 8, "half the busy difference, by count");
         // One connection cannot be split.
-        assert_eq!(p.decide(&[0.99, 0.0], &[1, 0]), None);
+        assert_eq!(p.decide(&[0.99, 0.0], &[1, 0], None), None);
         // Both busy: nowhere better to go.
-        assert_eq!(p.decide(&[0.9, 0.8], &[8, 8]), None);
+        assert_eq!(p.decide(&[0.9, 0.8], &[8, 8], None), None);
     }
 
     #[test]
     fn new_connections_fill_the_lowest_worker_first() {
         let p = Policy::default();
-        assert_eq!(p.place(&[0.2, 0.0]), 0);
-        assert_eq!(p.place(&[0.75, 0.1]), 1);
-        assert_eq!(p.place(&[0.9, 0.8]), 1);
+        assert_eq!(p.place(&[0.2, 0.0], false), 0);
+        assert_eq!(p.place(&[0.75, 0.1], false), 1);
+        assert_eq!(p.place(&[0.9, 0.8], false), 1);
+        // Contended: the lowest, however busy it looks.
+        assert_eq!(p.place(&[0.9, 0.1], true), 0);
+    }
+
+    #[test]
+    fn a_contended_cpu_gathers_the_workers_unless_one_thread_cannot_carry_them() {
+        let p = Policy::default();
+        let room = |spare, used| Some(Room { spare, used });
+        // The 2-core benchmark under sysbench: no idle CPU, the proxy uses
+        // half a core, tokio calls both workers busy (waiting for a CPU
+        // counts): gather.
+        assert_eq!(
+            p.decide(&[0.55, 0.47], &[8, 8], room(0.0, 0.5)),
+            Some(Move {
+                from: 1,
+                to: 0,
+                count: 8
+            })
+        );
+        assert!(p.contended(room(0.1, 0.5)));
+        // Gathered and "hot": no core to spread to, so stay.
+        assert_eq!(p.decide(&[0.95, 0.0], &[16, 0], room(0.0, 0.6)), None);
+        // The same with idle cores: spread, as without room.
+        assert_eq!(
+            p.decide(&[0.95, 0.0], &[16, 0], room(1.0, 0.6)),
+            p.decide(&[0.95, 0.0], &[16, 0], None)
+        );
+        // One thread saturated (the proxy uses more than 0.9 cores): spread
+        // even on a contended machine, and do not gather back.
+        assert_eq!(
+            p.decide(&[1.0, 0.0], &[16, 0], room(0.0, 0.95))
+                .map(|m| (m.from, m.to)),
+            Some((0, 1))
+        );
+        assert_eq!(p.decide(&[0.9, 0.6], &[8, 8], room(0.0, 1.3)), None);
+        assert!(!p.contended(room(0.0, 0.8)));
+        // Between pack_used and saturated_used: neither (hysteresis).
+        assert_eq!(p.decide(&[0.95, 0.0], &[16, 0], room(0.0, 0.8)), None);
+        assert_eq!(p.decide(&[0.9, 0.5], &[8, 8], room(0.0, 0.8)), None);
     }
 }
