@@ -37,7 +37,6 @@ use bytes::Bytes;
 use super::migration::Migration;
 use super::{Event, Phase, Session};
 use crate::digest::DigestBuilder;
-use crate::packet::write_packet;
 
 /// COM_STMT_PREPARE: its OK response carries the new statement id.
 const COM_STMT_PREPARE: u8 = 0x16;
@@ -157,10 +156,7 @@ impl<T: Clone> Session<T> {
     /// backend for the session's state; the command runs once the answer
     /// is in ([`Self::tap_started`]).
     pub(super) fn tap_hold(&mut self, now: std::time::Instant, payload: &[u8]) {
-        let mut held = bytes::BytesMut::with_capacity(4 + payload.len() + self.relay.held.len());
-        write_packet(&mut held, 0, payload);
-        held.extend_from_slice(&self.relay.held);
-        self.relay.held = held;
+        self.relay.hold_in_front(payload);
         self.start_refresh(now, true);
     }
 

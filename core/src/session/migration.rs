@@ -263,11 +263,7 @@ impl<T: Clone> Session<T> {
         else {
             return;
         };
-        let mut held = BytesMut::with_capacity(4 + payload.len() + self.relay.held.len());
-        write_packet(&mut held, 0, payload);
-        let begin_len = held.len();
-        held.extend_from_slice(&self.relay.held);
-        self.relay.held = held;
+        let begin_len = self.relay.hold_in_front(payload);
         self.migration = Migration::Running(Move {
             target,
             deadline: now + self.cfg.migration_timeout,

@@ -555,10 +555,7 @@ impl<T: Clone> Session<T> {
             return;
         };
         self.tracker.abandon_exchange();
-        let mut held = bytes::BytesMut::with_capacity(4 + cmd.len() + self.relay.held.len());
-        crate::packet::write_packet(&mut held, 0, &cmd);
-        held.extend_from_slice(&self.relay.held);
-        self.relay.held = held;
+        self.relay.hold_in_front(&cmd);
     }
 
     /// Whether the session holds a state copy that would serve a restore

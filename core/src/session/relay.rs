@@ -318,6 +318,18 @@ impl Relay {
         }
     }
 
+    /// Puts the command `payload` (one whole packet, sequence 0) in front
+    /// of the held client bytes, to run before them; returns its length
+    /// with the header.
+    pub(super) fn hold_in_front(&mut self, payload: &[u8]) -> usize {
+        let mut held = BytesMut::with_capacity(HEADER_LEN + payload.len() + self.held.len());
+        write_packet(&mut held, 0, payload);
+        let len = held.len();
+        held.extend_from_slice(&self.held);
+        self.held = held;
+        len
+    }
+
     /// Capacity of every buffer (memory accounting).
     pub(super) fn buffered(&self) -> usize {
         self.held.capacity()
