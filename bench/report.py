@@ -221,6 +221,42 @@ def latency(d, targets, nq, out):
     out.append("")
 
 
+def cpu_split(d, targets, out):
+    """User and kernel CPU and context switches per query, per proxy."""
+    runs = [r for r in rows(os.path.join(d, "runs.tsv"), 14) if r[2] in targets and r[2] != "direct"]
+    if not runs:
+        return
+    out.append("## Where the proxy CPU goes (sysbench, same runs)\n")
+    out.append(
+        "Per query, summed over the rounds: user and kernel CPU of the proxy process "
+        "(utime, stime), and context switches of all its threads (voluntary: it slept; "
+        "involuntary: it was preempted, mostly by the thread its own send woke).\n"
+    )
+    out.append("| workload | threads | proxy | user µs / query | kernel µs / query | voluntary cs / query | involuntary cs / query |")
+    out.append("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    seen = []
+    for r in runs:
+        if (r[0], r[1], r[2]) not in seen:
+            seen.append((r[0], r[1], r[2]))
+    for wl, th, t in seen:
+        tot = [0.0] * 5
+        for r in runs:
+            if (r[0], r[1], r[2]) != (wl, th, t):
+                continue
+            vals = [num(r[5])] + [num(x) for x in r[10:14]]
+            if any(v is None for v in vals):
+                continue
+            tot = [a + b for a, b in zip(tot, vals)]
+        q = tot[0]
+        if q <= 0:
+            continue
+        out.append(
+            f"| {wl} | {th} | {NAMES.get(t, t)} | {tot[1] / q * 1e6:.2f} | {tot[2] / q * 1e6:.2f} "
+            f"| {tot[3] / q:.3f} | {tot[4] / q:.3f} |"
+        )
+    out.append("")
+
+
 def syscalls(d, out):
     sys_rows = rows(os.path.join(d, "syscalls.tsv"), 8)
     if not sys_rows:
@@ -319,6 +355,7 @@ def main():
     with open(os.path.join(a.dir, "header.md")) as f:
         out.append(f.read())
     throughput(a.dir, targets, out)
+    cpu_split(a.dir, targets, out)
     versus_baseline(a.dir, out)
     latency(a.dir, targets, a.lat_queries, out)
     syscalls(a.dir, out)

@@ -114,6 +114,8 @@ wait_port() { # port seconds pid
     return 1
 }
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+# utime stime (ticks) and voluntary / involuntary context switches over all threads
+cpu_split() { echo "$(sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12, $13}') $(cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt/ {v += $2} /^nonvoluntary_ctxt/ {n += $2} END {print v + 0, n + 0}')"; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 alive() { kill -0 "$1" 2>/dev/null; }
 cpu_secs() { awk -v a="$1" -v b="$2" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}'; }
@@ -237,7 +239,7 @@ rotated() { # round -> targets in this round's order
 has_phase() { [[ " $BENCH_PHASES " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- throughput
-RUNS=$TMP/runs.tsv # workload threads target round qps queries cpu_s p95_ms errors reconnects
+RUNS=$TMP/runs.tsv # workload threads target round qps queries cpu_s p95_ms errors reconnects user_s sys_s vcsw ivcsw
 : >"$RUNS"
 if has_phase throughput; then
     for spec in $BENCH_WORKLOADS; do
@@ -253,12 +255,17 @@ if has_phase throughput; then
                 out=$TMP/sb-$wl-$th-$t-$r.log
                 pid=${PROXY_PID[$t]:-}
                 c0=0; [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+                split0="NA NA NA NA"; [ -n "$pid" ] && split0=$(cpu_split "$pid")
                 rc=0
                 sysbench "$wl" "${SB_COMMON[@]}" --mysql-port="${PORT[$t]}" --threads="$th" \
                     --time="$BENCH_SECONDS" --percentile=95 run >"$out" 2>&1 || rc=$?
-                cpu=NA
+                cpu=NA split="NA NA NA NA"
                 if [ -n "$pid" ]; then
-                    if alive "$pid"; then cpu=$(cpu_secs "$c0" "$(cpu_ticks "$pid")"); else note "$t (pid $pid) died during $wl round $r"; fi
+                    if alive "$pid"; then
+                        cpu=$(cpu_secs "$c0" "$(cpu_ticks "$pid")")
+                        split=$(awk -v h="$CLK_TCK" '{printf "%.3f %.3f %d %d", ($5 - $1) / h, ($6 - $2) / h, $7 - $3, $8 - $4}' \
+                            <<<"$split0 $(cpu_split "$pid")")
+                    else note "$t (pid $pid) died during $wl round $r"; fi
                 fi
                 qps=$(grep -m1 -E '^ *queries:' "$out" | sed -E 's/.*\(([0-9.]+) per sec.*/\1/' || true)
                 queries=$(grep -m1 -E '^ *queries:' "$out" | awk '{print $2}' || true)
@@ -269,8 +276,8 @@ if has_phase throughput; then
                     note "sysbench $wl/$th via $t round $r failed (rc=$rc): $(grep -m3 -E 'FATAL|ERROR|error' "$out" | tr '\n' ' ')"
                     qps=NA queries=NA p95=NA
                 fi
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$th" "$t" "$r" "$qps" "${queries:-NA}" \
-                    "$cpu" "${p95:-NA}" "${errs:-NA}" "${recon:-NA}" >>"$RUNS"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$th" "$t" "$r" "$qps" "${queries:-NA}" \
+                    "$cpu" "${p95:-NA}" "${errs:-NA}" "${recon:-NA}" "${split// /$'\t'}" >>"$RUNS"
                 log "$wl/$th round $r $t: qps=$qps cpu=${cpu}s errors=${errs:-?}"
             done
         done
