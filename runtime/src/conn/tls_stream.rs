@@ -60,6 +60,10 @@ thread_local! {
 }
 
 /// Who handles records.
+// `Records` is inline on purpose: the stream is boxed already, and an idle
+// connection keeps one allocation rather than two. rustls' connection is
+// boxed so that it is freed after the handshake.
+#[allow(clippy::large_enum_variant)]
 enum Tls {
     /// rustls, during the handshake.
     Handshake(Box<UnbufferedServerConnection>),
