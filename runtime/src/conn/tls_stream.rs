@@ -13,7 +13,8 @@
 //! rustls' small `KernelConnection` to derive the keys of a key update.
 //! A connection keeps bytes only while they are in flight:
 //! - `incoming`: the ciphertext of a record not yet complete (at most one
-//!   record, or one post-handshake message, see [`SCRATCH_LEN`]);
+//!   record; during the handshake, one handshake message, see
+//!   [`SCRATCH_LEN`]);
 //! - `plaintext`: decrypted bytes the reader had no room for;
 //! - `outgoing`: encrypted bytes the socket did not take yet (at most one
 //!   write's worth; a write waits until it is gone).
