@@ -885,3 +885,48 @@ fn tls12_renegotiation_is_refused_with_a_warning_then_fatally() {
     let (_, alert) = raw.received();
     assert!(alert.unwrap().contains("UnexpectedMessage"));
 }
+
+#[test]
+fn a_record_cut_by_the_end_of_the_handshake_is_opened_after_it() {
+    // The client's first record comes right behind its Finished, cut
+    // short: rustls runs the handshake, the record layer opens the record
+    // once the rest arrives. TLS 1.3 only: a TLS 1.2 client finishes after
+    // the server, so its data never shares a read with the handshake's
+    // end (without False Start, which rustls does not do).
+    for version in [&rustls::version::TLS13] {
+        let (server_cfg, client_cfg) = configs(version);
+        let mut client =
+            ClientConnection::new(client_cfg, ServerName::try_from("tiproxy").unwrap()).unwrap();
+        let wire = Arc::new(Mutex::new(Wire {
+            write_room: usize::MAX,
+            ..Wire::default()
+        }));
+        let mut server = ServerTlsStream::new(server_cfg, &[], Socket(wire.clone())).unwrap();
+        let mut rest = Vec::new();
+        let mut done = false;
+        for _ in 0..10 {
+            done = server.poll_handshake(&mut cx()).is_ready();
+            let out = std::mem::take(&mut wire.lock().unwrap().outbound);
+            client.read_tls(&mut &out[..]).unwrap();
+            client.process_new_packets().unwrap();
+            let mut flight = tls_out(&mut client);
+            if !client.is_handshaking() && rest.is_empty() && !done {
+                use std::io::Write;
+                client.writer().write_all(b"first command").unwrap();
+                let rec = tls_out(&mut client);
+                flight.extend_from_slice(&rec[..7]);
+                rest = rec[7..].to_vec();
+            }
+            wire.lock().unwrap().inbound.extend(flight);
+            if done {
+                break;
+            }
+        }
+        assert!(done, "{version:?}: the handshake did not finish");
+        assert!(!rest.is_empty(), "{version:?}: the record was not cut");
+        assert_eq!(read_all(&mut server, 100).unwrap().0, b"");
+        wire.lock().unwrap().inbound.extend(rest);
+        assert_eq!(read_all(&mut server, 100).unwrap().0, b"first command");
+        assert_eq!(server.held(), 0);
+    }
+}
