@@ -193,12 +193,15 @@ pub fn server_config(
             None => builder.with_client_cert_verifier(v),
         }
     };
-    let sc = builder
+    let mut sc = builder
         .with_single_cert(certs, private)
         .map_err(|e| TlsError {
             key: format!("{key}.cert"),
             message: e.to_string(),
         })?;
+    // The client leg seals and opens records itself after the handshake
+    // (conn/tls_stream): it takes the traffic keys out of rustls.
+    sc.enable_secret_extraction = key == "server-tls";
     Ok(Some(Arc::new(sc)))
 }
 

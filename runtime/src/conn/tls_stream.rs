@@ -1,13 +1,20 @@
-//! The client leg's TLS on rustls' unbuffered API: an idle connection keeps
-//! no buffer (issue 15).
+//! The client leg's TLS: rustls' unbuffered API for the handshake, then a
+//! record layer of our own; an idle connection keeps no buffer and no
+//! rustls connection (issue 15).
 //!
 //! rustls' buffered `ServerConnection` keeps a 4 KiB read buffer per
 //! connection after its first read, and tokio-rustls wraps it in more
-//! state. Here records are read into a thread-local scratch, rustls
-//! decrypts them in place and the plaintext goes straight to the caller.
+//! state. Here records are read into a thread-local scratch and decrypted
+//! in place; the plaintext goes straight to the caller. rustls'
+//! `UnbufferedServerConnection` (about 2 KB with its deframer state and
+//! queues) runs the handshake only: once it is done, the traffic keys are
+//! taken out of it (`dangerous_into_kernel_connection`) and [`records`]
+//! seals and opens records with ring, as rustls would; TLS 1.3 keeps
+//! rustls' small `KernelConnection` to derive the keys of a key update.
 //! A connection keeps bytes only while they are in flight:
 //! - `incoming`: the ciphertext of a record not yet complete (at most one
-//!   record, or one post-handshake message, see [`SCRATCH_LEN`]);
+//!   record; during the handshake, one handshake message, see
+//!   [`SCRATCH_LEN`]);
 //! - `plaintext`: decrypted bytes the reader had no room for;
 //! - `outgoing`: encrypted bytes the socket did not take yet (at most one
 //!   write's worth; a write waits until it is gone).
@@ -23,10 +30,12 @@ use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
-};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+mod records;
+
+use records::{Opened, Records};
 
 /// Largest TLS record on the wire: 2^14 plaintext bytes plus TLS 1.2's
 /// allowance of 2048 for expansion, plus the 5-byte header.
@@ -40,14 +49,34 @@ const WRITE_CHUNK: usize = 4 << 14;
 /// more record, and for one write's records with their overhead.
 const SCRATCH_LEN: usize = (64 << 10) + 2 * MAX_RECORD;
 
+const _: () = assert!(Records::sealed_len(WRITE_CHUNK) <= SCRATCH_LEN);
+
+/// Room for the records sealed outside a write (an alert, a KeyUpdate;
+/// each may follow a KeyUpdate at the record limit).
+const SMALL_RECORDS: usize = 4 * (records::RECORD_OVERHEAD + 8);
+
 thread_local! {
     /// Ciphertext in or out; never held across a return.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
 }
 
+/// Who handles records.
+// `Records` is inline on purpose: the stream is boxed already, and an idle
+// connection keeps one allocation rather than two. rustls' connection is
+// boxed so that it is freed after the handshake.
+#[allow(clippy::large_enum_variant)]
+enum Tls {
+    /// rustls, during the handshake.
+    Handshake(Box<UnbufferedServerConnection>),
+    /// [`Records`], after it.
+    Records(Records),
+    /// A fatal error happened; nothing more is read or written.
+    Failed,
+}
+
 /// A server-side TLS stream over `S` holding no buffer while idle.
 pub(crate) struct ServerTlsStream<S> {
-    conn: UnbufferedServerConnection,
+    tls: Tls,
     io: S,
     /// Ciphertext received but not yet a complete record.
     incoming: Vec<u8>,
@@ -96,9 +125,15 @@ impl<S> ServerTlsStream<S> {
     /// A stream over `io`; `early` are bytes already read from it (the
     /// start of the ClientHello, read with the SSL request).
     pub(crate) fn new(config: Arc<ServerConfig>, early: &[u8], io: S) -> io::Result<Self> {
+        if !config.enable_secret_extraction {
+            // The record layer needs the keys after the handshake.
+            return Err(io::Error::other(
+                "TLS: the server config must set enable_secret_extraction",
+            ));
+        }
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         Ok(Self {
-            conn,
+            tls: Tls::Handshake(Box::new(conn)),
             io,
             incoming: early.to_vec(),
             unprocessed: !early.is_empty(),
@@ -116,10 +151,48 @@ impl<S> ServerTlsStream<S> {
         &self.io
     }
 
-    /// rustls' state (protocol version, cipher suite, handshake).
+    /// The negotiated version and cipher suite, once the handshake is
+    /// done.
     #[cfg(test)]
-    pub(crate) fn common(&self) -> &rustls::CommonState {
-        &self.conn
+    pub(crate) fn negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        match &self.tls {
+            Tls::Records(r) => Some((r.protocol_version(), r.cipher_suite())),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    fn records(&mut self) -> &mut Records {
+        match &mut self.tls {
+            Tls::Records(r) => r,
+            _ => panic!("the handshake is not done"),
+        }
+    }
+
+    fn failed() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "TLS: the connection failed earlier",
+        )
+    }
+
+    /// Leaves rustls once the handshake is done: the record layer takes
+    /// its keys and sequence numbers.
+    fn leave_rustls(&mut self) -> io::Result<()> {
+        let Tls::Handshake(conn) = std::mem::replace(&mut self.tls, Tls::Failed) else {
+            return Ok(());
+        };
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+        let records = Records::new(secrets, kernel).map_err(|f| f.error)?;
+        tracing::debug!(
+            version = ?records.protocol_version(),
+            suite = ?records.cipher_suite(),
+            "client TLS handshake done"
+        );
+        self.tls = Tls::Records(records);
+        // A partial record behind the handshake is ours to open now.
+        self.unprocessed = !self.incoming.is_empty();
+        Ok(())
     }
 
     /// Bytes this connection holds in its own buffers (for tests: an idle
@@ -138,10 +211,13 @@ impl<S> ServerTlsStream<S> {
         input: &mut [u8],
         out: &mut ReadBuf<'_>,
     ) -> io::Result<(usize, Processed)> {
+        let Tls::Handshake(conn) = &mut self.tls else {
+            return Err(Self::failed());
+        };
         let mut consumed = 0;
         loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut input[consumed..]);
+                conn.process_tls_records(&mut input[consumed..]);
             let state = state.map_err(tls_error)?;
             let outcome = match state {
                 ConnectionState::ReadTraffic(mut r) => {
@@ -191,12 +267,80 @@ impl<S> ServerTlsStream<S> {
         }
     }
 
+    /// Opens the records of `input`: plaintext goes to `out`, what does
+    /// not fit to `self.plaintext`. Returns how many bytes of `input` were
+    /// consumed and what opening ended on. On an error the alert is queued
+    /// in `outgoing` and the stream is failed.
+    fn open_records(
+        &mut self,
+        input: &mut [u8],
+        out: &mut ReadBuf<'_>,
+    ) -> io::Result<(usize, Processed)> {
+        let Tls::Records(records) = &mut self.tls else {
+            return Err(Self::failed());
+        };
+        let mut at = 0;
+        let outcome = loop {
+            match records.open(&mut input[at..]) {
+                Ok(None) => break Ok(Processed::NeedInput),
+                Ok(Some((n, opened))) => {
+                    let record = &input[at..at + n];
+                    at += n;
+                    match opened {
+                        Opened::Data(range) => {
+                            let data = &record[range];
+                            let k = data.len().min(out.remaining());
+                            out.put_slice(&data[..k]);
+                            self.plaintext.extend_from_slice(&data[k..]);
+                        }
+                        Opened::Nothing => {}
+                        Opened::Closed => break Ok(Processed::PeerClosed),
+                    }
+                }
+                Err(fatal) => {
+                    if let Some(alert) = fatal.alert {
+                        let mut buf = [0; SMALL_RECORDS];
+                        if let Ok(n) = records.seal_alert(alert, &mut buf) {
+                            self.outgoing.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    break Err(fatal.error);
+                }
+            }
+        };
+        match outcome {
+            Ok(o) => {
+                // A KeyUpdate or warning owed to the client goes behind
+                // what is queued, only when nothing is: a client repeating
+                // requests while not reading cannot grow `outgoing`.
+                if records.has_due() && self.outgoing.is_empty() {
+                    let mut buf = [0; SMALL_RECORDS];
+                    match records.seal_due(&mut buf) {
+                        Ok(n) => self.outgoing.extend_from_slice(&buf[..n]),
+                        Err(fatal) => {
+                            self.tls = Tls::Failed;
+                            return Err(fatal.error);
+                        }
+                    }
+                }
+                Ok((at, o))
+            }
+            Err(e) => {
+                self.tls = Tls::Failed;
+                Err(e)
+            }
+        }
+    }
+
     /// Moves the alert rustls queued on an error into `outgoing`.
     fn queue_alerts(&mut self) {
+        let Tls::Handshake(conn) = &mut self.tls else {
+            return;
+        };
         // rustls hands out what it queued before it looks at input again
         // (where it would repeat the error).
         for _ in 0..4 {
-            match self.conn.process_tls_records(&mut []).state {
+            match conn.process_tls_records(&mut []).state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, &mut self.outgoing),
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 _ => return,
@@ -232,8 +376,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_write_outgoing(cx))?;
-            if !self.conn.is_handshaking() {
-                return Poll::Ready(Ok(()));
+            match &self.tls {
+                Tls::Handshake(conn) if !conn.is_handshaking() => {
+                    return Poll::Ready(self.leave_rustls());
+                }
+                Tls::Handshake(_) => {}
+                Tls::Records(_) => return Poll::Ready(Ok(())),
+                Tls::Failed => return Poll::Ready(Err(Self::failed())),
             }
             // Application data right behind the client's Finished is kept
             // in `plaintext` for the first read.
@@ -285,11 +434,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
                 }
                 end += n;
             }
-            let (consumed, outcome) = match self.process(&mut scratch[..end], out) {
+            let input = &mut scratch[..end];
+            let processed = match self.tls {
+                Tls::Handshake(_) => self.process(input, out),
+                _ => self.open_records(input, out),
+            };
+            let (consumed, outcome) = match processed {
                 Ok(r) => r,
                 Err(e) => {
-                    // Tell the peer why (rustls queued a fatal alert), as
-                    // far as the socket takes it now.
+                    // Tell the peer why (the alert is queued), as far as
+                    // the socket takes it now.
                     self.queue_alerts();
                     let _ = self.poll_write_outgoing(cx);
                     return Poll::Ready(Err(e));
@@ -341,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
             }
             let before = buf.filled().len();
             ready!(self.poll_input(cx, buf))?;
-            // Records rustls answers itself (a key update) go out now; a
+            // Records owed to the client (our KeyUpdate, an alert) go out now; a
             // socket that cannot take them gets them at the next flush.
             if let Poll::Ready(Err(e)) = self.poll_write_outgoing(cx) {
                 return Poll::Ready(Err(e));
@@ -371,50 +525,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
         SCRATCH.with_borrow_mut(|scratch| {
-            let n = self.encrypt(|w, out| w.encrypt(data, out), scratch)?;
+            let Tls::Records(records) = &mut self.tls else {
+                return Poll::Ready(Err(Self::failed()));
+            };
+            let n = match records.seal_data(data, scratch) {
+                Ok(n) => n,
+                Err(fatal) => {
+                    self.tls = Tls::Failed;
+                    return Poll::Ready(Err(fatal.error));
+                }
+            };
             self.send_or_keep(cx, &scratch[..n])?;
             Poll::Ready(Ok(data.len()))
         })
-    }
-
-    /// Encrypts with `f` into `scratch` (after handing rustls any input it
-    /// still holds, which only returns once it can encrypt).
-    fn encrypt(
-        &mut self,
-        f: impl FnOnce(
-            &mut WriteTraffic<'_, ServerConnectionData>,
-            &mut [u8],
-        ) -> Result<usize, EncryptError>,
-        scratch: &mut [u8],
-    ) -> io::Result<usize> {
-        // Records rustls queued itself (a key update answer, tickets) come
-        // first: drain them into `outgoing` until it offers WriteTraffic.
-        loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
-            debug_assert_eq!(discard, 0, "incoming holds no complete record");
-            match state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut w) => {
-                    return f(&mut w, scratch).map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
-                    });
-                }
-                ConnectionState::EncodeTlsData(mut e) => encode(&mut e, &mut self.outgoing),
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                ConnectionState::Closed | ConnectionState::PeerClosed => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "TLS: the connection is closed",
-                    ));
-                }
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("TLS: cannot write in state {other:?}"),
-                    ));
-                }
-            }
-        }
     }
 
     /// Writes `records` behind anything queued; keeps what the socket does
@@ -444,10 +567,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTlsStream<S> {
     pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         if !self.closing {
             self.closing = true;
-            let mut alert = [0u8; 64];
-            // A connection rustls has failed on gets no close_notify; the
-            // socket is shut all the same.
-            if let Ok(n) = self.encrypt(|w, out| w.queue_close_notify(out), &mut alert) {
+            let mut alert = [0u8; SMALL_RECORDS];
+            // A failed connection (or one still in its handshake) gets no
+            // close_notify; the socket is shut all the same.
+            if let Tls::Records(records) = &mut self.tls
+                && let Ok(n) = records.seal_alert(records::CLOSE_NOTIFY, &mut alert)
+            {
                 self.outgoing.extend_from_slice(&alert[..n]);
             }
         }

@@ -311,3 +311,21 @@ fn auto_certs_are_renewed_a_day_before_expiry_or_at_half_a_short_life() {
     assert_eq!(super::renew_after(&files), None, "files are not generated");
     assert_eq!(super::renew_after(&TlsConfig::default()), None);
 }
+
+/// The client leg's stream takes the traffic keys out of rustls after the
+/// handshake (`conn/tls_stream`); the API's tokio-rustls leg never does.
+#[test]
+fn only_the_client_leg_config_allows_extracting_keys() {
+    let dir = std::env::temp_dir().join(format!("tiproxy-extract-{}", std::process::id()));
+    let cfg = TlsConfig {
+        auto_certs: true,
+        ..TlsConfig::default()
+    };
+    for (key, extract) in [("server-tls", true), ("server-http-tls", false)] {
+        let sc = server_config(&cfg, key, &dir)
+            .expect("auto-certs")
+            .expect("TLS on");
+        assert_eq!(sc.enable_secret_extraction, extract, "{key}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,8 +7,11 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::task::Waker;
 
+use rustls::crypto::ring::cipher_suite as cs;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, SupportedCipherSuite, SupportedProtocolVersion,
+};
 
 /// One side of the scripted socket, shared with the test.
 #[derive(Default)]
@@ -87,23 +90,38 @@ struct Pair {
 }
 
 fn configs(version: &'static SupportedProtocolVersion) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    configs_with(version, None)
+}
+
+/// A server config as the proxy builds it (all suites, keys extractable)
+/// and a client config offering only `suite` when given.
+fn configs_with(
+    version: &'static SupportedProtocolVersion,
+    suite: Option<SupportedCipherSuite>,
+) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let cert = rcgen::generate_simple_self_signed(vec!["tiproxy".to_string()]).unwrap();
     let der = CertificateDer::from(cert.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider.clone())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[version])
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(vec![der.clone()], key)
         .unwrap();
+    server.enable_secret_extraction = true;
     let mut roots = RootCertStore::empty();
     roots.add(der).unwrap();
-    let client = ClientConfig::builder_with_provider(provider)
+    let mut client_provider = rustls::crypto::ring::default_provider();
+    if let Some(suite) = suite {
+        client_provider.cipher_suites = vec![suite];
+    }
+    let mut client = ClientConfig::builder_with_provider(Arc::new(client_provider))
         .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    client.enable_secret_extraction = true;
     (Arc::new(server), Arc::new(client))
 }
 
@@ -113,7 +131,16 @@ impl Pair {
     /// Handshakes; the first `early` bytes of the ClientHello are handed
     /// over as read before the upgrade (the MySQL SSL request's reader).
     fn new(version: &'static SupportedProtocolVersion, early: usize) -> Pair {
-        let (server_cfg, client_cfg) = configs(version);
+        Pair::with(version, None, early)
+    }
+
+    /// Handshakes with a client offering only `suite` (when given).
+    fn with(
+        version: &'static SupportedProtocolVersion,
+        suite: Option<SupportedCipherSuite>,
+        early: usize,
+    ) -> Pair {
+        let (server_cfg, client_cfg) = configs_with(version, suite);
         let mut client =
             ClientConnection::new(client_cfg, ServerName::try_from("tiproxy").unwrap()).unwrap();
         let hello = tls_out(&mut client);
@@ -137,9 +164,14 @@ impl Pair {
             if let Poll::Ready(r) = done {
                 r.unwrap();
                 if !pair.client.is_handshaking() {
+                    let (v, negotiated) = pair.server.negotiated().unwrap();
+                    assert_eq!(v, version.version);
+                    if let Some(suite) = suite {
+                        assert_eq!(negotiated, suite.suite());
+                    }
                     assert_eq!(
-                        pair.server.common().protocol_version(),
-                        Some(version.version)
+                        pair.client.negotiated_cipher_suite().map(|s| s.suite()),
+                        Some(negotiated)
                     );
                     return pair;
                 }
@@ -199,16 +231,19 @@ impl Pair {
     /// Reads with room for `room` bytes at a time until the server has
     /// nothing more; what came and whether the stream ended.
     fn read_all(&mut self, room: usize) -> io::Result<(Vec<u8>, bool)> {
-        let mut got = Vec::new();
-        let mut buf = vec![0; room];
-        loop {
-            let mut rb = ReadBuf::new(&mut buf);
-            match self.server.poll_read(&mut cx(), &mut rb) {
-                Poll::Pending => return Ok((got, false)),
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Ok((got, true)),
-                Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
-            }
+        read_all(&mut self.server, room)
+    }
+
+    /// The client leaves rustls too: its records are built by hand.
+    fn into_raw(self) -> Raw {
+        let suite = self.client.negotiated_cipher_suite().unwrap();
+        let tls13 = self.client.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        #[allow(deprecated)]
+        let secrets = self.client.dangerous_extract_secrets().unwrap();
+        Raw {
+            records: Records::from_parts(tls13, suite, secrets, None).unwrap(),
+            server: self.server,
+            wire: self.wire,
         }
     }
 
@@ -243,6 +278,58 @@ impl Pair {
         }
         got.extend(self.deliver_to_client());
         got
+    }
+}
+
+fn read_all(server: &mut ServerTlsStream<Socket>, room: usize) -> io::Result<(Vec<u8>, bool)> {
+    let mut got = Vec::new();
+    let mut buf = vec![0; room];
+    loop {
+        let mut rb = ReadBuf::new(&mut buf);
+        match server.poll_read(&mut cx(), &mut rb) {
+            Poll::Pending => return Ok((got, false)),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Ok((got, true)),
+            Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+        }
+    }
+}
+
+/// A client sealing records by hand with its keys taken out of rustls:
+/// what a misbehaving client would send.
+struct Raw {
+    records: Records,
+    server: ServerTlsStream<Socket>,
+    wire: Arc<Mutex<Wire>>,
+}
+
+impl Raw {
+    /// Seals one record of type `typ` (the inner type on TLS 1.3) onto
+    /// the wire.
+    fn send(&mut self, typ: u8, data: &[u8]) {
+        let mut out = Vec::new();
+        self.records.seal_raw(typ, data, &mut out);
+        self.wire.lock().unwrap().inbound.extend(out);
+    }
+
+    /// Opens what the server wrote: its data and, if it sent one, its
+    /// alert (as the error text the record layer gives it).
+    fn received(&mut self) -> (Vec<u8>, Option<String>) {
+        let mut out = std::mem::take(&mut self.wire.lock().unwrap().outbound);
+        let mut data = Vec::new();
+        let mut at = 0;
+        loop {
+            match self.records.open(&mut out[at..]) {
+                Ok(None) => return (data, None),
+                Ok(Some((n, Opened::Data(r)))) => {
+                    data.extend_from_slice(&out[at..at + n][r]);
+                    at += n;
+                }
+                Ok(Some((n, Opened::Nothing))) => at += n,
+                Ok(Some((_, Opened::Closed))) => return (data, Some("close_notify".into())),
+                Err(f) => return (data, Some(f.error.to_string())),
+            }
+        }
     }
 }
 
@@ -574,5 +661,272 @@ async fn echo_over_a_pipe_with_tokio_rustls() {
         let (held, same) = tokio::try_join!(server, client).unwrap();
         assert!(same, "{version:?}: echo differs");
         assert_eq!(held, 0);
+    }
+}
+
+/// Every suite the ring provider offers, with its version.
+fn suites() -> Vec<(&'static SupportedProtocolVersion, SupportedCipherSuite)> {
+    let v12 = &rustls::version::TLS12;
+    let v13 = &rustls::version::TLS13;
+    vec![
+        (v12, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        (v12, cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        (v12, cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+        (v13, cs::TLS13_AES_128_GCM_SHA256),
+        (v13, cs::TLS13_AES_256_GCM_SHA384),
+        (v13, cs::TLS13_CHACHA20_POLY1305_SHA256),
+    ]
+}
+
+/// The client's error once it reads what the server wrote.
+fn client_error(p: &mut Pair) -> rustls::Error {
+    let out = std::mem::take(&mut p.wire.lock().unwrap().outbound);
+    p.client.read_tls(&mut &out[..]).unwrap();
+    p.client.process_new_packets().unwrap_err()
+}
+
+#[test]
+fn every_suite_carries_a_megabyte_each_way_split_anywhere() {
+    for (version, suite) in suites() {
+        let mut p = Pair::with(version, Some(suite), 0);
+        let msg = b"SELECT 1 /* split */";
+        let rec = p.records(msg);
+        let len = rec.len();
+        p.feed(&rec);
+        assert_eq!(p.read_all(100).unwrap().0, msg);
+        for cut in 0..=len {
+            let rec = p.records(msg);
+            p.feed(&rec[..cut]);
+            let (first, _) = p.read_all(100).unwrap();
+            p.feed(&rec[cut..]);
+            let (rest, _) = p.read_all(100).unwrap();
+            assert_eq!([first, rest].concat(), msg, "{suite:?} cut {cut}");
+        }
+        // 1.2 MB up, read 7,001 bytes at a time (records cut everywhere)
+        // into a room of 5,000.
+        p.wire.lock().unwrap().read_cap = 7001;
+        let up = pattern(1_200_000);
+        let rec = p.records(&up);
+        p.feed(&rec);
+        let (got, _) = p.read_all(5000).unwrap();
+        assert!(got == up, "{suite:?}: upload differs");
+        assert_eq!(p.server.held(), 0);
+        // 1.1 MB down, the socket taking 3,001 bytes at a time.
+        p.wire.lock().unwrap().write_room = 0;
+        let down = pattern(1_100_000);
+        let got = p.server_writes(&down, 3001);
+        assert!(got == down, "{suite:?}: download differs");
+        assert_eq!(p.server.held(), 0);
+    }
+}
+
+#[test]
+fn key_updates_both_ways_on_every_tls13_suite() {
+    for (version, suite) in suites() {
+        if version.version != rustls::ProtocolVersion::TLSv1_3 {
+            continue;
+        }
+        let mut p = Pair::with(version, Some(suite), 0);
+        assert!(p.server.records().tx_seq() > 0, "tickets were sent");
+        // The client's KeyUpdate asks for ours: the server switches both.
+        p.client.refresh_traffic_keys().unwrap();
+        let rec = p.records(b"after the update");
+        p.feed(&rec);
+        assert_eq!(p.read_all(100).unwrap().0, b"after the update");
+        assert_eq!(p.server.records().tx_seq(), 0, "{suite:?}: answered");
+        assert_eq!(p.server_writes(b"reply", 1 << 20), b"reply");
+        // The server's own, at its record limit: three records per key.
+        p.server.records().set_tx_limit(3);
+        let big = pattern(300_000);
+        assert!(p.server_writes(&big, 1 << 20) == big, "{suite:?}");
+        assert!(p.server.records().tx_seq() < 3);
+        // The client's traffic goes on under its keys.
+        let rec = p.records(b"again");
+        p.feed(&rec);
+        assert_eq!(p.read_all(100).unwrap().0, b"again");
+    }
+}
+
+#[test]
+fn tls12_at_the_record_limit_stops_with_an_error() {
+    let mut p = Pair::new(&rustls::version::TLS12, 0);
+    let limit = p.server.records().tx_seq() + 3;
+    p.server.records().set_tx_limit(limit);
+    let data = pattern(1 << 14);
+    let mut writes = 0;
+    let e = loop {
+        match p.server.poll_write(&mut cx(), &data) {
+            Poll::Ready(Ok(_)) => writes += 1,
+            Poll::Ready(Err(e)) => break e,
+            Poll::Pending => panic!("the socket has room"),
+        }
+        assert!(writes < 10, "the limit did not stop writes");
+    };
+    assert!(e.to_string().contains("record limit"), "{e}");
+    assert_eq!(writes, 2);
+    assert_eq!(p.deliver_to_client().len(), 2 << 14);
+}
+
+#[test]
+fn too_many_key_updates_without_data_is_an_error() {
+    let mut p = Pair::new(&rustls::version::TLS13, 0);
+    for _ in 0..33 {
+        p.client.refresh_traffic_keys().unwrap();
+        p.deliver_to_server();
+    }
+    let e = p.read_all(100).unwrap_err();
+    assert!(e.to_string().contains("too many KeyUpdates"), "{e}");
+}
+
+#[test]
+fn tampered_ciphertext_is_bad_record_mac() {
+    for (version, suite) in suites() {
+        let len = Pair::with(version, Some(suite), 0)
+            .records(b"do not touch")
+            .len();
+        // The header (authenticated), the first byte after it (TLS 1.2
+        // GCM: the explicit nonce), the middle, the tag's last byte.
+        for at in [2, 5, len / 2, len - 1] {
+            let mut p = Pair::with(version, Some(suite), 0);
+            let mut rec = p.records(b"do not touch");
+            let good = rec.clone();
+            rec[at] ^= 1;
+            p.feed(&rec);
+            let e = p.read_all(100).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            assert!(
+                e.to_string().contains("bad_record_mac"),
+                "{suite:?} {at}: {e}"
+            );
+            assert_eq!(
+                client_error(&mut p),
+                rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+            );
+            // The stream stays failed.
+            p.feed(&good);
+            let e = p.read_all(100).unwrap_err();
+            assert!(e.to_string().contains("failed earlier"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn an_oversized_record_is_record_overflow() {
+    for version in VERSIONS {
+        let max = if version.version == rustls::ProtocolVersion::TLSv1_3 {
+            (1 << 14) + 256
+        } else {
+            (1 << 14) + 2048
+        };
+        // Refused on its header: the rest never needs to come.
+        let mut p = Pair::new(version, 0);
+        let len = (max + 1) as u16;
+        p.feed(&[0x17, 3, 3, (len >> 8) as u8, len as u8]);
+        let e = p.read_all(100).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        assert_eq!(
+            client_error(&mut p),
+            rustls::Error::AlertReceived(rustls::AlertDescription::RecordOverflow)
+        );
+        // A record that decrypts to more than 16 KiB.
+        let mut raw = Pair::new(version, 0).into_raw();
+        raw.send(23, &vec![7; (1 << 14) + 1]);
+        let e = read_all(&mut raw.server, 100).unwrap_err();
+        assert!(e.to_string().contains("over 16 KiB"), "{e}");
+        let (_, alert) = raw.received();
+        assert!(alert.unwrap().contains("RecordOverflow"));
+    }
+}
+
+#[test]
+fn what_a_tls13_client_may_not_send_after_the_handshake() {
+    let cases: [(u8, &[u8], &str); 7] = [
+        (22, &[24, 0, 0, 1, 0, 24, 0, 0, 1, 0], "not alone"),
+        (22, &[24, 0, 0, 1, 2], "malformed KeyUpdate"),
+        (22, &[24, 0, 0, 1], "not alone"),
+        (22, &[20, 0, 0, 1, 0], "handshake message 20"),
+        (0, &[0, 0, 0], "without a content type"),
+        (21, &[2, 40], "HandshakeFailure"),
+        (21, &[1, 90], "UserCanceled"),
+    ];
+    for (typ, body, want) in cases {
+        let mut raw = Pair::new(&rustls::version::TLS13, 0).into_raw();
+        raw.send(23, b"fine");
+        raw.send(typ, body);
+        let e = read_all(&mut raw.server, 100).unwrap_err();
+        assert!(e.to_string().starts_with("TLS: "), "{e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    }
+    // A ChangeCipherSpec after the handshake.
+    let mut p = Pair::new(&rustls::version::TLS13, 0);
+    p.feed(&[20, 3, 3, 0, 1, 1]);
+    let e = p.read_all(100).unwrap_err();
+    assert!(e.to_string().contains("ChangeCipherSpec"), "{e}");
+    assert_eq!(
+        client_error(&mut p),
+        rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage)
+    );
+}
+
+#[test]
+fn tls12_renegotiation_is_refused_with_a_warning_then_fatally() {
+    let mut raw = Pair::new(&rustls::version::TLS12, 0).into_raw();
+    // A ClientHello split over two records: refused once, skipped whole.
+    raw.send(22, &[1, 0, 0, 6, 3, 3]);
+    raw.send(22, &[0, 0, 0, 0]);
+    raw.send(23, b"still here");
+    assert_eq!(read_all(&mut raw.server, 100).unwrap().0, b"still here");
+    let (_, alert) = raw.received();
+    assert!(alert.unwrap().contains("NoRenegotiation"));
+    // A second attempt ends the connection.
+    raw.send(22, &[1, 0, 0, 2, 3, 3]);
+    let e = read_all(&mut raw.server, 100).unwrap_err();
+    assert!(e.to_string().contains("second renegotiation"), "{e}");
+    let (_, alert) = raw.received();
+    assert!(alert.unwrap().contains("UnexpectedMessage"));
+}
+
+#[test]
+fn a_record_cut_by_the_end_of_the_handshake_is_opened_after_it() {
+    // The client's first record comes right behind its Finished, cut
+    // short: rustls runs the handshake, the record layer opens the record
+    // once the rest arrives. TLS 1.3 only: a TLS 1.2 client finishes after
+    // the server, so its data never shares a read with the handshake's
+    // end (without False Start, which rustls does not do).
+    for version in [&rustls::version::TLS13] {
+        let (server_cfg, client_cfg) = configs(version);
+        let mut client =
+            ClientConnection::new(client_cfg, ServerName::try_from("tiproxy").unwrap()).unwrap();
+        let wire = Arc::new(Mutex::new(Wire {
+            write_room: usize::MAX,
+            ..Wire::default()
+        }));
+        let mut server = ServerTlsStream::new(server_cfg, &[], Socket(wire.clone())).unwrap();
+        let mut rest = Vec::new();
+        let mut done = false;
+        for _ in 0..10 {
+            done = server.poll_handshake(&mut cx()).is_ready();
+            let out = std::mem::take(&mut wire.lock().unwrap().outbound);
+            client.read_tls(&mut &out[..]).unwrap();
+            client.process_new_packets().unwrap();
+            let mut flight = tls_out(&mut client);
+            if !client.is_handshaking() && rest.is_empty() && !done {
+                use std::io::Write;
+                client.writer().write_all(b"first command").unwrap();
+                let rec = tls_out(&mut client);
+                flight.extend_from_slice(&rec[..7]);
+                rest = rec[7..].to_vec();
+            }
+            wire.lock().unwrap().inbound.extend(flight);
+            if done {
+                break;
+            }
+        }
+        assert!(done, "{version:?}: the handshake did not finish");
+        assert!(!rest.is_empty(), "{version:?}: the record was not cut");
+        assert_eq!(read_all(&mut server, 100).unwrap().0, b"");
+        wire.lock().unwrap().inbound.extend(rest);
+        assert_eq!(read_all(&mut server, 100).unwrap().0, b"first command");
+        assert_eq!(server.held(), 0);
     }
 }
