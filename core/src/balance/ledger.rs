@@ -33,10 +33,12 @@ pub enum MoveOutcome {
     /// The session never started the move (it was closing, or already on
     /// the target) or closed before the move finished.
     Dropped,
-    /// The target could not be reached. The target's fault, not the
-    /// session's: no cool-down, it may move elsewhere at once (simulation
-    /// seed 72: a cool-down outlasted a short graceful wait when a drain
-    /// began just after another TiDB crashed).
+    /// The target could not be reached, or its connection closed during
+    /// the move. The target's fault, not the session's: no cool-down, it
+    /// may move elsewhere at once (simulation seed 72: a cool-down
+    /// outlasted a short graceful wait when a drain began just after
+    /// another TiDB crashed; seed 9106844: the same after the target shut
+    /// down in the middle of the move).
     TargetUnreachable,
     /// The source backend refused to export sessions with an error other
     /// than [`ER_CANNOT_EXPORT_NOW`]: it cannot export sessions at all
@@ -50,7 +52,9 @@ impl MoveOutcome {
     /// The outcome a failed migration stands for.
     pub fn of_failure(f: &MigrationFailure) -> Self {
         match f {
-            MigrationFailure::Connect(_) => MoveOutcome::TargetUnreachable,
+            MigrationFailure::Connect(_) | MigrationFailure::NewBackendLost(_) => {
+                MoveOutcome::TargetUnreachable
+            }
             MigrationFailure::StatesRefused { code, .. } if *code != ER_CANNOT_EXPORT_NOW => {
                 MoveOutcome::SourceCannotExport
             }

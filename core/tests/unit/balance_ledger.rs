@@ -67,6 +67,11 @@ fn error_8146_is_temporary_anything_else_means_never_again() {
         MoveOutcome::of_failure(&MigrationFailure::Connect("refused".into())),
         MoveOutcome::TargetUnreachable
     );
+    // The target went away in the middle of the move: its fault too.
+    assert_eq!(
+        MoveOutcome::of_failure(&MigrationFailure::NewBackendLost("closed".into())),
+        MoveOutcome::TargetUnreachable
+    );
     assert_eq!(
         MoveOutcome::of_failure(&MigrationFailure::NoToken),
         MoveOutcome::Failed
